@@ -1,0 +1,2 @@
+//! `lifeboat-agent`: entry point; owns exit codes.
+fn main() {}

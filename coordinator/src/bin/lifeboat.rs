@@ -1,0 +1,2 @@
+//! `lifeboat`: the admin CLI; owns exit codes.
+fn main() {}

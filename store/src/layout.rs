@@ -1,0 +1,123 @@
+//! Where objects live. Cache and target stores share one key structure (see `docs/format.md`):
+//!
+//! ```text
+//! v1/<group>/vms/<vm>/disks/<disk>/seg/<seq:020>.seg     segments, gap-free from 1
+//! v1/<group>/vms/<vm>/disks/<disk>/tag/<seq:020>.tag     tags, gap-free from 1
+//! v1/<group>/vms/<vm>/disks/<disk>/tree/<blake3>.tree    directory listings, by content
+//! v1/<group>/points/<point-id>.point                     recovery points
+//! ```
+//!
+//! Sequence numbers are zero-padded so that name order is numeric order in every backend.
+
+use crate::name::{DiskId, GroupId, ObjectName, PointId, VmId};
+
+/// The key-structure version, first component of every name.
+pub const ROOT: &str = "v1";
+
+fn name(s: String) -> ObjectName {
+    // Every component comes from a validated id or a number, so this cannot fail.
+    ObjectName::new(s).expect("layout builds valid names from valid ids")
+}
+
+/// Names of one group's objects in a store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    group: GroupId,
+}
+
+impl Layout {
+    /// The layout of `group`.
+    pub fn new(group: GroupId) -> Self {
+        Self { group }
+    }
+
+    /// The group.
+    pub fn group(&self) -> &GroupId {
+        &self.group
+    }
+
+    /// Everything of the group.
+    pub fn group_root(&self) -> ObjectName {
+        name(format!("{ROOT}/{}", self.group))
+    }
+
+    /// All VMs of the group.
+    pub fn vms_root(&self) -> ObjectName {
+        name(format!("{ROOT}/{}/vms", self.group))
+    }
+
+    /// Everything of one disk.
+    pub fn disk_root(&self, vm: &VmId, disk: &DiskId) -> ObjectName {
+        name(format!("{ROOT}/{}/vms/{vm}/disks/{disk}", self.group))
+    }
+
+    /// Prefix of a disk's segments.
+    pub fn segments(&self, vm: &VmId, disk: &DiskId) -> ObjectName {
+        name(format!("{}/seg", self.disk_root(vm, disk)))
+    }
+
+    /// One segment.
+    pub fn segment(&self, vm: &VmId, disk: &DiskId, seq: u64) -> ObjectName {
+        name(format!("{}/seg/{seq:020}.seg", self.disk_root(vm, disk)))
+    }
+
+    /// Prefix of a disk's tags.
+    pub fn tags(&self, vm: &VmId, disk: &DiskId) -> ObjectName {
+        name(format!("{}/tag", self.disk_root(vm, disk)))
+    }
+
+    /// One tag.
+    pub fn tag(&self, vm: &VmId, disk: &DiskId, seq: u64) -> ObjectName {
+        name(format!("{}/tag/{seq:020}.tag", self.disk_root(vm, disk)))
+    }
+
+    /// A directory listing, by the hex blake3 of its body.
+    pub fn tree(
+        &self,
+        vm: &VmId,
+        disk: &DiskId,
+        hash: &str,
+    ) -> Result<ObjectName, crate::NameError> {
+        ObjectName::new(format!("{}/tree/{hash}.tree", self.disk_root(vm, disk)))
+    }
+
+    /// Prefix of the group's recovery points.
+    pub fn points(&self) -> ObjectName {
+        name(format!("{ROOT}/{}/points", self.group))
+    }
+
+    /// One recovery point.
+    pub fn point(&self, id: &PointId) -> ObjectName {
+        name(format!("{ROOT}/{}/points/{id}.point", self.group))
+    }
+}
+
+/// The sequence number in a segment or tag name (`…/00000000000000000042.seg` → 42).
+pub fn parse_seq(name: &ObjectName) -> Option<u64> {
+    let file = name.file_name();
+    let (digits, ext) = file.split_once('.')?;
+    if !matches!(ext, "seg" | "tag") || digits.len() != 20 {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_sort_numerically_and_parse_back() {
+        let l = Layout::new(GroupId::new("g").unwrap());
+        let (vm, disk) = (VmId::new("vm").unwrap(), DiskId::new("d").unwrap());
+        let a = l.segment(&vm, &disk, 9);
+        let b = l.segment(&vm, &disk, 10);
+        assert!(a < b);
+        assert_eq!(parse_seq(&b), Some(10));
+        assert_eq!(
+            l.tag(&vm, &disk, 1).as_str(),
+            "v1/g/vms/vm/disks/d/tag/00000000000000000001.tag"
+        );
+        assert!(l.tree(&vm, &disk, "../x").is_err());
+    }
+}

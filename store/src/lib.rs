@@ -1,0 +1,34 @@
+//! Lifeboat's bytes at rest, shared by the agent and the coordinator.
+//!
+//! - [`backend`]: the storage seam ([`backend::Backend`]) and its implementations — local
+//!   directory (default), Azure Blob, in-memory (unit tests) — plus retry and fault wrappers;
+//! - [`codec`]: the segment format (changed blocks of one disk, zstd + blake3, verified on read);
+//! - [`manifest`]: tags, directory trees and recovery-point manifests;
+//! - [`layout`]: where each object lives in the cache and target stores;
+//! - [`restore`]: materialising a disk at a tag, verifying every byte.
+//!
+//! The format is specified in `docs/format.md`; this crate is its reference implementation.
+
+pub mod backend;
+pub mod codec;
+#[cfg(any(test, feature = "testing"))]
+pub mod conformance;
+pub mod error;
+pub mod layout;
+pub mod manifest;
+pub mod name;
+pub mod restore;
+pub mod secret;
+pub mod writer;
+
+#[cfg(unix)]
+#[path = "platform_unix.rs"]
+mod platform;
+#[cfg(windows)]
+#[path = "platform_windows.rs"]
+mod platform;
+
+pub use backend::{Backend, DynBackend, ErrorKind, ObjectMeta, StoreConfig, StoreError};
+pub use error::{Error, Result};
+pub use name::{DiskId, GroupId, NameError, ObjectName, PointId, VmId};
+pub use secret::Secret;

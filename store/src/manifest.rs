@@ -1,0 +1,423 @@
+//! Tags, directory trees and recovery-point manifests, and their checksummed envelope.
+//!
+//! Every manifest object is `lifeboat-<kind> <version> <blake3-hex>\n` followed by the body
+//! (JSON; zstd-compressed JSON for trees). The hash covers the body, so a flipped or missing
+//! byte anywhere is caught before the JSON parser sees it.
+
+use std::collections::BTreeSet;
+use std::fmt;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::name::{DiskId, GroupId, PointId, VmId};
+
+/// Version of the manifest formats this code writes and reads.
+pub const MANIFEST_VERSION: u32 = 1;
+
+/// Why a manifest was rejected. Always names the object.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{object} is not a valid {kind}: {what}")]
+pub struct ManifestError {
+    pub object: String,
+    pub kind: &'static str,
+    pub what: String,
+}
+
+fn envelope(kind: &str, body: &[u8]) -> Bytes {
+    let mut out = format!(
+        "lifeboat-{kind} {MANIFEST_VERSION} {}\n",
+        blake3::hash(body).to_hex()
+    )
+    .into_bytes();
+    out.extend_from_slice(body);
+    Bytes::from(out)
+}
+
+fn open_envelope<'a>(
+    kind: &'static str,
+    object: &str,
+    data: &'a [u8],
+) -> Result<&'a [u8], ManifestError> {
+    let err = |what: String| ManifestError {
+        object: object.to_owned(),
+        kind,
+        what,
+    };
+    let nl = data
+        .iter()
+        .position(|&b| b == b'\n')
+        .filter(|&p| p < 200)
+        .ok_or_else(|| err("no header line".into()))?;
+    let header = std::str::from_utf8(&data[..nl]).map_err(|_| err("header is not text".into()))?;
+    let mut parts = header.split(' ');
+    let (Some(k), Some(v), Some(h), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(err(format!("malformed header {header:?}")));
+    };
+    if k != format!("lifeboat-{kind}") {
+        return Err(err(format!("wrong object type {k:?}")));
+    }
+    if v != MANIFEST_VERSION.to_string() {
+        return Err(err(format!(
+            "version {v} is not supported (this build reads {MANIFEST_VERSION})"
+        )));
+    }
+    let body = &data[nl + 1..];
+    if blake3::hash(body).to_hex().as_str() != h {
+        return Err(err("checksum mismatch (damaged or truncated)".into()));
+    }
+    Ok(body)
+}
+
+/// Milliseconds since the Unix epoch.
+pub type UnixMillis = u64;
+
+/// The current time as [`UnixMillis`].
+pub fn now_millis() -> UnixMillis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// How much a cut can promise about the data it captured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Consistency {
+    /// Taken without holding writes: blocks may come from slightly different instants.
+    NotFrozen,
+    /// Writes were held (fsfreeze) while the cut was captured: like a power cut.
+    Crash,
+    /// Applications were quiesced (hooks / VSS) and writes held.
+    App,
+}
+
+impl fmt::Display for Consistency {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Consistency::NotFrozen => "not-frozen",
+            Consistency::Crash => "crash-consistent",
+            Consistency::App => "app-consistent",
+        })
+    }
+}
+
+/// What a disk looked like at a tag.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind", deny_unknown_fields)]
+pub enum DiskShape {
+    /// A block device or disk image of `size` bytes.
+    Image { size: u64 },
+    /// A directory tree, listed by the tree object with this blake3 (hex).
+    Directory { tree: String },
+}
+
+/// A tag: "all writes acknowledged before the cut are in segments `from..=through` of this
+/// disk, and none after". Restoring reads exactly those segments, in order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tag {
+    pub vm: VmId,
+    pub disk: DiskId,
+    /// Tag number within the disk, from 1, gap-free.
+    pub seq: u64,
+    /// First segment a restore needs (the start of the latest full copy).
+    pub from_segment: u64,
+    /// Last segment included; `from_segment - 1` when none is needed (an empty disk).
+    pub through_segment: u64,
+    /// When the cut was taken.
+    pub time: UnixMillis,
+    pub consistency: Consistency,
+    /// Block size of the disk's segments.
+    pub block_size: u32,
+    pub shape: DiskShape,
+}
+
+impl Tag {
+    /// Serialises into a tag object.
+    pub fn encode(&self) -> Bytes {
+        envelope(
+            "tag",
+            &serde_json::to_vec_pretty(self).expect("tag serialises"),
+        )
+    }
+
+    /// Parses and verifies a tag object named `object`.
+    pub fn decode(object: &str, data: &[u8]) -> Result<Self, ManifestError> {
+        let body = open_envelope("tag", object, data)?;
+        let tag: Tag = serde_json::from_slice(body).map_err(|e| ManifestError {
+            object: object.into(),
+            kind: "tag",
+            what: e.to_string(),
+        })?;
+        if tag.seq == 0 || tag.from_segment == 0 || tag.through_segment + 1 < tag.from_segment {
+            return Err(ManifestError {
+                object: object.into(),
+                kind: "tag",
+                what: "sequence numbers out of range".into(),
+            });
+        }
+        Ok(tag)
+    }
+
+    /// The segment numbers a restore at this tag reads.
+    pub fn segments(&self) -> std::ops::RangeInclusive<u64> {
+        self.from_segment..=self.through_segment
+    }
+}
+
+/// What kind of filesystem object a tree entry is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "type", deny_unknown_fields)]
+pub enum EntryKind {
+    File { size: u64 },
+    Dir,
+    Symlink { target: String },
+}
+
+/// One path in a directory disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TreeEntry {
+    /// `/`-separated path relative to the disk's root; never absolute, never `..`.
+    pub path: String,
+    pub kind: EntryKind,
+    /// Unix permission bits (0 where the platform has none).
+    pub mode: u32,
+    /// Modification time.
+    pub mtime: UnixMillis,
+}
+
+/// The listing of a directory disk at a tag. Content-addressed: stored once per distinct tree.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tree {
+    /// Sorted by path, unique.
+    pub entries: Vec<TreeEntry>,
+}
+
+/// Checks a relative path from a tree or a segment target: no escaping the disk's root.
+pub fn check_rel_path(p: &str) -> Result<(), String> {
+    if p.is_empty() {
+        return Err("empty path".into());
+    }
+    if p.starts_with('/') || p.contains('\\') || p.contains('\0') {
+        return Err(format!("path {p:?} is absolute or has '\\' or NUL"));
+    }
+    if p.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
+        return Err(format!("path {p:?} has an empty, '.' or '..' component"));
+    }
+    Ok(())
+}
+
+impl Tree {
+    /// Serialises into a tree object and its content hash (hex), which names it.
+    pub fn encode(&self) -> (String, Bytes) {
+        let json = serde_json::to_vec(self).expect("tree serialises");
+        let body = zstd::bulk::compress(&json, 3).expect("zstd compresses");
+        let hash = blake3::hash(&body).to_hex().to_string();
+        (hash, envelope("tree", &body))
+    }
+
+    /// Parses and verifies a tree object; checks every path and the sort order.
+    pub fn decode(object: &str, data: &[u8]) -> Result<Self, ManifestError> {
+        let err = |what: String| ManifestError {
+            object: object.into(),
+            kind: "tree",
+            what,
+        };
+        let body = open_envelope("tree", object, data)?;
+        // Bound decompression so a hostile object cannot exhaust memory.
+        let json = zstd::bulk::decompress(body, 1 << 30).map_err(|e| err(e.to_string()))?;
+        let tree: Tree = serde_json::from_slice(&json).map_err(|e| err(e.to_string()))?;
+        let mut seen = BTreeSet::new();
+        for e in &tree.entries {
+            check_rel_path(&e.path).map_err(&err)?;
+            if !seen.insert(e.path.as_str()) {
+                return Err(err(format!("path {:?} listed twice", e.path)));
+            }
+        }
+        if !tree.entries.is_sorted_by(|a, b| a.path < b.path) {
+            return Err(err("entries not sorted".into()));
+        }
+        Ok(tree)
+    }
+}
+
+/// Whether a point captured applications quiesced or just a crash-consistent image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PointKind {
+    Crash,
+    App,
+}
+
+/// One disk of a covered VM: which tag of it the point uses.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskRef {
+    pub disk: DiskId,
+    pub tag: u64,
+}
+
+/// A VM covered by a point.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Member {
+    pub vm: VmId,
+    pub disks: Vec<DiskRef>,
+    /// The weakest consistency among this VM's tags in the point.
+    pub consistency: Consistency,
+}
+
+/// A VM of the group left out of a point, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Excluded {
+    pub vm: VmId,
+    pub reason: String,
+}
+
+/// A recovery point: one tag per disk of each covered VM, plus time and kind of the cut.
+/// Written last and once (create-only): its existence is its publication.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecoveryPoint {
+    pub id: PointId,
+    pub group: GroupId,
+    pub time: UnixMillis,
+    pub kind: PointKind,
+    /// Whether the VMs were cut together (a shared freeze) rather than one VM alone.
+    pub multi_vm: bool,
+    pub members: Vec<Member>,
+    #[serde(default)]
+    pub excluded: Vec<Excluded>,
+}
+
+impl RecoveryPoint {
+    /// Serialises into a point object.
+    pub fn encode(&self) -> Bytes {
+        envelope(
+            "point",
+            &serde_json::to_vec_pretty(self).expect("point serialises"),
+        )
+    }
+
+    /// Parses and verifies a point object.
+    pub fn decode(object: &str, data: &[u8]) -> Result<Self, ManifestError> {
+        let body = open_envelope("point", object, data)?;
+        let p: RecoveryPoint = serde_json::from_slice(body).map_err(|e| ManifestError {
+            object: object.into(),
+            kind: "recovery point",
+            what: e.to_string(),
+        })?;
+        if p.members.is_empty() {
+            return Err(ManifestError {
+                object: object.into(),
+                kind: "recovery point",
+                what: "covers no VM".into(),
+            });
+        }
+        Ok(p)
+    }
+
+    /// The member entry of `vm`, if the point covers it.
+    pub fn member(&self, vm: &VmId) -> Option<&Member> {
+        self.members.iter().find(|m| &m.vm == vm)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tag() -> Tag {
+        Tag {
+            vm: VmId::new("vm1").unwrap(),
+            disk: DiskId::new("root").unwrap(),
+            seq: 3,
+            from_segment: 1,
+            through_segment: 7,
+            time: 1_700_000_000_000,
+            consistency: Consistency::Crash,
+            block_size: 65536,
+            shape: DiskShape::Image { size: 1 << 30 },
+        }
+    }
+
+    #[test]
+    fn tag_round_trips_and_rejects_damage() {
+        let t = tag();
+        let raw = t.encode();
+        assert_eq!(Tag::decode("t", &raw).unwrap(), t);
+        for i in [0, 10, raw.len() / 2, raw.len() - 2] {
+            let mut bad = raw.to_vec();
+            bad[i] ^= 0x20;
+            assert!(Tag::decode("t", &bad).is_err(), "flip at {i} accepted");
+        }
+        let err = Tag::decode("v1/x.tag", &raw[..raw.len() - 1]).unwrap_err();
+        assert!(
+            err.to_string().starts_with("v1/x.tag is not a valid tag"),
+            "{err}"
+        );
+        // A point object is not a tag even though both are JSON envelopes.
+        assert!(Tag::decode("t", &sample_point().encode()).is_err());
+    }
+
+    #[test]
+    fn tag_rejects_unknown_fields_and_bad_ids() {
+        let body = serde_json::to_string(&tag()).unwrap();
+        let extra = body.replacen('{', "{\"surprise\":1,", 1);
+        assert!(Tag::decode("t", &envelope("tag", extra.as_bytes())).is_err());
+        let bad_id = body.replace("\"vm1\"", "\"../vm1\"");
+        assert!(Tag::decode("t", &envelope("tag", bad_id.as_bytes())).is_err());
+    }
+
+    fn sample_point() -> RecoveryPoint {
+        RecoveryPoint {
+            id: PointId::new("p-1").unwrap(),
+            group: GroupId::new("g").unwrap(),
+            time: 5,
+            kind: PointKind::App,
+            multi_vm: true,
+            members: vec![Member {
+                vm: VmId::new("vm1").unwrap(),
+                disks: vec![DiskRef {
+                    disk: DiskId::new("root").unwrap(),
+                    tag: 3,
+                }],
+                consistency: Consistency::App,
+            }],
+            excluded: vec![Excluded {
+                vm: VmId::new("vm2").unwrap(),
+                reason: "missed the freeze deadline".into(),
+            }],
+        }
+    }
+
+    #[test]
+    fn point_round_trips() {
+        let p = sample_point();
+        assert_eq!(RecoveryPoint::decode("p", &p.encode()).unwrap(), p);
+    }
+
+    #[test]
+    fn tree_checks_paths() {
+        let mk = |path: &str| Tree {
+            entries: vec![TreeEntry {
+                path: path.into(),
+                kind: EntryKind::Dir,
+                mode: 0o755,
+                mtime: 0,
+            }],
+        };
+        let (_, ok) = mk("a/b c/d").encode();
+        assert!(Tree::decode("t", &ok).is_ok());
+        for bad in ["../x", "/etc", "a//b", "a/./b", ""] {
+            let (_, raw) = mk(bad).encode();
+            assert!(Tree::decode("t", &raw).is_err(), "{bad:?} accepted");
+        }
+    }
+}

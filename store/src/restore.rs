@@ -1,0 +1,442 @@
+//! Reading a store back: tags, trees, points, and restoring a disk at a tag.
+//!
+//! A restore reads manifests first (point → tag → tree), then only the index of each segment
+//! the tag names (two ranged gets), decides which stored block is the newest for every block of
+//! the disk, and finally fetches just the segments holding those blocks, verifying each block's
+//! blake3 before it is written. A block the tag should have but no segment holds is an error,
+//! never a silent hole.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::{StreamExt, TryStreamExt};
+
+use crate::backend::{DynBackend, ErrorKind};
+use crate::codec::{self, Encoding, Entry};
+use crate::error::{Error, Result};
+use crate::layout::{Layout, parse_seq};
+use crate::manifest::{DiskShape, EntryKind, RecoveryPoint, Tag, Tree};
+use crate::name::{DiskId, PointId, VmId};
+use crate::platform;
+
+/// Segments fetched and decoded at once during a restore.
+const PARALLEL_SEGMENTS: usize = 4;
+
+/// Reads one group's objects from a store.
+#[derive(Debug, Clone)]
+pub struct StoreReader {
+    backend: DynBackend,
+    layout: Layout,
+}
+
+impl StoreReader {
+    /// A reader of `layout`'s group in `backend`.
+    pub fn new(backend: DynBackend, layout: Layout) -> Self {
+        Self { backend, layout }
+    }
+
+    /// The layout read from.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// The store read from.
+    pub fn backend(&self) -> &DynBackend {
+        &self.backend
+    }
+
+    /// Tag numbers of a disk, ascending.
+    pub async fn tag_seqs(&self, vm: &VmId, disk: &DiskId) -> Result<Vec<u64>> {
+        let list = self.backend.list(&self.layout.tags(vm, disk)).await?;
+        Ok(list.iter().filter_map(|m| parse_seq(&m.name)).collect())
+    }
+
+    /// Segment numbers of a disk, ascending.
+    pub async fn segment_seqs(&self, vm: &VmId, disk: &DiskId) -> Result<Vec<u64>> {
+        let list = self.backend.list(&self.layout.segments(vm, disk)).await?;
+        Ok(list.iter().filter_map(|m| parse_seq(&m.name)).collect())
+    }
+
+    /// One tag; an unknown tag is [`Error::Invalid`] naming it.
+    pub async fn tag(&self, vm: &VmId, disk: &DiskId, seq: u64) -> Result<Tag> {
+        let name = self.layout.tag(vm, disk, seq);
+        let data = match self.backend.get(&name).await {
+            Err(e) if e.kind == ErrorKind::NotFound => {
+                return Err(Error::Invalid(format!("no tag {seq} for disk {vm}/{disk}")));
+            }
+            other => other?,
+        };
+        let tag = Tag::decode(name.as_str(), &data)?;
+        if tag.vm != *vm || tag.disk != *disk || tag.seq != seq {
+            return Err(Error::Inconsistent(format!(
+                "{name} holds tag {} of {}/{}",
+                tag.seq, tag.vm, tag.disk
+            )));
+        }
+        Ok(tag)
+    }
+
+    /// The newest tag of a disk, if any.
+    pub async fn latest_tag(&self, vm: &VmId, disk: &DiskId) -> Result<Option<Tag>> {
+        match self.tag_seqs(vm, disk).await?.last() {
+            Some(&seq) => Ok(Some(self.tag(vm, disk, seq).await?)),
+            None => Ok(None),
+        }
+    }
+
+    /// A directory listing by hash.
+    pub async fn tree(&self, vm: &VmId, disk: &DiskId, hash: &str) -> Result<Tree> {
+        let name = self
+            .layout
+            .tree(vm, disk, hash)
+            .map_err(|e| Error::Inconsistent(e.to_string()))?;
+        let data = self.backend.get(&name).await?;
+        if !data
+            .split(|&b| b == b'\n')
+            .next()
+            .is_some_and(|h| h.ends_with(hash.as_bytes()))
+        {
+            return Err(Error::Inconsistent(format!(
+                "{name} does not hold the tree it is named after"
+            )));
+        }
+        Ok(Tree::decode(name.as_str(), &data)?)
+    }
+
+    /// One recovery point; an unknown id is [`Error::Invalid`] naming it.
+    pub async fn point(&self, id: &PointId) -> Result<RecoveryPoint> {
+        let name = self.layout.point(id);
+        let data = match self.backend.get(&name).await {
+            Err(e) if e.kind == ErrorKind::NotFound => {
+                return Err(Error::Invalid(format!(
+                    "unknown recovery point {id} in group {}",
+                    self.layout.group()
+                )));
+            }
+            other => other?,
+        };
+        let p = RecoveryPoint::decode(name.as_str(), &data)?;
+        if p.id != *id || p.group != *self.layout.group() {
+            return Err(Error::Inconsistent(format!("{name} holds point {}", p.id)));
+        }
+        Ok(p)
+    }
+
+    /// All published points of the group, oldest first.
+    pub async fn points(&self) -> Result<Vec<RecoveryPoint>> {
+        let list = self.backend.list(&self.layout.points()).await?;
+        let mut out = Vec::with_capacity(list.len());
+        for m in list {
+            let Some(id) = m
+                .name
+                .file_name()
+                .strip_suffix(".point")
+                .and_then(|s| PointId::new(s).ok())
+            else {
+                continue;
+            };
+            out.push(self.point(&id).await?);
+        }
+        out.sort_by(|a, b| (a.time, a.id.as_str()).cmp(&(b.time, b.id.as_str())));
+        Ok(out)
+    }
+
+    /// The verified index of one segment, read with two ranged gets.
+    pub async fn segment_index(
+        &self,
+        vm: &VmId,
+        disk: &DiskId,
+        seq: u64,
+    ) -> Result<(Vec<String>, Vec<Entry>)> {
+        let name = self.layout.segment(vm, disk, seq);
+        let size = match self.backend.head(&name).await {
+            Err(e) if e.kind == ErrorKind::NotFound => {
+                return Err(Error::Inconsistent(format!(
+                    "segment {name} is referenced by a tag but missing"
+                )));
+            }
+            other => other?.size,
+        };
+        let flen = codec::FOOTER_LEN as u64;
+        if size < flen {
+            return Err(codec::CodecError {
+                object: name.to_string(),
+                what: format!("truncated: only {size} bytes"),
+            }
+            .into());
+        }
+        let footer = self.backend.get_range(&name, size - flen..size).await?;
+        let (range, hash) = codec::parse_footer(name.as_str(), &footer, size)?;
+        let start = range.start;
+        let index = self.backend.get_range(&name, range).await?;
+        Ok(codec::decode_index(name.as_str(), &index, start, &hash)?)
+    }
+}
+
+/// What a restore did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RestoreReport {
+    /// Logical bytes of the restored disk (image size, or sum of file sizes).
+    pub bytes: u64,
+    /// Blocks decoded, verified and written.
+    pub blocks: u64,
+    /// Segments whose index was read.
+    pub segments_indexed: u64,
+    /// Segments fetched whole for their blocks.
+    pub segments_read: u64,
+    pub elapsed: Duration,
+}
+
+/// Where one winning block goes.
+#[derive(Debug, Clone)]
+struct Placement {
+    entry: Entry,
+    file: usize,
+    /// Bytes of the block to write (less than its length when the disk or file shrank).
+    keep: u32,
+}
+
+/// Restores the disk of `tag` into `out`: a disk-image file (created; must not exist) or an
+/// existing block device for image disks, a directory (created, or existing and empty) for
+/// directory disks. Every byte written was verified against its blake3.
+pub async fn restore_disk(reader: &StoreReader, tag: &Tag, out: &Path) -> Result<RestoreReport> {
+    let started = Instant::now();
+    let bs = tag.block_size as u64;
+    if bs == 0 {
+        return Err(Error::Inconsistent(format!(
+            "tag {} has block size 0",
+            tag.seq
+        )));
+    }
+
+    // What must be covered: (file index, file path or "", size).
+    let tree = match &tag.shape {
+        DiskShape::Image { .. } => None,
+        DiskShape::Directory { tree } => Some(reader.tree(&tag.vm, &tag.disk, tree).await?),
+    };
+    let files: Vec<(String, u64)> = match (&tag.shape, &tree) {
+        (DiskShape::Image { size }, _) => vec![(String::new(), *size)],
+        (_, Some(tree)) => tree
+            .entries
+            .iter()
+            .filter_map(|e| match e.kind {
+                EntryKind::File { size } => Some((e.path.clone(), size)),
+                _ => None,
+            })
+            .collect(),
+        _ => unreachable!("directory tags always have a tree"),
+    };
+    let file_of: HashMap<&str, usize> = files
+        .iter()
+        .enumerate()
+        .map(|(i, (p, _))| (p.as_str(), i))
+        .collect();
+
+    // Pass 1: indexes only; the newest block wins.
+    let seqs: Vec<u64> = tag.segments().collect();
+    let indexes: Vec<(u64, (Vec<String>, Vec<Entry>))> = futures::stream::iter(seqs.clone())
+        .map(|seq| async move {
+            Ok::<_, Error>((seq, reader.segment_index(&tag.vm, &tag.disk, seq).await?))
+        })
+        .buffered(16)
+        .try_collect()
+        .await?;
+    let mut winners: HashMap<(usize, u64), (u64, Entry)> = HashMap::new();
+    for (seq, (targets, entries)) in &indexes {
+        for e in entries {
+            let Some(&file) = file_of.get(targets[e.target as usize].as_str()) else {
+                continue; // a file that no longer exists at this tag
+            };
+            if e.offset % bs != 0 || e.length as u64 > bs {
+                return Err(Error::Inconsistent(format!(
+                    "segment {seq} of {}/{} has a block at {} that does not fit block size {bs}",
+                    tag.vm, tag.disk, e.offset
+                )));
+            }
+            winners.insert((file, e.offset / bs), (*seq, *e));
+        }
+    }
+
+    // Every block of every file must have a winner, at least as long as the file needs.
+    let mut by_segment: BTreeMap<u64, Vec<Placement>> = BTreeMap::new();
+    let mut total = 0u64;
+    for (file, (path, size)) in files.iter().enumerate() {
+        total += size;
+        for block in 0..size.div_ceil(bs) {
+            let need = (size - block * bs).min(bs) as u32;
+            let what = || {
+                let at = if path.is_empty() {
+                    String::new()
+                } else {
+                    format!(" of file {path:?}")
+                };
+                format!(
+                    "tag {} of {}/{} has no data for bytes {}..{}{at}",
+                    tag.seq,
+                    tag.vm,
+                    tag.disk,
+                    block * bs,
+                    block * bs + need as u64
+                )
+            };
+            let (seq, entry) = winners
+                .get(&(file, block * bs))
+                .ok_or_else(|| Error::Inconsistent(what()))?;
+            if entry.length < need {
+                return Err(Error::Inconsistent(what()));
+            }
+            by_segment.entry(*seq).or_default().push(Placement {
+                entry: *entry,
+                file,
+                keep: need,
+            });
+        }
+    }
+
+    // Prepare the output.
+    let segments_read = by_segment.len() as u64;
+    let (handles, fresh) = prepare_output(out, tree.as_ref(), &files)?;
+    let handles = Arc::new(handles);
+
+    // Pass 2: fetch the segments holding winners, verify and write their blocks.
+    let blocks: u64 = futures::stream::iter(by_segment)
+        .map(|(seq, placements)| {
+            let handles = Arc::clone(&handles);
+            async move {
+                let name = reader.layout.segment(&tag.vm, &tag.disk, seq);
+                let data = reader.backend.get(&name).await?;
+                let n = placements.len() as u64;
+                tokio::task::spawn_blocking(move || -> Result<u64> {
+                    let seg = codec::decode(name.as_str(), data)?;
+                    let mut d =
+                        zstd::bulk::Decompressor::new().map_err(|e| Error::io(name.as_str(), e))?;
+                    let mut buf = Vec::new();
+                    for p in placements {
+                        // A fresh file is already zeros: zero blocks need no write.
+                        if fresh && p.entry.encoding == Encoding::Zero {
+                            continue;
+                        }
+                        seg.read_block(&p.entry, &mut d, &mut buf)?;
+                        let (path, file) = &handles[p.file];
+                        platform::write_all_at(file, &buf[..p.keep as usize], p.entry.offset)
+                            .map_err(|e| Error::io(path, e))?;
+                    }
+                    Ok(n)
+                })
+                .await
+                .map_err(|e| Error::Invalid(format!("restore worker failed: {e}")))?
+            }
+        })
+        .buffer_unordered(PARALLEL_SEGMENTS)
+        .try_fold(0, |acc, n| async move { Ok(acc + n) })
+        .await?;
+
+    for (path, f) in handles.iter() {
+        f.sync_all().map_err(|e| Error::io(path, e))?;
+    }
+    if let Some(tree) = &tree {
+        finish_tree(out, tree)?;
+    }
+    Ok(RestoreReport {
+        bytes: total,
+        blocks,
+        segments_indexed: seqs.len() as u64,
+        segments_read,
+        elapsed: started.elapsed(),
+    })
+}
+
+/// Creates the output files. Returns their handles (indexed like `files`) and whether they are
+/// fresh (all zeros), so zero blocks can be skipped.
+fn prepare_output(
+    out: &Path,
+    tree: Option<&Tree>,
+    files: &[(String, u64)],
+) -> Result<(Vec<(PathBuf, File)>, bool)> {
+    match tree {
+        None => {
+            let size = files[0].1;
+            if platform::is_block_device(out) {
+                let f = OpenOptions::new()
+                    .write(true)
+                    .open(out)
+                    .map_err(|e| Error::io(out, e))?;
+                return Ok((vec![(out.to_path_buf(), f)], false));
+            }
+            if out.exists() {
+                return Err(Error::Invalid(format!(
+                    "{} already exists; a restore never overwrites a file",
+                    out.display()
+                )));
+            }
+            let f = File::create_new(out).map_err(|e| Error::io(out, e))?;
+            f.set_len(size).map_err(|e| Error::io(out, e))?;
+            Ok((vec![(out.to_path_buf(), f)], true))
+        }
+        Some(tree) => {
+            match fs::read_dir(out) {
+                Ok(mut entries) => {
+                    if entries.next().is_some() {
+                        return Err(Error::Invalid(format!(
+                            "{} exists and is not empty; a restore never overwrites files",
+                            out.display()
+                        )));
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+                }
+                Err(e) => return Err(Error::io(out, e)),
+            }
+            for e in &tree.entries {
+                if e.kind == EntryKind::Dir {
+                    let p = out.join(&e.path);
+                    fs::create_dir_all(&p).map_err(|err| Error::io(&p, err))?;
+                }
+            }
+            let mut handles = Vec::with_capacity(files.len());
+            for (rel, size) in files {
+                let p = out.join(rel);
+                if let Some(parent) = p.parent() {
+                    fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+                }
+                let f = File::create_new(&p).map_err(|e| Error::io(&p, e))?;
+                f.set_len(*size).map_err(|e| Error::io(&p, e))?;
+                handles.push((p, f));
+            }
+            Ok((handles, true))
+        }
+    }
+}
+
+/// Symlinks, permissions and modification times, once contents are in place.
+fn finish_tree(out: &Path, tree: &Tree) -> Result<()> {
+    for e in &tree.entries {
+        let p = out.join(&e.path);
+        match &e.kind {
+            EntryKind::Symlink { target } => {
+                platform::symlink(target, &p).map_err(|err| Error::io(&p, err))?;
+            }
+            EntryKind::File { .. } => {
+                let mtime = std::time::UNIX_EPOCH + Duration::from_millis(e.mtime);
+                let f = OpenOptions::new()
+                    .write(true)
+                    .open(&p)
+                    .map_err(|err| Error::io(&p, err))?;
+                f.set_modified(mtime).map_err(|err| Error::io(&p, err))?;
+                if e.mode != 0 {
+                    platform::set_mode(&p, e.mode).map_err(|err| Error::io(&p, err))?;
+                }
+            }
+            EntryKind::Dir => {
+                if e.mode != 0 {
+                    platform::set_mode(&p, e.mode).map_err(|err| Error::io(&p, err))?;
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -283,7 +283,7 @@ pub async fn restore_disk(reader: &StoreReader, tag: &Tag, out: &Path) -> Result
                 )
             };
             let (seq, entry) = winners
-                .get(&(file, block * bs))
+                .get(&(file, block))
                 .ok_or_else(|| Error::Inconsistent(what()))?;
             if entry.length < need {
                 return Err(Error::Inconsistent(what()));
@@ -296,12 +296,57 @@ pub async fn restore_disk(reader: &StoreReader, tag: &Tag, out: &Path) -> Result
         }
     }
 
-    // Prepare the output.
+    // Prepare the output; on any failure from here on, remove what this restore created so a
+    // failed restore leaves nothing behind that could be mistaken for a good disk.
     let segments_read = by_segment.len() as u64;
-    let (handles, fresh) = prepare_output(out, tree.as_ref(), &files)?;
-    let handles = Arc::new(handles);
+    let existed = out.exists();
+    let result = async {
+        let (handles, fresh) = prepare_output(out, tree.as_ref(), &files)?;
+        let blocks = write_blocks(reader, tag, by_segment, Arc::new(handles), fresh).await?;
+        if let Some(tree) = &tree {
+            finish_tree(out, tree)?;
+        }
+        Ok(blocks)
+    }
+    .await;
+    let blocks = match result {
+        Ok(b) => b,
+        Err(e) => {
+            if !platform::is_block_device(out) {
+                if tree.is_some() && existed {
+                    // It was an empty directory: empty it again.
+                    if let Ok(entries) = fs::read_dir(out) {
+                        for entry in entries.flatten() {
+                            let p = entry.path();
+                            let _ = fs::remove_dir_all(&p).or_else(|_| fs::remove_file(&p));
+                        }
+                    }
+                } else if tree.is_some() {
+                    let _ = fs::remove_dir_all(out);
+                } else if !existed {
+                    let _ = fs::remove_file(out);
+                }
+            }
+            return Err(e);
+        }
+    };
+    Ok(RestoreReport {
+        bytes: total,
+        blocks,
+        segments_indexed: seqs.len() as u64,
+        segments_read,
+        elapsed: started.elapsed(),
+    })
+}
 
-    // Pass 2: fetch the segments holding winners, verify and write their blocks.
+/// Pass 2: fetches the segments holding winners, verifies their blocks and writes them.
+async fn write_blocks(
+    reader: &StoreReader,
+    tag: &Tag,
+    by_segment: BTreeMap<u64, Vec<Placement>>,
+    handles: Arc<Vec<(PathBuf, File)>>,
+    fresh: bool,
+) -> Result<u64> {
     let blocks: u64 = futures::stream::iter(by_segment)
         .map(|(seq, placements)| {
             let handles = Arc::clone(&handles);
@@ -333,20 +378,10 @@ pub async fn restore_disk(reader: &StoreReader, tag: &Tag, out: &Path) -> Result
         .buffer_unordered(PARALLEL_SEGMENTS)
         .try_fold(0, |acc, n| async move { Ok(acc + n) })
         .await?;
-
     for (path, f) in handles.iter() {
         f.sync_all().map_err(|e| Error::io(path, e))?;
     }
-    if let Some(tree) = &tree {
-        finish_tree(out, tree)?;
-    }
-    Ok(RestoreReport {
-        bytes: total,
-        blocks,
-        segments_indexed: seqs.len() as u64,
-        segments_read,
-        elapsed: started.elapsed(),
-    })
+    Ok(blocks)
 }
 
 /// Creates the output files. Returns their handles (indexed like `files`) and whether they are

@@ -1,0 +1,384 @@
+//! The agent's TOML config: parsed and validated here, at the edge; unknown fields are errors.
+//!
+//! Sizes are written `"64KiB"`, `"8MiB"` or as plain byte counts; durations as `"5m"`, `"2s"`.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use lifeboat_store::{DiskId, GroupId, StoreConfig, VmId};
+use serde::{Deserialize, Deserializer};
+
+/// A byte count parsed from `"64KiB"`, `"1 MiB"`, `"512"` or an integer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = self.0;
+        match b {
+            _ if b >= 1 << 30 && b % (1 << 30) == 0 => write!(f, "{}GiB", b >> 30),
+            _ if b >= 1 << 20 && b % (1 << 20) == 0 => write!(f, "{}MiB", b >> 20),
+            _ if b >= 1 << 10 && b % (1 << 10) == 0 => write!(f, "{}KiB", b >> 10),
+            _ => write!(f, "{b}B"),
+        }
+    }
+}
+
+impl std::str::FromStr for ByteSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("{s:?} is not a size (try \"64KiB\" or \"8MiB\")"))?;
+        let mult: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KiB" | "K" | "k" => 1 << 10,
+            "MiB" | "M" => 1 << 20,
+            "GiB" | "G" => 1 << 30,
+            "KB" | "kB" => 1_000,
+            "MB" => 1_000_000,
+            "GB" => 1_000_000_000,
+            u => {
+                return Err(format!(
+                    "unknown size unit {u:?} in {s:?} (use KiB, MiB, GiB)"
+                ));
+            }
+        };
+        n.checked_mul(mult)
+            .map(ByteSize)
+            .ok_or_else(|| format!("{s:?} is too large"))
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(ByteSize(n)),
+            Raw::S(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// What a protected disk is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DiskKind {
+    /// A regular file holding a disk image (raw).
+    Image,
+    /// A block device such as `/dev/vdb`.
+    BlockDevice,
+    /// A directory tree (a file-set volume).
+    Directory,
+}
+
+/// How a cut of the disk is made consistent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ConsistencyKind {
+    /// No freeze: points are labelled not-frozen.
+    #[default]
+    None,
+    /// FIFREEZE/FITHAW on the mount holding the disk.
+    Fsfreeze,
+    /// Pre/post commands (app quiesce), plus fsfreeze when `mount` is set.
+    Hooks,
+}
+
+/// Pre/post commands run around a cut.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hooks {
+    /// Run before the cut (e.g. flush and lock the database). A failure downgrades the point
+    /// to crash-consistent.
+    pub pre: Vec<String>,
+    /// Run after the cut, whatever happened.
+    pub post: Vec<String>,
+    /// Deadline for each command.
+    #[serde(with = "humantime_serde", default = "default_hook_timeout")]
+    pub timeout: Duration,
+}
+
+fn default_hook_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// One protected disk.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    pub id: DiskId,
+    pub kind: DiskKind,
+    pub path: PathBuf,
+    #[serde(default)]
+    pub consistency: ConsistencyKind,
+    /// Mount point to freeze (fsfreeze); defaults to `path` for directories.
+    #[serde(default)]
+    pub mount: Option<PathBuf>,
+    #[serde(default)]
+    pub hooks: Option<Hooks>,
+    /// Hard deadline for a freeze; the agent thaws when it passes, whatever else happens.
+    #[serde(with = "humantime_serde", default = "default_freeze_timeout")]
+    pub freeze_timeout: Duration,
+}
+
+fn default_freeze_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+
+/// Tuning of the data path.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Replication {
+    /// Change-tracking granularity.
+    pub block_size: ByteSize,
+    /// zstd level for segments (1–19).
+    pub zstd_level: i32,
+    /// Segments are cut when their encoded size reaches this.
+    pub segment_size: ByteSize,
+    /// Most bytes of finished segments waiting for upload at once.
+    pub memory_cap: ByteSize,
+    /// Upload rate limit, bytes per second.
+    pub bandwidth_limit: Option<ByteSize>,
+    /// How often the agent ships changes and cuts a local point (when not in a group).
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+}
+
+impl Default for Replication {
+    fn default() -> Self {
+        Self {
+            block_size: ByteSize(64 << 10),
+            zstd_level: 3,
+            segment_size: ByteSize(8 << 20),
+            memory_cap: ByteSize(32 << 20),
+            bandwidth_limit: None,
+            interval: Duration::from_secs(300),
+        }
+    }
+}
+
+/// The whole agent config file.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub vm: VmId,
+    pub group: GroupId,
+    /// Where durable local state lives (block hashes, sequence numbers).
+    pub state_dir: PathBuf,
+    /// The group's coordinator, `host:20004`; unset for a VM replicating on its own.
+    #[serde(default)]
+    pub coordinator: Option<String>,
+    /// The cache store.
+    pub store: StoreConfig,
+    #[serde(default)]
+    pub replication: Replication,
+    #[serde(rename = "disk")]
+    pub disks: Vec<DiskConfig>,
+}
+
+/// A config that parsed but makes no sense, or did not parse.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses and validates config text; `path` only names it in errors.
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        config.validate().map_err(|message| ConfigError::Invalid {
+            path: path.to_owned(),
+            message,
+        })?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let r = &self.replication;
+        let bs = r.block_size.0;
+        if !(4096..=(4 << 20)).contains(&bs) || !bs.is_power_of_two() {
+            return Err(format!(
+                "replication.block_size = {} must be a power of two between 4KiB and 4MiB",
+                r.block_size
+            ));
+        }
+        if !(1..=19).contains(&r.zstd_level) {
+            return Err(format!(
+                "replication.zstd_level = {} must be between 1 and 19",
+                r.zstd_level
+            ));
+        }
+        if r.segment_size.0 < bs || r.segment_size.0 > (256 << 20) {
+            return Err(format!(
+                "replication.segment_size = {} must be at least the block size and at most 256MiB",
+                r.segment_size
+            ));
+        }
+        if r.memory_cap.0 < 2 * r.segment_size.0 {
+            return Err(format!(
+                "replication.memory_cap = {} must hold at least two segments ({} each)",
+                r.memory_cap, r.segment_size
+            ));
+        }
+        if r.bandwidth_limit.is_some_and(|b| b.0 < 64 << 10) {
+            return Err("replication.bandwidth_limit must be at least 64KiB (per second)".into());
+        }
+        if !(Duration::from_secs(10)..=Duration::from_secs(3600)).contains(&r.interval) {
+            return Err(format!(
+                "replication.interval = {} must be between 10s and 60m",
+                humantime::format_duration(r.interval)
+            ));
+        }
+        if self.disks.is_empty() {
+            return Err("no [[disk]] to protect".into());
+        }
+        let mut ids = HashSet::new();
+        for d in &self.disks {
+            if !ids.insert(&d.id) {
+                return Err(format!("disk id {} is used twice", d.id));
+            }
+            if !d.path.is_absolute() {
+                return Err(format!(
+                    "disk {}: path {} must be absolute",
+                    d.id,
+                    d.path.display()
+                ));
+            }
+            if d.consistency == ConsistencyKind::Hooks && d.hooks.is_none() {
+                return Err(format!(
+                    "disk {}: consistency = \"hooks\" needs a [disk.hooks] table",
+                    d.id
+                ));
+            }
+            if d.consistency == ConsistencyKind::Fsfreeze
+                && d.kind != DiskKind::Directory
+                && d.mount.is_none()
+            {
+                return Err(format!(
+                    "disk {}: consistency = \"fsfreeze\" needs `mount`, the filesystem holding the image",
+                    d.id
+                ));
+            }
+            if !(Duration::from_millis(100)..=Duration::from_secs(60)).contains(&d.freeze_timeout) {
+                return Err(format!(
+                    "disk {}: freeze_timeout must be between 100ms and 60s",
+                    d.id
+                ));
+            }
+        }
+        if let Some(c) = &self.coordinator
+            && !c.contains(':')
+        {
+            return Err(format!(
+                "coordinator = {c:?} must be host:port (the coordinator listens on 20004)"
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+vm = "web-01"
+group = "shop"
+state_dir = "/var/lib/lifeboat"
+
+[store]
+kind = "local"
+path = "/srv/lifeboat-cache"
+
+[replication]
+block_size = "64KiB"
+segment_size = "8MiB"
+
+[[disk]]
+id = "data"
+kind = "directory"
+path = "/srv/data"
+consistency = "fsfreeze"
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("agent.toml"), text)
+    }
+
+    #[test]
+    fn good_config_parses_with_defaults() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.replication.block_size, ByteSize(65536));
+        assert_eq!(c.replication.zstd_level, 3);
+        assert_eq!(c.disks[0].freeze_timeout, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn bad_values_get_clear_errors() {
+        let cases = [
+            (GOOD.replace("64KiB", "3000"), "power of two"),
+            (GOOD.replace("64KiB", "64 parsecs"), "unknown size unit"),
+            (GOOD.replace("\"web-01\"", "\"../etc\""), "invalid VM id"),
+            (
+                GOOD.replace("/srv/data", "relative/data"),
+                "must be absolute",
+            ),
+            (
+                GOOD.replace("[replication]", "[replication]\nzstd_level = 40"),
+                "zstd_level",
+            ),
+            (
+                GOOD.replace("[replication]", "[replication]\ncolour = 1"),
+                "unknown field `colour`",
+            ),
+            (
+                GOOD.replace("\"directory\"", "\"floppy\""),
+                "unknown variant `floppy`",
+            ),
+            (
+                GOOD.replace("consistency = \"fsfreeze\"", "consistency = \"hooks\""),
+                "[disk.hooks]",
+            ),
+            (
+                GOOD.replace("[replication]", "[replication]\ninterval = \"1s\""),
+                "between 10s and 60m",
+            ),
+        ];
+        for (text, want) in cases {
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.contains(want), "expected {want:?} in {err:?}");
+            assert!(err.starts_with("config agent.toml"), "{err}");
+        }
+    }
+}

@@ -1,0 +1,218 @@
+//! Durable local state of each protected disk: what was last shipped and tagged.
+//!
+//! One file per disk in the state directory, replaced atomically (temp file, fsync, rename,
+//! fsync directory) and checksummed, so after a crash it is either the previous good state or
+//! the new one — and a damaged file is detected, reported and replaced by a resync.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use lifeboat_store::codec::Hash;
+use lifeboat_store::{DiskId, VmId};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+const STATE_VERSION: u32 = 1;
+
+/// Block hashes, stored compactly as one hex string.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Hashes(pub Vec<Hash>);
+
+impl Serialize for Hashes {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut out = String::with_capacity(self.0.len() * 64);
+        for h in &self.0 {
+            for b in h {
+                out.push_str(&format!("{b:02x}"));
+            }
+        }
+        s.serialize_str(&out)
+    }
+}
+
+impl<'de> Deserialize<'de> for Hashes {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if s.len() % 64 != 0 {
+            return Err(serde::de::Error::custom("hash list has a partial hash"));
+        }
+        let bytes = s.as_bytes();
+        let mut out = Vec::with_capacity(s.len() / 64);
+        for chunk in bytes.chunks(64) {
+            let mut h = [0u8; 32];
+            for (i, pair) in chunk.chunks(2).enumerate() {
+                let txt = std::str::from_utf8(pair).map_err(serde::de::Error::custom)?;
+                h[i] = u8::from_str_radix(txt, 16).map_err(serde::de::Error::custom)?;
+            }
+            out.push(h);
+        }
+        Ok(Hashes(out))
+    }
+}
+
+/// What the agent knows of one file of a directory disk as last shipped.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileState {
+    pub size: u64,
+    /// Change stamp (mtime ns, ctime ns, inode); `None` forces a re-read on the next scan.
+    pub stamp: Option<(i64, i64, u64)>,
+    pub hashes: Hashes,
+}
+
+/// What the disk held at the last tag.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Content {
+    Image { size: u64, hashes: Hashes },
+    Directory { files: BTreeMap<String, FileState> },
+}
+
+/// Durable state of one disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskState {
+    pub version: u32,
+    pub vm: VmId,
+    pub disk: DiskId,
+    pub block_size: u32,
+    /// Last tag written (0: none yet).
+    pub tag_seq: u64,
+    /// First segment of the current full copy.
+    pub from_segment: u64,
+    /// Last segment covered by the last tag (`from_segment - 1` if none).
+    pub through_segment: u64,
+    pub content: Content,
+}
+
+impl DiskState {
+    /// The state of a disk never shipped: the next cycle is a full copy starting at segment
+    /// `from_segment`.
+    pub fn fresh(
+        vm: VmId,
+        disk: DiskId,
+        block_size: u32,
+        directory: bool,
+        from_segment: u64,
+    ) -> Self {
+        Self {
+            version: STATE_VERSION,
+            vm,
+            disk,
+            block_size,
+            tag_seq: 0,
+            from_segment,
+            through_segment: from_segment - 1,
+            content: if directory {
+                Content::Directory {
+                    files: BTreeMap::new(),
+                }
+            } else {
+                Content::Image {
+                    size: 0,
+                    hashes: Hashes::default(),
+                }
+            },
+        }
+    }
+}
+
+/// Why a state file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("state file {path} cannot be read: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("state file {path} is damaged: {what}")]
+    Damaged { path: PathBuf, what: String },
+}
+
+/// The state file of a disk.
+pub fn path_of(state_dir: &Path, disk: &DiskId) -> PathBuf {
+    state_dir.join(format!("{disk}.state"))
+}
+
+/// Loads a disk's state; `Ok(None)` if there is none.
+pub fn load(state_dir: &Path, disk: &DiskId) -> Result<Option<DiskState>, StateError> {
+    let path = path_of(state_dir, disk);
+    let data = match fs::read(&path) {
+        Ok(d) => d,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(StateError::Io { path, source }),
+    };
+    let damaged = |what: &str| StateError::Damaged {
+        path: path.clone(),
+        what: what.to_owned(),
+    };
+    let nl = data
+        .iter()
+        .position(|&b| b == b'\n')
+        .ok_or_else(|| damaged("no header"))?;
+    let header = std::str::from_utf8(&data[..nl]).map_err(|_| damaged("bad header"))?;
+    let want = format!(
+        "lifeboat-state {STATE_VERSION} {}",
+        blake3::hash(&data[nl + 1..]).to_hex()
+    );
+    if header != want {
+        return Err(damaged("checksum or version mismatch"));
+    }
+    let state: DiskState =
+        serde_json::from_slice(&data[nl + 1..]).map_err(|e| damaged(&e.to_string()))?;
+    if state.disk != *disk {
+        return Err(damaged("belongs to another disk"));
+    }
+    Ok(Some(state))
+}
+
+/// Replaces a disk's state atomically and durably.
+pub fn save(state_dir: &Path, state: &DiskState) -> Result<(), StateError> {
+    let path = path_of(state_dir, &state.disk);
+    let io = |source| StateError::Io {
+        path: path.clone(),
+        source,
+    };
+    let body = serde_json::to_vec(state).expect("state serialises");
+    let tmp = path.with_extension("state.tmp");
+    let mut f = File::create(&tmp).map_err(io)?;
+    writeln!(
+        f,
+        "lifeboat-state {STATE_VERSION} {}",
+        blake3::hash(&body).to_hex()
+    )
+    .and_then(|_| f.write_all(&body))
+    .and_then(|_| f.sync_all())
+    .map_err(io)?;
+    drop(f);
+    fs::rename(&tmp, &path).map_err(io)?;
+    File::open(state_dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_damage_detection() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = DiskId::new("d").unwrap();
+        assert!(load(dir.path(), &disk).unwrap().is_none());
+        let mut s = DiskState::fresh(VmId::new("vm").unwrap(), disk.clone(), 4096, false, 1);
+        s.content = Content::Image {
+            size: 8192,
+            hashes: Hashes(vec![[1; 32], [0xab; 32]]),
+        };
+        save(dir.path(), &s).unwrap();
+        assert_eq!(load(dir.path(), &disk).unwrap().unwrap(), s);
+        let p = path_of(dir.path(), &disk);
+        let mut raw = fs::read(&p).unwrap();
+        let n = raw.len();
+        raw[n - 5] ^= 1;
+        fs::write(&p, raw).unwrap();
+        let err = load(dir.path(), &disk).unwrap_err();
+        assert!(err.to_string().contains("is damaged"), "{err}");
+    }
+}

@@ -1,0 +1,461 @@
+//! One replication cycle: scan each disk, pack changed blocks into segments, upload them, write
+//! the tags, then make the new state durable — and, at start-up, reconcile local state with the
+//! store so that a crash at any moment loses nothing.
+//!
+//! Ordering (invariant 3 and 4): segments → tree → tag → local state → point. A crash before
+//! the tag leaves orphan segments, deleted at the next start; a crash between tag and state is
+//! rolled forward from the store's indexes; lost or damaged state is rebuilt from the store's
+//! indexes and the disk re-compared block by block.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use lifeboat_store::codec::SegmentBuilder;
+use lifeboat_store::layout::Layout;
+use lifeboat_store::manifest::{
+    Consistency, DiskRef, DiskShape, Member, PointKind, RecoveryPoint, Tag, now_millis,
+};
+use lifeboat_store::restore::StoreReader;
+use lifeboat_store::writer::StoreWriter;
+use lifeboat_store::{DynBackend, PointId};
+use tokio::sync::mpsc;
+
+use crate::config::{Config, DiskConfig, DiskKind};
+use crate::scan::{self, ScanStats};
+use crate::state::{self, Content, DiskState, FileState, Hashes};
+
+/// The agent's view of its store and config.
+#[derive(Debug)]
+pub struct Agent {
+    pub config: Config,
+    pub writer: StoreWriter,
+    pub reader: StoreReader,
+}
+
+/// What one disk's cycle did.
+#[derive(Debug, Clone)]
+pub struct DiskReport {
+    pub tag: Tag,
+    pub stats: ScanStats,
+    pub segments: u64,
+    pub stored_bytes: u64,
+    pub elapsed: Duration,
+}
+
+impl Agent {
+    /// Opens the cache store named by `config`.
+    pub async fn open(config: Config) -> Result<Self> {
+        let backend: DynBackend = config
+            .store
+            .open()
+            .await
+            .context("cannot open the cache store")?;
+        std::fs::create_dir_all(&config.state_dir).with_context(|| {
+            format!(
+                "cannot create state directory {}",
+                config.state_dir.display()
+            )
+        })?;
+        let layout = Layout::new(config.group.clone());
+        Ok(Self {
+            writer: StoreWriter::new(backend.clone(), layout.clone()),
+            reader: StoreReader::new(backend, layout),
+            config,
+        })
+    }
+
+    /// Brings a disk's local state in line with the store (see the module docs).
+    pub async fn reconcile(&self, disk: &DiskConfig) -> Result<DiskState> {
+        let vm = &self.config.vm;
+        let bs = self.config.replication.block_size.0 as u32;
+        let directory = disk.kind == DiskKind::Directory;
+        let local = match state::load(&self.config.state_dir, &disk.id) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(disk = %disk.id, error = %e, "local state unusable; resynchronising by checksum compare with the store");
+                None
+            }
+        };
+        let latest = self.reader.latest_tag(vm, &disk.id).await?;
+        let segs = self.reader.segment_seqs(vm, &disk.id).await?;
+        let max_seg = segs.last().copied().unwrap_or(0);
+
+        let mut st = match (local, &latest) {
+            (Some(s), Some(l)) if s.tag_seq == l.seq && s.block_size == bs => s,
+            (Some(s), Some(l)) if s.tag_seq < l.seq && s.block_size == bs => {
+                tracing::info!(disk = %disk.id, from = s.tag_seq, to = l.seq, "state is behind the store (crash after a tag); rolling forward from segment indexes");
+                self.roll_forward(s, l).await?
+            }
+            (Some(s), None) if s.tag_seq == 0 && s.block_size == bs => s,
+            (Some(s), None) => {
+                tracing::warn!(disk = %disk.id, state_tag = s.tag_seq, "the cache store holds no tag although one was written (store emptied or replaced); starting a new full copy");
+                self.fresh_copy(disk, s.tag_seq, s.through_segment.max(max_seg))
+            }
+            (local, Some(l)) => {
+                match &local {
+                    Some(s) if s.block_size != bs => {
+                        tracing::warn!(disk = %disk.id, old = s.block_size, new = bs, "block size changed; starting a new full copy")
+                    }
+                    Some(s) => {
+                        tracing::warn!(disk = %disk.id, state_tag = s.tag_seq, store_tag = l.seq, "local state does not match the store; resynchronising by checksum compare")
+                    }
+                    None => {
+                        tracing::warn!(disk = %disk.id, store_tag = l.seq, "no local state; resynchronising by checksum compare with the store")
+                    }
+                }
+                if l.block_size == bs {
+                    let base = DiskState::fresh(
+                        vm.clone(),
+                        disk.id.clone(),
+                        bs,
+                        directory,
+                        l.from_segment,
+                    );
+                    match self.roll_forward(base, l).await {
+                        Ok(s) => s,
+                        Err(e) => {
+                            tracing::warn!(disk = %disk.id, error = %e, "store cannot vouch for the last tag; starting a new full copy");
+                            self.fresh_copy(disk, l.seq, max_seg)
+                        }
+                    }
+                } else {
+                    self.fresh_copy(disk, l.seq, max_seg)
+                }
+            }
+            (_, None) => DiskState::fresh(vm.clone(), disk.id.clone(), bs, directory, max_seg + 1),
+        };
+        // The content kind must match the disk kind (the config may have changed).
+        if matches!(st.content, Content::Directory { .. }) != directory {
+            st = self.fresh_copy(disk, st.tag_seq, st.through_segment.max(max_seg));
+        }
+        // Segments past the last tag belong to a cycle that never finished: no tag references
+        // them, and their blocks will be shipped again, so they go.
+        for &seq in segs.iter().filter(|&&s| s > st.through_segment) {
+            tracing::info!(disk = %disk.id, seq, "removing orphan segment of an interrupted cycle");
+            self.writer
+                .backend()
+                .delete(&self.writer.layout().segment(vm, &disk.id, seq))
+                .await?;
+        }
+        state::save(&self.config.state_dir, &st)?;
+        Ok(st)
+    }
+
+    fn fresh_copy(&self, disk: &DiskConfig, tag_seq: u64, max_seg: u64) -> DiskState {
+        let mut s = DiskState::fresh(
+            self.config.vm.clone(),
+            disk.id.clone(),
+            self.config.replication.block_size.0 as u32,
+            disk.kind == DiskKind::Directory,
+            max_seg + 1,
+        );
+        s.tag_seq = tag_seq;
+        s
+    }
+
+    /// Applies the block hashes of segments `st.through_segment+1 ..= tag.through_segment` (read
+    /// from their indexes, no data) so `st` describes the disk as of `tag`.
+    async fn roll_forward(&self, mut st: DiskState, tag: &Tag) -> Result<DiskState> {
+        let vm = &self.config.vm;
+        let bs = tag.block_size as u64;
+        let start = (st.through_segment + 1).max(tag.from_segment);
+        let mut image: BTreeMap<u64, [u8; 32]> = BTreeMap::new();
+        let mut files: BTreeMap<String, BTreeMap<u64, [u8; 32]>> = BTreeMap::new();
+        for seq in start..=tag.through_segment {
+            let (targets, entries) = self.reader.segment_index(vm, &tag.disk, seq).await?;
+            for e in entries {
+                let t = &targets[e.target as usize];
+                if t.is_empty() {
+                    image.insert(e.offset / bs, e.hash);
+                } else {
+                    files
+                        .entry(t.clone())
+                        .or_default()
+                        .insert(e.offset / bs, e.hash);
+                }
+            }
+        }
+        match (&mut st.content, &tag.shape) {
+            (Content::Image { size, hashes }, DiskShape::Image { size: new_size }) => {
+                let n = new_size.div_ceil(bs) as usize;
+                hashes.0.resize(n, [0; 32]);
+                for (i, h) in image {
+                    if (i as usize) < n {
+                        hashes.0[i as usize] = h;
+                    }
+                }
+                *size = *new_size;
+            }
+            (Content::Directory { files: known }, DiskShape::Directory { tree }) => {
+                let tree = self.reader.tree(vm, &tag.disk, tree).await?;
+                let mut next = BTreeMap::new();
+                for e in tree.entries {
+                    let lifeboat_store::manifest::EntryKind::File { size } = e.kind else {
+                        continue;
+                    };
+                    let n = size.div_ceil(bs) as usize;
+                    let mut hashes = known
+                        .get(&e.path)
+                        .map(|f| f.hashes.0.clone())
+                        .unwrap_or_default();
+                    hashes.resize(n, [0; 32]);
+                    if let Some(updates) = files.get(&e.path) {
+                        for (&i, &h) in updates {
+                            if (i as usize) < n {
+                                hashes[i as usize] = h;
+                            }
+                        }
+                    }
+                    // Stamp unknown: the next scan re-reads the file and compares hashes.
+                    next.insert(
+                        e.path,
+                        FileState {
+                            size,
+                            stamp: None,
+                            hashes: Hashes(hashes),
+                        },
+                    );
+                }
+                *known = next;
+            }
+            _ => bail!("tag {} of disk {} has another disk kind", tag.seq, tag.disk),
+        }
+        st.tag_seq = tag.seq;
+        st.from_segment = tag.from_segment;
+        st.through_segment = tag.through_segment;
+        Ok(st)
+    }
+
+    /// Ships a disk's changes and writes its tag. `consistency` labels the tag; making the cut
+    /// actually consistent (freezing around this call) is the caller's job.
+    pub async fn sync_disk(
+        &self,
+        disk: &DiskConfig,
+        st: &mut DiskState,
+        consistency: Consistency,
+        verify: bool,
+    ) -> Result<DiskReport> {
+        let started = Instant::now();
+        let time = now_millis();
+        let r = &self.config.replication;
+        let bs = r.block_size.0 as usize;
+        let level = r.zstd_level;
+        let seg_target = r.segment_size.0 as usize;
+        let in_flight = ((r.memory_cap.0 / r.segment_size.0) as usize)
+            .saturating_sub(1)
+            .max(1);
+        let (tx, mut rx) = mpsc::channel::<Bytes>(in_flight);
+
+        // Uploader: segments in order, numbered after the last one shipped.
+        let writer = self.writer.clone();
+        let (vm, disk_id) = (self.config.vm.clone(), disk.id.clone());
+        let first_seq = st.through_segment + 1;
+        let limit = r.bandwidth_limit.map(|b| b.0);
+        let scanned = Arc::new(AtomicU64::new(0));
+        let total = match disk.kind {
+            DiskKind::Directory => 0,
+            _ => scan::device_size(&disk.path).unwrap_or(0),
+        };
+        let progress = Arc::clone(&scanned);
+        let uploader = tokio::spawn(async move {
+            let mut seq = first_seq;
+            let mut stored = 0u64;
+            let t0 = Instant::now();
+            let mut last_log = Instant::now();
+            while let Some(data) = rx.recv().await {
+                let len = data.len() as u64;
+                writer.put_segment(&vm, &disk_id, seq, data).await?;
+                stored += len;
+                seq += 1;
+                if let Some(limit) = limit {
+                    let due = Duration::from_secs_f64(stored as f64 / limit as f64);
+                    if let Some(wait) = due.checked_sub(t0.elapsed()) {
+                        tokio::time::sleep(wait).await;
+                    }
+                }
+                if last_log.elapsed() > Duration::from_secs(5) && total > 0 {
+                    last_log = Instant::now();
+                    let done = progress.load(Ordering::Relaxed);
+                    let rate = done as f64 / t0.elapsed().as_secs_f64().max(1e-3);
+                    let eta = (total.saturating_sub(done)) as f64 / rate.max(1.0);
+                    tracing::info!(disk = %disk_id, done, total, rate_mb_s = rate / 1e6, eta_s = eta as u64, "replication progress");
+                }
+            }
+            anyhow::Ok((seq - first_seq, stored))
+        });
+
+        // Scanner on a blocking thread; sends full segments, blocking when the uploader lags
+        // (backpressure under the memory cap).
+        let path = disk.path.clone();
+        let kind = disk.kind;
+        let content = st.content.clone();
+        let scan =
+            tokio::task::spawn_blocking(move || -> Result<(Content, DiskShapeOut, ScanStats)> {
+                let mut stats = ScanStats::default();
+                let mut builder = SegmentBuilder::new(bs as u32, level);
+                let mut sink = |target: &str, offset: u64, data: &[u8], h| -> io::Result<()> {
+                    builder.add_hashed(target, offset, data, h);
+                    scanned.fetch_add(data.len() as u64, Ordering::Relaxed);
+                    if builder.encoded_len() >= seg_target {
+                        let full =
+                            std::mem::replace(&mut builder, SegmentBuilder::new(bs as u32, level));
+                        tx.blocking_send(full.finish())
+                            .map_err(|_| io::Error::other("upload stopped"))?;
+                    }
+                    Ok(())
+                };
+                let (content, shape) = match (kind, content) {
+                    (DiskKind::Directory, Content::Directory { files }) => {
+                        let (tree, files) =
+                            scan::scan_directory(&path, bs, &files, verify, &mut stats, &mut sink)
+                                .with_context(|| {
+                                    format!("cannot scan directory {}", path.display())
+                                })?;
+                        (Content::Directory { files }, DiskShapeOut::Tree(tree))
+                    }
+                    (_, Content::Image { hashes, .. }) => {
+                        let (size, hashes) =
+                            scan::scan_image(&path, bs, &hashes.0, &mut stats, &mut sink)
+                                .with_context(|| format!("cannot read disk {}", path.display()))?;
+                        (
+                            Content::Image {
+                                size,
+                                hashes: Hashes(hashes),
+                            },
+                            DiskShapeOut::Size(size),
+                        )
+                    }
+                    _ => bail!("disk kind changed under a running agent"),
+                };
+                if !builder.is_empty() {
+                    tx.blocking_send(builder.finish())
+                        .map_err(|_| anyhow::anyhow!("upload stopped"))?;
+                }
+                Ok((content, shape, stats))
+            });
+        let scan_result = scan.await.context("scanner thread failed")?;
+        let (segments, stored_bytes) = uploader.await.context("uploader failed")??;
+        let (content, shape, stats) = scan_result?;
+
+        let shape = match shape {
+            DiskShapeOut::Size(size) => DiskShape::Image { size },
+            DiskShapeOut::Tree(tree) => DiskShape::Directory {
+                tree: self
+                    .writer
+                    .put_tree(&self.config.vm, &disk.id, &tree)
+                    .await?,
+            },
+        };
+        let tag = Tag {
+            vm: self.config.vm.clone(),
+            disk: disk.id.clone(),
+            seq: st.tag_seq + 1,
+            from_segment: st.from_segment,
+            through_segment: st.through_segment + segments,
+            time,
+            consistency,
+            block_size: bs as u32,
+            shape,
+        };
+        self.writer.put_tag(&tag).await?;
+        st.tag_seq = tag.seq;
+        st.through_segment = tag.through_segment;
+        st.content = content;
+        state::save(&self.config.state_dir, st)?;
+        Ok(DiskReport {
+            tag,
+            stats,
+            segments,
+            stored_bytes,
+            elapsed: started.elapsed(),
+        })
+    }
+
+    /// Publishes a single-VM recovery point over the given tags.
+    pub async fn publish_local_point(
+        &self,
+        tags: &[Tag],
+        kind: PointKind,
+    ) -> Result<RecoveryPoint> {
+        let time = tags.iter().map(|t| t.time).min().unwrap_or_else(now_millis);
+        let consistency = tags
+            .iter()
+            .map(|t| t.consistency)
+            .min()
+            .unwrap_or(Consistency::NotFrozen);
+        let id = PointId::new(format!(
+            "{}-{}-t{}",
+            self.config.vm,
+            time,
+            tags.iter().map(|t| t.seq).max().unwrap_or(0)
+        ))?;
+        let point = RecoveryPoint {
+            id,
+            group: self.config.group.clone(),
+            time,
+            kind,
+            multi_vm: false,
+            members: vec![Member {
+                vm: self.config.vm.clone(),
+                disks: tags
+                    .iter()
+                    .map(|t| DiskRef {
+                        disk: t.disk.clone(),
+                        tag: t.seq,
+                    })
+                    .collect(),
+                consistency,
+            }],
+            excluded: vec![],
+        };
+        self.writer.put_point(&point).await?;
+        Ok(point)
+    }
+}
+
+/// What a scan says about the disk's shape, before the tree (if any) is stored.
+enum DiskShapeOut {
+    Size(u64),
+    Tree(lifeboat_store::manifest::Tree),
+}
+
+/// Checks that a disk's path is there and of the configured kind, with an actionable message.
+pub fn check_disk_path(disk: &DiskConfig) -> Result<()> {
+    let p: &Path = &disk.path;
+    let m = std::fs::metadata(p)
+        .with_context(|| format!("disk {}: cannot access {}", disk.id, p.display()))?;
+    let ok = match disk.kind {
+        DiskKind::Directory => m.is_dir(),
+        DiskKind::Image => m.is_file(),
+        DiskKind::BlockDevice => {
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::FileTypeExt;
+                m.file_type().is_block_device()
+            }
+            #[cfg(not(unix))]
+            {
+                true
+            }
+        }
+    };
+    if !ok {
+        bail!(
+            "disk {}: {} is not a {}",
+            disk.id,
+            p.display(),
+            match disk.kind {
+                DiskKind::Directory => "directory",
+                DiskKind::Image => "regular file (disk image)",
+                DiskKind::BlockDevice => "block device",
+            }
+        );
+    }
+    Ok(())
+}

@@ -359,11 +359,7 @@ pub fn decode(object: &str, data: Bytes) -> Result<Segment, CodecError> {
     })
 }
 
-fn parse_index(
-    object: &str,
-    index: &[u8],
-    payload_end: u64,
-) -> Result<(Vec<String>, Vec<Entry>), CodecError> {
+fn parse_index(object: &str, index: &[u8], payload_end: u64) -> Result<SegmentIndex, CodecError> {
     let mut r = Reader {
         object,
         buf: index,
@@ -461,13 +457,16 @@ pub fn parse_footer(
     Ok((index_offset..end, footer[16..48].try_into().expect("32")))
 }
 
+/// A segment's target table and entries.
+pub type SegmentIndex = (Vec<String>, Vec<Entry>);
+
 /// Verifies and parses an index fetched on its own (see [`parse_footer`]).
 pub fn decode_index(
     object: &str,
     index: &[u8],
     index_offset: u64,
     hash: &Hash,
-) -> Result<(Vec<String>, Vec<Entry>), CodecError> {
+) -> Result<SegmentIndex, CodecError> {
     if blake3::hash(index).as_bytes() != hash {
         return Err(corrupt(object, "index checksum mismatch"));
     }

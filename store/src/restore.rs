@@ -150,7 +150,7 @@ impl StoreReader {
         vm: &VmId,
         disk: &DiskId,
         seq: u64,
-    ) -> Result<(Vec<String>, Vec<Entry>)> {
+    ) -> Result<codec::SegmentIndex> {
         let name = self.layout.segment(vm, disk, seq);
         let size = match self.backend.head(&name).await {
             Err(e) if e.kind == ErrorKind::NotFound => {
@@ -237,7 +237,7 @@ pub async fn restore_disk(reader: &StoreReader, tag: &Tag, out: &Path) -> Result
 
     // Pass 1: indexes only; the newest block wins.
     let seqs: Vec<u64> = tag.segments().collect();
-    let indexes: Vec<(u64, (Vec<String>, Vec<Entry>))> = futures::stream::iter(seqs.clone())
+    let indexes: Vec<(u64, codec::SegmentIndex)> = futures::stream::iter(seqs.clone())
         .map(|seq| async move {
             Ok::<_, Error>((seq, reader.segment_index(&tag.vm, &tag.disk, seq).await?))
         })

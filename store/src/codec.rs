@@ -88,6 +88,12 @@ pub fn zero_hash(len: u32) -> Hash {
         .or_insert_with(|| *blake3::hash(&vec![0u8; len as usize]).as_bytes())
 }
 
+/// [`MAX_BLOCK`] zero bytes, shared; calloc'd, so untouched pages cost no memory.
+fn zeros() -> &'static [u8] {
+    static ZEROS: OnceLock<Vec<u8>> = OnceLock::new();
+    ZEROS.get_or_init(|| vec![0u8; MAX_BLOCK as usize])
+}
+
 /// Whether a block is all zeros (memcmp-speed).
 pub fn is_zero(data: &[u8]) -> bool {
     const Z: [u8; 128] = [0; 128];
@@ -494,41 +500,40 @@ impl Segment {
         &self.entries
     }
 
-    /// Decompresses one block into `out` (cleared first) and verifies its blake3.
-    pub fn read_block(
-        &self,
+    /// Returns one block's bytes, verified against its blake3: borrowed from the object when
+    /// stored raw, else decompressed into `out`.
+    pub fn read_block<'a>(
+        &'a self,
         e: &Entry,
         decompressor: &mut zstd::bulk::Decompressor<'_>,
-        out: &mut Vec<u8>,
-    ) -> Result<(), CodecError> {
-        out.clear();
-        let payload = || {
-            &self.data
-                [e.payload_offset as usize..(e.payload_offset + e.payload_len as u64) as usize]
-        };
-        match e.encoding {
+        out: &'a mut Vec<u8>,
+    ) -> Result<&'a [u8], CodecError> {
+        let payload = &self.data
+            [e.payload_offset as usize..(e.payload_offset + e.payload_len as u64) as usize];
+        let block: &[u8] = match e.encoding {
             Encoding::Zero => {
                 if e.hash != zero_hash(e.length) {
                     return Err(self.block_err(e, "zero block with a non-zero hash"));
                 }
-                out.resize(e.length as usize, 0);
-                return Ok(());
+                return Ok(&zeros()[..e.length as usize]);
             }
-            Encoding::Raw => out.extend_from_slice(payload()),
+            Encoding::Raw => payload,
             Encoding::Zstd => {
+                out.clear();
                 out.reserve(e.length as usize);
                 let n = decompressor
-                    .decompress_to_buffer(payload(), out)
+                    .decompress_to_buffer(payload, out)
                     .map_err(|err| self.block_err(e, format!("zstd: {err}")))?;
                 if n != e.length as usize {
                     return Err(self.block_err(e, "decompressed length differs"));
                 }
+                out
             }
-        }
-        if blake3::hash(out).as_bytes() != &e.hash {
+        };
+        if blake3::hash(block).as_bytes() != &e.hash {
             return Err(self.block_err(e, "block checksum mismatch"));
         }
-        Ok(())
+        Ok(block)
     }
 
     fn block_err(&self, e: &Entry, what: impl fmt::Display) -> CodecError {
@@ -549,8 +554,8 @@ impl Segment {
         let mut d = zstd::bulk::Decompressor::new().expect("zstd decompressor");
         let mut buf = Vec::with_capacity(self.block_size as usize);
         for e in &self.entries {
-            self.read_block(e, &mut d, &mut buf)?;
-            f(&self.targets[e.target as usize], e.offset, &buf)?;
+            let block = self.read_block(e, &mut d, &mut buf)?;
+            f(&self.targets[e.target as usize], e.offset, block)?;
         }
         Ok(())
     }

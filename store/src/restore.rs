@@ -364,9 +364,9 @@ async fn write_blocks(
                         if fresh && p.entry.encoding == Encoding::Zero {
                             continue;
                         }
-                        seg.read_block(&p.entry, &mut d, &mut buf)?;
+                        let block = seg.read_block(&p.entry, &mut d, &mut buf)?;
                         let (path, file) = &handles[p.file];
-                        platform::write_all_at(file, &buf[..p.keep as usize], p.entry.offset)
+                        platform::write_all_at(file, &block[..p.keep as usize], p.entry.offset)
                             .map_err(|e| Error::io(path, e))?;
                     }
                     Ok(n)

@@ -345,6 +345,13 @@ consistency = "fsfreeze"
     }
 
     #[test]
+    fn packaged_example_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/agent.example.toml");
+        let c = Config::load(&path).unwrap();
+        assert_eq!(c.disks.len(), 2);
+    }
+
+    #[test]
     fn bad_values_get_clear_errors() {
         let cases = [
             (GOOD.replace("64KiB", "3000"), "power of two"),

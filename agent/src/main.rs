@@ -2,6 +2,8 @@
 //! 0 success, 1 runtime failure, 2 bad usage or config.
 
 mod config;
+mod consistency;
+mod cut;
 mod scan;
 mod state;
 mod sync;
@@ -11,7 +13,6 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use lifeboat_store::manifest::{Consistency, PointKind};
 
 use crate::config::Config;
 use crate::sync::Agent;
@@ -34,14 +35,27 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Ship every disk's changes once, tag them and publish a single-VM point.
+    /// Ship every disk's changes once, cut a crash-consistent point (frozen where configured)
+    /// and publish it.
     Sync,
+    /// Cut a point now; with --app-consistent, run the disks' pre/post hooks around it.
+    Snapshot {
+        #[arg(long)]
+        app_consistent: bool,
+    },
     /// Replicate continuously: a cycle every `replication.interval`, until stopped.
     Run,
     /// Show each disk's replication state.
     Status,
     /// Validate the config file and exit.
     CheckConfig,
+    /// (internal) Thaw MOUNTS after DEADLINE unless killed first; started around each freeze.
+    #[command(hide = true)]
+    ThawWatchdog {
+        #[arg(long)]
+        deadline_ms: u64,
+        mounts: Vec<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -54,6 +68,14 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
+    if let Command::ThawWatchdog {
+        deadline_ms,
+        mounts,
+    } = &cli.command
+    {
+        consistency::run_watchdog(std::time::Duration::from_millis(*deadline_ms), mounts);
+        return ExitCode::SUCCESS;
+    }
     let config = match Config::load(&cli.config) {
         Ok(c) => c,
         Err(e) => {
@@ -92,16 +114,15 @@ async fn run(command: Command, config: Config) -> Result<()> {
             );
             Ok(())
         }
+        Command::ThawWatchdog { .. } => unreachable!("handled before the config is read"),
         Command::Status => status(&config),
-        Command::Sync => {
-            let agent = Agent::open(config).await?;
-            cycle(&agent).await
-        }
+        Command::Sync => cycle(&open(config).await?, false).await,
+        Command::Snapshot { app_consistent } => cycle(&open(config).await?, app_consistent).await,
         Command::Run => {
-            let agent = Agent::open(config).await?;
+            let agent = open(config).await?;
             let interval = agent.config.replication.interval;
             loop {
-                if let Err(e) = cycle(&agent).await {
+                if let Err(e) = cycle(&agent, false).await {
                     // A failed cycle is retried at the next tick; nothing it did is trusted
                     // until reconciled again.
                     tracing::error!(error = %format!("{e:#}"), "replication cycle failed");
@@ -118,33 +139,43 @@ async fn run(command: Command, config: Config) -> Result<()> {
     }
 }
 
-async fn cycle(agent: &Agent) -> Result<()> {
-    let mut tags = Vec::new();
-    for disk in &agent.config.disks {
-        sync::check_disk_path(disk)?;
-        let mut st = agent.reconcile(disk).await?;
-        let report = agent
-            .sync_disk(disk, &mut st, Consistency::NotFrozen, false)
-            .await?;
+/// Opens the agent, first thawing anything a previous run left frozen.
+async fn open(config: Config) -> Result<Agent> {
+    consistency::thaw_leftovers(&cut::freeze_mounts(&config.disks));
+    Agent::open(config).await
+}
+
+async fn cycle(agent: &Agent, app: bool) -> Result<()> {
+    let r = cut::cut(agent, app).await?;
+    for (i, tag) in r.tags.iter().enumerate() {
+        let (pre, cap) = (&r.precopy[i], &r.capture[i]);
         println!(
-            "disk {}: tag {} ({}), read {} bytes, {} changed blocks ({} bytes), {} segment(s), {} bytes stored, {:.2?}",
-            disk.id,
-            report.tag.seq,
-            report.tag.consistency,
-            report.stats.bytes_read,
-            report.stats.blocks_changed,
-            report.stats.bytes_changed,
-            report.segments,
-            report.stored_bytes,
-            report.elapsed
+            "disk {}: tag {} ({}), pre-copy read {} bytes / {} changed blocks, capture read {} bytes / {} changed blocks",
+            tag.disk,
+            tag.seq,
+            tag.consistency,
+            pre.bytes_read,
+            pre.blocks_changed,
+            cap.bytes_read,
+            cap.blocks_changed
         );
-        tags.push(report.tag);
     }
-    let point = agent.publish_local_point(&tags, PointKind::Crash).await?;
+    if let Some(w) = r.freeze {
+        let ms = |t: std::time::SystemTime| {
+            t.duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis())
+                .unwrap_or(0)
+        };
+        println!(
+            "freeze: held {:.1?} (frozen_at_ms={} thawed_at_ms={})",
+            w.held,
+            ms(w.frozen_at),
+            ms(w.thawed_at)
+        );
+    }
     println!(
-        "published recovery point {} ({} member(s))",
-        point.id,
-        point.members.len()
+        "published recovery point {} ({:?}, {} bytes stored, {:.2?})",
+        r.point.id, r.point.kind, r.stored_bytes, r.elapsed
     );
     Ok(())
 }

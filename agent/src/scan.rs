@@ -9,6 +9,7 @@ use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom};
 use std::path::Path;
 use std::sync::mpsc;
+use std::time::Instant;
 
 use lifeboat_store::codec::Hash;
 use lifeboat_store::manifest::{EntryKind, Tree, TreeEntry, UnixMillis};
@@ -32,6 +33,17 @@ pub struct ScanStats {
     pub files_skipped: u64,
 }
 
+/// Fails with `TimedOut` once `stop_at` has passed (a frozen capture out of time).
+fn check_deadline(stop_at: Option<Instant>) -> io::Result<()> {
+    match stop_at {
+        Some(t) if Instant::now() >= t => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "freeze deadline reached before the capture finished",
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// The size of an image file or block device.
 pub fn device_size(path: &Path) -> io::Result<u64> {
     let mut f = File::open(path)?;
@@ -43,6 +55,7 @@ pub fn scan_image(
     path: &Path,
     block_size: usize,
     old: &[Hash],
+    stop_at: Option<Instant>,
     stats: &mut ScanStats,
     sink: &mut Sink<'_>,
 ) -> io::Result<(u64, Vec<Hash>)> {
@@ -80,6 +93,7 @@ pub fn scan_image(
             let (offset, buf) = full_rx.recv().map_err(|_| {
                 io::Error::new(io::ErrorKind::UnexpectedEof, "image reader stopped")
             })??;
+            check_deadline(stop_at)?;
             for (i, block) in buf.chunks(block_size).enumerate() {
                 let h = *blake3::hash(block).as_bytes();
                 let idx = hashes.len();
@@ -150,6 +164,7 @@ pub fn scan_directory(
     block_size: usize,
     old: &BTreeMap<String, FileState>,
     verify: bool,
+    stop_at: Option<Instant>,
     stats: &mut ScanStats,
     sink: &mut Sink<'_>,
 ) -> io::Result<(Tree, BTreeMap<String, FileState>)> {
@@ -164,6 +179,7 @@ pub fn scan_directory(
     let mut files = BTreeMap::new();
     let mut buf = vec![0u8; block_size];
     walk(root, "", &mut |rel, m| {
+        check_deadline(stop_at)?;
         let ty = m.file_type();
         if ty.is_dir() {
             entries.push(TreeEntry {

@@ -38,16 +38,6 @@ pub struct Agent {
     pub reader: StoreReader,
 }
 
-/// What one disk's cycle did.
-#[derive(Debug, Clone)]
-pub struct DiskReport {
-    pub tag: Tag,
-    pub stats: ScanStats,
-    pub segments: u64,
-    pub stored_bytes: u64,
-    pub elapsed: Duration,
-}
-
 impl Agent {
     /// Opens the cache store named by `config`.
     pub async fn open(config: Config) -> Result<Self> {
@@ -232,17 +222,16 @@ impl Agent {
         Ok(st)
     }
 
-    /// Ships a disk's changes and writes its tag. `consistency` labels the tag; making the cut
-    /// actually consistent (freezing around this call) is the caller's job.
-    pub async fn sync_disk(
+    /// Scans a disk against `st` and ships what changed: uploaded as it goes
+    /// ([`ShipMode::Upload`]), or kept in memory to upload after a thaw ([`ShipMode::Collect`]).
+    /// `st.content` becomes the disk as scanned; in upload mode `st.through_segment` advances
+    /// past the uploaded segments. Nothing is tagged and no state is saved here.
+    pub async fn ship(
         &self,
         disk: &DiskConfig,
         st: &mut DiskState,
-        consistency: Consistency,
-        verify: bool,
-    ) -> Result<DiskReport> {
-        let started = Instant::now();
-        let time = now_millis();
+        mode: ShipMode,
+    ) -> Result<Shipped> {
         let r = &self.config.replication;
         let bs = r.block_size.0 as usize;
         let level = r.zstd_level;
@@ -251,8 +240,13 @@ impl Agent {
             .saturating_sub(1)
             .max(1);
         let (tx, mut rx) = mpsc::channel::<Bytes>(in_flight);
+        let (collect_cap, stop_at) = match mode {
+            ShipMode::Upload => (None, None),
+            ShipMode::Collect { cap, deadline } => (Some(cap), Some(deadline)),
+        };
 
-        // Uploader: segments in order, numbered after the last one shipped.
+        // Receiver: uploads segments in order, numbered after the last one shipped — or, when
+        // collecting, keeps them (bounded by the cap).
         let writer = self.writer.clone();
         let (vm, disk_id) = (self.config.vm.clone(), disk.id.clone());
         let first_seq = st.through_segment + 1;
@@ -263,15 +257,25 @@ impl Agent {
             _ => scan::device_size(&disk.path).unwrap_or(0),
         };
         let progress = Arc::clone(&scanned);
-        let uploader = tokio::spawn(async move {
+        let receiver = tokio::spawn(async move {
             let mut seq = first_seq;
             let mut stored = 0u64;
+            let mut kept = Vec::new();
             let t0 = Instant::now();
             let mut last_log = Instant::now();
             while let Some(data) = rx.recv().await {
                 let len = data.len() as u64;
-                writer.put_segment(&vm, &disk_id, seq, data).await?;
                 stored += len;
+                if let Some(cap) = collect_cap {
+                    if stored > cap {
+                        bail!(
+                            "changes captured during the freeze exceed the memory cap ({cap} bytes)"
+                        );
+                    }
+                    kept.push(data);
+                    continue;
+                }
+                writer.put_segment(&vm, &disk_id, seq, data).await?;
                 seq += 1;
                 if let Some(limit) = limit {
                     let due = Duration::from_secs_f64(stored as f64 / limit as f64);
@@ -287,65 +291,101 @@ impl Agent {
                     tracing::info!(disk = %disk_id, done, total, rate_mb_s = rate / 1e6, eta_s = eta as u64, "replication progress");
                 }
             }
-            anyhow::Ok((seq - first_seq, stored))
+            anyhow::Ok((seq - first_seq, stored, kept))
         });
 
-        // Scanner on a blocking thread; sends full segments, blocking when the uploader lags
-        // (backpressure under the memory cap).
+        // Scanner on a blocking thread; hands full segments on, blocking when the receiver
+        // lags (backpressure under the memory cap).
         let path = disk.path.clone();
         let kind = disk.kind;
         let content = st.content.clone();
-        let scan =
-            tokio::task::spawn_blocking(move || -> Result<(Content, DiskShapeOut, ScanStats)> {
-                let mut stats = ScanStats::default();
-                let mut builder = SegmentBuilder::new(bs as u32, level);
-                let mut sink = |target: &str, offset: u64, data: &[u8], h| -> io::Result<()> {
-                    builder.add_hashed(target, offset, data, h);
-                    scanned.fetch_add(data.len() as u64, Ordering::Relaxed);
-                    if builder.encoded_len() >= seg_target {
-                        let full =
-                            std::mem::replace(&mut builder, SegmentBuilder::new(bs as u32, level));
-                        tx.blocking_send(full.finish())
-                            .map_err(|_| io::Error::other("upload stopped"))?;
-                    }
-                    Ok(())
-                };
-                let (content, shape) = match (kind, content) {
-                    (DiskKind::Directory, Content::Directory { files }) => {
-                        let (tree, files) =
-                            scan::scan_directory(&path, bs, &files, verify, &mut stats, &mut sink)
-                                .with_context(|| {
-                                    format!("cannot scan directory {}", path.display())
-                                })?;
-                        (Content::Directory { files }, DiskShapeOut::Tree(tree))
-                    }
-                    (_, Content::Image { hashes, .. }) => {
-                        let (size, hashes) =
-                            scan::scan_image(&path, bs, &hashes.0, &mut stats, &mut sink)
-                                .with_context(|| format!("cannot read disk {}", path.display()))?;
-                        (
-                            Content::Image {
-                                size,
-                                hashes: Hashes(hashes),
-                            },
-                            DiskShapeOut::Size(size),
-                        )
-                    }
-                    _ => bail!("disk kind changed under a running agent"),
-                };
-                if !builder.is_empty() {
-                    tx.blocking_send(builder.finish())
-                        .map_err(|_| anyhow::anyhow!("upload stopped"))?;
+        let verify = false;
+        let scan = tokio::task::spawn_blocking(move || -> Result<(Content, Shape, ScanStats)> {
+            let mut stats = ScanStats::default();
+            let mut builder = SegmentBuilder::new(bs as u32, level);
+            let mut sink = |target: &str, offset: u64, data: &[u8], h| -> io::Result<()> {
+                builder.add_hashed(target, offset, data, h);
+                scanned.fetch_add(data.len() as u64, Ordering::Relaxed);
+                if builder.encoded_len() >= seg_target {
+                    let full =
+                        std::mem::replace(&mut builder, SegmentBuilder::new(bs as u32, level));
+                    tx.blocking_send(full.finish())
+                        .map_err(|_| io::Error::other("segment receiver stopped"))?;
                 }
-                Ok((content, shape, stats))
-            });
+                Ok(())
+            };
+            let (content, shape) = match (kind, content) {
+                (DiskKind::Directory, Content::Directory { files }) => {
+                    let (tree, files) = scan::scan_directory(
+                        &path, bs, &files, verify, stop_at, &mut stats, &mut sink,
+                    )
+                    .with_context(|| format!("cannot scan directory {}", path.display()))?;
+                    (Content::Directory { files }, Shape::Tree(tree))
+                }
+                (_, Content::Image { hashes, .. }) => {
+                    let (size, hashes) =
+                        scan::scan_image(&path, bs, &hashes.0, stop_at, &mut stats, &mut sink)
+                            .with_context(|| format!("cannot read disk {}", path.display()))?;
+                    (
+                        Content::Image {
+                            size,
+                            hashes: Hashes(hashes),
+                        },
+                        Shape::Size(size),
+                    )
+                }
+                _ => bail!("disk kind changed under a running agent"),
+            };
+            if !builder.is_empty() {
+                tx.blocking_send(builder.finish())
+                    .map_err(|_| anyhow::anyhow!("segment receiver stopped"))?;
+            }
+            Ok((content, shape, stats))
+        });
         let scan_result = scan.await.context("scanner thread failed")?;
-        let (segments, stored_bytes) = uploader.await.context("uploader failed")??;
+        let received = receiver.await.context("segment receiver failed")?;
+        // The receiver's error (upload failure, cap) explains a scanner's "receiver stopped".
+        let (uploaded, stored_bytes, kept) = received?;
         let (content, shape, stats) = scan_result?;
+        st.content = content;
+        st.through_segment += uploaded;
+        Ok(Shipped {
+            shape,
+            stats,
+            stored_bytes,
+            kept,
+        })
+    }
 
+    /// Uploads segments kept by a [`ShipMode::Collect`] pass, after the thaw.
+    pub async fn upload_kept(
+        &self,
+        disk: &DiskConfig,
+        st: &mut DiskState,
+        kept: Vec<Bytes>,
+    ) -> Result<u64> {
+        let n = kept.len() as u64;
+        for data in kept {
+            self.writer
+                .put_segment(&self.config.vm, &disk.id, st.through_segment + 1, data)
+                .await?;
+            st.through_segment += 1;
+        }
+        Ok(n)
+    }
+
+    /// Writes a disk's tag over everything shipped so far, then makes the state durable.
+    pub async fn write_tag(
+        &self,
+        disk: &DiskConfig,
+        st: &mut DiskState,
+        shape: Shape,
+        time: u64,
+        consistency: Consistency,
+    ) -> Result<Tag> {
         let shape = match shape {
-            DiskShapeOut::Size(size) => DiskShape::Image { size },
-            DiskShapeOut::Tree(tree) => DiskShape::Directory {
+            Shape::Size(size) => DiskShape::Image { size },
+            Shape::Tree(tree) => DiskShape::Directory {
                 tree: self
                     .writer
                     .put_tree(&self.config.vm, &disk.id, &tree)
@@ -357,24 +397,16 @@ impl Agent {
             disk: disk.id.clone(),
             seq: st.tag_seq + 1,
             from_segment: st.from_segment,
-            through_segment: st.through_segment + segments,
+            through_segment: st.through_segment,
             time,
             consistency,
-            block_size: bs as u32,
+            block_size: st.block_size,
             shape,
         };
         self.writer.put_tag(&tag).await?;
         st.tag_seq = tag.seq;
-        st.through_segment = tag.through_segment;
-        st.content = content;
         state::save(&self.config.state_dir, st)?;
-        Ok(DiskReport {
-            tag,
-            stats,
-            segments,
-            stored_bytes,
-            elapsed: started.elapsed(),
-        })
+        Ok(tag)
     }
 
     /// Publishes a single-VM recovery point over the given tags.
@@ -420,9 +452,28 @@ impl Agent {
 }
 
 /// What a scan says about the disk's shape, before the tree (if any) is stored.
-enum DiskShapeOut {
+#[derive(Debug)]
+pub enum Shape {
     Size(u64),
     Tree(lifeboat_store::manifest::Tree),
+}
+
+/// How [`Agent::ship`] handles finished segments.
+#[derive(Debug, Clone, Copy)]
+pub enum ShipMode {
+    /// Upload as they are made (pre-copy, unfrozen).
+    Upload,
+    /// Keep in memory, at most `cap` bytes, and stop at `deadline` (the frozen capture).
+    Collect { cap: u64, deadline: Instant },
+}
+
+/// What [`Agent::ship`] did.
+#[derive(Debug)]
+pub struct Shipped {
+    pub shape: Shape,
+    pub stats: ScanStats,
+    pub stored_bytes: u64,
+    pub kept: Vec<Bytes>,
 }
 
 /// Checks that a disk's path is there and of the configured kind, with an actionable message.

@@ -1,0 +1,170 @@
+//! Consistency providers: freezing filesystems around a cut (with a deadline that always ends
+//! the freeze) and running application pre/post hooks with timeouts.
+//!
+//! A freeze is guarded twice: the agent thaws when the cut is captured or fails, and a separate
+//! watchdog *process* (`lifeboat-agent thaw-watchdog`), started before the freeze, thaws at the
+//! deadline even if the agent hangs or is killed with SIGKILL. At start-up the agent also thaws
+//! any configured mount left frozen (for example by a restart that killed both).
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, Result, bail};
+
+#[cfg(target_os = "linux")]
+#[path = "freeze_linux.rs"]
+mod platform;
+#[cfg(not(target_os = "linux"))]
+#[path = "freeze_other.rs"]
+mod platform;
+
+/// When a freeze began and ended, by the wall clock (for reports and tests).
+#[derive(Debug, Clone, Copy)]
+pub struct FreezeWindow {
+    pub frozen_at: SystemTime,
+    pub thawed_at: SystemTime,
+    pub held: Duration,
+}
+
+/// Filesystems frozen for a cut. Dropping it thaws them.
+#[derive(Debug)]
+pub struct Frozen {
+    mounts: Vec<PathBuf>,
+    watchdog: Option<Child>,
+    started: Instant,
+    frozen_at: SystemTime,
+    deadline: Duration,
+}
+
+impl Frozen {
+    /// Freezes `mounts` (in order) with a hard `deadline`. On any failure, whatever was frozen
+    /// is thawed again before returning the error.
+    pub fn freeze(mounts: &[PathBuf], deadline: Duration) -> Result<Self> {
+        let exe = std::env::current_exe().context("cannot find the agent's own executable")?;
+        let mut cmd = Command::new(exe);
+        cmd.arg("thaw-watchdog")
+            .arg("--deadline-ms")
+            .arg(deadline.as_millis().to_string())
+            .args(mounts)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        let watchdog = cmd.spawn().context("cannot start the thaw watchdog")?;
+        let mut frozen = Frozen {
+            mounts: Vec::new(),
+            watchdog: Some(watchdog),
+            started: Instant::now(),
+            frozen_at: SystemTime::now(),
+            deadline,
+        };
+        for m in mounts {
+            platform::freeze(m).with_context(|| format!("cannot freeze {}", m.display()))?;
+            frozen.mounts.push(m.clone());
+        }
+        Ok(frozen)
+    }
+
+    /// Thaws everything; fails if any thaw failed or the deadline had already passed (the
+    /// watchdog may have thawed, so the capture cannot be trusted as a consistent cut).
+    pub fn thaw(mut self) -> Result<FreezeWindow> {
+        let held = self.started.elapsed();
+        let result = self.thaw_all();
+        let window = FreezeWindow {
+            frozen_at: self.frozen_at,
+            thawed_at: SystemTime::now(),
+            held,
+        };
+        result?;
+        if held > self.deadline {
+            bail!(
+                "freeze held {held:?}, past its {:?} deadline; the cut is discarded",
+                self.deadline
+            );
+        }
+        Ok(window)
+    }
+
+    fn thaw_all(&mut self) -> Result<()> {
+        let mut first_err = None;
+        for m in self.mounts.drain(..).rev() {
+            if let Err(e) = platform::thaw(&m) {
+                tracing::error!(mount = %m.display(), error = %e, "thaw failed");
+                first_err.get_or_insert(anyhow::anyhow!("cannot thaw {}: {e}", m.display()));
+            }
+        }
+        if let Some(mut w) = self.watchdog.take() {
+            let _ = w.kill();
+            let _ = w.wait();
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let _ = self.thaw_all();
+    }
+}
+
+/// The watchdog process's body: sleep until the deadline, then thaw every mount.
+pub fn run_watchdog(deadline: Duration, mounts: &[PathBuf]) {
+    std::thread::sleep(deadline);
+    for m in mounts {
+        match platform::thaw(m) {
+            Ok(true) => {
+                tracing::warn!(mount = %m.display(), ?deadline, "freeze deadline passed; thawed by the watchdog")
+            }
+            Ok(false) => {}
+            Err(e) => tracing::error!(mount = %m.display(), error = %e, "watchdog cannot thaw"),
+        }
+    }
+}
+
+/// Thaws mounts a previous run may have left frozen; logs any that were.
+pub fn thaw_leftovers(mounts: &[PathBuf]) {
+    for m in mounts {
+        match platform::thaw(m) {
+            Ok(true) => {
+                tracing::warn!(mount = %m.display(), "found the filesystem frozen at start-up (previous run died mid-cut); thawed it")
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::debug!(mount = %m.display(), error = %e, "cannot check freeze state")
+            }
+        }
+    }
+}
+
+/// Runs a hook command with `sh -c`, killing it at `timeout`. Output is logged.
+pub fn run_hook(phase: &str, command: &str, timeout: Duration) -> Result<()> {
+    let started = Instant::now();
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(command)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("{phase} hook {command:?} cannot start"))?;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if started.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{phase} hook {command:?} timed out after {timeout:?} and was killed");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let out = child.wait_with_output()?;
+    let text = |b: &[u8]| String::from_utf8_lossy(b).trim().to_owned();
+    tracing::info!(phase, command, %status, stdout = %text(&out.stdout), stderr = %text(&out.stderr), took = ?started.elapsed(), "hook finished");
+    if !status.success() {
+        bail!(
+            "{phase} hook {command:?} failed ({status}): {}",
+            text(&out.stderr)
+        );
+    }
+    Ok(())
+}

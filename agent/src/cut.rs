@@ -1,0 +1,197 @@
+//! Cutting a single-VM recovery point: pre-copy, quiesce, freeze, capture, thaw, publish.
+//!
+//! 1. reconcile each disk's state with the store;
+//! 2. pre-copy: ship every disk's changes while the VM runs (the bulk of the data);
+//! 3. app points: run the pre hooks; a failure downgrades the point, never mislabels it;
+//! 4. freeze the mounts of `fsfreeze` / `hooks` disks (deadline = the shortest `freeze_timeout`);
+//! 5. capture: scan every disk again and keep what changed since step 2 in memory;
+//! 6. thaw (the watchdog process thaws at the deadline regardless), then the post hooks;
+//! 7. upload the captured segments, write tags, save state, publish the point.
+//!
+//! If the capture misses the deadline or outgrows the memory cap, the cut is abandoned: nothing
+//! is tagged or published, and the next cycle starts over from the last durable state.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use lifeboat_store::manifest::{Consistency, PointKind, RecoveryPoint, Tag};
+
+use crate::config::{ConsistencyKind, DiskConfig};
+use crate::consistency::{self, FreezeWindow, Frozen};
+use crate::scan::ScanStats;
+use crate::sync::{self, Agent, ShipMode};
+
+/// What a cut did, per disk and overall.
+#[derive(Debug)]
+pub struct CutReport {
+    pub point: RecoveryPoint,
+    pub tags: Vec<Tag>,
+    pub precopy: Vec<ScanStats>,
+    pub capture: Vec<ScanStats>,
+    pub freeze: Option<FreezeWindow>,
+    pub stored_bytes: u64,
+    pub elapsed: Duration,
+}
+
+/// The mounts to freeze for the configured disks, deduplicated.
+pub fn freeze_mounts(disks: &[DiskConfig]) -> Vec<PathBuf> {
+    let mut set = BTreeSet::new();
+    for d in disks {
+        let wants = match d.consistency {
+            ConsistencyKind::Fsfreeze => true,
+            ConsistencyKind::Hooks => d.mount.is_some(),
+            ConsistencyKind::None => false,
+        };
+        if wants {
+            let m = d.mount.clone().unwrap_or_else(|| d.path.clone());
+            set.insert(m);
+        }
+    }
+    set.into_iter().collect()
+}
+
+fn millis(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Cuts a point for every configured disk of this VM.
+pub async fn cut(agent: &Agent, app: bool) -> Result<CutReport> {
+    let started = Instant::now();
+    let disks = &agent.config.disks;
+    let mut states = Vec::new();
+    for d in disks {
+        sync::check_disk_path(d)?;
+        states.push(agent.reconcile(d).await?);
+    }
+
+    // 2. Pre-copy.
+    let mut precopy = Vec::new();
+    let mut stored = 0;
+    for (d, st) in disks.iter().zip(states.iter_mut()) {
+        let shipped = agent.ship(d, st, ShipMode::Upload).await?;
+        stored += shipped.stored_bytes;
+        precopy.push(shipped.stats);
+    }
+
+    // 3. Quiesce applications.
+    let mut quiesced = app;
+    let hooks: Vec<_> = disks.iter().filter_map(|d| d.hooks.clone()).collect();
+    let mut ran_pre = Vec::new();
+    if app {
+        if hooks.is_empty() {
+            tracing::warn!(
+                "app-consistent point requested but no disk has hooks; cutting a crash-consistent point"
+            );
+            quiesced = false;
+        }
+        'pre: for h in &hooks {
+            for cmd in &h.pre {
+                let hook = h.clone();
+                let cmd = cmd.clone();
+                let r = tokio::task::spawn_blocking(move || {
+                    consistency::run_hook("pre", &cmd, hook.timeout)
+                })
+                .await?;
+                if let Err(e) = r {
+                    tracing::warn!(error = %format!("{e:#}"), "pre hook failed; this point will be crash-consistent, not app-consistent");
+                    quiesced = false;
+                    break 'pre;
+                }
+            }
+            ran_pre.push(h.clone());
+        }
+    }
+
+    // 4–6. Freeze, capture, thaw.
+    let mounts = freeze_mounts(disks);
+    let deadline = disks
+        .iter()
+        .filter(|d| d.consistency != ConsistencyKind::None)
+        .map(|d| d.freeze_timeout)
+        .min()
+        .unwrap_or(Duration::from_secs(2));
+    let cap = agent.config.replication.memory_cap.0;
+    let capture = async {
+        let frozen = if mounts.is_empty() {
+            None
+        } else {
+            Some(Frozen::freeze(&mounts, deadline)?)
+        };
+        let cut_time = SystemTime::now();
+        // Keep a margin for thawing inside the deadline.
+        let stop = Instant::now() + deadline.mul_f64(0.8);
+        let mut captured = Vec::new();
+        for (d, st) in disks.iter().zip(states.iter_mut()) {
+            let mode = match &frozen {
+                Some(_) => ShipMode::Collect {
+                    cap,
+                    deadline: stop,
+                },
+                None => ShipMode::Upload,
+            };
+            captured.push(agent.ship(d, st, mode).await?);
+        }
+        let window = match frozen {
+            Some(f) => Some(f.thaw()?),
+            None => None,
+        };
+        anyhow::Ok((cut_time, window, captured))
+    }
+    .await;
+
+    // Post hooks run whatever happened, for every disk whose pre hooks ran.
+    for h in &ran_pre {
+        for cmd in &h.post {
+            let (cmd, timeout) = (cmd.clone(), h.timeout);
+            let r =
+                tokio::task::spawn_blocking(move || consistency::run_hook("post", &cmd, timeout))
+                    .await?;
+            if let Err(e) = r {
+                tracing::warn!(error = %format!("{e:#}"), "post hook failed");
+            }
+        }
+    }
+    let (cut_time, window, captured) = capture.context("cut abandoned")?;
+
+    // 7. Upload, tag, publish.
+    let mut tags = Vec::new();
+    let mut capture_stats = Vec::new();
+    for ((d, st), shipped) in disks.iter().zip(states.iter_mut()).zip(captured) {
+        stored += shipped.stored_bytes;
+        agent.upload_kept(d, st, shipped.kept).await?;
+        let frozen = window.is_some()
+            && d.consistency != ConsistencyKind::None
+            && (d.consistency == ConsistencyKind::Fsfreeze || d.mount.is_some());
+        // Applications were quiesced VM-wide by the pre hooks: every disk whose writes were
+        // also held (or that has the hooks itself) is app-consistent.
+        let label = if quiesced && (frozen || d.hooks.is_some()) {
+            Consistency::App
+        } else if frozen {
+            Consistency::Crash
+        } else {
+            Consistency::NotFrozen
+        };
+        let time = millis(window.map(|w| w.frozen_at).unwrap_or(cut_time));
+        tags.push(agent.write_tag(d, st, shipped.shape, time, label).await?);
+        capture_stats.push(shipped.stats);
+    }
+    let kind = if tags.iter().all(|t| t.consistency == Consistency::App) {
+        PointKind::App
+    } else {
+        PointKind::Crash
+    };
+    let point = agent.publish_local_point(&tags, kind).await?;
+    Ok(CutReport {
+        point,
+        tags,
+        precopy,
+        capture: capture_stats,
+        freeze: window,
+        stored_bytes: stored,
+        elapsed: started.elapsed(),
+    })
+}

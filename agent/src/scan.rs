@@ -88,6 +88,9 @@ pub fn scan_image(
                 offset += want as u64;
             }
         });
+        // Owned by this closure, so an early return drops them and the reader thread, blocked
+        // on one of them, sees the channel close and exits instead of deadlocking the scope.
+        let (full_rx, empty_tx) = (full_rx, empty_tx);
         let mut done = 0u64;
         while done < size {
             let (offset, buf) = full_rx.recv().map_err(|_| {

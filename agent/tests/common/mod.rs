@@ -1,0 +1,174 @@
+//! Helpers for the agent's end-to-end tests: run the real `lifeboat-agent` binary, make
+//! loop-mounted filesystems (root only), restore points through the store library.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Arc;
+
+use lifeboat_store::backend::local::LocalBackend;
+use lifeboat_store::layout::Layout;
+use lifeboat_store::manifest::RecoveryPoint;
+use lifeboat_store::restore::{StoreReader, restore_disk};
+use lifeboat_store::{DynBackend, GroupId};
+
+pub const AGENT: &str = env!("CARGO_BIN_EXE_lifeboat-agent");
+
+/// Whether the test runs as root; prints why it skips otherwise. CI runs as root, and there a
+/// skip is a failure.
+pub fn root_or_skip(test: &str) -> bool {
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false);
+    if !root {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{test} needs root (loop devices, mount, fsfreeze) and CI runs as root"
+        );
+        eprintln!("SKIPPED {test}: needs root for loop-mounted filesystems and fsfreeze");
+    }
+    root
+}
+
+/// Runs the agent with a config; returns its output.
+pub fn agent(config: &Path, args: &[&str]) -> Output {
+    Command::new(AGENT)
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env("LIFEBOAT_LOG", "info")
+        .output()
+        .expect("run lifeboat-agent")
+}
+
+/// Runs the agent and insists it succeeded.
+pub fn agent_ok(config: &Path, args: &[&str]) -> String {
+    let out = agent(config, args);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "lifeboat-agent {args:?} failed: {}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// A loop-mounted filesystem that is unmounted and detached on drop.
+pub struct LoopFs {
+    pub mount: PathBuf,
+    image: PathBuf,
+}
+
+impl LoopFs {
+    /// Makes a `size_mib` filesystem of type `fs` ("ext4", "xfs") under `dir` and mounts it.
+    pub fn new(dir: &Path, fs: &str, size_mib: u64) -> Self {
+        let image = dir.join(format!("{fs}.img"));
+        let mount = dir.join(format!("{fs}-mnt"));
+        std::fs::create_dir_all(&mount).unwrap();
+        let f = std::fs::File::create(&image).unwrap();
+        f.set_len(size_mib << 20).unwrap();
+        drop(f);
+        let mkfs = format!("mkfs.{fs}");
+        let mut cmd = Command::new(&mkfs);
+        if fs == "ext4" {
+            cmd.arg("-q").arg("-F");
+        } else {
+            cmd.arg("-q").arg("-f");
+        }
+        run(cmd.arg(&image));
+        run(Command::new("mount")
+            .arg("-o")
+            .arg("loop")
+            .arg(&image)
+            .arg(&mount));
+        LoopFs { mount, image }
+    }
+}
+
+impl Drop for LoopFs {
+    fn drop(&mut self) {
+        // Never leave a frozen filesystem behind, whatever the test did.
+        let _ = Command::new("fsfreeze").arg("-u").arg(&self.mount).output();
+        let _ = Command::new("umount").arg(&self.mount).output();
+        let _ = std::fs::remove_file(&self.image);
+    }
+}
+
+pub fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("spawn");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A reader over a local store for group `group`.
+pub fn reader(store: &Path, group: &str) -> StoreReader {
+    let backend: DynBackend = Arc::new(LocalBackend::open(store).unwrap());
+    StoreReader::new(backend, Layout::new(GroupId::new(group).unwrap()))
+}
+
+/// Restores every disk of the only member of `point` under `out/<disk>`.
+pub async fn restore_point(reader: &StoreReader, point: &RecoveryPoint, out: &Path) {
+    let m = &point.members[0];
+    std::fs::create_dir_all(out).unwrap();
+    for d in &m.disks {
+        let tag = reader.tag(&m.vm, &d.disk, d.tag).await.unwrap();
+        restore_disk(reader, &tag, &out.join(d.disk.as_str()))
+            .await
+            .unwrap();
+    }
+}
+
+/// Writes an agent config.
+pub fn write_config(dir: &Path, disks: &str) -> PathBuf {
+    let path = dir.join("agent.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"vm = "vm1"
+group = "g"
+state_dir = "{dir}/state"
+
+[store]
+kind = "local"
+path = "{dir}/store"
+
+[replication]
+segment_size = "1MiB"
+memory_cap = "64MiB"
+
+{disks}
+"#,
+            dir = dir.display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// Value of `key=` in the agent's output (e.g. `frozen_at_ms`).
+pub fn field(out: &str, key: &str) -> Option<u64> {
+    let at = out.find(&format!("{key}="))? + key.len() + 1;
+    out[at..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect::<String>()
+        .parse()
+        .ok()
+}
+
+/// The id in "published recovery point <id>".
+pub fn point_id(out: &str) -> String {
+    out.split("published recovery point ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .expect("a published point")
+        .to_owned()
+}

@@ -1,0 +1,111 @@
+//! SIGKILL the agent again and again while it replicates a changing disk: nothing is lost, the
+//! final point restores to exactly the source, and no orphan segment survives.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+fn mutate(path: &std::path::Path, seed: u64) {
+    use std::io::{Seek, SeekFrom, Write};
+    let mut f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    let mut x = seed | 1;
+    for _ in 0..200 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        f.seek(SeekFrom::Start(x % (96 << 20))).unwrap();
+        f.write_all(&x.to_le_bytes().repeat(512)).unwrap();
+    }
+}
+
+#[test]
+fn killed_agents_lose_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    let data: Vec<u8> = (0..(96u32 << 20) / 4)
+        .flat_map(|i| (i.wrapping_mul(2_654_435_761) >> (i % 7)).to_le_bytes())
+        .collect();
+    std::fs::write(&image, &data).unwrap();
+    let tree = dir.path().join("tree");
+    std::fs::create_dir_all(tree.join("sub")).unwrap();
+    for i in 0..40 {
+        std::fs::write(
+            tree.join(format!("sub/f{i}")),
+            vec![i as u8; 70_000 * (i % 3)],
+        )
+        .unwrap();
+    }
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "[[disk]]\nid = \"img\"\nkind = \"image\"\npath = \"{}\"\n\n[[disk]]\nid = \"tree\"\nkind = \"directory\"\npath = \"{}\"\n",
+            image.display(),
+            tree.display()
+        ),
+    );
+    let mut kills = 0;
+    for round in 0..8u64 {
+        let mut child = Command::new(AGENT)
+            .arg("--config")
+            .arg(&config)
+            .arg("sync")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(30 + round * 37 % 200));
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap(); // SIGKILL
+            kills += 1;
+        }
+        child.wait().unwrap();
+        mutate(&image, round + 1);
+        std::fs::write(tree.join(format!("sub/f{round}")), format!("round {round}")).unwrap();
+        let _ = std::fs::remove_file(tree.join(format!("sub/f{}", 39 - round)));
+    }
+    assert!(
+        kills >= 4,
+        "only {kills} of 8 runs were killed mid-way; slow the kills down"
+    );
+
+    // A last, uninterrupted run; its point must equal the source.
+    let out = agent_ok(&config, &["sync"]);
+    let id = point_id(&out);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let reader = reader(&dir.path().join("store"), "g");
+    let restored = dir.path().join("restored");
+    rt.block_on(async {
+        let point = reader
+            .point(&lifeboat_store::PointId::new(id).unwrap())
+            .await
+            .unwrap();
+        restore_point(&reader, &point, &restored).await;
+        // No segment past the last tag: orphans of killed runs were removed.
+        for disk in ["img", "tree"] {
+            let vm = lifeboat_store::VmId::new("vm1").unwrap();
+            let d = lifeboat_store::DiskId::new(disk).unwrap();
+            let tag = reader.latest_tag(&vm, &d).await.unwrap().unwrap();
+            let segs = reader.segment_seqs(&vm, &d).await.unwrap();
+            assert_eq!(
+                segs.last().copied(),
+                Some(tag.through_segment),
+                "orphans of {disk}"
+            );
+        }
+    });
+    assert!(std::fs::read(restored.join("img")).unwrap() == std::fs::read(&image).unwrap());
+    let diff = Command::new("diff")
+        .arg("-r")
+        .arg(&tree)
+        .arg(restored.join("tree"))
+        .output()
+        .unwrap();
+    assert!(
+        diff.status.success(),
+        "{}",
+        String::from_utf8_lossy(&diff.stdout)
+    );
+}

@@ -1,0 +1,287 @@
+//! Real `fsfreeze` on loop-mounted ext4 and xfs (root only; CI runs as root).
+//!
+//! - A SQLite database in WAL mode takes fsync'd commits while points are cut: every restored
+//!   point must pass `PRAGMA integrity_check`, hold every row acknowledged before the freeze and
+//!   no row begun after the thaw.
+//! - A capture that cannot finish in time is abandoned and the filesystem is thawed by the
+//!   deadline; an agent killed with SIGKILL mid-freeze is thawed by its watchdog process.
+
+mod common;
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const WRITER: &str = r#"
+import os, sqlite3, sys, time
+db, log, stop = sys.argv[1:4]
+c = sqlite3.connect(db, isolation_level=None)
+c.execute("PRAGMA journal_mode=WAL")
+c.execute("PRAGMA synchronous=FULL")
+c.execute("CREATE TABLE IF NOT EXISTS t(id INTEGER PRIMARY KEY, payload BLOB)")
+f = open(log, "a", buffering=1)
+i = 0
+while not os.path.exists(stop):
+    i += 1
+    start = time.time_ns()
+    c.execute("BEGIN")
+    c.execute("INSERT INTO t VALUES(?, randomblob(3000))", (i,))
+    c.execute("COMMIT")
+    f.write(f"{i} {start} {time.time_ns()}\n")
+"#;
+
+const CHECK: &str = r#"
+import sqlite3, sys
+db, log, frozen_ms, thawed_ms = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+c = sqlite3.connect(db)
+ok = c.execute("PRAGMA integrity_check").fetchone()[0]
+assert ok == "ok", ok
+ids = {r[0] for r in c.execute("SELECT id FROM t")}
+acked = late = 0
+for line in open(log):
+    i, start, end = map(int, line.split())
+    if end < frozen_ms * 1_000_000:
+        assert i in ids, f"row {i} acknowledged before the freeze is missing"
+        acked += 1
+    if start > (thawed_ms + 1) * 1_000_000:
+        assert i not in ids, f"row {i} begun after the thaw leaked into the point"
+        late += 1
+print(f"integrity ok, {len(ids)} rows, {acked} acknowledged before the cut all present, {late} later rows absent")
+"#;
+
+fn sqlite_points_are_consistent(fs: &str) {
+    let test = format!("sqlite_wal_points_on_{fs}");
+    if !root_or_skip(&test) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let lfs = LoopFs::new(dir.path(), fs, 320);
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "[[disk]]\nid = \"db\"\nkind = \"directory\"\npath = \"{}\"\nconsistency = \"fsfreeze\"\nfreeze_timeout = \"5s\"\n",
+            lfs.mount.display()
+        ),
+    );
+    let (log, stop) = (dir.path().join("acks.log"), dir.path().join("stop"));
+    let mut writer = Command::new("python3")
+        .arg("-c")
+        .arg(WRITER)
+        .arg(lfs.mount.join("app.db"))
+        .arg(&log)
+        .arg(&stop)
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+
+    let mut cuts = Vec::new();
+    for _ in 0..4 {
+        let out = agent_ok(&config, &["sync"]);
+        let held_ok = out.contains("freeze: held");
+        assert!(held_ok, "no freeze reported:\n{out}");
+        cuts.push((
+            point_id(&out),
+            field(&out, "frozen_at_ms").unwrap(),
+            field(&out, "thawed_at_ms").unwrap(),
+        ));
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    std::fs::write(&stop, b"").unwrap();
+    assert!(writer.wait().unwrap().success(), "writer failed");
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let reader = reader(&dir.path().join("store"), "g");
+    for (i, (id, frozen, thawed)) in cuts.iter().enumerate() {
+        assert!(thawed - frozen < 5000, "freeze outlived its deadline");
+        let out = dir.path().join(format!("restore-{i}"));
+        rt.block_on(async {
+            let point = reader
+                .point(&lifeboat_store::PointId::new(id.clone()).unwrap())
+                .await
+                .unwrap();
+            assert_eq!(
+                point.members[0].consistency,
+                lifeboat_store::manifest::Consistency::Crash
+            );
+            restore_point(&reader, &point, &out).await;
+        });
+        let check = run(Command::new("python3")
+            .arg("-c")
+            .arg(CHECK)
+            .arg(out.join("db/app.db"))
+            .arg(&log)
+            .arg(frozen.to_string())
+            .arg(thawed.to_string()));
+        eprintln!("{fs} point {id}: {}", check.trim());
+    }
+}
+
+#[test]
+fn sqlite_wal_points_on_ext4() {
+    sqlite_points_are_consistent("ext4");
+}
+
+#[test]
+fn sqlite_wal_points_on_xfs() {
+    sqlite_points_are_consistent("xfs");
+}
+
+/// Writes and fsyncs a small file on `mount` in a loop; records the longest stall.
+struct Prober {
+    stop: Arc<AtomicBool>,
+    max_stall_ms: Arc<AtomicU64>,
+    current_since: Arc<AtomicU64>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Prober {
+    fn start(mount: &Path) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let max_stall_ms = Arc::new(AtomicU64::new(0));
+        let current_since = Arc::new(AtomicU64::new(0));
+        let path = mount.join("probe");
+        let t0 = Instant::now();
+        let (s, m, c) = (stop.clone(), max_stall_ms.clone(), current_since.clone());
+        let handle = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                let began = Instant::now();
+                c.store(
+                    began.duration_since(t0).as_millis() as u64 + 1,
+                    Ordering::Relaxed,
+                );
+                let mut f = std::fs::File::create(&path).unwrap();
+                f.write_all(b"probe").unwrap();
+                f.sync_all().unwrap();
+                c.store(0, Ordering::Relaxed);
+                m.fetch_max(began.elapsed().as_millis() as u64, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        });
+        // Milliseconds since `t0` at which the write in progress began (0: none in progress).
+        let _ = t0;
+        Prober {
+            stop,
+            max_stall_ms,
+            current_since,
+            handle: Some(handle),
+        }
+    }
+
+    fn stalled_for(&self, t0_elapsed_ms: u64) -> u64 {
+        match self.current_since.load(Ordering::Relaxed) {
+            0 => 0,
+            since => t0_elapsed_ms.saturating_sub(since - 1),
+        }
+    }
+
+    fn finish(mut self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.take().unwrap().join().unwrap();
+        self.max_stall_ms.load(Ordering::Relaxed)
+    }
+}
+
+#[test]
+fn a_capture_past_its_deadline_is_abandoned_and_thawed_in_time() {
+    if !root_or_skip("a_capture_past_its_deadline_is_abandoned_and_thawed_in_time") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let lfs = LoopFs::new(dir.path(), "ext4", 3072);
+    // A big image on the frozen filesystem: re-scanning it takes far longer than 150ms.
+    let image = lfs.mount.join("big.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(2 << 30)
+        .unwrap();
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "[[disk]]\nid = \"big\"\nkind = \"image\"\npath = \"{}\"\nconsistency = \"fsfreeze\"\nmount = \"{}\"\nfreeze_timeout = \"150ms\"\n",
+            image.display(),
+            lfs.mount.display()
+        ),
+    );
+    let prober = Prober::start(&lfs.mount);
+    let out = agent(&config, &["sync"]);
+    let max_stall = prober.finish();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "a cut past its deadline was published"
+    );
+    assert!(stderr.contains("freeze deadline"), "{stderr}");
+    assert!(
+        max_stall < 150 + 250,
+        "writes stalled {max_stall}ms with a 150ms freeze deadline"
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let points = rt
+        .block_on(reader(&dir.path().join("store"), "g").points())
+        .unwrap();
+    assert!(points.is_empty(), "abandoned cut published a point");
+}
+
+#[test]
+fn an_agent_killed_while_frozen_is_thawed_by_its_watchdog() {
+    if !root_or_skip("an_agent_killed_while_frozen_is_thawed_by_its_watchdog") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let lfs = LoopFs::new(dir.path(), "ext4", 6144);
+    let image = lfs.mount.join("big.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(5 << 30)
+        .unwrap();
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "[[disk]]\nid = \"big\"\nkind = \"image\"\npath = \"{}\"\nconsistency = \"fsfreeze\"\nmount = \"{}\"\nfreeze_timeout = \"1500ms\"\n",
+            image.display(),
+            lfs.mount.display()
+        ),
+    );
+    let prober = Prober::start(&lfs.mount);
+    let t0 = Instant::now();
+    let mut child = Command::new(AGENT)
+        .arg("--config")
+        .arg(&config)
+        .arg("sync")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until the probe's write has been blocked for 100ms: the filesystem is frozen.
+    let mut killed = false;
+    while t0.elapsed() < Duration::from_secs(120) {
+        if prober.stalled_for(t0.elapsed().as_millis() as u64) > 100 {
+            child.kill().unwrap(); // SIGKILL
+            killed = true;
+            break;
+        }
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let _ = child.wait();
+    let max_stall = prober.finish();
+    assert!(killed, "never saw the filesystem frozen");
+    assert!(
+        max_stall < 1500 + 500,
+        "filesystem stayed frozen {max_stall}ms after the agent died; deadline 1500ms"
+    );
+    // The next run cleans up after the killed one and cuts normally (with a longer deadline).
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("1500ms", "20s");
+    std::fs::write(&config, text).unwrap();
+    let out = agent_ok(&config, &["sync"]);
+    assert!(out.contains("published recovery point"), "{out}");
+}

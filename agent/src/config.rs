@@ -153,6 +153,8 @@ pub struct Replication {
     /// How often the agent ships changes and cuts a local point (when not in a group).
     #[serde(with = "humantime_serde")]
     pub interval: Duration,
+    /// Threads reading and hashing a disk image or block device at once (1–64).
+    pub scan_threads: usize,
 }
 
 impl Default for Replication {
@@ -164,6 +166,9 @@ impl Default for Replication {
             memory_cap: ByteSize(32 << 20),
             bandwidth_limit: None,
             interval: Duration::from_secs(300),
+            scan_threads: std::thread::available_parallelism()
+                .map(|n| n.get().min(4))
+                .unwrap_or(1),
         }
     }
 }
@@ -258,6 +263,12 @@ impl Config {
             return Err(format!(
                 "replication.interval = {} must be between 10s and 60m",
                 humantime::format_duration(r.interval)
+            ));
+        }
+        if !(1..=64).contains(&r.scan_threads) {
+            return Err(format!(
+                "replication.scan_threads = {} must be between 1 and 64",
+                r.scan_threads
             ));
         }
         if self.disks.is_empty() {

@@ -68,10 +68,16 @@ pub async fn cut(agent: &Agent, app: bool) -> Result<CutReport> {
         states.push(agent.reconcile(d).await?);
     }
 
-    // 2. Pre-copy.
+    // 2. Pre-copy, when a freeze follows: it keeps the frozen capture short. Without a freeze
+    // the capture pass alone ships everything.
+    let mounts = freeze_mounts(disks);
     let mut precopy = Vec::new();
     let mut stored = 0;
     for (d, st) in disks.iter().zip(states.iter_mut()) {
+        if mounts.is_empty() {
+            precopy.push(ScanStats::default());
+            continue;
+        }
         let shipped = agent.ship(d, st, ShipMode::Upload).await?;
         stored += shipped.stored_bytes;
         precopy.push(shipped.stats);
@@ -107,7 +113,6 @@ pub async fn cut(agent: &Agent, app: bool) -> Result<CutReport> {
     }
 
     // 4–6. Freeze, capture, thaw.
-    let mounts = freeze_mounts(disks);
     let deadline = disks
         .iter()
         .filter(|d| d.consistency != ConsistencyKind::None)

@@ -4,6 +4,12 @@
 mod config;
 mod consistency;
 mod cut;
+#[cfg(unix)]
+#[path = "platform_unix.rs"]
+mod platform;
+#[cfg(windows)]
+#[path = "platform_windows.rs"]
+mod platform;
 mod scan;
 mod state;
 mod sync;

@@ -50,71 +50,107 @@ pub fn device_size(path: &Path) -> io::Result<u64> {
     f.seek(SeekFrom::End(0))
 }
 
-/// Scans an image or block device; returns its size and the hashes of all its blocks.
+/// A chunk read by a scan worker whose changed blocks the caller must see.
+struct Changed {
+    offset: u64,
+    buf: Vec<u8>,
+    /// (block index within the chunk, hash) of each changed block.
+    blocks: Vec<(usize, Hash)>,
+}
+
+/// Scans an image or block device with `threads` workers, each reading and hashing its own
+/// contiguous share with positioned reads; changed blocks reach `sink` on the calling thread.
+/// Returns the size and the hashes of all blocks.
 pub fn scan_image(
     path: &Path,
     block_size: usize,
     old: &[Hash],
+    threads: usize,
     stop_at: Option<Instant>,
     stats: &mut ScanStats,
     sink: &mut Sink<'_>,
 ) -> io::Result<(u64, Vec<Hash>)> {
-    let mut file = File::open(path)?;
-    let size = file.seek(SeekFrom::End(0))?;
-    file.seek(SeekFrom::Start(0))?;
-    let mut hashes = Vec::with_capacity(size.div_ceil(block_size as u64) as usize);
-    let chunk = CHUNK.max(block_size) / block_size * block_size;
+    let file = File::open(path)?;
+    let size = (&file).seek(SeekFrom::End(0))?;
+    let blocks = size.div_ceil(block_size as u64) as usize;
+    let chunk_blocks = (CHUNK / block_size).max(1);
+    let chunk = chunk_blocks * block_size;
+    // Each worker takes a contiguous run of whole chunks.
+    let chunks = blocks.div_ceil(chunk_blocks).max(1);
+    let threads = threads.clamp(1, chunks);
+    let per_worker = chunks.div_ceil(threads);
+    let mut hashes = vec![[0u8; 32]; blocks];
+    let (tx, rx) = mpsc::sync_channel::<io::Result<Changed>>(threads * 2);
 
-    // Two buffers in flight: one being filled, one being hashed.
-    let (full_tx, full_rx) = mpsc::sync_channel::<io::Result<(u64, Vec<u8>)>>(1);
-    let (empty_tx, empty_rx) = mpsc::sync_channel::<Vec<u8>>(2);
-    for _ in 0..2 {
-        empty_tx
-            .send(Vec::with_capacity(chunk))
-            .expect("fresh channel");
-    }
     std::thread::scope(|scope| -> io::Result<()> {
-        scope.spawn(move || {
-            let mut offset = 0u64;
-            while offset < size {
-                let Ok(mut buf) = empty_rx.recv() else { return };
-                let want = ((size - offset) as usize).min(chunk);
-                buf.resize(want, 0);
-                let r = file.read_exact(&mut buf).map(|_| (offset, buf));
-                let failed = r.is_err();
-                if full_tx.send(r).is_err() || failed {
-                    return;
-                }
-                offset += want as u64;
+        let mut rest: &mut [Hash] = &mut hashes;
+        for w in 0..threads {
+            let first_chunk = w * per_worker;
+            let last_chunk = ((w + 1) * per_worker).min(chunks);
+            if first_chunk >= last_chunk {
+                break;
             }
-        });
-        // Owned by this closure, so an early return drops them and the reader thread, blocked
-        // on one of them, sees the channel close and exits instead of deadlocking the scope.
-        let (full_rx, empty_tx) = (full_rx, empty_tx);
-        let mut done = 0u64;
-        while done < size {
-            let (offset, buf) = full_rx.recv().map_err(|_| {
-                io::Error::new(io::ErrorKind::UnexpectedEof, "image reader stopped")
-            })??;
-            check_deadline(stop_at)?;
-            for (i, block) in buf.chunks(block_size).enumerate() {
-                let h = *blake3::hash(block).as_bytes();
-                let idx = hashes.len();
-                if old.get(idx) != Some(&h) {
-                    stats.blocks_changed += 1;
-                    stats.bytes_changed += block.len() as u64;
-                    sink("", offset + (i * block_size) as u64, block, h)?;
+            let first_block = first_chunk * chunk_blocks;
+            let n_blocks = (last_chunk * chunk_blocks).min(blocks) - first_block;
+            let (mine, tail) = rest.split_at_mut(n_blocks);
+            rest = tail;
+            let (tx, file) = (tx.clone(), &file);
+            scope.spawn(move || {
+                let mut buf = vec![0u8; chunk];
+                let mut done = 0;
+                while done < n_blocks {
+                    let offset = ((first_block + done) * block_size) as u64;
+                    let len = ((size - offset) as usize).min(chunk);
+                    let r = check_deadline(stop_at).and_then(|_| {
+                        crate::platform::read_exact_at(file, &mut buf[..len], offset)
+                    });
+                    if let Err(e) = r {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                    let mut changed = Vec::new();
+                    for (i, block) in buf[..len].chunks(block_size).enumerate() {
+                        let h = *blake3::hash(block).as_bytes();
+                        let idx = first_block + done + i;
+                        if old.get(idx) != Some(&h) {
+                            changed.push((i, h));
+                        }
+                        mine[done + i] = h;
+                    }
+                    let n = len.div_ceil(block_size);
+                    done += n;
+                    let report = Changed {
+                        offset,
+                        buf: if changed.is_empty() {
+                            Vec::new()
+                        } else {
+                            buf[..len].to_vec()
+                        },
+                        blocks: changed,
+                    };
+                    if tx.send(Ok(report)).is_err() {
+                        return; // the caller stopped
+                    }
                 }
-                hashes.push(h);
+            });
+        }
+        drop(tx);
+        // Owned here so an early return closes it and unblocks the workers.
+        let rx = rx;
+        for msg in rx.iter() {
+            let c = msg?;
+            for &(i, h) in &c.blocks {
+                let start = i * block_size;
+                let end = (start + block_size).min(c.buf.len());
+                let block = &c.buf[start..end];
+                stats.blocks_changed += 1;
+                stats.bytes_changed += block.len() as u64;
+                sink("", c.offset + start as u64, block, h)?;
             }
-            done += buf.len() as u64;
-            stats.bytes_read += buf.len() as u64;
-            // The reader may have quit on an error we already reported; ignore a closed channel.
-            let _ = empty_tx.send(buf);
         }
         Ok(())
     })?;
-    // A block that shrank at the end is covered by the new size; blocks past it are dropped.
+    stats.bytes_read = size;
     Ok((size, hashes))
 }
 

@@ -300,6 +300,7 @@ impl Agent {
         let kind = disk.kind;
         let content = st.content.clone();
         let verify = false;
+        let threads = r.scan_threads;
         let scan = tokio::task::spawn_blocking(move || -> Result<(Content, Shape, ScanStats)> {
             let mut stats = ScanStats::default();
             let mut builder = SegmentBuilder::new(bs as u32, level);
@@ -323,9 +324,10 @@ impl Agent {
                     (Content::Directory { files }, Shape::Tree(tree))
                 }
                 (_, Content::Image { hashes, .. }) => {
-                    let (size, hashes) =
-                        scan::scan_image(&path, bs, &hashes.0, stop_at, &mut stats, &mut sink)
-                            .with_context(|| format!("cannot read disk {}", path.display()))?;
+                    let (size, hashes) = scan::scan_image(
+                        &path, bs, &hashes.0, threads, stop_at, &mut stats, &mut sink,
+                    )
+                    .with_context(|| format!("cannot read disk {}", path.display()))?;
                     (
                         Content::Image {
                             size,

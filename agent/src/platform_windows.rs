@@ -1,0 +1,19 @@
+//! Windows half of the agent's platform-specific calls (mirror of `platform_unix.rs`).
+//! Untested: no Windows target can be built in this project's CI.
+
+use std::fs::File;
+use std::io;
+
+/// Reads exactly `buf.len()` bytes at `offset` (`seek_read` may read less; loop).
+pub fn read_exact_at(file: &File, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
+    use std::os::windows::fs::FileExt;
+    while !buf.is_empty() {
+        let n = file.seek_read(buf, offset)?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        buf = &mut buf[n..];
+        offset += n as u64;
+    }
+    Ok(())
+}

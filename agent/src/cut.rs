@@ -15,7 +15,7 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use lifeboat_store::manifest::{Consistency, PointKind, RecoveryPoint, Tag};
 
 use crate::config::{ConsistencyKind, DiskConfig};
@@ -72,6 +72,7 @@ pub async fn cut(agent: &Agent, app: bool) -> Result<CutReport> {
     // the capture pass alone ships everything.
     let mounts = freeze_mounts(disks);
     let mut precopy = Vec::new();
+    let mut precopy_shapes = Vec::new();
     let mut stored = 0;
     for (d, st) in disks.iter().zip(states.iter_mut()) {
         if mounts.is_empty() {
@@ -81,7 +82,10 @@ pub async fn cut(agent: &Agent, app: bool) -> Result<CutReport> {
         let shipped = agent.ship(d, st, ShipMode::Upload).await?;
         stored += shipped.stored_bytes;
         precopy.push(shipped.stats);
+        precopy_shapes.push(shipped.shape);
     }
+    // What was shipped so far, should the frozen capture fail.
+    let after_precopy = states.clone();
 
     // 3. Quiesce applications.
     let mut quiesced = app;
@@ -160,7 +164,25 @@ pub async fn cut(agent: &Agent, app: bool) -> Result<CutReport> {
             }
         }
     }
-    let (cut_time, window, captured) = capture.context("cut abandoned")?;
+    let (cut_time, window, captured) = match capture {
+        Ok(c) => c,
+        Err(e) => {
+            // Keep the pre-copy: tag it as not frozen (no point references it), so the next
+            // cycle starts from here instead of shipping it all again.
+            if !precopy_shapes.is_empty() {
+                let now = lifeboat_store::manifest::now_millis();
+                for ((d, mut st), shape) in disks.iter().zip(after_precopy).zip(precopy_shapes) {
+                    if let Err(err) = agent
+                        .write_tag(d, &mut st, shape, now, Consistency::NotFrozen)
+                        .await
+                    {
+                        tracing::warn!(disk = %d.id, error = %format!("{err:#}"), "cannot keep pre-copy progress");
+                    }
+                }
+            }
+            return Err(e.context("cut abandoned (pre-copy kept as an unpublished not-frozen tag)"));
+        }
+    };
 
     // 7. Upload, tag, publish.
     let mut tags = Vec::new();

@@ -1,6 +1,7 @@
 //! `lifeboat-agent`: the per-VM agent's command line. `main` owns exit codes:
 //! 0 success, 1 runtime failure, 2 bad usage or config.
 
+mod check;
 mod config;
 mod consistency;
 mod cut;
@@ -55,6 +56,9 @@ enum Command {
     Status,
     /// Validate the config file and exit.
     CheckConfig,
+    /// Preflight: store reachable and writable, coordinator reachable, clock, free space,
+    /// disks readable and freezable. Exits 1 if any check fails.
+    Check,
     /// (internal) Thaw MOUNTS after DEADLINE unless killed first; started around each freeze.
     #[command(hide = true)]
     ThawWatchdog {
@@ -122,6 +126,22 @@ async fn run(command: Command, config: Config) -> Result<()> {
         }
         Command::ThawWatchdog { .. } => unreachable!("handled before the config is read"),
         Command::Status => status(&config),
+        Command::Check => {
+            let checks = check::run(&config).await;
+            for c in &checks {
+                println!(
+                    "{} {:<16} {}",
+                    if c.ok { "ok  " } else { "FAIL" },
+                    c.name,
+                    c.detail
+                );
+            }
+            let failed = checks.iter().filter(|c| !c.ok).count();
+            if failed > 0 {
+                anyhow::bail!("{failed} check(s) failed");
+            }
+            Ok(())
+        }
         Command::Sync => cycle(&open(config).await?, false).await,
         Command::Snapshot { app_consistent } => cycle(&open(config).await?, app_consistent).await,
         Command::Run => {

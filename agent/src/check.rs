@@ -1,0 +1,292 @@
+//! `lifeboat-agent check`: the tutorial's preflight. Each check prints one line; a failing one
+//! says how to fix it. Nothing is changed except a probe object written to and removed from
+//! the cache store.
+
+use std::fmt::Write as _;
+use std::net::ToSocketAddrs;
+use std::path::Path;
+use std::time::Duration;
+
+use bytes::Bytes;
+use lifeboat_store::manifest::now_millis;
+use lifeboat_store::{Backend, ObjectName};
+
+use crate::config::{Config, ConsistencyKind, DiskKind};
+use crate::scan;
+
+/// The outcome of one check.
+#[derive(Debug)]
+pub struct Check {
+    pub name: &'static str,
+    pub ok: bool,
+    pub detail: String,
+}
+
+fn pass(name: &'static str, detail: impl Into<String>) -> Check {
+    Check {
+        name,
+        ok: true,
+        detail: detail.into(),
+    }
+}
+
+fn fail(name: &'static str, detail: impl Into<String>) -> Check {
+    Check {
+        name,
+        ok: false,
+        detail: detail.into(),
+    }
+}
+
+/// Runs every check.
+pub async fn run(config: &Config) -> Vec<Check> {
+    let mut out = vec![proxy(), clock_floor()];
+    out.push(store(config).await);
+    if let Some(c) = &config.coordinator {
+        out.push(coordinator(c).await);
+    }
+    out.push(state_space(config));
+    for d in &config.disks {
+        out.push(disk(config, d));
+    }
+    out
+}
+
+/// An HTTPS proxy that needs credentials is refused, as ASR does.
+fn proxy() -> Check {
+    for var in ["HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"] {
+        if let Ok(v) = std::env::var(var) {
+            let authority = v.split("://").nth(1).unwrap_or(&v);
+            if authority.split('/').next().unwrap_or("").contains('@') {
+                return fail(
+                    "proxy",
+                    format!(
+                        "{var} names a proxy with credentials; authentication proxies are not supported — use a proxy without authentication or allow direct access to the store"
+                    ),
+                );
+            }
+            return pass("proxy", format!("{var} set, without credentials"));
+        }
+    }
+    pass("proxy", "direct connection (no HTTPS proxy set)")
+}
+
+/// A clock before 2024 is certainly wrong (no NTP yet?), and would skew every RPO figure.
+fn clock_floor() -> Check {
+    const JAN_2024_MS: u64 = 1_704_067_200_000;
+    let now = now_millis();
+    if now < JAN_2024_MS {
+        return fail(
+            "clock",
+            "the system clock is before 2024; enable time synchronisation (chrony/systemd-timesyncd)",
+        );
+    }
+    pass("clock", "plausible")
+}
+
+async fn store(config: &Config) -> Check {
+    let backend = match config.store.open().await {
+        Ok(b) => b,
+        Err(e) => {
+            return fail(
+                "cache store",
+                format!("{e} — check the store settings and credentials in [store]"),
+            );
+        }
+    };
+    let probe = ObjectName::new(format!(
+        "v1/{}/probes/{}-{:016x}",
+        config.group,
+        config.vm,
+        rand_u64()
+    ))
+    .expect("valid probe name");
+    let payload = Bytes::from(format!("lifeboat probe {}", now_millis()));
+    let r = async {
+        backend.put_new(&probe, payload.clone()).await?;
+        let back = backend.get(&probe).await?;
+        backend.delete(&probe).await?;
+        Ok::<_, lifeboat_store::StoreError>(back == payload)
+    }
+    .await;
+    let mut detail = match r {
+        Ok(true) => String::from("reachable, writable, readable"),
+        Ok(false) => return fail("cache store", "read back different bytes than written"),
+        Err(e) => {
+            return fail(
+                "cache store",
+                format!("{e} — the agent needs create, read and delete rights on the store"),
+            );
+        }
+    };
+    // Tags written by this VM must not lie in the future of its clock.
+    let reader = lifeboat_store::restore::StoreReader::new(
+        backend,
+        lifeboat_store::layout::Layout::new(config.group.clone()),
+    );
+    for d in &config.disks {
+        if let Ok(Some(tag)) = reader.latest_tag(&config.vm, &d.id).await
+            && tag.time > now_millis() + 5 * 60_000
+        {
+            return fail(
+                "clock",
+                format!(
+                    "disk {}'s last tag is {}s in this clock's future; the clock went backwards — fix time synchronisation",
+                    d.id,
+                    (tag.time - now_millis()) / 1000
+                ),
+            );
+        }
+    }
+    let _ = write!(detail, "; clock consistent with the tags stored");
+    pass("cache store", detail)
+}
+
+async fn coordinator(addr: &str) -> Check {
+    let addrs: Vec<_> = match addr.to_socket_addrs() {
+        Ok(a) => a.collect(),
+        Err(e) => {
+            return fail(
+                "coordinator",
+                format!("cannot resolve {addr}: {e} — check `coordinator` and DNS"),
+            );
+        }
+    };
+    for a in &addrs {
+        if let Ok(Ok(_)) =
+            tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(a)).await
+        {
+            return pass("coordinator", format!("{addr} accepts connections"));
+        }
+    }
+    fail(
+        "coordinator",
+        format!(
+            "{addr} does not accept connections — allow outbound TCP to port 20004 and check the coordinator runs"
+        ),
+    )
+}
+
+/// Free space for the state files: two copies (the atomic replace) of each disk's hashes.
+fn state_space(config: &Config) -> Check {
+    let dir = &config.state_dir;
+    if let Err(e) = std::fs::create_dir_all(dir) {
+        return fail(
+            "state directory",
+            format!("cannot create {}: {e}", dir.display()),
+        );
+    }
+    let probe = dir.join(".write-probe");
+    if let Err(e) = std::fs::write(&probe, b"probe").and_then(|_| std::fs::remove_file(&probe)) {
+        return fail(
+            "state directory",
+            format!("{} is not writable: {e}", dir.display()),
+        );
+    }
+    let bs = config.replication.block_size.0;
+    let need: u64 = config
+        .disks
+        .iter()
+        .map(|d| match d.kind {
+            DiskKind::Directory => 64 << 20,
+            _ => scan::device_size(&d.path).unwrap_or(0) / bs * 70 * 2,
+        })
+        .sum::<u64>()
+        + (16 << 20);
+    match available(dir) {
+        Some(avail) if avail < need => fail(
+            "state directory",
+            format!(
+                "{} has {} MiB free, needs about {} MiB — free space or move state_dir",
+                dir.display(),
+                avail >> 20,
+                need >> 20
+            ),
+        ),
+        Some(avail) => pass(
+            "state directory",
+            format!("{} MiB free, about {} MiB needed", avail >> 20, need >> 20),
+        ),
+        None => pass("state directory", "writable (free space unknown)"),
+    }
+}
+
+fn available(path: &Path) -> Option<u64> {
+    let path = path.canonicalize().ok()?;
+    let disks = sysinfo::Disks::new_with_refreshed_list().ok()?;
+    disks
+        .iter()
+        .filter(|d| path.starts_with(d.mount_point()))
+        .max_by_key(|d| d.mount_point().as_os_str().len())
+        .map(|d| d.available_space())
+}
+
+fn disk(config: &Config, d: &crate::config::DiskConfig) -> Check {
+    if let Err(e) = crate::sync::check_disk_path(d) {
+        return fail("disk", format!("{e:#} — fix `path` of this [[disk]]"));
+    }
+    let readable = match d.kind {
+        DiskKind::Directory => std::fs::read_dir(&d.path).map(|_| ()),
+        _ => std::fs::File::open(&d.path).map(|_| ()),
+    };
+    if let Err(e) = readable {
+        return fail(
+            "disk",
+            format!(
+                "disk {}: cannot read {}: {e} — run the agent as root or grant read access",
+                d.id,
+                d.path.display()
+            ),
+        );
+    }
+    if d.consistency != ConsistencyKind::None {
+        let is_root = std::env::var("USER").is_ok_and(|u| u == "root")
+            || std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("Uid:"))
+                    .is_some_and(|l| l.split_whitespace().nth(1) == Some("0"))
+            });
+        let freezes = d.consistency == ConsistencyKind::Fsfreeze || d.mount.is_some();
+        if freezes && !is_root {
+            return fail(
+                "disk",
+                format!(
+                    "disk {}: fsfreeze needs root (CAP_SYS_ADMIN) — run the agent as root or use consistency = \"none\"",
+                    d.id
+                ),
+            );
+        }
+        if let Some(state_mount) = mount_point_of(&config.state_dir)
+            && let Some(disk_mount) = mount_point_of(d.mount.as_deref().unwrap_or(d.path.as_path()))
+            && freezes
+            && state_mount == disk_mount
+        {
+            return fail(
+                "disk",
+                format!(
+                    "disk {}: state_dir is on the filesystem that gets frozen — move state_dir elsewhere",
+                    d.id
+                ),
+            );
+        }
+    }
+    pass(
+        "disk",
+        format!("disk {} ({}) readable", d.id, d.path.display()),
+    )
+}
+
+fn mount_point_of(path: &Path) -> Option<std::path::PathBuf> {
+    let path = path.canonicalize().ok()?;
+    let disks = sysinfo::Disks::new_with_refreshed_list().ok()?;
+    disks
+        .iter()
+        .map(|d| d.mount_point().to_path_buf())
+        .filter(|m| path.starts_with(m))
+        .max_by_key(|m| m.as_os_str().len())
+}
+
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(now_millis())
+}

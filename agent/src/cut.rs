@@ -203,7 +203,17 @@ pub async fn cut(agent: &Agent, app: bool) -> Result<CutReport> {
             Consistency::NotFrozen
         };
         let time = millis(window.map(|w| w.frozen_at).unwrap_or(cut_time));
-        tags.push(agent.write_tag(d, st, shipped.shape, time, label).await?);
+        let tag = agent.write_tag(d, st, shipped.shape, time, label).await?;
+        let churn = shipped.stats.bytes_changed + precopy[tags.len()].bytes_changed;
+        let secs = started.elapsed().as_secs_f64().max(1e-3);
+        crate::progress::update(&agent.config.state_dir, |s| {
+            let e = s.disks.entry(d.id.to_string()).or_default();
+            e.last_churn_bytes = churn;
+            e.last_churn_bytes_per_s = churn as f64 / secs;
+            e.last_tag = tag.seq;
+            e.last_tag_time = tag.time;
+        });
+        tags.push(tag);
         capture_stats.push(shipped.stats);
     }
     let kind = if tags.iter().all(|t| t.consistency == Consistency::App) {

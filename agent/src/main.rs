@@ -11,6 +11,7 @@ mod platform;
 #[cfg(windows)]
 #[path = "platform_windows.rs"]
 mod platform;
+mod progress;
 mod scan;
 mod state;
 mod sync;
@@ -172,7 +173,25 @@ async fn open(config: Config) -> Result<Agent> {
 }
 
 async fn cycle(agent: &Agent, app: bool) -> Result<()> {
-    let r = cut::cut(agent, app).await?;
+    let started = std::time::Instant::now();
+    let r = match cut::cut(agent, app).await {
+        Ok(r) => r,
+        Err(e) => {
+            progress::update(&agent.config.state_dir, |s| {
+                s.last_error = Some(format!("{e:#}"))
+            });
+            return Err(e);
+        }
+    };
+    progress::update(&agent.config.state_dir, |s| {
+        s.last_point = Some(r.point.id.to_string());
+        s.last_point_time = Some(r.point.time);
+        s.last_error = None;
+    });
+    let interval = agent.config.replication.interval;
+    if started.elapsed() > interval {
+        tracing::warn!(took = ?started.elapsed(), ?interval, "a cycle took longer than the interval: churn exceeds what this agent ships in time; points are further apart than configured (nothing is dropped)");
+    }
     for (i, tag) in r.tags.iter().enumerate() {
         let (pre, cap) = (&r.precopy[i], &r.capture[i]);
         println!(
@@ -207,20 +226,64 @@ async fn cycle(agent: &Agent, app: bool) -> Result<()> {
 }
 
 fn status(config: &Config) -> Result<()> {
+    let live = progress::load(&config.state_dir).unwrap_or_default();
+    let now = lifeboat_store::manifest::now_millis();
+    let ago = |t: u64| {
+        humantime::format_duration(std::time::Duration::from_secs(now.saturating_sub(t) / 1000))
+    };
+    println!("VM {} in group {}", config.vm, config.group);
+    match (&live.last_point, live.last_point_time) {
+        (Some(p), Some(t)) => println!("last point: {p}, {} ago (RPO)", ago(t)),
+        _ => println!("last point: none yet"),
+    }
+    if let Some(e) = &live.last_error {
+        println!("last cycle failed: {e}");
+    }
     for disk in &config.disks {
+        let d = live
+            .disks
+            .get(disk.id.as_str())
+            .cloned()
+            .unwrap_or_default();
         match state::load(&config.state_dir, &disk.id) {
+            Ok(Some(s)) if s.tag_seq == 0 => {
+                println!("disk {}: initial replication not finished", disk.id)
+            }
             Ok(Some(s)) => {
                 let size = match &s.content {
                     state::Content::Image { size, .. } => format!("{size} bytes"),
                     state::Content::Directory { files } => format!("{} files", files.len()),
                 };
                 println!(
-                    "disk {}: last tag {}, segments {}..={}, {size}",
-                    disk.id, s.tag_seq, s.from_segment, s.through_segment
+                    "disk {}: last tag {} ({} ago), segments {}..={}, {size}; last cycle churn {} bytes at {:.1} MB/s",
+                    disk.id,
+                    s.tag_seq,
+                    ago(d.last_tag_time),
+                    s.from_segment,
+                    s.through_segment,
+                    d.last_churn_bytes,
+                    d.last_churn_bytes_per_s / 1e6
                 );
             }
             Ok(None) => println!("disk {}: not replicated yet", disk.id),
             Err(e) => println!("disk {}: {e}", disk.id),
+        }
+        if d.phase == "shipping" || d.phase == "capturing" {
+            let pct = if d.total > 0 {
+                100.0 * d.done as f64 / d.total as f64
+            } else {
+                0.0
+            };
+            println!(
+                "  {}: {} of {} bytes shipped ({pct:.1}%), {:.1} MB/s, ETA {}",
+                d.phase,
+                d.done,
+                d.total,
+                d.rate_bytes_per_s / 1e6,
+                d.eta_s
+                    .map(|s| format!("{s}s"))
+                    .unwrap_or_else(|| "unknown".into())
+            );
         }
     }
     Ok(())

@@ -174,17 +174,20 @@ pub fn save(state_dir: &Path, state: &DiskState) -> Result<(), StateError> {
     };
     let body = serde_json::to_vec(state).expect("state serialises");
     let tmp = path.with_extension("state.tmp");
-    let mut f = File::create(&tmp).map_err(io)?;
-    writeln!(
-        f,
-        "lifeboat-state {STATE_VERSION} {}",
-        blake3::hash(&body).to_hex()
-    )
-    .and_then(|_| f.write_all(&body))
-    .and_then(|_| f.sync_all())
-    .map_err(io)?;
-    drop(f);
-    fs::rename(&tmp, &path).map_err(io)?;
+    let written = File::create(&tmp).and_then(|mut f| {
+        writeln!(
+            f,
+            "lifeboat-state {STATE_VERSION} {}",
+            blake3::hash(&body).to_hex()
+        )?;
+        f.write_all(&body)?;
+        f.sync_all()
+    });
+    if let Err(e) = written.and_then(|_| fs::rename(&tmp, &path)) {
+        // A full disk must not leave a half-written file behind; the old state stays.
+        let _ = fs::remove_file(&tmp);
+        return Err(io(e));
+    }
     File::open(state_dir)
         .and_then(|d| d.sync_all())
         .map_err(io)?;

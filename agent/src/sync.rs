@@ -239,7 +239,7 @@ impl Agent {
         let in_flight = ((r.memory_cap.0 / r.segment_size.0) as usize)
             .saturating_sub(1)
             .max(1);
-        let (tx, mut rx) = mpsc::channel::<Bytes>(in_flight);
+        let (tx, mut rx) = mpsc::channel::<(Bytes, u64)>(in_flight);
         let (collect_cap, stop_at) = match mode {
             ShipMode::Upload => (None, None),
             ShipMode::Collect { cap, deadline } => (Some(cap), Some(deadline)),
@@ -251,19 +251,41 @@ impl Agent {
         let (vm, disk_id) = (self.config.vm.clone(), disk.id.clone());
         let first_seq = st.through_segment + 1;
         let limit = r.bandwidth_limit.map(|b| b.0);
-        let scanned = Arc::new(AtomicU64::new(0));
+        // Plain bytes of the segments uploaded so far.
+        let shipped = Arc::new(AtomicU64::new(0));
+        // A total is known for the initial copy of an image: every block ships.
         let total = match disk.kind {
+            _ if st.tag_seq > 0 => 0,
             DiskKind::Directory => 0,
             _ => scan::device_size(&disk.path).unwrap_or(0),
         };
-        let progress = Arc::clone(&scanned);
+        let progress = Arc::clone(&shipped);
+        let state_dir = self.config.state_dir.clone();
+        let phase = if collect_cap.is_some() {
+            "capturing"
+        } else {
+            "shipping"
+        };
+        let key = disk.id.to_string();
+        let report = move |done: u64, rate: f64, phase: &str| {
+            crate::progress::update(&state_dir, |s| {
+                let d = s.disks.entry(key.clone()).or_default();
+                d.phase = phase.to_owned();
+                d.done = done;
+                d.total = total;
+                d.rate_bytes_per_s = rate;
+                d.eta_s =
+                    (total > done && rate > 0.0).then(|| ((total - done) as f64 / rate) as u64);
+            })
+        };
+        report(0, 0.0, phase);
         let receiver = tokio::spawn(async move {
             let mut seq = first_seq;
             let mut stored = 0u64;
             let mut kept = Vec::new();
             let t0 = Instant::now();
             let mut last_log = Instant::now();
-            while let Some(data) = rx.recv().await {
+            while let Some((data, plain)) = rx.recv().await {
                 let len = data.len() as u64;
                 stored += len;
                 if let Some(cap) = collect_cap {
@@ -276,6 +298,7 @@ impl Agent {
                     continue;
                 }
                 writer.put_segment(&vm, &disk_id, seq, data).await?;
+                progress.fetch_add(plain, Ordering::Relaxed);
                 seq += 1;
                 if let Some(limit) = limit {
                     let due = Duration::from_secs_f64(stored as f64 / limit as f64);
@@ -283,14 +306,23 @@ impl Agent {
                         tokio::time::sleep(wait).await;
                     }
                 }
-                if last_log.elapsed() > Duration::from_secs(5) && total > 0 {
+                if last_log.elapsed() > Duration::from_secs(2) {
                     last_log = Instant::now();
                     let done = progress.load(Ordering::Relaxed);
                     let rate = done as f64 / t0.elapsed().as_secs_f64().max(1e-3);
-                    let eta = (total.saturating_sub(done)) as f64 / rate.max(1.0);
-                    tracing::info!(disk = %disk_id, done, total, rate_mb_s = rate / 1e6, eta_s = eta as u64, "replication progress");
+                    report(done, rate, phase);
+                    if total > 0 {
+                        let eta = (total.saturating_sub(done)) as f64 / rate.max(1.0);
+                        tracing::info!(disk = %disk_id, done, total, rate_mb_s = rate / 1e6, eta_s = eta as u64, "replication progress");
+                    }
                 }
             }
+            let done = progress.load(Ordering::Relaxed);
+            report(
+                done,
+                done as f64 / t0.elapsed().as_secs_f64().max(1e-3),
+                "idle",
+            );
             anyhow::Ok((seq - first_seq, stored, kept))
         });
 
@@ -306,11 +338,11 @@ impl Agent {
             let mut builder = SegmentBuilder::new(bs as u32, level);
             let mut sink = |target: &str, offset: u64, data: &[u8], h| -> io::Result<()> {
                 builder.add_hashed(target, offset, data, h);
-                scanned.fetch_add(data.len() as u64, Ordering::Relaxed);
                 if builder.encoded_len() >= seg_target {
                     let full =
                         std::mem::replace(&mut builder, SegmentBuilder::new(bs as u32, level));
-                    tx.blocking_send(full.finish())
+                    let plain = full.plain_bytes();
+                    tx.blocking_send((full.finish(), plain))
                         .map_err(|_| io::Error::other("segment receiver stopped"))?;
                 }
                 Ok(())
@@ -339,7 +371,8 @@ impl Agent {
                 _ => bail!("disk kind changed under a running agent"),
             };
             if !builder.is_empty() {
-                tx.blocking_send(builder.finish())
+                let plain = builder.plain_bytes();
+                tx.blocking_send((builder.finish(), plain))
                     .map_err(|_| anyhow::anyhow!("segment receiver stopped"))?;
             }
             Ok((content, shape, stats))

@@ -1,0 +1,138 @@
+//! Bad disks and a full state disk: clear errors, nothing published, nothing half-written, and
+//! the next good run picks up without loss.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+#[test]
+fn vanished_or_wrong_kind_disks_fail_clearly_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("f"), b"x").unwrap();
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "[[disk]]\nid = \"d\"\nkind = \"directory\"\npath = \"{}\"\n",
+            data.display()
+        ),
+    );
+    agent_ok(&config, &["sync"]);
+    let state = std::fs::read(dir.path().join("state/d.state")).unwrap();
+
+    std::fs::remove_dir_all(&data).unwrap();
+    let out = agent(&config, &["sync"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(err.contains("disk d: cannot access"), "{err}");
+    assert_eq!(
+        std::fs::read(dir.path().join("state/d.state")).unwrap(),
+        state
+    );
+
+    // A file where a directory was configured.
+    std::fs::write(&data, b"not a directory").unwrap();
+    let out = agent(&config, &["sync"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is not a directory"), "{err}");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let points = rt
+        .block_on(reader(&dir.path().join("store"), "g").points())
+        .unwrap();
+    assert_eq!(points.len(), 1, "a failed run published a point");
+}
+
+#[test]
+fn bad_config_is_exit_code_2_with_the_field_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        "[[disk]]\nid = \"../x\"\nkind = \"image\"\npath = \"/x\"\n",
+    );
+    let out = agent(&config, &["sync"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("invalid disk id \"../x\""), "{err}");
+    assert!(
+        !dir.path().join("store").exists(),
+        "a bad config touched the store"
+    );
+}
+
+#[test]
+fn a_full_state_disk_fails_cleanly_and_the_next_run_loses_nothing() {
+    if !root_or_skip("a_full_state_disk_fails_cleanly_and_the_next_run_loses_nothing") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    run(Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=48k", "tmpfs"])
+        .arg(&state));
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).output();
+        }
+    }
+    let _guard = Unmount(state.clone());
+
+    // Enough files that their hashes do not fit in 48 KiB of state.
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    for i in 0..600 {
+        std::fs::write(data.join(format!("file-{i:04}")), format!("contents {i}")).unwrap();
+    }
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "[[disk]]\nid = \"d\"\nkind = \"directory\"\npath = \"{}\"\n",
+            data.display()
+        ),
+    );
+    let out = agent(&config, &["sync"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("No space left on device"), "{err}");
+    let leftovers: Vec<_> = std::fs::read_dir(&state)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .filter(|n| n.to_string_lossy().ends_with(".tmp"))
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "half-written state left: {leftovers:?}"
+    );
+
+    // Room again: the next run reconciles with the tag already in the store and ships on.
+    drop(_guard);
+    std::fs::write(data.join("file-0000"), "changed after the failure").unwrap();
+    let out = agent_ok(&config, &["sync"]);
+    let id = point_id(&out);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let reader = reader(&dir.path().join("store"), "g");
+    let restored = dir.path().join("restored");
+    rt.block_on(async {
+        let p = reader
+            .point(&lifeboat_store::PointId::new(id).unwrap())
+            .await
+            .unwrap();
+        restore_point(&reader, &p, &restored).await;
+    });
+    let diff = Command::new("diff")
+        .arg("-r")
+        .arg(&data)
+        .arg(restored.join("d"))
+        .output()
+        .unwrap();
+    assert!(
+        diff.status.success(),
+        "{}",
+        String::from_utf8_lossy(&diff.stdout)
+    );
+}

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
-use lifeboat_store::codec::SegmentBuilder;
+use lifeboat_store::codec::{Hash, SegmentBuilder};
 use lifeboat_store::layout::Layout;
 use lifeboat_store::manifest::{
     Consistency, DiskRef, DiskShape, Member, PointKind, RecoveryPoint, Tag, now_millis,
@@ -239,7 +239,9 @@ impl Agent {
         let in_flight = ((r.memory_cap.0 / r.segment_size.0) as usize)
             .saturating_sub(1)
             .max(1);
-        let (tx, mut rx) = mpsc::channel::<(Bytes, u64)>(in_flight);
+        // Each segment travels with its plain size and, for images, the (offset, hash) of its blocks
+        // so the receiver can checkpoint what is durable.
+        let (tx, mut rx) = mpsc::channel::<(Bytes, u64, Vec<(u64, Hash)>)>(in_flight);
         let (collect_cap, stop_at) = match mode {
             ShipMode::Upload => (None, None),
             ShipMode::Collect { cap, deadline } => (Some(cap), Some(deadline)),
@@ -279,13 +281,21 @@ impl Agent {
             })
         };
         report(0, 0.0, phase);
+        // Checkpoints make a long pass over an image resumable: every so often, the state is
+        // saved as "segments up to here are shipped and these are the hashes they hold".
+        let mut checkpoint = match (&st.content, collect_cap) {
+            (Content::Image { hashes, .. }, None) => Some((st.clone(), hashes.0.clone())),
+            _ => None,
+        };
+        let state_dir_ck = self.config.state_dir.clone();
         let receiver = tokio::spawn(async move {
             let mut seq = first_seq;
+            let mut last_checkpoint = Instant::now();
             let mut stored = 0u64;
             let mut kept = Vec::new();
             let t0 = Instant::now();
             let mut last_log = Instant::now();
-            while let Some((data, plain)) = rx.recv().await {
+            while let Some((data, plain, blocks)) = rx.recv().await {
                 let len = data.len() as u64;
                 stored += len;
                 if let Some(cap) = collect_cap {
@@ -299,6 +309,23 @@ impl Agent {
                 }
                 writer.put_segment(&vm, &disk_id, seq, data).await?;
                 progress.fetch_add(plain, Ordering::Relaxed);
+                if let Some((ck, durable)) = checkpoint.as_mut() {
+                    for (offset, h) in blocks {
+                        let i = (offset / bs as u64) as usize;
+                        if durable.len() <= i {
+                            durable.resize(i + 1, [0; 32]);
+                        }
+                        durable[i] = h;
+                    }
+                    if last_checkpoint.elapsed() > CHECKPOINT_EVERY {
+                        last_checkpoint = Instant::now();
+                        ck.through_segment = seq;
+                        if let Content::Image { hashes, .. } = &mut ck.content {
+                            hashes.0.clone_from(durable);
+                        }
+                        state::save(&state_dir_ck, ck)?;
+                    }
+                }
                 seq += 1;
                 if let Some(limit) = limit {
                     let due = Duration::from_secs_f64(stored as f64 / limit as f64);
@@ -336,13 +363,17 @@ impl Agent {
         let scan = tokio::task::spawn_blocking(move || -> Result<(Content, Shape, ScanStats)> {
             let mut stats = ScanStats::default();
             let mut builder = SegmentBuilder::new(bs as u32, level);
+            let mut blocks = Vec::new();
             let mut sink = |target: &str, offset: u64, data: &[u8], h| -> io::Result<()> {
                 builder.add_hashed(target, offset, data, h);
+                if target.is_empty() {
+                    blocks.push((offset, h));
+                }
                 if builder.encoded_len() >= seg_target {
                     let full =
                         std::mem::replace(&mut builder, SegmentBuilder::new(bs as u32, level));
                     let plain = full.plain_bytes();
-                    tx.blocking_send((full.finish(), plain))
+                    tx.blocking_send((full.finish(), plain, std::mem::take(&mut blocks)))
                         .map_err(|_| io::Error::other("segment receiver stopped"))?;
                 }
                 Ok(())
@@ -372,7 +403,7 @@ impl Agent {
             };
             if !builder.is_empty() {
                 let plain = builder.plain_bytes();
-                tx.blocking_send((builder.finish(), plain))
+                tx.blocking_send((builder.finish(), plain, blocks))
                     .map_err(|_| anyhow::anyhow!("segment receiver stopped"))?;
             }
             Ok((content, shape, stats))
@@ -485,6 +516,9 @@ impl Agent {
         Ok(point)
     }
 }
+
+/// How often a long pass over an image saves a resumable checkpoint.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(10);
 
 /// What a scan says about the disk's shape, before the tree (if any) is stored.
 #[derive(Debug)]

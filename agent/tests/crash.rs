@@ -109,3 +109,67 @@ fn killed_agents_lose_nothing() {
         String::from_utf8_lossy(&diff.stdout)
     );
 }
+
+#[test]
+fn an_interrupted_initial_replication_resumes_from_its_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let data: Vec<u8> = (0..(48 << 20) / 8)
+        .flat_map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()
+        })
+        .collect();
+    std::fs::write(&image, &data).unwrap();
+    let config = write_config(
+        dir.path(),
+        &format!("[[disk]]\nid = \"img\"\nkind = \"image\"\npath = \"{}\"\n", image.display()),
+    );
+    let slow = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("[replication]", "[replication]\nbandwidth_limit = \"3MiB\"");
+    let fast = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, slow).unwrap();
+    let mut child = Command::new(AGENT)
+        .arg("--config")
+        .arg(&config)
+        .arg("sync")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Past the first checkpoint (10 s), well before the end (16 s).
+    std::thread::sleep(Duration::from_millis(12_500));
+    assert!(child.try_wait().unwrap().is_none(), "finished before it could be interrupted");
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    std::fs::write(&config, fast).unwrap();
+    let out = agent_ok(&config, &["sync"]);
+    let changed: u64 = out
+        .split("capture read ")
+        .nth(1)
+        .and_then(|r| r.split(" / ").nth(1))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("changed block count");
+    let total = (48u64 << 20) / 65536;
+    assert!(
+        changed < total * 3 / 4,
+        "resumed run shipped {changed} of {total} blocks: the checkpoint was not used\n{out}"
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let reader = reader(&dir.path().join("store"), "g");
+    let restored = dir.path().join("restored");
+    rt.block_on(async {
+        let p = reader
+            .point(&lifeboat_store::PointId::new(point_id(&out)).unwrap())
+            .await
+            .unwrap();
+        restore_point(&reader, &p, &restored).await;
+    });
+    assert!(std::fs::read(restored.join("img")).unwrap() == data);
+}

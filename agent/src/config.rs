@@ -155,6 +155,10 @@ pub struct Replication {
     pub interval: Duration,
     /// Threads reading and hashing a disk image or block device at once (1–64).
     pub scan_threads: usize,
+    /// How often `run` re-reads every file of directory disks whatever their change stamps say
+    /// (the verification sweep; catches writes through mmap and clock games).
+    #[serde(with = "humantime_serde")]
+    pub verify_interval: Duration,
 }
 
 impl Default for Replication {
@@ -166,6 +170,7 @@ impl Default for Replication {
             memory_cap: ByteSize(32 << 20),
             bandwidth_limit: None,
             interval: Duration::from_secs(300),
+            verify_interval: Duration::from_secs(24 * 3600),
             scan_threads: std::thread::available_parallelism()
                 .map(|n| n.get().min(4))
                 .unwrap_or(1),
@@ -264,6 +269,11 @@ impl Config {
                 "replication.interval = {} must be between 10s and 60m",
                 humantime::format_duration(r.interval)
             ));
+        }
+        if r.verify_interval < r.interval {
+            return Err(
+                "replication.verify_interval must not be shorter than replication.interval".into(),
+            );
         }
         if !(1..=64).contains(&r.scan_threads) {
             return Err(format!(

@@ -59,7 +59,7 @@ fn millis(t: SystemTime) -> u64 {
 }
 
 /// Cuts a point for every configured disk of this VM.
-pub async fn cut(agent: &Agent, app: bool) -> Result<CutReport> {
+pub async fn cut(agent: &Agent, app: bool, verify: bool) -> Result<CutReport> {
     let started = Instant::now();
     let disks = &agent.config.disks;
     let mut states = Vec::new();
@@ -79,7 +79,7 @@ pub async fn cut(agent: &Agent, app: bool) -> Result<CutReport> {
             precopy.push(ScanStats::default());
             continue;
         }
-        let shipped = agent.ship(d, st, ShipMode::Upload).await?;
+        let shipped = agent.ship(d, st, ShipMode::Upload, verify).await?;
         stored += shipped.stored_bytes;
         precopy.push(shipped.stats);
         precopy_shapes.push(shipped.shape);
@@ -142,7 +142,9 @@ pub async fn cut(agent: &Agent, app: bool) -> Result<CutReport> {
                 },
                 None => ShipMode::Upload,
             };
-            captured.push(agent.ship(d, st, mode).await?);
+            // The verification sweep runs in the first pass over each disk only.
+            let sweep = verify && mounts.is_empty();
+            captured.push(agent.ship(d, st, mode, sweep).await?);
         }
         let window = match frozen {
             Some(f) => Some(f.thaw()?),

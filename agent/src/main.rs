@@ -45,7 +45,11 @@ struct Cli {
 enum Command {
     /// Ship every disk's changes once, cut a crash-consistent point (frozen where configured)
     /// and publish it.
-    Sync,
+    Sync {
+        /// Re-read every file of directory disks, not only those whose stamps changed.
+        #[arg(long)]
+        verify: bool,
+    },
     /// Cut a point now; with --app-consistent, run the disks' pre/post hooks around it.
     Snapshot {
         #[arg(long)]
@@ -143,13 +147,24 @@ async fn run(command: Command, config: Config) -> Result<()> {
             }
             Ok(())
         }
-        Command::Sync => cycle(&open(config).await?, false).await,
-        Command::Snapshot { app_consistent } => cycle(&open(config).await?, app_consistent).await,
+        Command::Sync { verify } => cycle(&open(config).await?, false, verify).await,
+        Command::Snapshot { app_consistent } => {
+            cycle(&open(config).await?, app_consistent, false).await
+        }
         Command::Run => {
             let agent = open(config).await?;
             let interval = agent.config.replication.interval;
+            // The first cycle sweeps: what changed while the agent was down is proven by
+            // reading, not assumed from stamps.
+            let mut last_sweep: Option<std::time::Instant> = None;
             loop {
-                if let Err(e) = cycle(&agent, false).await {
+                let sweep = last_sweep
+                    .is_none_or(|t| t.elapsed() >= agent.config.replication.verify_interval);
+                let result = cycle(&agent, false, sweep).await;
+                if sweep && result.is_ok() {
+                    last_sweep = Some(std::time::Instant::now());
+                }
+                if let Err(e) = result {
                     // A failed cycle is retried at the next tick; nothing it did is trusted
                     // until reconciled again.
                     tracing::error!(error = %format!("{e:#}"), "replication cycle failed");
@@ -172,9 +187,9 @@ async fn open(config: Config) -> Result<Agent> {
     Agent::open(config).await
 }
 
-async fn cycle(agent: &Agent, app: bool) -> Result<()> {
+async fn cycle(agent: &Agent, app: bool, verify: bool) -> Result<()> {
     let started = std::time::Instant::now();
-    let r = match cut::cut(agent, app).await {
+    let r = match cut::cut(agent, app, verify).await {
         Ok(r) => r,
         Err(e) => {
             progress::update(&agent.config.state_dir, |s| {

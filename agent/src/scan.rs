@@ -17,7 +17,11 @@ use lifeboat_store::manifest::{EntryKind, Tree, TreeEntry, UnixMillis};
 use crate::state::{FileState, Hashes};
 
 /// Read size for images: large sequential reads are what disks and page caches like best.
+#[cfg(not(test))]
 const CHUNK: usize = 4 << 20;
+/// Tiny in unit tests, so several workers share even a small image.
+#[cfg(test)]
+const CHUNK: usize = 8192;
 
 /// Receives changed blocks: (target, offset, bytes, blake3). Targets are `""` for images and the
 /// relative path for files of a directory disk. Returning an error stops the scan.
@@ -366,4 +370,101 @@ fn walk(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scan(
+        root: &Path,
+        old: &BTreeMap<String, FileState>,
+        verify: bool,
+    ) -> (Vec<String>, BTreeMap<String, FileState>) {
+        let mut seen = Vec::new();
+        let mut stats = ScanStats::default();
+        let (_, files) = scan_directory(
+            root,
+            4096,
+            old,
+            verify,
+            None,
+            &mut stats,
+            &mut |t, o, _, _| {
+                seen.push(format!("{t}@{o}"));
+                Ok(())
+            },
+        )
+        .unwrap();
+        (seen, files)
+    }
+
+    #[test]
+    fn the_verification_sweep_finds_changes_that_stamps_hide() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("f"), vec![7u8; 10_000]).unwrap();
+        let (first, mut state) = scan(dir.path(), &BTreeMap::new(), false);
+        assert_eq!(first, ["f@0", "f@4096", "f@8192"]);
+        // Pretend the contents changed without the stamp moving (writes through mmap can do
+        // that): the state remembers other hashes for blocks 0 and 2.
+        let f = state.get_mut("f").unwrap();
+        f.hashes.0[0] = [1; 32];
+        f.hashes.0[2] = [2; 32];
+        let (quick, _) = scan(dir.path(), &state, false);
+        assert!(
+            quick.is_empty(),
+            "a stamp-based pass reads nothing: {quick:?}"
+        );
+        let (sweep, after) = scan(dir.path(), &state, true);
+        assert_eq!(sweep, ["f@0", "f@8192"]);
+        let (again, _) = scan(dir.path(), &after, true);
+        assert!(again.is_empty());
+    }
+
+    #[test]
+    fn image_scan_reports_exactly_the_changed_blocks_with_any_thread_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        let mut data: Vec<u8> = (0..(9 * 4096 + 100)).map(|i| (i % 253) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        for threads in [1, 2, 3, 8] {
+            let mut stats = ScanStats::default();
+            let (size, hashes) = scan_image(
+                &path,
+                4096,
+                &[],
+                threads,
+                None,
+                &mut stats,
+                &mut |_, _, _, _| Ok(()),
+            )
+            .unwrap();
+            assert_eq!(size, data.len() as u64);
+            assert_eq!(hashes.len(), 10);
+            data[4096 * 3 + 5] ^= 1;
+            data[4096 * 9 + 1] ^= 1;
+            std::fs::write(&path, &data).unwrap();
+            let mut seen = Vec::new();
+            let (_, _) = scan_image(
+                &path,
+                4096,
+                &hashes,
+                threads,
+                None,
+                &mut stats,
+                &mut |_, o, b, h| {
+                    assert_eq!(*blake3::hash(b).as_bytes(), h);
+                    seen.push((o, b.len()));
+                    Ok(())
+                },
+            )
+            .unwrap();
+            seen.sort();
+            assert_eq!(
+                seen,
+                [(4096 * 3, 4096), (4096 * 9, 100)],
+                "threads {threads}"
+            );
+        }
+    }
 }

@@ -231,6 +231,7 @@ impl Agent {
         disk: &DiskConfig,
         st: &mut DiskState,
         mode: ShipMode,
+        verify: bool,
     ) -> Result<Shipped> {
         let r = &self.config.replication;
         let bs = r.block_size.0 as usize;
@@ -358,7 +359,6 @@ impl Agent {
         let path = disk.path.clone();
         let kind = disk.kind;
         let content = st.content.clone();
-        let verify = false;
         let threads = r.scan_threads;
         let scan = tokio::task::spawn_blocking(move || -> Result<(Content, Shape, ScanStats)> {
             let mut stats = ScanStats::default();

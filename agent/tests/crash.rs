@@ -126,7 +126,10 @@ fn an_interrupted_initial_replication_resumes_from_its_checkpoint() {
     std::fs::write(&image, &data).unwrap();
     let config = write_config(
         dir.path(),
-        &format!("[[disk]]\nid = \"img\"\nkind = \"image\"\npath = \"{}\"\n", image.display()),
+        &format!(
+            "[[disk]]\nid = \"img\"\nkind = \"image\"\npath = \"{}\"\n",
+            image.display()
+        ),
     );
     let slow = std::fs::read_to_string(&config)
         .unwrap()
@@ -143,7 +146,10 @@ fn an_interrupted_initial_replication_resumes_from_its_checkpoint() {
         .unwrap();
     // Past the first checkpoint (10 s), well before the end (16 s).
     std::thread::sleep(Duration::from_millis(12_500));
-    assert!(child.try_wait().unwrap().is_none(), "finished before it could be interrupted");
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "finished before it could be interrupted"
+    );
     child.kill().unwrap();
     child.wait().unwrap();
 

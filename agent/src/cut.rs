@@ -22,6 +22,7 @@ use crate::config::{ConsistencyKind, DiskConfig};
 use crate::consistency::{self, FreezeWindow, Frozen};
 use crate::scan::ScanStats;
 use crate::sync::{self, Agent, ShipMode};
+use crate::watch::{Hints, Watchers};
 
 /// What a cut did, per disk and overall.
 #[derive(Debug)]
@@ -58,8 +59,41 @@ fn millis(t: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
-/// Cuts a point for every configured disk of this VM.
-pub async fn cut(agent: &Agent, app: bool, verify: bool) -> Result<CutReport> {
+/// Cuts a point for every configured disk of this VM. `verify` re-reads every file of directory
+/// disks; `watchers` (in `run`) name files to re-read whatever their stamps say.
+pub async fn cut(
+    agent: &Agent,
+    app: bool,
+    verify: bool,
+    watchers: Option<&Watchers>,
+) -> Result<CutReport> {
+    let taken: Vec<Hints> = agent
+        .config
+        .disks
+        .iter()
+        .map(|d| {
+            let mut h = watchers.map(|w| w.take(d.id.as_str())).unwrap_or_default();
+            h.reread_all |= verify;
+            h
+        })
+        .collect();
+    let result = cut_inner(agent, app, &taken, watchers).await;
+    if result.is_err()
+        && let Some(w) = watchers
+    {
+        for (d, h) in agent.config.disks.iter().zip(taken) {
+            w.put_back(d.id.as_str(), h);
+        }
+    }
+    result
+}
+
+async fn cut_inner(
+    agent: &Agent,
+    app: bool,
+    hints: &[Hints],
+    watchers: Option<&Watchers>,
+) -> Result<CutReport> {
     let started = Instant::now();
     let disks = &agent.config.disks;
     let mut states = Vec::new();
@@ -74,12 +108,12 @@ pub async fn cut(agent: &Agent, app: bool, verify: bool) -> Result<CutReport> {
     let mut precopy = Vec::new();
     let mut precopy_shapes = Vec::new();
     let mut stored = 0;
-    for (d, st) in disks.iter().zip(states.iter_mut()) {
+    for ((d, st), h) in disks.iter().zip(states.iter_mut()).zip(hints) {
         if mounts.is_empty() {
             precopy.push(ScanStats::default());
             continue;
         }
-        let shipped = agent.ship(d, st, ShipMode::Upload, verify).await?;
+        let shipped = agent.ship(d, st, ShipMode::Upload, h.clone()).await?;
         stored += shipped.stored_bytes;
         precopy.push(shipped.stats);
         precopy_shapes.push(shipped.shape);
@@ -134,7 +168,7 @@ pub async fn cut(agent: &Agent, app: bool, verify: bool) -> Result<CutReport> {
         // Keep a margin for thawing inside the deadline.
         let stop = Instant::now() + deadline.mul_f64(0.8);
         let mut captured = Vec::new();
-        for (d, st) in disks.iter().zip(states.iter_mut()) {
+        for ((d, st), h) in disks.iter().zip(states.iter_mut()).zip(hints) {
             let mode = match &frozen {
                 Some(_) => ShipMode::Collect {
                     cap,
@@ -142,9 +176,14 @@ pub async fn cut(agent: &Agent, app: bool, verify: bool) -> Result<CutReport> {
                 },
                 None => ShipMode::Upload,
             };
-            // The verification sweep runs in the first pass over each disk only.
-            let sweep = verify && mounts.is_empty();
-            captured.push(agent.ship(d, st, mode, sweep).await?);
+            // Without a freeze this is the only pass and takes the hints; under a freeze the
+            // pre-copy took them, and the capture takes what events said since.
+            let pass_hints = match (&frozen, watchers) {
+                (None, _) => h.clone(),
+                (Some(_), Some(w)) => w.take(d.id.as_str()),
+                (Some(_), None) => Hints::default(),
+            };
+            captured.push(agent.ship(d, st, mode, pass_hints).await?);
         }
         let window = match frozen {
             Some(f) => Some(f.thaw()?),

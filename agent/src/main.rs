@@ -15,6 +15,7 @@ mod progress;
 mod scan;
 mod state;
 mod sync;
+mod watch;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -147,20 +148,21 @@ async fn run(command: Command, config: Config) -> Result<()> {
             }
             Ok(())
         }
-        Command::Sync { verify } => cycle(&open(config).await?, false, verify).await,
+        Command::Sync { verify } => cycle(&open(config).await?, false, verify, None).await,
         Command::Snapshot { app_consistent } => {
-            cycle(&open(config).await?, app_consistent, false).await
+            cycle(&open(config).await?, app_consistent, false, None).await
         }
         Command::Run => {
             let agent = open(config).await?;
             let interval = agent.config.replication.interval;
+            let watchers = watch::Watchers::start(&agent.config.disks)?;
             // The first cycle sweeps: what changed while the agent was down is proven by
             // reading, not assumed from stamps.
             let mut last_sweep: Option<std::time::Instant> = None;
             loop {
                 let sweep = last_sweep
                     .is_none_or(|t| t.elapsed() >= agent.config.replication.verify_interval);
-                let result = cycle(&agent, false, sweep).await;
+                let result = cycle(&agent, false, sweep, Some(&watchers)).await;
                 if sweep && result.is_ok() {
                     last_sweep = Some(std::time::Instant::now());
                 }
@@ -171,7 +173,7 @@ async fn run(command: Command, config: Config) -> Result<()> {
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(interval) => {}
-                    _ = tokio::signal::ctrl_c() => {
+                    _ = platform::stop_requested() => {
                         tracing::info!("stopping");
                         return Ok(());
                     }
@@ -187,9 +189,14 @@ async fn open(config: Config) -> Result<Agent> {
     Agent::open(config).await
 }
 
-async fn cycle(agent: &Agent, app: bool, verify: bool) -> Result<()> {
+async fn cycle(
+    agent: &Agent,
+    app: bool,
+    verify: bool,
+    watchers: Option<&watch::Watchers>,
+) -> Result<()> {
     let started = std::time::Instant::now();
-    let r = match cut::cut(agent, app, verify).await {
+    let r = match cut::cut(agent, app, verify, watchers).await {
         Ok(r) => r,
         Err(e) => {
             progress::update(&agent.config.state_dir, |s| {

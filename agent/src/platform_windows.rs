@@ -17,3 +17,8 @@ pub fn read_exact_at(file: &File, mut buf: &mut [u8], mut offset: u64) -> io::Re
     }
     Ok(())
 }
+
+/// Resolves when the process is asked to stop (Ctrl-C / service stop via console control).
+pub async fn stop_requested() {
+    let _ = tokio::signal::ctrl_c().await;
+}

@@ -4,7 +4,7 @@
 //! blocks to a sink. Images are read in large sequential chunks on a reader thread while the
 //! calling thread hashes, so hashing and I/O overlap.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom};
 use std::path::Path;
@@ -207,6 +207,7 @@ pub fn scan_directory(
     block_size: usize,
     old: &BTreeMap<String, FileState>,
     verify: bool,
+    dirty: &HashSet<String>,
     stop_at: Option<Instant>,
     stats: &mut ScanStats,
     sink: &mut Sink<'_>,
@@ -249,7 +250,8 @@ pub fn scan_directory(
             let st = stamp(m);
             let prev = old.get(rel);
             let unchanged = prev.is_some_and(|p| p.stamp == Some(st) && p.size == m.len());
-            let state = if unchanged && !verify {
+            let named_by_event = dirty.contains(rel);
+            let state = if unchanged && !verify && !named_by_event {
                 stats.files_skipped += 1;
                 prev.cloned().expect("checked above")
             } else {
@@ -262,12 +264,19 @@ pub fn scan_directory(
                         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
                         Err(e) => return Err(e),
                     };
-                if verify && unchanged && prev.is_some_and(|p| p.hashes.0 != hashes) {
-                    tracing::warn!(
-                        path = rel,
-                        "verification sweep found changed contents that no event reported \
-                         (e.g. writes through mmap); shipping them now"
-                    );
+                if unchanged && prev.is_some_and(|p| p.hashes.0 != hashes) {
+                    if named_by_event {
+                        tracing::info!(
+                            path = rel,
+                            "a filesystem event caught a change its stamps did not show"
+                        );
+                    } else {
+                        tracing::warn!(
+                            path = rel,
+                            "verification sweep found changed contents that neither stamps nor \
+                             events reported (e.g. writes through mmap); shipping them now"
+                        );
+                    }
                 }
                 FileState {
                     size,
@@ -381,6 +390,15 @@ mod tests {
         old: &BTreeMap<String, FileState>,
         verify: bool,
     ) -> (Vec<String>, BTreeMap<String, FileState>) {
+        scan_with(root, old, verify, &HashSet::new())
+    }
+
+    fn scan_with(
+        root: &Path,
+        old: &BTreeMap<String, FileState>,
+        verify: bool,
+        dirty: &HashSet<String>,
+    ) -> (Vec<String>, BTreeMap<String, FileState>) {
         let mut seen = Vec::new();
         let mut stats = ScanStats::default();
         let (_, files) = scan_directory(
@@ -388,6 +406,7 @@ mod tests {
             4096,
             old,
             verify,
+            dirty,
             None,
             &mut stats,
             &mut |t, o, _, _| {
@@ -415,6 +434,10 @@ mod tests {
             quick.is_empty(),
             "a stamp-based pass reads nothing: {quick:?}"
         );
+        // A file named by an event is re-read whatever its stamp says.
+        let named: HashSet<String> = ["f".to_owned()].into();
+        let (by_event, _) = scan_with(dir.path(), &state, false, &named);
+        assert_eq!(by_event, ["f@0", "f@8192"]);
         let (sweep, after) = scan(dir.path(), &state, true);
         assert_eq!(sweep, ["f@0", "f@8192"]);
         let (again, _) = scan(dir.path(), &after, true);

@@ -29,6 +29,7 @@ use tokio::sync::mpsc;
 use crate::config::{Config, DiskConfig, DiskKind};
 use crate::scan::{self, ScanStats};
 use crate::state::{self, Content, DiskState, FileState, Hashes};
+use crate::watch::Hints;
 
 /// The agent's view of its store and config.
 #[derive(Debug)]
@@ -231,7 +232,7 @@ impl Agent {
         disk: &DiskConfig,
         st: &mut DiskState,
         mode: ShipMode,
-        verify: bool,
+        hints: Hints,
     ) -> Result<Shipped> {
         let r = &self.config.replication;
         let bs = r.block_size.0 as usize;
@@ -381,7 +382,14 @@ impl Agent {
             let (content, shape) = match (kind, content) {
                 (DiskKind::Directory, Content::Directory { files }) => {
                     let (tree, files) = scan::scan_directory(
-                        &path, bs, &files, verify, stop_at, &mut stats, &mut sink,
+                        &path,
+                        bs,
+                        &files,
+                        hints.reread_all,
+                        &hints.dirty,
+                        stop_at,
+                        &mut stats,
+                        &mut sink,
                     )
                     .with_context(|| format!("cannot scan directory {}", path.display()))?;
                     (Content::Directory { files }, Shape::Tree(tree))

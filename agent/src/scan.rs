@@ -4,7 +4,7 @@
 //! blocks to a sink. Images are read in large sequential chunks on a reader thread while the
 //! calling thread hashes, so hashing and I/O overlap.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom};
 use std::path::Path;
@@ -15,6 +15,7 @@ use lifeboat_store::codec::Hash;
 use lifeboat_store::manifest::{EntryKind, Tree, TreeEntry, UnixMillis};
 
 use crate::state::{FileState, Hashes};
+use crate::watch::Hints;
 
 /// Read size for images: large sequential reads are what disks and page caches like best.
 #[cfg(not(test))]
@@ -199,15 +200,14 @@ fn mtime_ms(m: &fs::Metadata) -> UnixMillis {
         .unwrap_or(0)
 }
 
-/// Scans a directory tree. Files whose change stamp is unchanged are not read unless `verify`
-/// is set (the verification sweep, which re-hashes everything). Returns the tree and the new
+/// Scans a directory tree. Files whose change stamp is unchanged are not read unless an event
+/// named them or `hints.reread_all` is set (the verification sweep). Returns the tree and the new
 /// per-file state.
 pub fn scan_directory(
     root: &Path,
     block_size: usize,
     old: &BTreeMap<String, FileState>,
-    verify: bool,
-    dirty: &HashSet<String>,
+    hints: &Hints,
     stop_at: Option<Instant>,
     stats: &mut ScanStats,
     sink: &mut Sink<'_>,
@@ -250,8 +250,8 @@ pub fn scan_directory(
             let st = stamp(m);
             let prev = old.get(rel);
             let unchanged = prev.is_some_and(|p| p.stamp == Some(st) && p.size == m.len());
-            let named_by_event = dirty.contains(rel);
-            let state = if unchanged && !verify && !named_by_event {
+            let named_by_event = hints.dirty.contains(rel);
+            let state = if unchanged && !hints.reread_all && !named_by_event {
                 stats.files_skipped += 1;
                 prev.cloned().expect("checked above")
             } else {
@@ -384,6 +384,7 @@ fn walk(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashSet;
 
     fn scan(
         root: &Path,
@@ -401,12 +402,15 @@ mod tests {
     ) -> (Vec<String>, BTreeMap<String, FileState>) {
         let mut seen = Vec::new();
         let mut stats = ScanStats::default();
+        let hints = Hints {
+            dirty: dirty.clone(),
+            reread_all: verify,
+        };
         let (_, files) = scan_directory(
             root,
             4096,
             old,
-            verify,
-            dirty,
+            &hints,
             None,
             &mut stats,
             &mut |t, o, _, _| {

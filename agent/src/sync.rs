@@ -382,14 +382,7 @@ impl Agent {
             let (content, shape) = match (kind, content) {
                 (DiskKind::Directory, Content::Directory { files }) => {
                     let (tree, files) = scan::scan_directory(
-                        &path,
-                        bs,
-                        &files,
-                        hints.reread_all,
-                        &hints.dirty,
-                        stop_at,
-                        &mut stats,
-                        &mut sink,
+                        &path, bs, &files, &hints, stop_at, &mut stats, &mut sink,
                     )
                     .with_context(|| format!("cannot scan directory {}", path.display()))?;
                     (Content::Directory { files }, Shape::Tree(tree))

@@ -32,9 +32,10 @@ fn run_cycles_idles_quietly_and_stops_on_sigterm() {
             image.display()
         ),
     );
-    let text = std::fs::read_to_string(&config)
-        .unwrap()
-        .replace("[replication]", "[replication]\ninterval = \"10s\"\nverify_interval = \"1h\"");
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "[replication]",
+        "[replication]\ninterval = \"10s\"\nverify_interval = \"1h\"",
+    );
     std::fs::write(&config, text).unwrap();
     let mut child = Command::new(AGENT)
         .arg("--config")
@@ -53,7 +54,10 @@ fn run_cycles_idles_quietly_and_stops_on_sigterm() {
             if points.len() >= n {
                 return points;
             }
-            assert!(t0.elapsed() < Duration::from_secs(40), "no point {n} from `run`");
+            assert!(
+                t0.elapsed() < Duration::from_secs(40),
+                "no point {n} from `run`"
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
     };
@@ -84,7 +88,10 @@ fn run_cycles_idles_quietly_and_stops_on_sigterm() {
         if let Some(s) = child.try_wait().unwrap() {
             break s;
         }
-        assert!(t0.elapsed() < Duration::from_secs(10), "run did not stop on SIGTERM");
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "run did not stop on SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "run exited with {status} on SIGTERM");

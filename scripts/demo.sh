@@ -44,11 +44,22 @@ path = "$DEMO/cache-store"
 id = "os"
 kind = "image"
 path = "$DEMO/disk.img"
+consistency = "hooks"
+[disk.hooks]
+pre = ["sync"]
+post = []
 
 [[disk]]
 id = "data"
 kind = "directory"
 path = "$DEMO/data"
+# App-consistent points run these around the cut (here: flush, then log the thaw). With
+# root, add mount = "..." to also freeze the filesystem.
+consistency = "hooks"
+[disk.hooks]
+pre = ["sync", "echo quiesced >> $DEMO/hooks.log"]
+post = ["echo resumed >> $DEMO/hooks.log"]
+timeout = "10s"
 TOML
 
 say "initial replication"
@@ -74,6 +85,11 @@ PY
 
 say "incremental replication"
 "$BIN/lifeboat-agent" -c agent.toml sync
+
+say "an app-consistent snapshot (pre/post hooks around the cut)"
+echo "written just before the snapshot" > data/app/latest.txt
+"$BIN/lifeboat-agent" -c agent.toml snapshot --app-consistent
+cat hooks.log
 "$BIN/lifeboat-agent" -c agent.toml status
 
 say "recovery points"
@@ -90,5 +106,5 @@ say "restoring the first point ($first) and verifying it against the copy taken 
 cmp first.img restored-first/os.img
 diff -r first-data restored-first/data
 
-say "cache store: $(du -sh cache-store | cut -f1) for $(du -sh --apparent-size disk.img | cut -f1) image + $(du -sh data | cut -f1) tree, two points"
-say "demo passed: both points restored byte for byte"
+say "cache store: $(du -sh cache-store | cut -f1) for $(du -sh --apparent-size disk.img | cut -f1) image + $(du -sh data | cut -f1) tree, three points"
+say "demo passed: the first and the latest (app-consistent) points restored byte for byte"

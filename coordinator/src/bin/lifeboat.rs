@@ -124,9 +124,15 @@ fn fmt_time(ms: u64) -> String {
 }
 
 fn describe(p: &RecoveryPoint) -> String {
+    // Never claim more than the weakest member had: a "crash" point of unfrozen disks says so.
+    let unfrozen = p
+        .members
+        .iter()
+        .any(|m| m.consistency == lifeboat_store::manifest::Consistency::NotFrozen);
     let kind = match p.kind {
-        PointKind::Crash => "crash",
-        PointKind::App => "app",
+        PointKind::App if !unfrozen => "app",
+        _ if unfrozen => "unfrozen",
+        _ => "crash",
     };
     let scope = if p.multi_vm { "multi-VM" } else { "single-VM" };
     let members: Vec<String> = p
@@ -135,7 +141,7 @@ fn describe(p: &RecoveryPoint) -> String {
         .map(|m| format!("{} ({})", m.vm, m.consistency))
         .collect();
     let mut line = format!(
-        "{}  {}  {kind:<5} {scope:<9}  members: {}",
+        "{}  {}  {kind:<8} {scope:<9}  members: {}",
         p.id,
         fmt_time(p.time),
         members.join(", ")

@@ -141,11 +141,16 @@ fn a_full_state_disk_fails_cleanly_and_the_next_run_loses_nothing() {
 fn lost_state_is_rebuilt_by_checksum_compare_and_says_why() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.img");
-    let mut data: Vec<u8> = (0..(8u32 << 20)).map(|i| (i.wrapping_mul(31) >> 3) as u8).collect();
+    let mut data: Vec<u8> = (0..(8u32 << 20))
+        .map(|i| (i.wrapping_mul(31) >> 3) as u8)
+        .collect();
     std::fs::write(&image, &data).unwrap();
     let config = write_config(
         dir.path(),
-        &format!("[[disk]]\nid = \"img\"\nkind = \"image\"\npath = \"{}\"\n", image.display()),
+        &format!(
+            "[[disk]]\nid = \"img\"\nkind = \"image\"\npath = \"{}\"\n",
+            image.display()
+        ),
     );
     agent_ok(&config, &["sync"]);
     std::fs::remove_dir_all(dir.path().join("state")).unwrap();

@@ -17,6 +17,14 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
+/// The tests here measure how long writes stall; running them one at a time keeps one test's
+/// fsync storm out of another's figures.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 const WRITER: &str = r#"
 import os, sqlite3, sys, time
 db, log, stop = sys.argv[1:4]
@@ -55,6 +63,7 @@ print(f"integrity ok, {len(ids)} rows, {acked} acknowledged before the cut all p
 "#;
 
 fn sqlite_points_are_consistent(fs: &str) {
+    let _serial = serial();
     let test = format!("sqlite_wal_points_on_{fs}");
     if !root_or_skip(&test) {
         return;
@@ -188,6 +197,7 @@ impl Prober {
 
 #[test]
 fn a_capture_past_its_deadline_is_abandoned_and_thawed_in_time() {
+    let _serial = serial();
     if !root_or_skip("a_capture_past_its_deadline_is_abandoned_and_thawed_in_time") {
         return;
     }
@@ -229,6 +239,7 @@ fn a_capture_past_its_deadline_is_abandoned_and_thawed_in_time() {
 
 #[test]
 fn an_agent_killed_while_frozen_is_thawed_by_its_watchdog() {
+    let _serial = serial();
     if !root_or_skip("an_agent_killed_while_frozen_is_thawed_by_its_watchdog") {
         return;
     }

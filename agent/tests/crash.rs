@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
@@ -48,14 +47,7 @@ fn killed_agents_lose_nothing() {
     );
     let mut kills = 0;
     for round in 0..8u64 {
-        let mut child = Command::new(AGENT)
-            .arg("--config")
-            .arg(&config)
-            .arg("sync")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut child = spawn_agent(&config, &["sync"]);
         std::thread::sleep(Duration::from_millis(30 + round * 37 % 200));
         if child.try_wait().unwrap().is_none() {
             child.kill().unwrap(); // SIGKILL
@@ -97,32 +89,14 @@ fn killed_agents_lose_nothing() {
         }
     });
     assert!(std::fs::read(restored.join("img")).unwrap() == std::fs::read(&image).unwrap());
-    let diff = Command::new("diff")
-        .arg("-r")
-        .arg(&tree)
-        .arg(restored.join("tree"))
-        .output()
-        .unwrap();
-    assert!(
-        diff.status.success(),
-        "{}",
-        String::from_utf8_lossy(&diff.stdout)
-    );
+    assert_same_tree(&tree, &restored.join("tree"));
 }
 
 #[test]
 fn an_interrupted_initial_replication_resumes_from_its_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.img");
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    let data: Vec<u8> = (0..(48 << 20) / 8)
-        .flat_map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x.to_le_bytes()
-        })
-        .collect();
+    let data = random_bytes(48 << 20, 0x9e37_79b9_7f4a_7c15);
     std::fs::write(&image, &data).unwrap();
     let config = write_config(
         dir.path(),
@@ -136,14 +110,7 @@ fn an_interrupted_initial_replication_resumes_from_its_checkpoint() {
         .replace("[replication]", "[replication]\nbandwidth_limit = \"3MiB\"");
     let fast = std::fs::read_to_string(&config).unwrap();
     std::fs::write(&config, slow).unwrap();
-    let mut child = Command::new(AGENT)
-        .arg("--config")
-        .arg(&config)
-        .arg("sync")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_agent(&config, &["sync"]);
     // Past the first checkpoint (10 s), well before the end (16 s).
     std::thread::sleep(Duration::from_millis(12_500));
     assert!(
@@ -167,15 +134,7 @@ fn an_interrupted_initial_replication_resumes_from_its_checkpoint() {
         changed < total * 3 / 4,
         "resumed run shipped {changed} of {total} blocks: the checkpoint was not used\n{out}"
     );
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let reader = reader(&dir.path().join("store"), "g");
     let restored = dir.path().join("restored");
-    rt.block_on(async {
-        let p = reader
-            .point(&lifeboat_store::PointId::new(point_id(&out)).unwrap())
-            .await
-            .unwrap();
-        restore_point(&reader, &p, &restored).await;
-    });
+    restore_id(dir.path(), &point_id(&out), &restored);
     assert!(std::fs::read(restored.join("img")).unwrap() == data);
 }

@@ -113,28 +113,9 @@ fn a_full_state_disk_fails_cleanly_and_the_next_run_loses_nothing() {
     drop(_guard);
     std::fs::write(data.join("file-0000"), "changed after the failure").unwrap();
     let out = agent_ok(&config, &["sync"]);
-    let id = point_id(&out);
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let reader = reader(&dir.path().join("store"), "g");
     let restored = dir.path().join("restored");
-    rt.block_on(async {
-        let p = reader
-            .point(&lifeboat_store::PointId::new(id).unwrap())
-            .await
-            .unwrap();
-        restore_point(&reader, &p, &restored).await;
-    });
-    let diff = Command::new("diff")
-        .arg("-r")
-        .arg(&data)
-        .arg(restored.join("d"))
-        .output()
-        .unwrap();
-    assert!(
-        diff.status.success(),
-        "{}",
-        String::from_utf8_lossy(&diff.stdout)
-    );
+    restore_id(dir.path(), &point_id(&out), &restored);
+    assert_same_tree(&data, &restored.join("d"));
 }
 
 #[test]

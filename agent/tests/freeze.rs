@@ -10,7 +10,7 @@ mod common;
 
 use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -260,14 +260,7 @@ fn an_agent_killed_while_frozen_is_thawed_by_its_watchdog() {
     );
     let prober = Prober::start(&lfs.mount);
     let t0 = Instant::now();
-    let mut child = Command::new(AGENT)
-        .arg("--config")
-        .arg(&config)
-        .arg("sync")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_agent(&config, &["sync"]);
     // Wait until the probe's write has been blocked for 100ms: the filesystem is frozen.
     let mut killed = false;
     while t0.elapsed() < Duration::from_secs(120) {

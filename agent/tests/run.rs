@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -37,14 +37,7 @@ fn run_cycles_idles_quietly_and_stops_on_sigterm() {
         "[replication]\ninterval = \"10s\"\nverify_interval = \"1h\"",
     );
     std::fs::write(&config, text).unwrap();
-    let mut child = Command::new(AGENT)
-        .arg("--config")
-        .arg(&config)
-        .arg("run")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_agent(&config, &["run"]);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let reader = reader(&dir.path().join("store"), "g");
     let wait_points = |n: usize| {

@@ -2,7 +2,6 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -27,14 +26,7 @@ fn status_shows_progress_rate_and_eta_during_initial_replication() {
         .unwrap()
         .replace("[replication]", "[replication]\nbandwidth_limit = \"2MiB\"");
     std::fs::write(&config, text).unwrap();
-    let mut child = Command::new(AGENT)
-        .arg("--config")
-        .arg(&config)
-        .arg("sync")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_agent(&config, &["sync"]);
     let t0 = Instant::now();
     let mut seen = None;
     while t0.elapsed() < Duration::from_secs(20) && child.try_wait().unwrap().is_none() {

@@ -172,3 +172,58 @@ pub fn point_id(out: &str) -> String {
         .expect("a published point")
         .to_owned()
 }
+
+/// Starts the agent in the background, output discarded (for tests that kill it).
+pub fn spawn_agent(config: &Path, args: &[&str]) -> std::process::Child {
+    Command::new(AGENT)
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start lifeboat-agent")
+}
+
+/// Restores point `id` of group "g" from the local store under `dir/store` into `out`.
+pub fn restore_id(dir: &Path, id: &str, out: &Path) -> RecoveryPoint {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let reader = reader(&dir.join("store"), "g");
+    rt.block_on(async {
+        let p = reader
+            .point(&lifeboat_store::PointId::new(id).unwrap())
+            .await
+            .unwrap();
+        restore_point(&reader, &p, out).await;
+        p
+    })
+}
+
+/// Asserts two directory trees are identical (`diff -r`).
+pub fn assert_same_tree(a: &Path, b: &Path) {
+    let diff = Command::new("diff")
+        .arg("-r")
+        .arg(a)
+        .arg(b)
+        .output()
+        .unwrap();
+    assert!(
+        diff.status.success(),
+        "{}",
+        String::from_utf8_lossy(&diff.stdout)
+    );
+}
+
+/// Deterministic incompressible bytes.
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}

@@ -40,7 +40,7 @@ fn op() -> impl Strategy<Value = Op> {
 
 fn file(root: &Path, name: u8) -> std::path::PathBuf {
     // Some files live in sub-directories that Mkdir may or may not have made.
-    if name % 3 == 0 {
+    if name.is_multiple_of(3) {
         root.join(format!("d{}", name % 4)).join(format!("f{name}"))
     } else {
         root.join(format!("f{name}"))

@@ -6,11 +6,11 @@
 //! header   "LBSEGMNT" | version u16 | flags u16 | block_size u32            (16 bytes)
 //! payloads zstd frames or raw blocks, back to back
 //! index    target_count u32 | (len u16, utf-8)* | entry_count u32 | entry*  (entry = 61 bytes)
-//! footer   index_offset u64 | index_len u64 | blake3(index) | blake3(all before) | "LBSEGEND"
+//! footer   index_offset u64 | index_len u64 | blake3(index) | xxh3-128(all before) | "LBSEGEND"
 //! ```
 //!
 //! Every entry carries the blake3 of its plain block, so a block read on its own (ranged get) is
-//! verifiable; the whole-object hash catches truncation, reordering and flips anywhere.
+//! verifiable; the whole-object checksum catches truncation, reordering and flips anywhere.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -29,7 +29,7 @@ pub const MAX_BLOCK: u32 = 16 << 20;
 
 const HEADER_LEN: usize = 16;
 /// Bytes at the end of every segment that locate and checksum its index.
-pub const FOOTER_LEN: usize = 8 + 8 + 32 + 32 + 8;
+pub const FOOTER_LEN: usize = 8 + 8 + 32 + 16 + 8;
 const ENTRY_LEN: usize = 4 + 8 + 4 + 1 + 8 + 4 + 32;
 
 /// A blake3 digest.
@@ -92,6 +92,13 @@ pub fn zero_hash(len: u32) -> Hash {
 fn zeros() -> &'static [u8] {
     static ZEROS: OnceLock<Vec<u8>> = OnceLock::new();
     ZEROS.get_or_init(|| vec![0u8; MAX_BLOCK as usize])
+}
+
+/// The whole-object checksum: xxh3-128 of every byte before it. It guards against accidental
+/// damage (truncation, reordering, flips) at memory speed; the content identity of each block
+/// is its blake3, and the index is covered by a blake3 too.
+pub fn object_checksum(bytes: &[u8]) -> [u8; 16] {
+    xxhash_rust::xxh3::xxh3_128(bytes).to_le_bytes()
 }
 
 /// Whether a block is all zeros (memcmp-speed).
@@ -261,8 +268,8 @@ impl SegmentBuilder {
         self.out
             .extend_from_slice(&(index.len() as u64).to_le_bytes());
         self.out.extend_from_slice(blake3::hash(&index).as_bytes());
-        let object_hash = blake3::hash(&self.out);
-        self.out.extend_from_slice(object_hash.as_bytes());
+        let checksum = object_checksum(&self.out);
+        self.out.extend_from_slice(&checksum);
         self.out.extend_from_slice(END_MAGIC);
         Bytes::from(self.out)
     }
@@ -338,8 +345,7 @@ pub fn decode(object: &str, data: Bytes) -> Result<Segment, CodecError> {
     }
     let block_size = u32::from_le_bytes(data[12..16].try_into().expect("4"));
     let footer = &data[len - FOOTER_LEN..];
-    let stored_object_hash = &footer[48..80];
-    if blake3::hash(&data[..len - 40]).as_bytes() != stored_object_hash {
+    if object_checksum(&data[..len - 24]) != footer[48..64] {
         return Err(corrupt(
             object,
             "object checksum mismatch (damaged or truncated)",
@@ -631,8 +637,8 @@ mod tests {
         let mut forged = raw.clone();
         forged[e.payload_offset as usize] ^= 0xff;
         let len = forged.len();
-        let h = *blake3::hash(&forged[..len - 40]).as_bytes();
-        forged[len - 40..len - 8].copy_from_slice(&h);
+        let h = object_checksum(&forged[..len - 24]);
+        forged[len - 24..len - 8].copy_from_slice(&h);
         let seg = decode("s", Bytes::from(forged)).unwrap();
         let err = seg.verify_all().unwrap_err();
         assert!(err.what.contains(":8192"), "{err}");
@@ -652,8 +658,8 @@ mod tests {
         out.extend_from_slice(&index_offset.to_le_bytes());
         out.extend_from_slice(&(index.len() as u64).to_le_bytes());
         out.extend_from_slice(blake3::hash(index).as_bytes());
-        let h = blake3::hash(&out);
-        out.extend_from_slice(h.as_bytes());
+        let h = object_checksum(&out);
+        out.extend_from_slice(&h);
         out.extend_from_slice(END_MAGIC);
         Bytes::from(out)
     }

@@ -217,14 +217,15 @@ async fn cycle(
     for (i, tag) in r.tags.iter().enumerate() {
         let (pre, cap) = (&r.precopy[i], &r.capture[i]);
         println!(
-            "disk {}: tag {} ({}), pre-copy read {} bytes / {} changed blocks, capture read {} bytes / {} changed blocks",
+            "disk {}: tag {} ({}), pre-copy read {} bytes / {} changed blocks, capture read {} bytes / {} changed blocks in {:.3}s",
             tag.disk,
             tag.seq,
             tag.consistency,
             pre.bytes_read,
             pre.blocks_changed,
             cap.bytes_read,
-            cap.blocks_changed
+            cap.blocks_changed,
+            cap.elapsed.as_secs_f64()
         );
     }
     if let Some(w) = r.freeze {

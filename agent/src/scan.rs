@@ -17,9 +17,11 @@ use lifeboat_store::manifest::{EntryKind, Tree, TreeEntry, UnixMillis};
 use crate::state::{FileState, Hashes};
 use crate::watch::Hints;
 
-/// Read size for images: large sequential reads are what disks and page caches like best.
+/// Read size for images: large sequential reads are what disks and page caches like best, and
+/// 1 MiB is already past the point of diminishing returns; each worker and each queued chunk
+/// holds one, so it also sets the scan's share of the memory cap.
 #[cfg(not(test))]
-const CHUNK: usize = 4 << 20;
+const CHUNK: usize = 1 << 20;
 /// Tiny in unit tests, so several workers share even a small image.
 #[cfg(test)]
 const CHUNK: usize = 8192;
@@ -36,6 +38,8 @@ pub struct ScanStats {
     pub bytes_changed: u64,
     pub files_read: u64,
     pub files_skipped: u64,
+    /// How long the pass took, from first read to last block handed on.
+    pub elapsed: std::time::Duration,
 }
 
 /// Fails with `TimedOut` once `stop_at` has passed (a frozen capture out of time).
@@ -85,7 +89,8 @@ pub fn scan_image(
     let threads = threads.clamp(1, chunks);
     let per_worker = chunks.div_ceil(threads);
     let mut hashes = vec![[0u8; 32]; blocks];
-    let (tx, rx) = mpsc::sync_channel::<io::Result<Changed>>(threads * 2);
+    // One chunk of changes queued per worker: bounded memory whatever the churn.
+    let (tx, rx) = mpsc::sync_channel::<io::Result<Changed>>(threads);
 
     std::thread::scope(|scope| -> io::Result<()> {
         let mut rest: &mut [Hash] = &mut hashes;

@@ -238,8 +238,13 @@ impl Agent {
         let bs = r.block_size.0 as usize;
         let level = r.zstd_level;
         let seg_target = r.segment_size.0 as usize;
+        // A segment is cut once it reaches the target, so it never exceeds it by more than a
+        // block (stored raw at worst) plus its index.
+        let seg_capacity = seg_target + 2 * bs + (64 << 10);
+        // The memory cap bounds finished segments: one being built, one being uploaded, the
+        // rest queued between them.
         let in_flight = ((r.memory_cap.0 / r.segment_size.0) as usize)
-            .saturating_sub(1)
+            .saturating_sub(2)
             .max(1);
         // Each segment travels with its plain size and, for images, the (offset, hash) of its blocks
         // so the receiver can checkpoint what is durable.
@@ -362,8 +367,9 @@ impl Agent {
         let content = st.content.clone();
         let threads = r.scan_threads;
         let scan = tokio::task::spawn_blocking(move || -> Result<(Content, Shape, ScanStats)> {
+            let started = Instant::now();
             let mut stats = ScanStats::default();
-            let mut builder = SegmentBuilder::new(bs as u32, level);
+            let mut builder = SegmentBuilder::with_capacity(bs as u32, level, seg_capacity);
             let mut blocks = Vec::new();
             let mut sink = |target: &str, offset: u64, data: &[u8], h| -> io::Result<()> {
                 builder.add_hashed(target, offset, data, h);
@@ -371,8 +377,10 @@ impl Agent {
                     blocks.push((offset, h));
                 }
                 if builder.encoded_len() >= seg_target {
-                    let full =
-                        std::mem::replace(&mut builder, SegmentBuilder::new(bs as u32, level));
+                    let full = std::mem::replace(
+                        &mut builder,
+                        SegmentBuilder::with_capacity(bs as u32, level, seg_capacity),
+                    );
                     let plain = full.plain_bytes();
                     tx.blocking_send((full.finish(), plain, std::mem::take(&mut blocks)))
                         .map_err(|_| io::Error::other("segment receiver stopped"))?;
@@ -407,6 +415,7 @@ impl Agent {
                 tx.blocking_send((builder.finish(), plain, blocks))
                     .map_err(|_| anyhow::anyhow!("segment receiver stopped"))?;
             }
+            stats.elapsed = started.elapsed();
             Ok((content, shape, stats))
         });
         let scan_result = scan.await.context("scanner thread failed")?;

@@ -135,7 +135,13 @@ impl fmt::Debug for SegmentBuilder {
 impl SegmentBuilder {
     /// A new, empty segment for a disk with `block_size`, compressing at zstd `level`.
     pub fn new(block_size: u32, level: i32) -> Self {
-        let mut out = Vec::with_capacity(HEADER_LEN + (4 << 20));
+        Self::with_capacity(block_size, level, 4 << 20)
+    }
+
+    /// Like [`SegmentBuilder::new`], reserving `capacity` bytes up front — the caller's segment
+    /// size plus a block — so a full segment is built without reallocating.
+    pub fn with_capacity(block_size: u32, level: i32, capacity: usize) -> Self {
+        let mut out = Vec::with_capacity(HEADER_LEN + capacity);
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&VERSION.to_le_bytes());
         out.extend_from_slice(&0u16.to_le_bytes());

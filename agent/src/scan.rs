@@ -164,6 +164,16 @@ pub fn scan_image(
     Ok((size, hashes))
 }
 
+/// How a directory pass runs.
+pub struct DirPass<'a> {
+    /// Files to re-read whatever their stamps say.
+    pub hints: &'a Hints,
+    /// Give up (a frozen capture out of time) once this passes.
+    pub stop_at: Option<Instant>,
+    /// Called when a file is done: every changed block of it has reached the sink.
+    pub file_done: &'a mut dyn FnMut(&str, &FileState),
+}
+
 /// File metadata that changes whenever contents may have: mtime, ctime (ns), inode.
 #[cfg(unix)]
 fn stamp(m: &fs::Metadata) -> (i64, i64, u64) {
@@ -212,11 +222,11 @@ pub fn scan_directory(
     root: &Path,
     block_size: usize,
     old: &BTreeMap<String, FileState>,
-    hints: &Hints,
-    stop_at: Option<Instant>,
+    pass: &mut DirPass<'_>,
     stats: &mut ScanStats,
     sink: &mut Sink<'_>,
 ) -> io::Result<(Tree, BTreeMap<String, FileState>)> {
+    let (hints, stop_at) = (pass.hints, pass.stop_at);
     let meta = fs::metadata(root)?;
     if !meta.is_dir() {
         return Err(io::Error::new(
@@ -289,6 +299,7 @@ pub fn scan_directory(
                     hashes: Hashes(hashes),
                 }
             };
+            (pass.file_done)(rel, &state);
             entries.push(TreeEntry {
                 path: rel.to_owned(),
                 kind: EntryKind::File { size: state.size },
@@ -411,19 +422,17 @@ mod tests {
             dirty: dirty.clone(),
             reread_all: verify,
         };
-        let (_, files) = scan_directory(
-            root,
-            4096,
-            old,
-            &hints,
-            None,
-            &mut stats,
-            &mut |t, o, _, _| {
+        let mut pass = DirPass {
+            hints: &hints,
+            stop_at: None,
+            file_done: &mut |_, _| {},
+        };
+        let (_, files) =
+            scan_directory(root, 4096, old, &mut pass, &mut stats, &mut |t, o, _, _| {
                 seen.push(format!("{t}@{o}"));
                 Ok(())
-            },
-        )
-        .unwrap();
+            })
+            .unwrap();
         (seen, files)
     }
 

@@ -246,9 +246,7 @@ impl Agent {
         let in_flight = ((r.memory_cap.0 / r.segment_size.0) as usize)
             .saturating_sub(2)
             .max(1);
-        // Each segment travels with its plain size and, for images, the (offset, hash) of its blocks
-        // so the receiver can checkpoint what is durable.
-        let (tx, mut rx) = mpsc::channel::<(Bytes, u64, Vec<(u64, Hash)>)>(in_flight);
+        let (tx, mut rx) = mpsc::channel::<Outgoing>(in_flight);
         let (collect_cap, stop_at) = match mode {
             ShipMode::Upload => (None, None),
             ShipMode::Collect { cap, deadline } => (Some(cap), Some(deadline)),
@@ -288,12 +286,9 @@ impl Agent {
             })
         };
         report(0, 0.0, phase);
-        // Checkpoints make a long pass over an image resumable: every so often, the state is
-        // saved as "segments up to here are shipped and these are the hashes they hold".
-        let mut checkpoint = match (&st.content, collect_cap) {
-            (Content::Image { hashes, .. }, None) => Some((st.clone(), hashes.0.clone())),
-            _ => None,
-        };
+        // Checkpoints make a long pass resumable: every so often, the state is saved as
+        // "segments up to here are shipped, and this is what they hold".
+        let mut checkpoint = collect_cap.is_none().then(|| st.clone());
         let state_dir_ck = self.config.state_dir.clone();
         let receiver = tokio::spawn(async move {
             let mut seq = first_seq;
@@ -302,7 +297,13 @@ impl Agent {
             let mut kept = Vec::new();
             let t0 = Instant::now();
             let mut last_log = Instant::now();
-            while let Some((data, plain, blocks)) = rx.recv().await {
+            while let Some(Outgoing {
+                data,
+                plain,
+                blocks,
+                files,
+            }) = rx.recv().await
+            {
                 let len = data.len() as u64;
                 stored += len;
                 if let Some(cap) = collect_cap {
@@ -316,20 +317,22 @@ impl Agent {
                 }
                 writer.put_segment(&vm, &disk_id, seq, data).await?;
                 progress.fetch_add(plain, Ordering::Relaxed);
-                if let Some((ck, durable)) = checkpoint.as_mut() {
-                    for (offset, h) in blocks {
-                        let i = (offset / bs as u64) as usize;
-                        if durable.len() <= i {
-                            durable.resize(i + 1, [0; 32]);
+                if let Some(ck) = checkpoint.as_mut() {
+                    match &mut ck.content {
+                        Content::Image { hashes, .. } => {
+                            for (offset, h) in blocks {
+                                let i = (offset / bs as u64) as usize;
+                                if hashes.0.len() <= i {
+                                    hashes.0.resize(i + 1, [0; 32]);
+                                }
+                                hashes.0[i] = h;
+                            }
                         }
-                        durable[i] = h;
+                        Content::Directory { files: durable } => durable.extend(files),
                     }
+                    ck.through_segment = seq;
                     if last_checkpoint.elapsed() > CHECKPOINT_EVERY {
                         last_checkpoint = Instant::now();
-                        ck.through_segment = seq;
-                        if let Content::Image { hashes, .. } = &mut ck.content {
-                            hashes.0.clone_from(durable);
-                        }
                         state::save(&state_dir_ck, ck)?;
                     }
                 }
@@ -371,6 +374,12 @@ impl Agent {
             let mut stats = ScanStats::default();
             let mut builder = SegmentBuilder::with_capacity(bs as u32, level, seg_capacity);
             let mut blocks = Vec::new();
+            // Files whose every changed block is in the segment being built (or an earlier one):
+            // durable once that segment is.
+            let done_files = std::cell::RefCell::new(Vec::new());
+            let mut file_done = |rel: &str, f: &FileState| {
+                done_files.borrow_mut().push((rel.to_owned(), f.clone()));
+            };
             let mut sink = |target: &str, offset: u64, data: &[u8], h| -> io::Result<()> {
                 builder.add_hashed(target, offset, data, h);
                 if target.is_empty() {
@@ -381,18 +390,26 @@ impl Agent {
                         &mut builder,
                         SegmentBuilder::with_capacity(bs as u32, level, seg_capacity),
                     );
-                    let plain = full.plain_bytes();
-                    tx.blocking_send((full.finish(), plain, std::mem::take(&mut blocks)))
-                        .map_err(|_| io::Error::other("segment receiver stopped"))?;
+                    tx.blocking_send(Outgoing {
+                        plain: full.plain_bytes(),
+                        data: full.finish(),
+                        blocks: std::mem::take(&mut blocks),
+                        files: std::mem::take(&mut *done_files.borrow_mut()),
+                    })
+                    .map_err(|_| io::Error::other("segment receiver stopped"))?;
                 }
                 Ok(())
             };
             let (content, shape) = match (kind, content) {
                 (DiskKind::Directory, Content::Directory { files }) => {
-                    let (tree, files) = scan::scan_directory(
-                        &path, bs, &files, &hints, stop_at, &mut stats, &mut sink,
-                    )
-                    .with_context(|| format!("cannot scan directory {}", path.display()))?;
+                    let mut pass = scan::DirPass {
+                        hints: &hints,
+                        stop_at,
+                        file_done: &mut file_done,
+                    };
+                    let (tree, files) =
+                        scan::scan_directory(&path, bs, &files, &mut pass, &mut stats, &mut sink)
+                            .with_context(|| format!("cannot scan directory {}", path.display()))?;
                     (Content::Directory { files }, Shape::Tree(tree))
                 }
                 (_, Content::Image { hashes, .. }) => {
@@ -411,9 +428,13 @@ impl Agent {
                 _ => bail!("disk kind changed under a running agent"),
             };
             if !builder.is_empty() {
-                let plain = builder.plain_bytes();
-                tx.blocking_send((builder.finish(), plain, blocks))
-                    .map_err(|_| anyhow::anyhow!("segment receiver stopped"))?;
+                tx.blocking_send(Outgoing {
+                    plain: builder.plain_bytes(),
+                    data: builder.finish(),
+                    blocks,
+                    files: done_files.into_inner(),
+                })
+                .map_err(|_| anyhow::anyhow!("segment receiver stopped"))?;
             }
             stats.elapsed = started.elapsed();
             Ok((content, shape, stats))
@@ -527,7 +548,16 @@ impl Agent {
     }
 }
 
-/// How often a long pass over an image saves a resumable checkpoint.
+/// A finished segment on its way to the receiver, with what the checkpoint needs: the
+/// (offset, hash) of its image blocks, and the directory files completed by the time it was cut.
+struct Outgoing {
+    data: Bytes,
+    plain: u64,
+    blocks: Vec<(u64, Hash)>,
+    files: Vec<(String, FileState)>,
+}
+
+/// How often a long pass saves a resumable checkpoint.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(10);
 
 /// What a scan says about the disk's shape, before the tree (if any) is stored.

@@ -92,19 +92,10 @@ fn killed_agents_lose_nothing() {
     assert_same_tree(&tree, &restored.join("tree"));
 }
 
-#[test]
-fn an_interrupted_initial_replication_resumes_from_its_checkpoint() {
-    let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("disk.img");
-    let data = random_bytes(48 << 20, 0x9e37_79b9_7f4a_7c15);
-    std::fs::write(&image, &data).unwrap();
-    let config = write_config(
-        dir.path(),
-        &format!(
-            "[[disk]]\nid = \"img\"\nkind = \"image\"\npath = \"{}\"\n",
-            image.display()
-        ),
-    );
+/// Kills a bandwidth-limited initial replication after its first checkpoint, resumes it at full
+/// speed, and returns the resumed run's output; the caller checks the point.
+fn interrupt_and_resume(dir: &std::path::Path, disk_toml: &str) -> String {
+    let config = write_config(dir, disk_toml);
     let slow = std::fs::read_to_string(&config)
         .unwrap()
         .replace("[replication]", "[replication]\nbandwidth_limit = \"3MiB\"");
@@ -119,17 +110,33 @@ fn an_interrupted_initial_replication_resumes_from_its_checkpoint() {
     );
     child.kill().unwrap();
     child.wait().unwrap();
-
     std::fs::write(&config, fast).unwrap();
-    let out = agent_ok(&config, &["sync"]);
-    let changed: u64 = out
-        .split("capture read ")
+    agent_ok(&config, &["sync"])
+}
+
+fn changed_blocks(out: &str) -> u64 {
+    out.split("capture read ")
         .nth(1)
         .and_then(|r| r.split(" / ").nth(1))
         .and_then(|r| r.split_whitespace().next())
         .and_then(|n| n.parse().ok())
-        .expect("changed block count");
-    let total = (48u64 << 20) / 65536;
+        .expect("changed block count")
+}
+
+#[test]
+fn an_interrupted_initial_replication_of_an_image_resumes_from_its_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    let data = random_bytes(48 << 20, 0x9e37_79b9_7f4a_7c15);
+    std::fs::write(&image, &data).unwrap();
+    let out = interrupt_and_resume(
+        dir.path(),
+        &format!(
+            "[[disk]]\nid = \"img\"\nkind = \"image\"\npath = \"{}\"\n",
+            image.display()
+        ),
+    );
+    let (changed, total) = (changed_blocks(&out), (48u64 << 20) / 65536);
     assert!(
         changed < total * 3 / 4,
         "resumed run shipped {changed} of {total} blocks: the checkpoint was not used\n{out}"
@@ -137,4 +144,30 @@ fn an_interrupted_initial_replication_resumes_from_its_checkpoint() {
     let restored = dir.path().join("restored");
     restore_id(dir.path(), &point_id(&out), &restored);
     assert!(std::fs::read(restored.join("img")).unwrap() == data);
+}
+
+#[test]
+fn an_interrupted_initial_replication_of_a_directory_resumes_from_its_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let tree = dir.path().join("tree");
+    for i in 0..48u64 {
+        let sub = tree.join(format!("d{}", i % 5));
+        std::fs::create_dir_all(&sub).unwrap();
+        std::fs::write(sub.join(format!("f{i}")), random_bytes(1 << 20, i + 1)).unwrap();
+    }
+    let out = interrupt_and_resume(
+        dir.path(),
+        &format!(
+            "[[disk]]\nid = \"tree\"\nkind = \"directory\"\npath = \"{}\"\n",
+            tree.display()
+        ),
+    );
+    let (changed, total) = (changed_blocks(&out), (48u64 << 20) / 65536);
+    assert!(
+        changed < total * 3 / 4,
+        "resumed run shipped {changed} of {total} blocks: the checkpoint was not used\n{out}"
+    );
+    let restored = dir.path().join("restored");
+    restore_id(dir.path(), &point_id(&out), &restored);
+    assert_same_tree(&tree, &restored.join("tree"));
 }

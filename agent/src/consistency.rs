@@ -108,6 +108,7 @@ impl Drop for Frozen {
 
 /// The watchdog process's body: sleep until the deadline, then thaw every mount.
 pub fn run_watchdog(deadline: Duration, mounts: &[PathBuf]) {
+    platform::ignore_stop_signals();
     std::thread::sleep(deadline);
     for m in mounts {
         match platform::thaw(m) {

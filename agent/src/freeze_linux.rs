@@ -36,3 +36,15 @@ pub fn thaw(mount: &Path) -> io::Result<bool> {
         Err(e) => Err(e),
     }
 }
+
+/// Makes this process (the thaw watchdog) immune to SIGTERM, SIGINT and SIGHUP, so a service
+/// manager stopping the agent's whole process group cannot take the watchdog down before it has
+/// thawed. SIGKILL still works; by the time a manager escalates to it, the deadline has passed.
+pub fn ignore_stop_signals() {
+    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        // SAFETY: installing SIG_IGN has no memory-safety preconditions; no handler code runs.
+        unsafe {
+            libc::signal(sig, libc::SIG_IGN);
+        }
+    }
+}

@@ -62,6 +62,9 @@ enum Command {
     Status,
     /// Validate the config file and exit.
     CheckConfig,
+    /// Thaw every filesystem this config freezes, if frozen (the service manager's
+    /// ExecStopPost: a stop can never leave a filesystem frozen).
+    Thaw,
     /// Preflight: store reachable and writable, coordinator reachable, clock, free space,
     /// disks readable and freezable. Exits 1 if any check fails.
     Check,
@@ -131,6 +134,10 @@ async fn run(command: Command, config: Config) -> Result<()> {
             Ok(())
         }
         Command::ThawWatchdog { .. } => unreachable!("handled before the config is read"),
+        Command::Thaw => {
+            consistency::thaw_leftovers(&cut::freeze_mounts(&config.disks));
+            Ok(())
+        }
         Command::Status => status(&config),
         Command::Check => {
             let checks = check::run(&config).await;
@@ -148,11 +155,19 @@ async fn run(command: Command, config: Config) -> Result<()> {
             }
             Ok(())
         }
-        Command::Sync { verify } => cycle(&open(config).await?, false, verify, None).await,
+        // From here on SIGTERM / SIGINT are ours: a cut in progress finishes (or hits its freeze
+        // deadline) before the process exits, instead of dying with a filesystem frozen.
+        Command::Sync { verify } => {
+            let _stop = platform::stop_signal()?;
+            cycle(&open(config).await?, false, verify, None).await
+        }
         Command::Snapshot { app_consistent } => {
+            let _stop = platform::stop_signal()?;
             cycle(&open(config).await?, app_consistent, false, None).await
         }
         Command::Run => {
+            let stop = platform::stop_signal()?;
+            tokio::pin!(stop);
             let agent = open(config).await?;
             let interval = agent.config.replication.interval;
             let watchers = watch::Watchers::start(&agent.config.disks)?;
@@ -173,7 +188,7 @@ async fn run(command: Command, config: Config) -> Result<()> {
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(interval) => {}
-                    _ = platform::stop_requested() => {
+                    _ = &mut stop => {
                         tracing::info!("stopping");
                         return Ok(());
                     }

@@ -9,18 +9,16 @@ pub fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()>
     std::os::unix::fs::FileExt::read_exact_at(file, buf, offset)
 }
 
-/// Resolves when the process is asked to stop (SIGTERM from systemd, or SIGINT).
-pub async fn stop_requested() {
+/// Takes over SIGTERM and SIGINT now (so neither kills the agent mid-cut, with a filesystem
+/// frozen) and returns a future that resolves when one arrives.
+pub fn stop_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
         }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
+    })
 }

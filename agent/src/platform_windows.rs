@@ -18,7 +18,10 @@ pub fn read_exact_at(file: &File, mut buf: &mut [u8], mut offset: u64) -> io::Re
     Ok(())
 }
 
-/// Resolves when the process is asked to stop (Ctrl-C / service stop via console control).
-pub async fn stop_requested() {
-    let _ = tokio::signal::ctrl_c().await;
+/// Returns a future that resolves on Ctrl-C (the service stop path is the Windows service
+/// control handler, not written yet).
+pub fn stop_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    Ok(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
 }

@@ -289,3 +289,58 @@ fn an_agent_killed_while_frozen_is_thawed_by_its_watchdog() {
     let out = agent_ok(&config, &["sync"]);
     assert!(out.contains("published recovery point"), "{out}");
 }
+
+#[test]
+fn sigterm_mid_freeze_and_the_thaw_command_never_leave_a_filesystem_frozen() {
+    let _serial = serial();
+    if !root_or_skip("sigterm_mid_freeze_and_the_thaw_command_never_leave_a_filesystem_frozen") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let lfs = LoopFs::new(dir.path(), "ext4", 6144);
+    let image = lfs.mount.join("big.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(5 << 30)
+        .unwrap();
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "[[disk]]\nid = \"big\"\nkind = \"image\"\npath = \"{}\"\nconsistency = \"fsfreeze\"\nmount = \"{}\"\nfreeze_timeout = \"1500ms\"\n",
+            image.display(),
+            lfs.mount.display()
+        ),
+    );
+    // SIGTERM while frozen: the agent ends the cut (here: its deadline) and exits; writes resume.
+    let prober = Prober::start(&lfs.mount);
+    let t0 = Instant::now();
+    let mut child = spawn_agent(&config, &["sync"]);
+    let mut termed = false;
+    while t0.elapsed() < Duration::from_secs(120) && child.try_wait().unwrap().is_none() {
+        if prober.stalled_for(t0.elapsed().as_millis() as u64) > 100 {
+            run(Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string()));
+            termed = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let _ = child.wait();
+    let max_stall = prober.finish();
+    assert!(termed, "never saw the filesystem frozen");
+    assert!(
+        max_stall < 1500 + 500,
+        "writes stalled {max_stall}ms after SIGTERM"
+    );
+
+    // `thaw` (the unit's ExecStopPost) thaws a filesystem left frozen by anyone.
+    run(Command::new("fsfreeze").arg("-f").arg(&lfs.mount));
+    agent_ok(&config, &["thaw"]);
+    let probe = Prober::start(&lfs.mount);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        probe.finish() < 200,
+        "still frozen after `lifeboat-agent thaw`"
+    );
+}

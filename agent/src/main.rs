@@ -313,14 +313,15 @@ fn status(config: &Config) -> Result<()> {
                 0.0
             };
             println!(
-                "  {}: {} of {} bytes shipped ({pct:.1}%), {:.1} MB/s, ETA {}",
+                "  {}: {} of {} bytes shipped ({pct:.1}%), {:.1} MB/s, ETA {}, backlog {} bytes",
                 d.phase,
                 d.done,
                 d.total,
                 d.rate_bytes_per_s / 1e6,
                 d.eta_s
                     .map(|s| format!("{s}s"))
-                    .unwrap_or_else(|| "unknown".into())
+                    .unwrap_or_else(|| "unknown".into()),
+                d.backlog_bytes
             );
         }
     }

@@ -18,6 +18,9 @@ pub struct DiskStatus {
     pub total: u64,
     pub rate_bytes_per_s: f64,
     pub eta_s: Option<u64>,
+    /// Changed bytes found by the current pass but not uploaded yet: churn waiting, never
+    /// dropped.
+    pub backlog_bytes: u64,
     /// Changed bytes of the last completed cycle, and how fast they were shipped.
     pub last_churn_bytes: u64,
     pub last_churn_bytes_per_s: f64,

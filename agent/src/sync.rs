@@ -267,6 +267,9 @@ impl Agent {
             _ => scan::device_size(&disk.path).unwrap_or(0),
         };
         let progress = Arc::clone(&shipped);
+        // Plain bytes of changed blocks found by the scan; minus `shipped`, the backlog.
+        let found = Arc::new(AtomicU64::new(0));
+        let found_by_scan = Arc::clone(&found);
         let state_dir = self.config.state_dir.clone();
         let phase = if collect_cap.is_some() {
             "capturing"
@@ -275,9 +278,11 @@ impl Agent {
         };
         let key = disk.id.to_string();
         let report = move |done: u64, rate: f64, phase: &str| {
+            let backlog = found.load(Ordering::Relaxed).saturating_sub(done);
             crate::progress::update(&state_dir, |s| {
                 let d = s.disks.entry(key.clone()).or_default();
                 d.phase = phase.to_owned();
+                d.backlog_bytes = backlog;
                 d.done = done;
                 d.total = total;
                 d.rate_bytes_per_s = rate;
@@ -382,6 +387,7 @@ impl Agent {
             };
             let mut sink = |target: &str, offset: u64, data: &[u8], h| -> io::Result<()> {
                 builder.add_hashed(target, offset, data, h);
+                found_by_scan.fetch_add(data.len() as u64, Ordering::Relaxed);
                 if target.is_empty() {
                     blocks.push((offset, h));
                 }

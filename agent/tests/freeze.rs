@@ -237,21 +237,21 @@ fn a_capture_past_its_deadline_is_abandoned_and_thawed_in_time() {
     assert!(points.is_empty(), "abandoned cut published a point");
 }
 
-#[test]
-fn an_agent_killed_while_frozen_is_thawed_by_its_watchdog() {
-    let _serial = serial();
-    if !root_or_skip("an_agent_killed_while_frozen_is_thawed_by_its_watchdog") {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let lfs = LoopFs::new(dir.path(), "ext4", 6144);
+/// A filesystem holding a 5 GiB sparse image whose capture outlasts a 1.5 s freeze deadline, an
+/// agent cutting it, and the moment the filesystem is seen frozen (a probe write blocked for
+/// 100 ms). Calls `stop` on the agent then, and returns the longest write stall seen.
+fn stop_agent_mid_freeze(
+    dir: &Path,
+    stop: impl FnOnce(&mut std::process::Child),
+) -> (LoopFs, std::path::PathBuf, u64) {
+    let lfs = LoopFs::new(dir, "ext4", 6144);
     let image = lfs.mount.join("big.img");
     std::fs::File::create(&image)
         .unwrap()
         .set_len(5 << 30)
         .unwrap();
     let config = write_config(
-        dir.path(),
+        dir,
         &format!(
             "[[disk]]\nid = \"big\"\nkind = \"image\"\npath = \"{}\"\nconsistency = \"fsfreeze\"\nmount = \"{}\"\nfreeze_timeout = \"1500ms\"\n",
             image.display(),
@@ -261,22 +261,29 @@ fn an_agent_killed_while_frozen_is_thawed_by_its_watchdog() {
     let prober = Prober::start(&lfs.mount);
     let t0 = Instant::now();
     let mut child = spawn_agent(&config, &["sync"]);
-    // Wait until the probe's write has been blocked for 100ms: the filesystem is frozen.
-    let mut killed = false;
-    while t0.elapsed() < Duration::from_secs(120) {
+    let mut stop = Some(stop);
+    while t0.elapsed() < Duration::from_secs(120) && child.try_wait().unwrap().is_none() {
         if prober.stalled_for(t0.elapsed().as_millis() as u64) > 100 {
-            child.kill().unwrap(); // SIGKILL
-            killed = true;
-            break;
-        }
-        if child.try_wait().unwrap().is_some() {
+            (stop.take().unwrap())(&mut child);
             break;
         }
         std::thread::sleep(Duration::from_millis(5));
     }
     let _ = child.wait();
     let max_stall = prober.finish();
-    assert!(killed, "never saw the filesystem frozen");
+    assert!(stop.is_none(), "never saw the filesystem frozen");
+    (lfs, config, max_stall)
+}
+
+#[test]
+fn an_agent_killed_while_frozen_is_thawed_by_its_watchdog() {
+    let _serial = serial();
+    if !root_or_skip("an_agent_killed_while_frozen_is_thawed_by_its_watchdog") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (_lfs, config, max_stall) =
+        stop_agent_mid_freeze(dir.path(), |child| child.kill().unwrap()); // SIGKILL
     assert!(
         max_stall < 1500 + 500,
         "filesystem stayed frozen {max_stall}ms after the agent died; deadline 1500ms"
@@ -297,38 +304,12 @@ fn sigterm_mid_freeze_and_the_thaw_command_never_leave_a_filesystem_frozen() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let lfs = LoopFs::new(dir.path(), "ext4", 6144);
-    let image = lfs.mount.join("big.img");
-    std::fs::File::create(&image)
-        .unwrap()
-        .set_len(5 << 30)
-        .unwrap();
-    let config = write_config(
-        dir.path(),
-        &format!(
-            "[[disk]]\nid = \"big\"\nkind = \"image\"\npath = \"{}\"\nconsistency = \"fsfreeze\"\nmount = \"{}\"\nfreeze_timeout = \"1500ms\"\n",
-            image.display(),
-            lfs.mount.display()
-        ),
-    );
     // SIGTERM while frozen: the agent ends the cut (here: its deadline) and exits; writes resume.
-    let prober = Prober::start(&lfs.mount);
-    let t0 = Instant::now();
-    let mut child = spawn_agent(&config, &["sync"]);
-    let mut termed = false;
-    while t0.elapsed() < Duration::from_secs(120) && child.try_wait().unwrap().is_none() {
-        if prober.stalled_for(t0.elapsed().as_millis() as u64) > 100 {
-            run(Command::new("kill")
-                .arg("-TERM")
-                .arg(child.id().to_string()));
-            termed = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let _ = child.wait();
-    let max_stall = prober.finish();
-    assert!(termed, "never saw the filesystem frozen");
+    let (lfs, config, max_stall) = stop_agent_mid_freeze(dir.path(), |child| {
+        run(Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string()));
+    });
     assert!(
         max_stall < 1500 + 500,
         "writes stalled {max_stall}ms after SIGTERM"

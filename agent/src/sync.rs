@@ -83,6 +83,11 @@ impl Agent {
                 tracing::info!(disk = %disk.id, from = s.tag_seq, to = l.seq, "state is behind the store (crash after a tag); rolling forward from segment indexes");
                 self.roll_forward(s, l).await?
             }
+            (Some(s), Some(l)) if s.tag_seq > l.seq => {
+                // Numbers must never be reused (the target store may hold the lost ones).
+                tracing::warn!(disk = %disk.id, state_tag = s.tag_seq, store_tag = l.seq, "the cache store is behind this agent's state (restored or rolled back?); starting a new full copy");
+                self.fresh_copy(disk, s.tag_seq, s.through_segment.max(max_seg))
+            }
             (Some(s), None) if s.tag_seq == 0 && s.block_size == bs => s,
             (Some(s), None) => {
                 tracing::warn!(disk = %disk.id, state_tag = s.tag_seq, "the cache store holds no tag although one was written (store emptied or replaced); starting a new full copy");

@@ -150,3 +150,49 @@ fn lost_state_is_rebuilt_by_checksum_compare_and_says_why() {
     // Only the changed block shipped: the hashes came from the store's segment indexes.
     assert!(stdout.contains("/ 1 changed blocks"), "{stdout}");
 }
+
+#[test]
+fn a_cache_store_rolled_back_behind_the_agent_never_gets_reused_numbers() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    let mut data = random_bytes(3 << 20, 4);
+    std::fs::write(&image, &data).unwrap();
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "[[disk]]\nid = \"img\"\nkind = \"image\"\npath = \"{}\"\n",
+            image.display()
+        ),
+    );
+    agent_ok(&config, &["sync"]);
+    data[100] ^= 1;
+    std::fs::write(&image, &data).unwrap();
+    agent_ok(&config, &["sync"]);
+    // The store loses its newest tag (and the point on it), as if restored from an older copy.
+    let tags = dir.path().join("store/v1/g/vms/vm1/disks/img/tag");
+    std::fs::remove_file(tags.join("00000000000000000002.tag")).unwrap();
+    for p in std::fs::read_dir(dir.path().join("store/v1/g/points"))
+        .unwrap()
+        .flatten()
+    {
+        if p.file_name().to_string_lossy().ends_with("-t2.point") {
+            std::fs::remove_file(p.path()).unwrap();
+        }
+    }
+    data[200_000] ^= 1;
+    std::fs::write(&image, &data).unwrap();
+    let out = agent(&config, &["sync"]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("behind this agent's state"), "{stderr}");
+    assert!(
+        stdout.contains("tag 3 "),
+        "tag number 2 was reused: {stdout}"
+    );
+    let restored = dir.path().join("restored");
+    restore_id(dir.path(), &point_id(&stdout), &restored);
+    assert!(std::fs::read(restored.join("img")).unwrap() == data);
+}

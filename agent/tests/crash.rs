@@ -39,11 +39,11 @@ fn killed_agents_lose_nothing() {
     }
     let config = write_config(
         dir.path(),
-        &format!(
-            "[[disk]]\nid = \"img\"\nkind = \"image\"\npath = \"{}\"\n\n[[disk]]\nid = \"tree\"\nkind = \"directory\"\npath = \"{}\"\n",
-            image.display(),
-            tree.display()
-        ),
+        &[
+            disk("img", "image", &image),
+            disk("tree", "directory", &tree),
+        ]
+        .concat(),
     );
     let mut kills = 0;
     for round in 0..8u64 {
@@ -137,13 +137,7 @@ fn an_interrupted_initial_replication_of_an_image_resumes_from_its_checkpoint() 
     let image = dir.path().join("disk.img");
     let data = random_bytes(48 << 20, 0x9e37_79b9_7f4a_7c15);
     std::fs::write(&image, &data).unwrap();
-    let out = interrupt_and_resume(
-        dir.path(),
-        &format!(
-            "[[disk]]\nid = \"img\"\nkind = \"image\"\npath = \"{}\"\n",
-            image.display()
-        ),
-    );
+    let out = interrupt_and_resume(dir.path(), &disk("img", "image", &image));
     let restored = dir.path().join("restored");
     restore_id(dir.path(), &point_id(&out), &restored);
     assert!(std::fs::read(restored.join("img")).unwrap() == data);
@@ -158,13 +152,7 @@ fn an_interrupted_initial_replication_of_a_directory_resumes_from_its_checkpoint
         std::fs::create_dir_all(&sub).unwrap();
         std::fs::write(sub.join(format!("f{i}")), random_bytes(1 << 20, i + 1)).unwrap();
     }
-    let out = interrupt_and_resume(
-        dir.path(),
-        &format!(
-            "[[disk]]\nid = \"tree\"\nkind = \"directory\"\npath = \"{}\"\n",
-            tree.display()
-        ),
-    );
+    let out = interrupt_and_resume(dir.path(), &disk("tree", "directory", &tree));
     let restored = dir.path().join("restored");
     restore_id(dir.path(), &point_id(&out), &restored);
     assert_same_tree(&tree, &restored.join("tree"));

@@ -13,13 +13,7 @@ fn vanished_or_wrong_kind_disks_fail_clearly_and_change_nothing() {
     let data = dir.path().join("data");
     std::fs::create_dir_all(&data).unwrap();
     std::fs::write(data.join("f"), b"x").unwrap();
-    let config = write_config(
-        dir.path(),
-        &format!(
-            "[[disk]]\nid = \"d\"\nkind = \"directory\"\npath = \"{}\"\n",
-            data.display()
-        ),
-    );
+    let config = write_config(dir.path(), &disk("d", "directory", &data));
     agent_ok(&config, &["sync"]);
     let state = std::fs::read(dir.path().join("state/d.state")).unwrap();
 
@@ -87,13 +81,7 @@ fn a_full_state_disk_fails_cleanly_and_the_next_run_loses_nothing() {
     for i in 0..600 {
         std::fs::write(data.join(format!("file-{i:04}")), format!("contents {i}")).unwrap();
     }
-    let config = write_config(
-        dir.path(),
-        &format!(
-            "[[disk]]\nid = \"d\"\nkind = \"directory\"\npath = \"{}\"\n",
-            data.display()
-        ),
-    );
+    let config = write_config(dir.path(), &disk("d", "directory", &data));
     let out = agent(&config, &["sync"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
@@ -126,13 +114,7 @@ fn lost_state_is_rebuilt_by_checksum_compare_and_says_why() {
         .map(|i| (i.wrapping_mul(31) >> 3) as u8)
         .collect();
     std::fs::write(&image, &data).unwrap();
-    let config = write_config(
-        dir.path(),
-        &format!(
-            "[[disk]]\nid = \"img\"\nkind = \"image\"\npath = \"{}\"\n",
-            image.display()
-        ),
-    );
+    let config = write_config(dir.path(), &disk("img", "image", &image));
     agent_ok(&config, &["sync"]);
     std::fs::remove_dir_all(dir.path().join("state")).unwrap();
     data[5 << 20] ^= 0xff;
@@ -157,13 +139,7 @@ fn a_cache_store_rolled_back_behind_the_agent_never_gets_reused_numbers() {
     let image = dir.path().join("disk.img");
     let mut data = random_bytes(3 << 20, 4);
     std::fs::write(&image, &data).unwrap();
-    let config = write_config(
-        dir.path(),
-        &format!(
-            "[[disk]]\nid = \"img\"\nkind = \"image\"\npath = \"{}\"\n",
-            image.display()
-        ),
-    );
+    let config = write_config(dir.path(), &disk("img", "image", &image));
     agent_ok(&config, &["sync"]);
     data[100] ^= 1;
     std::fs::write(&image, &data).unwrap();

@@ -110,11 +110,7 @@ proptest! {
         std::fs::create_dir_all(&tree).unwrap();
         let config = write_config(
             dir.path(),
-            &format!(
-                "[[disk]]\nid = \"img\"\nkind = \"image\"\npath = \"{}\"\n\n[[disk]]\nid = \"tree\"\nkind = \"directory\"\npath = \"{}\"\n",
-                image.display(),
-                tree.display()
-            ),
+            &[disk("img", "image", &image), disk("tree", "directory", &tree)].concat(),
         );
         let mut cuts = Vec::new();
         for (r, ops) in rounds.iter().enumerate() {

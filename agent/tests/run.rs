@@ -26,11 +26,11 @@ fn run_cycles_idles_quietly_and_stops_on_sigterm() {
     std::fs::write(&image, vec![3u8; 4 << 20]).unwrap();
     let config = write_config(
         dir.path(),
-        &format!(
-            "[[disk]]\nid = \"data\"\nkind = \"directory\"\npath = \"{}\"\n\n[[disk]]\nid = \"img\"\nkind = \"image\"\npath = \"{}\"\n",
-            data.display(),
-            image.display()
-        ),
+        &[
+            disk("data", "directory", &data),
+            disk("img", "image", &image),
+        ]
+        .concat(),
     );
     let text = std::fs::read_to_string(&config).unwrap().replace(
         "[replication]",

@@ -14,13 +14,7 @@ fn status_shows_progress_rate_and_eta_during_initial_replication() {
         .flat_map(|i| i.wrapping_mul(2_654_435_761).to_le_bytes())
         .collect();
     std::fs::write(&image, data).unwrap();
-    let config = write_config(
-        dir.path(),
-        &format!(
-            "[[disk]]\nid = \"img\"\nkind = \"image\"\npath = \"{}\"\n",
-            image.display()
-        ),
-    );
+    let config = write_config(dir.path(), &disk("img", "image", &image));
     // Slow the upload down so there is progress to watch.
     let text = std::fs::read_to_string(&config)
         .unwrap()

@@ -227,3 +227,11 @@ pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
     out.truncate(len);
     out
 }
+
+/// A `[[disk]]` table for `write_config`, with no consistency provider.
+pub fn disk(id: &str, kind: &str, path: &Path) -> String {
+    format!(
+        "[[disk]]\nid = \"{id}\"\nkind = \"{kind}\"\npath = \"{}\"\n\n",
+        path.display()
+    )
+}

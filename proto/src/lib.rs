@@ -3,6 +3,7 @@
 //! is the documentation of record.
 
 pub mod model;
+pub mod tls;
 
 /// Generated prost/tonic code for `lifeboat.v1`. Only the edges of the agent and the
 /// coordinator touch these types; everything inside uses [`model`].

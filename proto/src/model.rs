@@ -2,6 +2,8 @@
 //! into wire types for sending (`From<…> for pb::…`). An invalid message becomes a
 //! [`ProtocolError`] naming the field, which maps to gRPC `INVALID_ARGUMENT`.
 
+use std::time::Duration;
+
 use lifeboat_store::manifest::Consistency;
 use lifeboat_store::{DiskId, VmId};
 
@@ -105,6 +107,7 @@ pub struct Heartbeat {
 /// Where a member's cut stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CutPhase {
+    Prepared,
     Frozen,
     Tagged,
     Failed,
@@ -134,6 +137,215 @@ pub enum AgentMessage {
     Register(Register),
     Heartbeat(Heartbeat),
     CutAck(CutAck),
+}
+
+/// What a cut promises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CutKind {
+    Crash,
+    App,
+}
+
+/// Anything the coordinator sends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CoordinatorMessage {
+    Registered {
+        group: lifeboat_store::GroupId,
+        heartbeat_interval: Duration,
+    },
+    Prepare {
+        cut_id: u64,
+        kind: CutKind,
+        prepare_deadline: Duration,
+    },
+    Freeze {
+        cut_id: u64,
+        ack_deadline: Duration,
+        freeze_deadline: Duration,
+    },
+    Commit {
+        cut_id: u64,
+        point_id: lifeboat_store::PointId,
+    },
+    Abort {
+        cut_id: u64,
+        reason: String,
+    },
+}
+
+fn ms(d: Duration) -> u64 {
+    d.as_millis().min(u64::MAX as u128) as u64
+}
+
+fn positive_ms(field: &'static str, v: u64) -> Result<Duration, ProtocolError> {
+    if v == 0 {
+        return Err(ProtocolError::Missing(field));
+    }
+    Ok(Duration::from_millis(v))
+}
+
+fn cut_id(field: &'static str, v: u64) -> Result<u64, ProtocolError> {
+    if v == 0 {
+        return Err(ProtocolError::Missing(field));
+    }
+    Ok(v)
+}
+
+pub fn cut_kind_from_wire(field: &'static str, v: i32) -> Result<CutKind, ProtocolError> {
+    match pb::CutKind::try_from(v) {
+        Ok(pb::CutKind::Crash) => Ok(CutKind::Crash),
+        Ok(pb::CutKind::App) => Ok(CutKind::App),
+        _ => Err(invalid(field, format!("unknown cut kind {v}"))),
+    }
+}
+
+pub fn cut_kind_to_wire(k: CutKind) -> i32 {
+    match k {
+        CutKind::Crash => pb::CutKind::Crash as i32,
+        CutKind::App => pb::CutKind::App as i32,
+    }
+}
+
+pub fn consistency_to_wire(c: Consistency) -> i32 {
+    let w = match c {
+        Consistency::NotFrozen => pb::Consistency::NotFrozen,
+        Consistency::Crash => pb::Consistency::Crash,
+        Consistency::App => pb::Consistency::App,
+    };
+    w as i32
+}
+
+impl TryFrom<pb::CoordinatorMessage> for CoordinatorMessage {
+    type Error = ProtocolError;
+    fn try_from(m: pb::CoordinatorMessage) -> Result<Self, ProtocolError> {
+        use pb::coordinator_message::Body;
+        Ok(
+            match m
+                .body
+                .ok_or(ProtocolError::Missing("CoordinatorMessage.body"))?
+            {
+                Body::Registered(r) => CoordinatorMessage::Registered {
+                    group: lifeboat_store::GroupId::new(r.group)
+                        .map_err(|e| invalid("Registered.group", e))?,
+                    heartbeat_interval: positive_ms(
+                        "Registered.heartbeat_interval_ms",
+                        r.heartbeat_interval_ms,
+                    )?,
+                },
+                Body::Prepare(p) => CoordinatorMessage::Prepare {
+                    cut_id: cut_id("Prepare.cut_id", p.cut_id)?,
+                    kind: cut_kind_from_wire("Prepare.kind", p.kind)?,
+                    prepare_deadline: positive_ms(
+                        "Prepare.prepare_deadline_ms",
+                        p.prepare_deadline_ms,
+                    )?,
+                },
+                Body::Freeze(f) => {
+                    let ack_deadline = positive_ms("Freeze.ack_deadline_ms", f.ack_deadline_ms)?;
+                    let freeze_deadline =
+                        positive_ms("Freeze.freeze_deadline_ms", f.freeze_deadline_ms)?;
+                    if freeze_deadline <= ack_deadline {
+                        return Err(invalid(
+                            "Freeze.freeze_deadline_ms",
+                            "must be longer than ack_deadline_ms",
+                        ));
+                    }
+                    CoordinatorMessage::Freeze {
+                        cut_id: cut_id("Freeze.cut_id", f.cut_id)?,
+                        ack_deadline,
+                        freeze_deadline,
+                    }
+                }
+                Body::Commit(c) => CoordinatorMessage::Commit {
+                    cut_id: cut_id("Commit.cut_id", c.cut_id)?,
+                    point_id: lifeboat_store::PointId::new(c.point_id)
+                        .map_err(|e| invalid("Commit.point_id", e))?,
+                },
+                Body::Abort(a) => CoordinatorMessage::Abort {
+                    cut_id: cut_id("Abort.cut_id", a.cut_id)?,
+                    reason: a.reason,
+                },
+            },
+        )
+    }
+}
+
+impl From<CoordinatorMessage> for pb::CoordinatorMessage {
+    fn from(m: CoordinatorMessage) -> Self {
+        use pb::coordinator_message::Body;
+        let body = match m {
+            CoordinatorMessage::Registered {
+                group,
+                heartbeat_interval,
+            } => Body::Registered(pb::Registered {
+                group: group.into(),
+                heartbeat_interval_ms: ms(heartbeat_interval),
+            }),
+            CoordinatorMessage::Prepare {
+                cut_id,
+                kind,
+                prepare_deadline,
+            } => Body::Prepare(pb::Prepare {
+                cut_id,
+                kind: cut_kind_to_wire(kind),
+                prepare_deadline_ms: ms(prepare_deadline),
+            }),
+            CoordinatorMessage::Freeze {
+                cut_id,
+                ack_deadline,
+                freeze_deadline,
+            } => Body::Freeze(pb::Freeze {
+                cut_id,
+                ack_deadline_ms: ms(ack_deadline),
+                freeze_deadline_ms: ms(freeze_deadline),
+            }),
+            CoordinatorMessage::Commit { cut_id, point_id } => Body::Commit(pb::Commit {
+                cut_id,
+                point_id: point_id.into(),
+            }),
+            CoordinatorMessage::Abort { cut_id, reason } => {
+                Body::Abort(pb::Abort { cut_id, reason })
+            }
+        };
+        pb::CoordinatorMessage { body: Some(body) }
+    }
+}
+
+impl From<AgentMessage> for pb::AgentMessage {
+    fn from(m: AgentMessage) -> Self {
+        use pb::agent_message::Body;
+        let body = match m {
+            AgentMessage::Register(r) => Body::Register(r.into()),
+            AgentMessage::Heartbeat(h) => Body::Heartbeat(h.into()),
+            AgentMessage::CutAck(a) => Body::CutAck(a.into()),
+        };
+        pb::AgentMessage { body: Some(body) }
+    }
+}
+
+impl From<Heartbeat> for pb::Heartbeat {
+    fn from(h: Heartbeat) -> Self {
+        pb::Heartbeat {
+            time_ms: h.time_ms,
+            disks: h
+                .disks
+                .into_iter()
+                .map(|(d, s)| stats_to_wire(d, s))
+                .collect(),
+        }
+    }
+}
+
+pub fn stats_to_wire(d: DiskId, s: DiskStats) -> pb::DiskStats {
+    pb::DiskStats {
+        disk: d.into(),
+        last_tag: s.last_tag,
+        last_tag_time_ms: s.last_tag_time_ms,
+        churn_bytes_per_s: s.churn_bytes_per_s,
+        backlog_bytes: s.backlog_bytes,
+        shipped_bytes: s.shipped_bytes,
+        total_bytes: s.total_bytes,
+    }
 }
 
 impl TryFrom<pb::AgentMessage> for AgentMessage {
@@ -241,6 +453,7 @@ impl TryFrom<pb::CutAck> for CutAck {
             return Err(ProtocolError::Missing("CutAck.cut_id"));
         }
         let phase = match pb::CutPhase::try_from(a.phase) {
+            Ok(pb::CutPhase::Prepared) => CutPhase::Prepared,
             Ok(pb::CutPhase::Frozen) => CutPhase::Frozen,
             Ok(pb::CutPhase::Tagged) => CutPhase::Tagged,
             Ok(pb::CutPhase::Failed) => CutPhase::Failed,
@@ -332,6 +545,7 @@ impl From<CutAck> for pb::CutAck {
         pb::CutAck {
             cut_id: a.cut_id,
             phase: match a.phase {
+                CutPhase::Prepared => pb::CutPhase::Prepared,
                 CutPhase::Frozen => pb::CutPhase::Frozen,
                 CutPhase::Tagged => pb::CutPhase::Tagged,
                 CutPhase::Failed => pb::CutPhase::Failed,
@@ -345,11 +559,7 @@ impl From<CutAck> for pb::CutAck {
                     through_segment: d.through_segment,
                 })
                 .collect(),
-            consistency: match a.consistency {
-                Consistency::NotFrozen => pb::Consistency::NotFrozen,
-                Consistency::Crash => pb::Consistency::Crash,
-                Consistency::App => pb::Consistency::App,
-            } as i32,
+            consistency: consistency_to_wire(a.consistency),
             error: a.error.unwrap_or_default(),
         }
     }
@@ -454,11 +664,44 @@ mod tests {
     }
 
     #[test]
+    fn coordinator_messages_are_checked() {
+        let freeze = CoordinatorMessage::Freeze {
+            cut_id: 3,
+            ack_deadline: Duration::from_millis(500),
+            freeze_deadline: Duration::from_millis(1000),
+        };
+        let wire = pb::CoordinatorMessage::from(freeze.clone());
+        assert_eq!(CoordinatorMessage::try_from(wire.clone()).unwrap(), freeze);
+        // A freeze deadline not longer than the ack deadline would break the consistency
+        // argument: refused.
+        let mut bad = wire;
+        if let Some(pb::coordinator_message::Body::Freeze(f)) = &mut bad.body {
+            f.freeze_deadline_ms = 500;
+        }
+        assert!(
+            CoordinatorMessage::try_from(bad)
+                .unwrap_err()
+                .to_string()
+                .contains("freeze_deadline_ms")
+        );
+        let commit = pb::CoordinatorMessage {
+            body: Some(pb::coordinator_message::Body::Commit(pb::Commit {
+                cut_id: 1,
+                point_id: "../x".into(),
+            })),
+        };
+        assert!(CoordinatorMessage::try_from(commit).is_err());
+    }
+
+    #[test]
     fn garbage_bytes_never_panic() {
         for len in 0..64 {
             let bytes: Vec<u8> = (0..len).map(|i| (i * 37 + 11) as u8).collect();
             if let Ok(m) = pb::AgentMessage::decode(&bytes[..]) {
                 let _ = AgentMessage::try_from(m);
+            }
+            if let Ok(m) = pb::CoordinatorMessage::decode(&bytes[..]) {
+                let _ = CoordinatorMessage::try_from(m);
             }
         }
     }

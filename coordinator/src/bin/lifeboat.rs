@@ -7,6 +7,8 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use lifeboat_proto::pb;
+use lifeboat_proto::pb::admin_client::AdminClient;
 use lifeboat_store::layout::Layout;
 use lifeboat_store::manifest::{PointKind, RecoveryPoint};
 use lifeboat_store::restore::{StoreReader, restore_disk};
@@ -31,8 +33,43 @@ struct StoreArgs {
     group: GroupId,
 }
 
+/// How to reach a group's coordinator as an admin.
+#[derive(Debug, clap::Args)]
+struct CoordinatorArgs {
+    /// The coordinator, `host:port` (port 20004).
+    #[arg(long, env = "LIFEBOAT_COORDINATOR")]
+    coordinator: String,
+    /// Directory holding `ca.pem`, `admin.pem` and `admin.key` (the coordinator's
+    /// `<state_dir>/admin`, copied to the admin's machine).
+    #[arg(long, env = "LIFEBOAT_CREDENTIALS")]
+    credentials: PathBuf,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Cut a recovery point across the group now; prints its id once it is published.
+    Snapshot {
+        #[command(flatten)]
+        coordinator: CoordinatorArgs,
+        /// The group the coordinator runs (checked against the coordinator's answer).
+        #[arg(long)]
+        group: GroupId,
+        /// Run the members' application hooks: an app-consistent point.
+        #[arg(long)]
+        app_consistent: bool,
+    },
+    /// The group's members: connected, healthy, replication figures.
+    Members {
+        #[command(flatten)]
+        coordinator: CoordinatorArgs,
+    },
+    /// Remove a VM from the group (its certificate stops working; its data stays).
+    RemoveMember {
+        #[command(flatten)]
+        coordinator: CoordinatorArgs,
+        #[arg(long)]
+        vm: VmId,
+    },
     /// Recovery points.
     Points {
         #[command(subcommand)]
@@ -157,8 +194,116 @@ fn describe(p: &RecoveryPoint) -> String {
     line
 }
 
+async fn admin(args: &CoordinatorArgs) -> Result<AdminClient<tonic::transport::Channel>> {
+    let read = |f: &str| {
+        let p = args.credentials.join(f);
+        std::fs::read_to_string(&p)
+            .map_err(|e| UsageError(format!("cannot read {}: {e}", p.display())))
+    };
+    let (ca, cert, key) = (read("ca.pem")?, read("admin.pem")?, read("admin.key")?);
+    let tls = lifeboat_proto::tls::client_config(&ca, Some((&cert, &key)))?;
+    let channel = lifeboat_proto::tls::connect(&args.coordinator, tls).await?;
+    Ok(AdminClient::new(channel))
+}
+
+fn status_error(s: tonic::Status) -> anyhow::Error {
+    let msg = format!("coordinator: {}", s.message());
+    match s.code() {
+        tonic::Code::InvalidArgument | tonic::Code::NotFound => UsageError(msg).into(),
+        _ => anyhow::anyhow!(msg),
+    }
+}
+
 async fn run(command: Command) -> Result<()> {
     match command {
+        Command::Snapshot {
+            coordinator,
+            group,
+            app_consistent,
+        } => {
+            let mut client = admin(&coordinator).await?;
+            let members = client
+                .members(pb::MembersRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if members.group != group.as_str() {
+                bail!(UsageError(format!(
+                    "the coordinator at {} runs group {}, not {group}",
+                    coordinator.coordinator, members.group
+                )));
+            }
+            let kind = if app_consistent {
+                pb::CutKind::App
+            } else {
+                pb::CutKind::Crash
+            };
+            let r = client
+                .snapshot(pb::SnapshotRequest { kind: kind as i32 })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            let label = match pb::Consistency::try_from(r.consistency) {
+                Ok(pb::Consistency::App) => "app-consistent",
+                Ok(pb::Consistency::Crash) => "crash-consistent",
+                _ => "unfrozen",
+            };
+            println!("{}", r.point_id);
+            eprintln!(
+                "published {label} point {} at {} covering {}",
+                r.point_id,
+                fmt_time(r.time_ms),
+                r.covered.join(", ")
+            );
+            for e in &r.excluded {
+                eprintln!("  excluded {}: {}", e.vm, e.reason);
+            }
+            Ok(())
+        }
+        Command::Members { coordinator } => {
+            let mut client = admin(&coordinator).await?;
+            let r = client
+                .members(pb::MembersRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            println!("group {}: {} member(s)", r.group, r.members.len());
+            let now = lifeboat_store::manifest::now_millis();
+            for m in r.members {
+                let state = match (m.connected, m.healthy) {
+                    (true, true) => "healthy",
+                    (true, false) => "unhealthy",
+                    _ => "disconnected",
+                };
+                let facts = m
+                    .facts
+                    .map(|f| format!("{} {} cpus {} MiB", f.os, f.cpus, f.memory_bytes >> 20))
+                    .unwrap_or_default();
+                let rpo = m
+                    .stats
+                    .iter()
+                    .map(|s| s.last_tag_time_ms)
+                    .min()
+                    .filter(|t| *t > 0)
+                    .map(|t| format!("RPO {}s", now.saturating_sub(t) / 1000))
+                    .unwrap_or_else(|| "no tag yet".into());
+                println!(
+                    "{:<24} {state:<12} {} disk(s)  {rpo}  {facts}",
+                    m.vm,
+                    m.disks.len()
+                );
+            }
+            Ok(())
+        }
+        Command::RemoveMember { coordinator, vm } => {
+            let mut client = admin(&coordinator).await?;
+            client
+                .remove_member(pb::RemoveMemberRequest { vm: vm.to_string() })
+                .await
+                .map_err(status_error)?;
+            println!("removed {vm} from the group");
+            Ok(())
+        }
         Command::Points {
             command: PointsCommand::List { store },
         } => {

@@ -1,0 +1,253 @@
+//! The coordinator's configuration (`coordinator.toml`): parsed and validated here, at the edge,
+//! with unknown fields rejected and every out-of-range value named.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use lifeboat_store::{GroupId, StoreConfig};
+use serde::{Deserialize, Deserializer};
+
+/// A parsed, validated coordinator configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The replication group this coordinator runs.
+    pub group: GroupId,
+    /// CA, server and admin credentials, join tokens, the member list.
+    pub state_dir: PathBuf,
+    /// Address to serve gRPC on; the well-known port is 20004.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Most VMs the group may hold (ASR allows 16).
+    #[serde(default = "default_max_members")]
+    pub max_members: usize,
+    /// How often agents must send heartbeats; three missed ones mark a member unhealthy.
+    #[serde(default = "default_heartbeat", with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// The cache store the group's agents write and where group points are published.
+    pub store: StoreConfig,
+    #[serde(default)]
+    pub policy: Policy,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], lifeboat_proto::PORT))
+}
+fn default_max_members() -> usize {
+    256
+}
+fn default_heartbeat() -> Duration {
+    Duration::from_secs(5)
+}
+
+/// When to cut points and how long each phase may take.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Policy {
+    /// Crash-consistent point interval, 10 s to 60 min.
+    #[serde(with = "humantime_serde")]
+    pub crash_interval: Duration,
+    /// App-consistent point interval, 1 h to 12 h, or "off".
+    #[serde(deserialize_with = "off_or_duration")]
+    pub app_interval: Option<Duration>,
+    pub crash: Deadlines,
+    pub app: Deadlines,
+    /// How long committed members have to upload their capture and write tags.
+    #[serde(with = "humantime_serde")]
+    pub tag_deadline: Duration,
+}
+
+/// The deadlines of one kind of cut (see the cut protocol in the `.proto`).
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Deadlines {
+    /// From Prepare to PREPARED: pre-copy, and the pre hooks of app points.
+    #[serde(with = "humantime_serde")]
+    pub prepare: Duration,
+    /// From Freeze to the last FROZEN ack.
+    #[serde(with = "humantime_serde")]
+    pub ack: Duration,
+    /// The agents' watchdog: longest a member stays frozen. Must exceed `ack`.
+    #[serde(with = "humantime_serde")]
+    pub freeze: Duration,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            crash_interval: Duration::from_secs(300),
+            app_interval: Some(Duration::from_secs(4 * 3600)),
+            crash: Deadlines {
+                prepare: Duration::from_secs(10),
+                ack: Duration::from_millis(500),
+                freeze: Duration::from_millis(1500),
+            },
+            app: Deadlines {
+                prepare: Duration::from_secs(60),
+                ack: Duration::from_secs(10),
+                freeze: Duration::from_secs(20),
+            },
+            tag_deadline: Duration::from_secs(300),
+        }
+    }
+}
+
+fn off_or_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let s = String::deserialize(d)?;
+    if s == "off" {
+        return Ok(None);
+    }
+    humantime::parse_duration(&s).map(Some).map_err(|e| {
+        serde::de::Error::custom(format!("{s:?}: {e} (a duration like \"4h\", or \"off\")"))
+    })
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            message,
+        };
+        let config: Config = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        config.validate().map_err(invalid)?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let p = &self.policy;
+        let range = |name: &str, v: Duration, lo: Duration, hi: Duration| {
+            if v < lo || v > hi {
+                Err(format!(
+                    "policy.{name} = {} is out of range ({} to {})",
+                    humantime::format_duration(v),
+                    humantime::format_duration(lo),
+                    humantime::format_duration(hi)
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        range(
+            "crash_interval",
+            p.crash_interval,
+            Duration::from_secs(10),
+            Duration::from_secs(3600),
+        )?;
+        if let Some(a) = p.app_interval {
+            range(
+                "app_interval",
+                a,
+                Duration::from_secs(3600),
+                Duration::from_secs(12 * 3600),
+            )?;
+        }
+        for (name, d) in [("crash", p.crash), ("app", p.app)] {
+            if d.prepare.is_zero() || d.ack.is_zero() {
+                return Err(format!("policy.{name}: deadlines must be positive"));
+            }
+            if d.freeze <= d.ack {
+                return Err(format!(
+                    "policy.{name}.freeze ({}) must be longer than policy.{name}.ack ({}): a member's watchdog must not thaw before the coordinator can have heard from every member",
+                    humantime::format_duration(d.freeze),
+                    humantime::format_duration(d.ack)
+                ));
+            }
+        }
+        if p.tag_deadline.is_zero() {
+            return Err("policy.tag_deadline must be positive".into());
+        }
+        if self.max_members == 0 || self.max_members > 4096 {
+            return Err(format!(
+                "max_members = {} is out of range (1 to 4096)",
+                self.max_members
+            ));
+        }
+        range(
+            "heartbeat_interval",
+            self.heartbeat_interval,
+            Duration::from_millis(100),
+            Duration::from_secs(60),
+        )
+        .map_err(|e| e.replace("policy.", ""))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+group = "g1"
+state_dir = "/tmp/x"
+[store]
+kind = "local"
+path = "/tmp/store"
+"#;
+
+    fn parse(extra: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("c.toml"), &format!("{BASE}{extra}"))
+    }
+
+    #[test]
+    fn defaults_follow_the_policy() {
+        let c = parse("").unwrap();
+        assert_eq!(c.listen.port(), 20004);
+        assert_eq!(c.max_members, 256);
+        assert_eq!(c.policy.crash_interval, Duration::from_secs(300));
+        assert_eq!(c.policy.app_interval, Some(Duration::from_secs(4 * 3600)));
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let e = parse("[policy]\ncrash_interval = \"5s\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("policy.crash_interval = 5s is out of range"),
+            "{e}"
+        );
+        let e = parse("[policy]\napp_interval = \"13h\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("app_interval"), "{e}");
+        assert!(
+            parse("[policy]\napp_interval = \"off\"\n")
+                .unwrap()
+                .policy
+                .app_interval
+                .is_none()
+        );
+        let e = parse("[policy.crash]\nprepare = \"1s\"\nack = \"1s\"\nfreeze = \"1s\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("must be longer than policy.crash.ack"), "{e}");
+        let e = parse("max_members = 0\n").unwrap_err().to_string();
+        assert!(e.contains("max_members"), "{e}");
+        let e = parse("colour = \"red\"\n").unwrap_err().to_string();
+        assert!(e.contains("unknown field"), "{e}");
+        let e = Config::parse(Path::new("c.toml"), &BASE.replace("g1", "../g")).unwrap_err();
+        assert!(e.to_string().contains("group"), "{e}");
+    }
+}

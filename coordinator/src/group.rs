@@ -1,0 +1,709 @@
+//! The replication group: who its members are, their sessions and health, and the cut protocol
+//! that turns the members' frozen captures into one shared recovery point.
+//!
+//! One cut runs at a time ([`Group::cut`] holds `cut_lock`). The protocol and the argument for
+//! why its points are consistent cuts are in `proto/lifeboat/v1/coordinator.proto`; this file
+//! enforces the coordinator's half: Freeze only to PREPARED members, Commit only with every
+//! FROZEN ack in before the ack deadline, and a point published (create-only, after reading back
+//! every covered tag) with exactly the members that acked TAGGED.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use futures::StreamExt;
+use lifeboat_proto::model::{
+    CoordinatorMessage, CutAck, CutKind, CutPhase, DiskStats, Heartbeat, Register,
+};
+use lifeboat_proto::pb;
+use lifeboat_store::layout::Layout;
+use lifeboat_store::manifest::{
+    Consistency, DiskRef, Excluded, Member as PointMember, PointKind, RecoveryPoint, now_millis,
+};
+use lifeboat_store::restore::StoreReader;
+use lifeboat_store::writer::StoreWriter;
+use lifeboat_store::{DiskId, GroupId, PointId, VmId};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tonic::Status;
+
+use crate::config::{Config, Deadlines};
+
+/// What a session's outbound half carries.
+pub type Outbound = mpsc::Sender<Result<pb::CoordinatorMessage, Status>>;
+
+/// A member as the coordinator sees it.
+#[derive(Debug, Default)]
+pub struct MemberState {
+    pub registered: Option<Register>,
+    session: Option<(u64, Outbound)>,
+    pub last_seen: Option<Instant>,
+    pub last_seen_ms: u64,
+    pub stats: Vec<(DiskId, DiskStats)>,
+}
+
+impl MemberState {
+    pub fn connected(&self) -> bool {
+        self.session.is_some()
+    }
+}
+
+/// The durable member list (`members.json`): enrolled VMs, and removed ones whose certificates
+/// are no longer accepted.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MemberFile {
+    members: BTreeSet<VmId>,
+    removed: BTreeSet<VmId>,
+}
+
+/// A published group point, as the catalog keeps it.
+#[derive(Debug, Clone)]
+pub struct Published {
+    pub point: RecoveryPoint,
+    pub consistency: Consistency,
+}
+
+/// Why a cut produced no point.
+#[derive(Debug, thiserror::Error)]
+pub enum CutError {
+    #[error("no member is connected")]
+    NoMembers,
+    #[error("no member could be covered: {0}")]
+    NoneCovered(String),
+    #[error("publishing the point failed: {0}")]
+    Publish(String),
+}
+
+type AckEvent = (VmId, CutAck);
+
+/// The group.
+#[derive(Debug)]
+pub struct Group {
+    pub id: GroupId,
+    pub config: Config,
+    writer: StoreWriter,
+    reader: StoreReader,
+    members: Mutex<BTreeMap<VmId, MemberState>>,
+    member_file: Mutex<MemberFile>,
+    cut_lock: tokio::sync::Mutex<()>,
+    last_cut: AtomicU64,
+    current: Mutex<Option<(u64, mpsc::UnboundedSender<AckEvent>)>>,
+    catalog: Mutex<Vec<RecoveryPoint>>,
+    next_session: AtomicU64,
+}
+
+fn members_path(config: &Config) -> PathBuf {
+    config.state_dir.join("members.json")
+}
+
+/// Cut ids are Unix milliseconds, bumped past every cut id already in the catalog, so they
+/// increase across restarts without extra state.
+fn cut_id_of(point: &PointId) -> Option<u64> {
+    point.as_str().strip_prefix('c')?.parse().ok()
+}
+
+pub fn point_id_of(cut_id: u64) -> PointId {
+    PointId::new(format!("c{cut_id:013}")).expect("valid point id")
+}
+
+impl Group {
+    /// Opens the group: member list from the state directory, catalog rebuilt from the store.
+    pub async fn open(config: Config) -> Result<Self> {
+        let backend = config
+            .store
+            .open()
+            .await
+            .context("cannot open the cache store")?;
+        let layout = Layout::new(config.group.clone());
+        let reader = StoreReader::new(backend.clone(), layout.clone());
+        let writer = StoreWriter::new(backend, layout);
+        let catalog: Vec<RecoveryPoint> = reader
+            .points()
+            .await
+            .context("cannot rebuild the point catalog from the store")?
+            .into_iter()
+            .filter(|p| p.multi_vm)
+            .collect();
+        let last_cut = catalog
+            .iter()
+            .filter_map(|p| cut_id_of(&p.id))
+            .max()
+            .unwrap_or(0);
+        let member_file: MemberFile = match std::fs::read_to_string(members_path(&config)) {
+            Ok(t) => serde_json::from_str(&t).context("members.json is damaged")?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => MemberFile::default(),
+            Err(e) => return Err(e).context("cannot read members.json"),
+        };
+        let members = member_file
+            .members
+            .iter()
+            .map(|vm| (vm.clone(), MemberState::default()))
+            .collect();
+        tracing::info!(
+            group = %config.group,
+            points = catalog.len(),
+            members = member_file.members.len(),
+            "catalog rebuilt from the store"
+        );
+        Ok(Group {
+            id: config.group.clone(),
+            writer,
+            reader,
+            members: Mutex::new(members),
+            member_file: Mutex::new(member_file),
+            cut_lock: tokio::sync::Mutex::new(()),
+            last_cut: AtomicU64::new(last_cut),
+            current: Mutex::new(None),
+            catalog: Mutex::new(catalog),
+            next_session: AtomicU64::new(1),
+            config,
+        })
+    }
+
+    fn save_members(&self, f: &MemberFile) -> Result<()> {
+        let path = members_path(&self.config);
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(f)?)?;
+        std::fs::File::open(&tmp)?.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        Ok(())
+    }
+
+    /// Whether `vm` may join (enrol): not beyond the group's size limit.
+    pub fn may_join(&self, vm: &VmId) -> Result<(), Status> {
+        let f = self.member_file.lock().unwrap();
+        if !f.members.contains(vm) && f.members.len() >= self.config.max_members {
+            return Err(Status::resource_exhausted(format!(
+                "group {} is full ({} members, max_members = {})",
+                self.id,
+                f.members.len(),
+                self.config.max_members
+            )));
+        }
+        Ok(())
+    }
+
+    /// Records an enrolled VM as a member (and lifts an earlier removal).
+    pub fn join(&self, vm: &VmId) -> Result<()> {
+        let mut f = self.member_file.lock().unwrap();
+        f.removed.remove(vm);
+        if f.members.insert(vm.clone()) {
+            self.save_members(&f)?;
+            self.members.lock().unwrap().entry(vm.clone()).or_default();
+            tracing::info!(%vm, "VM joined the group");
+        } else {
+            self.save_members(&f)?;
+        }
+        Ok(())
+    }
+
+    /// Removes a member: closes its session and refuses its certificate from now on.
+    pub fn remove(&self, vm: &VmId) -> Result<(), Status> {
+        let mut f = self.member_file.lock().unwrap();
+        if !f.members.remove(vm) {
+            return Err(Status::not_found(format!(
+                "VM {vm} is not a member of group {}",
+                self.id
+            )));
+        }
+        f.removed.insert(vm.clone());
+        self.save_members(&f)
+            .map_err(|e| Status::internal(format!("cannot save members.json: {e:#}")))?;
+        self.members.lock().unwrap().remove(vm);
+        tracing::info!(%vm, "VM removed from the group");
+        Ok(())
+    }
+
+    /// Attaches a registered session; a second session for the same VM replaces the first.
+    pub fn attach(&self, reg: Register, tx: Outbound) -> Result<u64, Status> {
+        let vm = reg.vm.clone();
+        {
+            let mut f = self.member_file.lock().unwrap();
+            if f.removed.contains(&vm) {
+                return Err(Status::permission_denied(format!(
+                    "VM {vm} was removed from group {}; enrol it again with a new join token",
+                    self.id
+                )));
+            }
+            if !f.members.contains(&vm) {
+                // Enrolled with this CA but not on the list (for example members.json was
+                // restored from a backup): the certificate is proof enough, within the limit.
+                if f.members.len() >= self.config.max_members {
+                    return Err(Status::resource_exhausted(format!(
+                        "group {} is full (max_members = {})",
+                        self.id, self.config.max_members
+                    )));
+                }
+                f.members.insert(vm.clone());
+                let _ = self.save_members(&f);
+            }
+        }
+        let id = self.next_session.fetch_add(1, Ordering::Relaxed);
+        let mut members = self.members.lock().unwrap();
+        let m = members.entry(vm.clone()).or_default();
+        if m.session.is_some() {
+            tracing::info!(%vm, "a new session replaces the previous one");
+        }
+        m.registered = Some(reg);
+        m.session = Some((id, tx));
+        m.last_seen = Some(Instant::now());
+        m.last_seen_ms = now_millis();
+        tracing::info!(%vm, session = id, "member connected");
+        Ok(id)
+    }
+
+    /// A session ended.
+    pub fn detach(&self, vm: &VmId, session: u64) {
+        let mut members = self.members.lock().unwrap();
+        if let Some(m) = members.get_mut(vm)
+            && m.session.as_ref().is_some_and(|(id, _)| *id == session)
+        {
+            m.session = None;
+            tracing::warn!(%vm, "member disconnected");
+            drop(members);
+            // A cut in progress need not wait for its deadline to learn this member is gone.
+            if let Some((cut_id, tx)) = &*self.current.lock().unwrap() {
+                let _ = tx.send((
+                    vm.clone(),
+                    CutAck {
+                        cut_id: *cut_id,
+                        phase: CutPhase::Failed,
+                        disks: vec![],
+                        consistency: Consistency::NotFrozen,
+                        error: Some("disconnected".into()),
+                    },
+                ));
+            }
+        }
+    }
+
+    pub fn heartbeat(&self, vm: &VmId, session: u64, hb: Heartbeat) {
+        let mut members = self.members.lock().unwrap();
+        if let Some(m) = members.get_mut(vm)
+            && m.session.as_ref().is_some_and(|(id, _)| *id == session)
+        {
+            m.last_seen = Some(Instant::now());
+            m.last_seen_ms = now_millis();
+            m.stats = hb.disks;
+        }
+    }
+
+    pub fn ack(&self, vm: &VmId, ack: CutAck) {
+        if let Some(m) = self.members.lock().unwrap().get_mut(vm) {
+            m.last_seen = Some(Instant::now());
+            m.last_seen_ms = now_millis();
+        }
+        match &*self.current.lock().unwrap() {
+            Some((cut_id, tx)) if *cut_id == ack.cut_id => {
+                let _ = tx.send((vm.clone(), ack));
+            }
+            _ => {
+                tracing::debug!(%vm, cut = ack.cut_id, "ack for a cut that is not running; ignored")
+            }
+        }
+    }
+
+    /// Whether a member is connected and heard from within three heartbeat intervals.
+    pub fn healthy(&self, m: &MemberState) -> bool {
+        m.connected()
+            && m.last_seen
+                .is_some_and(|t| t.elapsed() <= self.config.heartbeat_interval * 3)
+    }
+
+    /// A snapshot of the members for the Admin API.
+    pub fn members(&self) -> Vec<pb::MemberStatus> {
+        let members = self.members.lock().unwrap();
+        members
+            .iter()
+            .map(|(vm, m)| {
+                let reg = m.registered.clone().map(pb::Register::from);
+                pb::MemberStatus {
+                    vm: vm.to_string(),
+                    connected: m.connected(),
+                    healthy: self.healthy(m),
+                    last_seen_ms: m.last_seen_ms,
+                    facts: reg.as_ref().and_then(|r| r.facts.clone()),
+                    disks: reg.map(|r| r.disks).unwrap_or_default(),
+                    stats: m
+                        .stats
+                        .iter()
+                        .map(|(d, s)| lifeboat_proto::model::stats_to_wire(d.clone(), s.clone()))
+                        .collect(),
+                }
+            })
+            .collect()
+    }
+
+    /// Logs members that stopped sending heartbeats (and when they come back); runs forever.
+    pub async fn watch_health(&self) {
+        let mut unhealthy = BTreeSet::new();
+        loop {
+            tokio::time::sleep(self.config.heartbeat_interval).await;
+            let members = self.members.lock().unwrap();
+            for (vm, m) in members.iter() {
+                let ok = self.healthy(m);
+                if !ok && unhealthy.insert(vm.clone()) {
+                    tracing::warn!(%vm, connected = m.connected(), "member unhealthy: no heartbeat for three intervals");
+                } else if ok && unhealthy.remove(vm) {
+                    tracing::info!(%vm, "member healthy again");
+                }
+            }
+        }
+    }
+
+    /// The group points published so far (from the store at start-up, then as cut).
+    pub fn catalog(&self) -> Vec<RecoveryPoint> {
+        self.catalog.lock().unwrap().clone()
+    }
+
+    fn deadlines(&self, kind: CutKind) -> Deadlines {
+        match kind {
+            CutKind::Crash => self.config.policy.crash,
+            CutKind::App => self.config.policy.app,
+        }
+    }
+
+    /// Runs one cut across the connected members and publishes its point.
+    pub async fn cut(&self, kind: CutKind) -> Result<Published, CutError> {
+        let _one_at_a_time = self.cut_lock.lock().await;
+        let started = Instant::now();
+        let cut_id = {
+            let prev = self.last_cut.load(Ordering::SeqCst);
+            let id = now_millis().max(prev + 1);
+            self.last_cut.store(id, Ordering::SeqCst);
+            id
+        };
+        let (ack_tx, mut acks) = mpsc::unbounded_channel();
+        *self.current.lock().unwrap() = Some((cut_id, ack_tx));
+        let result = self.run_cut(cut_id, kind, &mut acks).await;
+        *self.current.lock().unwrap() = None;
+        match &result {
+            Ok(p) => tracing::info!(
+                cut = cut_id,
+                point = %p.point.id,
+                ?kind,
+                covered = p.point.members.len(),
+                excluded = p.point.excluded.len(),
+                took = ?started.elapsed(),
+                "published group point"
+            ),
+            Err(e) => tracing::warn!(cut = cut_id, ?kind, error = %e, "cut produced no point"),
+        }
+        result
+    }
+
+    fn send(&self, to: &[VmId], msg: CoordinatorMessage) -> Vec<VmId> {
+        let wire = pb::CoordinatorMessage::from(msg);
+        let members = self.members.lock().unwrap();
+        let mut failed = Vec::new();
+        for vm in to {
+            let sent = members
+                .get(vm)
+                .and_then(|m| m.session.as_ref())
+                .is_some_and(|(_, tx)| tx.try_send(Ok(wire.clone())).is_ok());
+            if !sent {
+                failed.push(vm.clone());
+            }
+        }
+        failed
+    }
+
+    /// Waits until every member of `waiting` answered `phase` (or failed), or the deadline.
+    /// Returns the members that reached the phase, with their acks.
+    async fn collect(
+        &self,
+        acks: &mut mpsc::UnboundedReceiver<AckEvent>,
+        mut waiting: BTreeSet<VmId>,
+        phase: CutPhase,
+        deadline: tokio::time::Instant,
+        excluded: &mut Vec<Excluded>,
+    ) -> BTreeMap<VmId, CutAck> {
+        let mut reached = BTreeMap::new();
+        while !waiting.is_empty() {
+            let ev = tokio::time::timeout_at(deadline, acks.recv()).await;
+            let Ok(Some((vm, ack))) = ev else { break };
+            if !waiting.contains(&vm) {
+                continue;
+            }
+            if ack.phase == phase {
+                waiting.remove(&vm);
+                reached.insert(vm, ack);
+            } else if ack.phase == CutPhase::Failed {
+                waiting.remove(&vm);
+                excluded.push(Excluded {
+                    vm,
+                    reason: ack.error.unwrap_or_else(|| "failed".into()),
+                });
+            }
+        }
+        let what = match phase {
+            CutPhase::Prepared => "missed the prepare deadline",
+            CutPhase::Frozen => "missed the freeze acknowledgement deadline",
+            _ => "did not write its tags before the tag deadline",
+        };
+        for vm in waiting {
+            excluded.push(Excluded {
+                vm,
+                reason: what.into(),
+            });
+        }
+        reached
+    }
+
+    async fn run_cut(
+        &self,
+        cut_id: u64,
+        kind: CutKind,
+        acks: &mut mpsc::UnboundedReceiver<AckEvent>,
+    ) -> Result<Published, CutError> {
+        let d = self.deadlines(kind);
+        let mut excluded = Vec::new();
+        let (connected, known): (Vec<VmId>, Vec<VmId>) = {
+            let members = self.members.lock().unwrap();
+            (
+                members
+                    .iter()
+                    .filter(|(_, m)| m.connected())
+                    .map(|(vm, _)| vm.clone())
+                    .collect(),
+                members.keys().cloned().collect(),
+            )
+        };
+        for vm in &known {
+            if !connected.contains(vm) {
+                excluded.push(Excluded {
+                    vm: vm.clone(),
+                    reason: "not connected".into(),
+                });
+            }
+        }
+        if connected.is_empty() {
+            return Err(CutError::NoMembers);
+        }
+        let abort = |who: &[VmId], reason: &str| {
+            self.send(
+                who,
+                CoordinatorMessage::Abort {
+                    cut_id,
+                    reason: reason.into(),
+                },
+            );
+        };
+
+        // Phase 1: prepare (hooks, pre-copy).
+        let unreachable = self.send(
+            &connected,
+            CoordinatorMessage::Prepare {
+                cut_id,
+                kind,
+                prepare_deadline: d.prepare,
+            },
+        );
+        let asked: BTreeSet<VmId> = connected
+            .iter()
+            .filter(|vm| !unreachable.contains(vm))
+            .cloned()
+            .collect();
+        excluded.extend(unreachable.into_iter().map(|vm| Excluded {
+            vm,
+            reason: "session not accepting messages".into(),
+        }));
+        let deadline = tokio::time::Instant::now() + d.prepare;
+        let prepared = self
+            .collect(
+                acks,
+                asked.clone(),
+                CutPhase::Prepared,
+                deadline,
+                &mut excluded,
+            )
+            .await;
+        let late: Vec<VmId> = asked
+            .iter()
+            .filter(|v| !prepared.contains_key(*v))
+            .cloned()
+            .collect();
+        abort(&late, "excluded from this cut");
+        if prepared.is_empty() {
+            return Err(CutError::NoneCovered(summary(&excluded)));
+        }
+
+        // Phase 2: freeze. The clock for the ack deadline starts before the first Freeze goes
+        // out, so every member froze after it started (see the .proto).
+        let freeze_start = tokio::time::Instant::now();
+        let to_freeze: Vec<VmId> = prepared.keys().cloned().collect();
+        let unreachable = self.send(
+            &to_freeze,
+            CoordinatorMessage::Freeze {
+                cut_id,
+                ack_deadline: d.ack,
+                freeze_deadline: d.freeze,
+            },
+        );
+        excluded.extend(unreachable.iter().map(|vm| Excluded {
+            vm: vm.clone(),
+            reason: "session not accepting messages".into(),
+        }));
+        let asked: BTreeSet<VmId> = to_freeze
+            .into_iter()
+            .filter(|vm| !unreachable.contains(vm))
+            .collect();
+        let frozen = self
+            .collect(
+                acks,
+                asked.clone(),
+                CutPhase::Frozen,
+                freeze_start + d.ack,
+                &mut excluded,
+            )
+            .await;
+        // The consistent instant: every member in `frozen` is frozen now.
+        let cut_time = now_millis();
+        let late: Vec<VmId> = asked
+            .iter()
+            .filter(|v| !frozen.contains_key(*v))
+            .cloned()
+            .collect();
+        abort(&late, "excluded from this cut");
+        if frozen.is_empty() {
+            return Err(CutError::NoneCovered(summary(&excluded)));
+        }
+
+        // Phase 3: commit; members thaw, upload and tag.
+        let point_id = point_id_of(cut_id);
+        let committed: Vec<VmId> = frozen.keys().cloned().collect();
+        let unreachable = self.send(
+            &committed,
+            CoordinatorMessage::Commit {
+                cut_id,
+                point_id: point_id.clone(),
+            },
+        );
+        excluded.extend(unreachable.iter().map(|vm| Excluded {
+            vm: vm.clone(),
+            reason: "commit could not be delivered".into(),
+        }));
+        let asked: BTreeSet<VmId> = committed
+            .into_iter()
+            .filter(|vm| !unreachable.contains(vm))
+            .collect();
+        let deadline = tokio::time::Instant::now() + self.config.policy.tag_deadline;
+        let tagged = self
+            .collect(acks, asked, CutPhase::Tagged, deadline, &mut excluded)
+            .await;
+        if tagged.is_empty() {
+            return Err(CutError::NoneCovered(summary(&excluded)));
+        }
+
+        // Publish: read every covered tag back; a member's label is the weakest of what its ack
+        // claims and what its tags in the store say.
+        let checks = futures::stream::iter(
+            tagged
+                .into_iter()
+                .map(|(vm, ack)| covered_member(&self.reader, vm, ack)),
+        )
+        .buffer_unordered(32)
+        .collect::<Vec<_>>()
+        .await;
+        let mut members = Vec::new();
+        for c in checks {
+            match c {
+                Ok(m) => members.push(m),
+                Err(e) => return Err(CutError::Publish(e)),
+            }
+        }
+        members.sort_by(|a, b| a.vm.cmp(&b.vm));
+        excluded.sort_by(|a, b| a.vm.cmp(&b.vm));
+        let consistency = members
+            .iter()
+            .map(|m| m.consistency)
+            .min()
+            .unwrap_or(Consistency::NotFrozen);
+        let point = RecoveryPoint {
+            id: point_id,
+            group: self.id.clone(),
+            time: cut_time,
+            kind: if consistency == Consistency::App {
+                PointKind::App
+            } else {
+                PointKind::Crash
+            },
+            multi_vm: true,
+            members,
+            excluded,
+        };
+        self.writer
+            .put_point(&point)
+            .await
+            .map_err(|e| CutError::Publish(e.to_string()))?;
+        self.catalog.lock().unwrap().push(point.clone());
+        Ok(Published { point, consistency })
+    }
+
+    /// Cuts points on the policy's schedule; runs forever. An app point due at the same time as
+    /// a crash point replaces it (an app point is also crash-consistent).
+    pub async fn schedule(&self) {
+        let policy = self.config.policy.clone();
+        let mut next_crash = tokio::time::Instant::now() + policy.crash_interval;
+        let mut next_app = policy.app_interval.map(|i| tokio::time::Instant::now() + i);
+        loop {
+            let due = match next_app {
+                Some(a) if a <= next_crash => a,
+                _ => next_crash,
+            };
+            tokio::time::sleep_until(due).await;
+            let now = tokio::time::Instant::now();
+            let kind = if next_app.is_some_and(|a| a <= now) {
+                next_app = policy.app_interval.map(|i| now + i);
+                CutKind::App
+            } else {
+                CutKind::Crash
+            };
+            next_crash = now + policy.crash_interval;
+            if let Err(e) = self.cut(kind).await {
+                tracing::warn!(?kind, error = %e, "scheduled cut failed");
+            }
+        }
+    }
+}
+
+/// A covered member's entry in the point, from its TAGGED ack checked against the store.
+async fn covered_member(
+    reader: &StoreReader,
+    vm: VmId,
+    ack: CutAck,
+) -> Result<PointMember, String> {
+    let mut label = ack.consistency;
+    let mut disks = Vec::new();
+    for p in &ack.disks {
+        let tag = reader
+            .tag(&vm, &p.disk, p.tag)
+            .await
+            .map_err(|e| format!("tag {} of {vm}/{}: {e}", p.tag, p.disk))?;
+        label = label.min(tag.consistency);
+        disks.push(DiskRef {
+            disk: p.disk.clone(),
+            tag: p.tag,
+        });
+    }
+    Ok(PointMember {
+        vm,
+        disks,
+        consistency: label,
+    })
+}
+
+fn summary(excluded: &[Excluded]) -> String {
+    excluded
+        .iter()
+        .map(|e| format!("{}: {}", e.vm, e.reason))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// How long to wait before giving up on a session's first message.
+pub const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);

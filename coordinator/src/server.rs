@@ -1,0 +1,455 @@
+//! Serving port 20004: our own TLS accept loop (so refused handshakes are logged with the peer,
+//! and one source cannot exhaust the handshake slots), then tonic with the Enrollment, Session
+//! and Admin services plus standard health checking and reflection.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context as TaskContext, Poll};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use lifeboat_proto::model::{AgentMessage, CoordinatorMessage};
+use lifeboat_proto::pb;
+use lifeboat_proto::tls::ADMIN_PREFIX;
+use lifeboat_store::VmId;
+use rustls::server::WebPkiClientVerifier;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::Connected;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::group::{self, CutError, Group};
+use crate::pki::{self, Ca};
+use crate::tokens::{self, TokenError};
+
+/// Handshakes one source address may have in flight; more are refused at once.
+const HANDSHAKES_PER_SOURCE: usize = 32;
+/// A TLS handshake must finish within this.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn server_tls(state_dir: &std::path::Path) -> Result<rustls::ServerConfig> {
+    let (chain, key) = pki::server_identity(state_dir)?;
+    let ca = Ca::load(state_dir)?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in lifeboat_proto::tls::certs("CA", &ca.ca_pem)? {
+        roots.add(c)?;
+    }
+    // Client certificates are optional at the TLS layer (enrolment, health and reflection need
+    // none); any certificate presented must chain to the group CA, and each service checks that
+    // the one it needs is there.
+    let verifier = WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        lifeboat_proto::tls::provider(),
+    )
+    .allow_unauthenticated()
+    .build()?;
+    let mut config = rustls::ServerConfig::builder_with_provider(lifeboat_proto::tls::provider())
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            lifeboat_proto::tls::certs("server certificate", &chain)?,
+            lifeboat_proto::tls::key("server key", &key)?,
+        )?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
+/// An accepted TLS connection; holds its connection slot until dropped.
+struct Conn {
+    inner: TlsStream<TcpStream>,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Connected for Conn {
+    type ConnectInfo = <TlsStream<TcpStream> as Connected>::ConnectInfo;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Accepts TCP connections and completes TLS handshakes, handing finished ones to tonic.
+async fn accept_loop(
+    listener: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    max_connections: usize,
+    out: mpsc::Sender<std::io::Result<Conn>>,
+) {
+    let slots = Arc::new(Semaphore::new(max_connections));
+    let pending: Arc<Mutex<HashMap<IpAddr, usize>>> = Arc::default();
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, max_connections, "refusing connection: too many open connections");
+            continue;
+        };
+        {
+            let mut p = pending.lock().unwrap();
+            let n = p.entry(peer.ip()).or_default();
+            if *n >= HANDSHAKES_PER_SOURCE {
+                tracing::warn!(%peer, "refusing connection: too many handshakes in flight from this source");
+                continue;
+            }
+            *n += 1;
+        }
+        let (acceptor, out, pending) = (acceptor.clone(), out.clone(), pending.clone());
+        tokio::spawn(async move {
+            let _ = tcp.set_nodelay(true);
+            let r = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+            {
+                let mut p = pending.lock().unwrap();
+                if let Some(n) = p.get_mut(&peer.ip()) {
+                    *n -= 1;
+                    if *n == 0 {
+                        p.remove(&peer.ip());
+                    }
+                }
+            }
+            match r {
+                Ok(Ok(tls)) => {
+                    let _ = out
+                        .send(Ok(Conn {
+                            inner: tls,
+                            _slot: slot,
+                        }))
+                        .await;
+                }
+                Ok(Err(e)) => refused(peer, &e.to_string()),
+                Err(_) => refused(peer, "TLS handshake timed out"),
+            }
+        });
+    }
+}
+
+fn refused(peer: SocketAddr, why: &str) {
+    let hint = if why.contains("InvalidContentType") || why.contains("corrupt message") {
+        " (plaintext? the coordinator only speaks TLS)"
+    } else {
+        ""
+    };
+    tracing::warn!(%peer, "refused connection: {why}{hint}");
+}
+
+/// The common name of the verified client certificate, if one was presented.
+fn peer_name<T>(req: &Request<T>) -> Option<String> {
+    let certs = req.peer_certs()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(certs.first()?).ok()?;
+    let cn = cert
+        .subject()
+        .iter_common_name()
+        .next()?
+        .as_str()
+        .ok()?
+        .to_string();
+    Some(cn)
+}
+
+fn peer_addr<T>(req: &Request<T>) -> String {
+    req.remote_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|| "?".into())
+}
+
+fn require_admin<T>(req: &Request<T>) -> Result<String, Status> {
+    match peer_name(req) {
+        Some(n) if n.starts_with(ADMIN_PREFIX) => Ok(n),
+        Some(n) => {
+            tracing::warn!(peer = %peer_addr(req), cert = %n, "admin call refused: not an admin certificate");
+            Err(Status::permission_denied(format!(
+                "certificate {n:?} is not an admin certificate"
+            )))
+        }
+        None => Err(Status::unauthenticated(
+            "an admin client certificate is required (see the coordinator's admin/ directory)",
+        )),
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Services {
+    group: Arc<Group>,
+    ca: Arc<Ca>,
+}
+
+#[tonic::async_trait]
+impl pb::enrollment_server::Enrollment for Services {
+    async fn get_ca(
+        &self,
+        _: Request<pb::GetCaRequest>,
+    ) -> Result<Response<pb::GetCaResponse>, Status> {
+        Ok(Response::new(pb::GetCaResponse {
+            ca_pem: self.ca.ca_pem.clone(),
+        }))
+    }
+
+    async fn enroll(
+        &self,
+        req: Request<pb::EnrollRequest>,
+    ) -> Result<Response<pb::EnrollResponse>, Status> {
+        let peer = peer_addr(&req);
+        let r = req.into_inner();
+        let vm = VmId::new(r.vm.clone())
+            .map_err(|e| Status::invalid_argument(format!("EnrollRequest.vm: {e}")))?;
+        self.group.may_join(&vm)?;
+        let state_dir = self.group.config.state_dir.clone();
+        if let Err(e) = tokens::consume(&state_dir, &r.token, &vm) {
+            tracing::warn!(%peer, %vm, error = %e, detail = ?e, "enrolment refused");
+            return Err(match e {
+                TokenError::Invalid(_) => Status::unauthenticated(e.to_string()),
+                TokenError::WrongVm { .. } => Status::permission_denied(e.to_string()),
+            });
+        }
+        let cert = self.ca.sign_agent(&r.csr_pem, &vm).map_err(|e| {
+            tracing::warn!(%peer, %vm, error = %e, "enrolment refused");
+            Status::invalid_argument(format!("EnrollRequest.csr_pem: {e:#}"))
+        })?;
+        self.group
+            .join(&vm)
+            .map_err(|e| Status::internal(format!("cannot record the member: {e:#}")))?;
+        tracing::info!(%peer, %vm, "agent enrolled");
+        Ok(Response::new(pb::EnrollResponse {
+            certificate_pem: cert,
+            ca_pem: self.ca.ca_pem.clone(),
+            group: self.group.id.to_string(),
+        }))
+    }
+}
+
+type SessionStream = ReceiverStream<Result<pb::CoordinatorMessage, Status>>;
+
+#[tonic::async_trait]
+impl pb::session_server::Session for Services {
+    type OpenStream = SessionStream;
+
+    async fn open(
+        &self,
+        req: Request<Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<SessionStream>, Status> {
+        let peer = peer_addr(&req);
+        let name = peer_name(&req).ok_or_else(|| {
+            tracing::warn!(%peer, "session refused: no client certificate");
+            Status::unauthenticated(
+                "a client certificate is required; enrol first with `lifeboat-agent enroll`",
+            )
+        })?;
+        let cert_vm = VmId::new(name.clone()).map_err(|_| {
+            Status::permission_denied(format!("certificate {name:?} is not an agent certificate"))
+        })?;
+        let mut inbound = req.into_inner();
+        let first = tokio::time::timeout(group::REGISTER_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no Register message within 10 s"))??
+            .ok_or_else(|| Status::cancelled("stream closed before Register"))?;
+        let reg = match AgentMessage::try_from(first) {
+            Ok(AgentMessage::Register(r)) => r,
+            Ok(_) => {
+                return Err(Status::invalid_argument(
+                    "the first message of a session must be Register",
+                ));
+            }
+            Err(e) => {
+                tracing::warn!(%peer, vm = %cert_vm, error = %e, "malformed Register refused");
+                return Err(e.into());
+            }
+        };
+        if reg.vm != cert_vm {
+            tracing::warn!(%peer, cert = %cert_vm, claimed = %reg.vm, "session refused: agent claimed another VM's id");
+            return Err(Status::permission_denied(format!(
+                "this certificate is for VM {cert_vm}; it cannot register as {}",
+                reg.vm
+            )));
+        }
+        let (tx, rx) = mpsc::channel(64);
+        let session = self.group.attach(reg, tx.clone())?;
+        let registered = CoordinatorMessage::Registered {
+            group: self.group.id.clone(),
+            heartbeat_interval: self.group.config.heartbeat_interval,
+        };
+        let _ = tx.send(Ok(registered.into())).await;
+        let group = self.group.clone();
+        tokio::spawn(async move {
+            loop {
+                match inbound.message().await {
+                    Ok(Some(m)) => match AgentMessage::try_from(m) {
+                        Ok(AgentMessage::Heartbeat(h)) => group.heartbeat(&cert_vm, session, h),
+                        Ok(AgentMessage::CutAck(a)) => group.ack(&cert_vm, a),
+                        Ok(AgentMessage::Register(_)) => {
+                            let _ = tx
+                                .send(Err(Status::invalid_argument("Register sent twice")))
+                                .await;
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::warn!(vm = %cert_vm, error = %e, "malformed message; closing the session");
+                            let _ = tx.send(Err(e.into())).await;
+                            break;
+                        }
+                    },
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::debug!(vm = %cert_vm, error = %e, "session stream error");
+                        break;
+                    }
+                }
+            }
+            group.detach(&cert_vm, session);
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::admin_server::Admin for Services {
+    async fn snapshot(
+        &self,
+        req: Request<pb::SnapshotRequest>,
+    ) -> Result<Response<pb::SnapshotResponse>, Status> {
+        let who = require_admin(&req)?;
+        let kind =
+            lifeboat_proto::model::cut_kind_from_wire("SnapshotRequest.kind", req.get_ref().kind)?;
+        tracing::info!(admin = %who, ?kind, "on-demand snapshot");
+        let p = self.group.cut(kind).await.map_err(|e| match e {
+            CutError::NoMembers | CutError::NoneCovered(_) => {
+                Status::failed_precondition(e.to_string())
+            }
+            CutError::Publish(_) => Status::internal(e.to_string()),
+        })?;
+        Ok(Response::new(pb::SnapshotResponse {
+            point_id: p.point.id.to_string(),
+            time_ms: p.point.time,
+            consistency: lifeboat_proto::model::consistency_to_wire(p.consistency),
+            covered: p.point.members.iter().map(|m| m.vm.to_string()).collect(),
+            excluded: p
+                .point
+                .excluded
+                .iter()
+                .map(|e| pb::Excluded {
+                    vm: e.vm.to_string(),
+                    reason: e.reason.clone(),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn members(
+        &self,
+        req: Request<pb::MembersRequest>,
+    ) -> Result<Response<pb::MembersResponse>, Status> {
+        require_admin(&req)?;
+        Ok(Response::new(pb::MembersResponse {
+            group: self.group.id.to_string(),
+            members: self.group.members(),
+        }))
+    }
+
+    async fn remove_member(
+        &self,
+        req: Request<pb::RemoveMemberRequest>,
+    ) -> Result<Response<pb::RemoveMemberResponse>, Status> {
+        let who = require_admin(&req)?;
+        let vm = VmId::new(req.into_inner().vm)
+            .map_err(|e| Status::invalid_argument(format!("RemoveMemberRequest.vm: {e}")))?;
+        tracing::info!(admin = %who, %vm, "removing member");
+        self.group.remove(&vm)?;
+        Ok(Response::new(pb::RemoveMemberResponse {}))
+    }
+}
+
+/// Serves until `shutdown` resolves. `ready` receives the bound address (port 0 in tests).
+pub async fn serve(
+    config: crate::config::Config,
+    ready: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<()> {
+    let tls = server_tls(&config.state_dir)?;
+    let ca = Arc::new(Ca::load(&config.state_dir)?);
+    let max_connections = config.max_members * 2 + 64;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    let group = Arc::new(Group::open(config).await?);
+    tracing::info!(%addr, group = %group.id, ca = %ca.fingerprint, "coordinator serving");
+    if let Some(r) = ready {
+        let _ = r.send(addr);
+    }
+
+    let (conn_tx, conn_rx) = mpsc::channel(64);
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let accept = tokio::spawn(accept_loop(listener, acceptor, max_connections, conn_tx));
+    let health_task = {
+        let g = group.clone();
+        tokio::spawn(async move { g.watch_health().await })
+    };
+    let schedule_task = {
+        let g = group.clone();
+        tokio::spawn(async move { g.schedule().await })
+    };
+
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<pb::session_server::SessionServer<Services>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(lifeboat_proto::DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let services = Services { group, ca };
+    let result = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(2)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(4)))
+        .tcp_nodelay(true)
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(pb::enrollment_server::EnrollmentServer::new(
+            services.clone(),
+        ))
+        .add_service(pb::session_server::SessionServer::new(services.clone()))
+        .add_service(pb::admin_server::AdminServer::new(services))
+        .serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), shutdown)
+        .await;
+    accept.abort();
+    health_task.abort();
+    schedule_task.abort();
+    result.context("gRPC server failed")
+}

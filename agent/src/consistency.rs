@@ -66,7 +66,15 @@ impl Frozen {
 
     /// Thaws everything; fails if any thaw failed or the deadline had already passed (the
     /// watchdog may have thawed, so the capture cannot be trusted as a consistent cut).
-    pub fn thaw(mut self) -> Result<FreezeWindow> {
+    /// Whether the deadline has not passed yet (so the watchdog has not thawed).
+    pub fn within_deadline(&self) -> bool {
+        self.started.elapsed() <= self.deadline
+    }
+
+    /// Thaws everything. With `capture_done`, the capture finished before the deadline and
+    /// stays valid even if the watchdog has thawed since (a group member kept frozen waiting
+    /// for its Commit); otherwise passing the deadline fails: the watchdog may have thawed mid-capture.
+    pub fn thaw_after_capture(mut self, capture_done: bool) -> Result<FreezeWindow> {
         let held = self.started.elapsed();
         let result = self.thaw_all();
         let window = FreezeWindow {
@@ -75,7 +83,7 @@ impl Frozen {
             held,
         };
         result?;
-        if held > self.deadline {
+        if held > self.deadline && !capture_done {
             bail!(
                 "freeze held {held:?}, past its {:?} deadline; the cut is discarded",
                 self.deadline

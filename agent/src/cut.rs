@@ -1,4 +1,6 @@
-//! Cutting a single-VM recovery point: pre-copy, quiesce, freeze, capture, thaw, publish.
+//! Cutting a recovery point: pre-copy, quiesce, freeze, capture, thaw, tag — alone (a
+//! single-VM point the agent publishes) or as one member of a group cut, where a [`Driver`]
+//! talking to the coordinator decides when to freeze and whether the capture is kept.
 //!
 //! 1. reconcile each disk's state with the store;
 //! 2. pre-copy: ship every disk's changes while the VM runs (the bulk of the data);
@@ -12,6 +14,7 @@
 //! is tagged or published, and the next cycle starts over from the last durable state.
 
 use std::collections::BTreeSet;
+use std::future::Future;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -24,16 +27,68 @@ use crate::scan::ScanStats;
 use crate::sync::{self, Agent, ShipMode};
 use crate::watch::{Hints, Watchers};
 
-/// What a cut did, per disk and overall.
+/// What a cut did, per disk and overall. `point` is set when the agent published one itself.
 #[derive(Debug)]
 pub struct CutReport {
-    pub point: RecoveryPoint,
+    pub point: Option<RecoveryPoint>,
     pub tags: Vec<Tag>,
     pub precopy: Vec<ScanStats>,
     pub capture: Vec<ScanStats>,
     pub freeze: Option<FreezeWindow>,
     pub stored_bytes: u64,
     pub elapsed: Duration,
+}
+
+/// The two moments a cut waits for permission. [`Local`] grants both at once; a group member's
+/// driver asks the coordinator (see `member.rs`).
+pub trait Driver {
+    /// Hooks ran (`quiesced` says whether they succeeded) and the pre-copy is shipped. Returns
+    /// the freeze deadline and the time the capture may take, or an error to abandon the cut.
+    fn prepared(&mut self, quiesced: bool) -> impl Future<Output = Result<Budget>>;
+    /// Frozen and captured. `Ok` keeps the capture; an error discards it.
+    fn captured(&mut self) -> impl Future<Output = Result<()>>;
+    /// Whether pre-copy and an in-memory capture are wanted even without a freeze (a group
+    /// member must answer Freeze quickly whatever its provider).
+    fn always_collect(&self) -> bool;
+}
+
+/// The freeze deadline (the watchdog's) and the time the capture may take.
+#[derive(Debug, Clone, Copy)]
+pub struct Budget {
+    pub freeze: Duration,
+    pub capture: Duration,
+}
+
+/// A cut the agent runs alone.
+#[derive(Debug)]
+pub struct Local {
+    pub freeze: Duration,
+}
+
+impl Driver for Local {
+    async fn prepared(&mut self, _quiesced: bool) -> Result<Budget> {
+        // Keep a margin for thawing inside the deadline.
+        Ok(Budget {
+            freeze: self.freeze,
+            capture: self.freeze.mul_f64(0.8),
+        })
+    }
+    async fn captured(&mut self) -> Result<()> {
+        Ok(())
+    }
+    fn always_collect(&self) -> bool {
+        false
+    }
+}
+
+/// The shortest `freeze_timeout` of the disks that freeze (2 s when none does).
+pub fn local_freeze_deadline(disks: &[DiskConfig]) -> Duration {
+    disks
+        .iter()
+        .filter(|d| d.consistency != ConsistencyKind::None)
+        .map(|d| d.freeze_timeout)
+        .min()
+        .unwrap_or(Duration::from_secs(2))
 }
 
 /// The mounts to freeze for the configured disks, deduplicated.
@@ -59,13 +114,35 @@ fn millis(t: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
-/// Cuts a point for every configured disk of this VM. `verify` re-reads every file of directory
-/// disks; `watchers` (in `run`) name files to re-read whatever their stamps say.
+/// Cuts and publishes a single-VM point for every configured disk of this VM. `verify` re-reads
+/// every file of directory disks; `watchers` (in `run`) name files to re-read whatever their
+/// stamps say.
 pub async fn cut(
     agent: &Agent,
     app: bool,
     verify: bool,
     watchers: Option<&Watchers>,
+) -> Result<CutReport> {
+    let mut local = Local {
+        freeze: local_freeze_deadline(&agent.config.disks),
+    };
+    let mut r = cut_with(agent, app, verify, watchers, &mut local).await?;
+    let kind = if r.tags.iter().all(|t| t.consistency == Consistency::App) {
+        PointKind::App
+    } else {
+        PointKind::Crash
+    };
+    r.point = Some(agent.publish_local_point(&r.tags, kind).await?);
+    Ok(r)
+}
+
+/// Cuts every disk of this VM under `driver` and writes the tags; publishes nothing.
+pub async fn cut_with(
+    agent: &Agent,
+    app: bool,
+    verify: bool,
+    watchers: Option<&Watchers>,
+    driver: &mut impl Driver,
 ) -> Result<CutReport> {
     let taken: Vec<Hints> = agent
         .config
@@ -77,7 +154,7 @@ pub async fn cut(
             h
         })
         .collect();
-    let result = cut_inner(agent, app, &taken, watchers).await;
+    let result = cut_inner(agent, app, &taken, watchers, driver).await;
     if result.is_err()
         && let Some(w) = watchers
     {
@@ -93,6 +170,7 @@ async fn cut_inner(
     app: bool,
     hints: &[Hints],
     watchers: Option<&Watchers>,
+    driver: &mut impl Driver,
 ) -> Result<CutReport> {
     let started = Instant::now();
     let disks = &agent.config.disks;
@@ -105,11 +183,12 @@ async fn cut_inner(
     // 2. Pre-copy, when a freeze follows: it keeps the frozen capture short. Without a freeze
     // the capture pass alone ships everything.
     let mounts = freeze_mounts(disks);
+    let collect = !mounts.is_empty() || driver.always_collect();
     let mut precopy = Vec::new();
     let mut precopy_shapes = Vec::new();
     let mut stored = 0;
     for ((d, st), h) in disks.iter().zip(states.iter_mut()).zip(hints) {
-        if mounts.is_empty() {
+        if !collect {
             precopy.push(ScanStats::default());
             continue;
         }
@@ -150,45 +229,50 @@ async fn cut_inner(
         }
     }
 
-    // 4–6. Freeze, capture, thaw.
-    let deadline = disks
-        .iter()
-        .filter(|d| d.consistency != ConsistencyKind::None)
-        .map(|d| d.freeze_timeout)
-        .min()
-        .unwrap_or(Duration::from_secs(2));
+    // 4–6. Freeze, capture, (permission), thaw.
     let cap = agent.config.replication.memory_cap.0;
     let capture = async {
+        let budget = driver.prepared(quiesced).await?;
         let frozen = if mounts.is_empty() {
             None
         } else {
-            Some(Frozen::freeze(&mounts, deadline)?)
+            Some(Frozen::freeze(&mounts, budget.freeze)?)
         };
         let cut_time = SystemTime::now();
-        // Keep a margin for thawing inside the deadline.
-        let stop = Instant::now() + deadline.mul_f64(0.8);
+        let stop = Instant::now() + budget.capture;
         let mut captured = Vec::new();
         for ((d, st), h) in disks.iter().zip(states.iter_mut()).zip(hints) {
-            let mode = match &frozen {
-                Some(_) => ShipMode::Collect {
+            let mode = if collect {
+                ShipMode::Collect {
                     cap,
                     deadline: stop,
-                },
-                None => ShipMode::Upload,
+                }
+            } else {
+                ShipMode::Upload
             };
-            // Without a freeze this is the only pass and takes the hints; under a freeze the
+            // Without a pre-copy this is the only pass and takes the hints; after one, the
             // pre-copy took them, and the capture takes what events said since.
-            let pass_hints = match (&frozen, watchers) {
-                (None, _) => h.clone(),
-                (Some(_), Some(w)) => w.take(d.id.as_str()),
-                (Some(_), None) => Hints::default(),
+            let pass_hints = match (collect, watchers) {
+                (false, _) => h.clone(),
+                (true, Some(w)) => w.take(d.id.as_str()),
+                (true, None) => Hints::default(),
             };
             captured.push(agent.ship(d, st, mode, pass_hints).await?);
         }
+        // A group member waits here, frozen, for the coordinator's Commit. The capture was
+        // complete before the deadline, so a thaw by the watchdog while waiting does not
+        // invalidate it (see the cut protocol in the .proto).
+        let in_time = frozen.as_ref().is_none_or(|f| f.within_deadline());
+        let permitted = if in_time {
+            driver.captured().await
+        } else {
+            Err(anyhow::anyhow!("the capture overran the freeze deadline"))
+        };
         let window = match frozen {
-            Some(f) => Some(f.thaw()?),
+            Some(f) => Some(f.thaw_after_capture(in_time)?),
             None => None,
         };
+        permitted?;
         anyhow::Ok((cut_time, window, captured))
     }
     .await;
@@ -257,14 +341,8 @@ async fn cut_inner(
         tags.push(tag);
         capture_stats.push(shipped.stats);
     }
-    let kind = if tags.iter().all(|t| t.consistency == Consistency::App) {
-        PointKind::App
-    } else {
-        PointKind::Crash
-    };
-    let point = agent.publish_local_point(&tags, kind).await?;
     Ok(CutReport {
-        point,
+        point: None,
         tags,
         precopy,
         capture: capture_stats,

@@ -5,6 +5,8 @@ mod check;
 mod config;
 mod consistency;
 mod cut;
+mod identity;
+mod member;
 #[cfg(unix)]
 #[path = "platform_unix.rs"]
 mod platform;
@@ -13,6 +15,7 @@ mod platform;
 mod platform;
 mod progress;
 mod scan;
+mod session;
 mod state;
 mod sync;
 mod watch;
@@ -58,6 +61,16 @@ enum Command {
     },
     /// Replicate continuously: a cycle every `replication.interval`, until stopped.
     Run,
+    /// Joins a group: gets this VM a client certificate from the coordinator (the key is made
+    /// here and never sent) and pins the coordinator's CA.
+    Enroll {
+        /// The coordinator, `host:port`; defaults to `coordinator` in the config.
+        #[arg(long)]
+        coordinator: Option<String>,
+        /// The one-time token from `lifeboat-coordinator join-token`.
+        #[arg(long, env = "LIFEBOAT_JOIN_TOKEN", hide_env_values = true)]
+        token: String,
+    },
     /// Show each disk's replication state.
     Status,
     /// Validate the config file and exit.
@@ -165,12 +178,29 @@ async fn run(command: Command, config: Config) -> Result<()> {
             let _stop = platform::stop_signal()?;
             cycle(&open(config).await?, app_consistent, false, None).await
         }
+        Command::Enroll { coordinator, token } => {
+            let addr = coordinator
+                .or_else(|| config.coordinator.clone())
+                .ok_or_else(|| anyhow::anyhow!("no coordinator: pass --coordinator HOST:20004 or set `coordinator` in the config"))?;
+            let token = lifeboat_store::Secret::new(token);
+            identity::enroll(&config.state_dir, &config.vm, &config.group, &addr, &token).await?;
+            println!(
+                "enrolled VM {} in group {} (coordinator {addr})",
+                config.vm, config.group
+            );
+            Ok(())
+        }
         Command::Run => {
             let stop = platform::stop_signal()?;
             tokio::pin!(stop);
+            let in_group = config.coordinator.is_some()
+                || identity::dir(&config.state_dir).join("agent.pem").exists();
             let agent = open(config).await?;
             let interval = agent.config.replication.interval;
             let watchers = watch::Watchers::start(&agent.config.disks)?;
+            if in_group {
+                return member::run(&agent, &watchers, stop).await;
+            }
             // The first cycle sweeps: what changed while the agent was down is proven by
             // reading, not assumed from stamps.
             let mut last_sweep: Option<std::time::Instant> = None;
@@ -220,9 +250,10 @@ async fn cycle(
             return Err(e);
         }
     };
+    let point = r.point.as_ref().expect("a local cut publishes its point");
     progress::update(&agent.config.state_dir, |s| {
-        s.last_point = Some(r.point.id.to_string());
-        s.last_point_time = Some(r.point.time);
+        s.last_point = Some(point.id.to_string());
+        s.last_point_time = Some(point.time);
         s.last_error = None;
     });
     let interval = agent.config.replication.interval;
@@ -258,7 +289,7 @@ async fn cycle(
     }
     println!(
         "published recovery point {} ({:?}, {} bytes stored, {:.2?})",
-        r.point.id, r.point.kind, r.stored_bytes, r.elapsed
+        point.id, point.kind, r.stored_bytes, r.elapsed
     );
     Ok(())
 }

@@ -83,10 +83,12 @@ impl Default for Policy {
                 ack: Duration::from_millis(500),
                 freeze: Duration::from_millis(1500),
             },
+            // Application hooks run in the prepare phase (tens of seconds); the freeze itself
+            // is as short as a crash point's.
             app: Deadlines {
                 prepare: Duration::from_secs(60),
-                ack: Duration::from_secs(10),
-                freeze: Duration::from_secs(20),
+                ack: Duration::from_millis(500),
+                freeze: Duration::from_millis(1500),
             },
             tag_deadline: Duration::from_secs(300),
         }

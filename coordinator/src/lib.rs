@@ -6,4 +6,5 @@ pub mod config;
 pub mod group;
 pub mod pki;
 pub mod server;
+pub mod sim;
 pub mod tokens;

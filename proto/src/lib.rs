@@ -2,6 +2,7 @@
 //! the validated domain types both sides work with ([`model`]). `lifeboat/v1/coordinator.proto`
 //! is the documentation of record.
 
+pub mod enroll;
 pub mod model;
 pub mod tls;
 

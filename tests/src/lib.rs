@@ -1,3 +1,261 @@
-//! Home of the multi-process end-to-end tests (a coordinator on :20004 with several agents, in
-//! network namespaces), which arrive with the coordinator. End-to-end tests of a single agent —
-//! real fsfreeze, SIGKILL, Azurite — live in `agent/tests/`, where the agent binary is built.
+//! Helpers shared by Lifeboat's end-to-end tests: root detection (CI runs as root and there a
+//! skip is a failure), loop-mounted filesystems, deterministic data, finding the built binaries.
+//! The multi-process group tests (coordinator plus agents) live in `tests/tests/`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Whether the test runs as root; prints why it skips otherwise. CI runs as root, and there a
+/// skip is a failure.
+pub fn root_or_skip(test: &str) -> bool {
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false);
+    if !root {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{test} needs root (loop devices, mount, fsfreeze, namespaces) and CI runs as root"
+        );
+        eprintln!("SKIPPED {test}: needs root for loop-mounted filesystems, fsfreeze, namespaces");
+    }
+    root
+}
+
+/// A loop-mounted filesystem that is unmounted and detached on drop.
+#[derive(Debug)]
+pub struct LoopFs {
+    pub mount: PathBuf,
+    image: PathBuf,
+}
+
+impl LoopFs {
+    /// Makes a `size_mib` filesystem of type `fs` ("ext4", "xfs") under `dir` and mounts it.
+    pub fn new(dir: &Path, fs: &str, size_mib: u64) -> Self {
+        Self::named(dir, fs, fs, size_mib)
+    }
+
+    /// As [`LoopFs::new`], with `name` distinguishing several filesystems in one directory.
+    pub fn named(dir: &Path, name: &str, fs: &str, size_mib: u64) -> Self {
+        let image = dir.join(format!("{name}.img"));
+        let mount = dir.join(format!("{name}-mnt"));
+        std::fs::create_dir_all(&mount).unwrap();
+        let f = std::fs::File::create(&image).unwrap();
+        f.set_len(size_mib << 20).unwrap();
+        drop(f);
+        let mkfs = format!("mkfs.{fs}");
+        let mut cmd = Command::new(&mkfs);
+        if fs == "ext4" {
+            cmd.arg("-q").arg("-F");
+        } else {
+            cmd.arg("-q").arg("-f");
+        }
+        run(cmd.arg(&image));
+        run(Command::new("mount")
+            .arg("-o")
+            .arg("loop")
+            .arg(&image)
+            .arg(&mount));
+        LoopFs { mount, image }
+    }
+}
+
+impl Drop for LoopFs {
+    fn drop(&mut self) {
+        // Never leave a frozen filesystem behind, whatever the test did.
+        let _ = Command::new("fsfreeze").arg("-u").arg(&self.mount).output();
+        let _ = Command::new("umount").arg(&self.mount).output();
+        let _ = std::fs::remove_file(&self.image);
+    }
+}
+
+/// Runs a command, insists it succeeded, returns its stdout.
+pub fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("spawn");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Deterministic incompressible bytes.
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// A workspace binary (`lifeboat-agent`, `lifeboat-coordinator`, `lifeboat`) next to the
+/// running test's directory. `cargo test --workspace` builds them all before running tests.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} is not built; run the tests with `cargo test --workspace` (scripts/test.sh)",
+        p.display()
+    );
+    p
+}
+
+/// A TCP port free on loopback right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A `lifeboat-coordinator` process for tests: configured on a free loopback port with a local
+/// store under its directory, initialised, and killed (SIGKILL) on drop.
+#[derive(Debug)]
+pub struct CoordinatorProc {
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub state_dir: PathBuf,
+    pub store: PathBuf,
+    pub addr: String,
+    pub log: PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl CoordinatorProc {
+    /// Writes the configuration (plus `extra` TOML, e.g. a `[policy]` table) and runs `init`.
+    pub fn init(dir: &Path, group: &str, listen: &str, extra: &str) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        let store = dir.join("store");
+        std::fs::create_dir_all(&store).unwrap();
+        let state_dir = dir.join("coordinator");
+        let config = dir.join("coordinator.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "group = \"{group}\"\nstate_dir = \"{}\"\nlisten = \"{listen}\"\nheartbeat_interval = \"1s\"\n{extra}\n[store]\nkind = \"local\"\npath = \"{}\"\n",
+                state_dir.display(),
+                store.display()
+            ),
+        )
+        .unwrap();
+        run(Command::new(bin("lifeboat-coordinator"))
+            .arg("--config")
+            .arg(&config)
+            .arg("init"));
+        CoordinatorProc {
+            dir: dir.to_owned(),
+            config,
+            state_dir,
+            store,
+            addr: listen.to_string(),
+            log: dir.join("coordinator.log"),
+            child: None,
+        }
+    }
+
+    /// Starts `serve` and waits until the port accepts connections.
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(bin("lifeboat-coordinator"))
+            .arg("--config")
+            .arg(&self.config)
+            .arg("serve")
+            .env("LIFEBOAT_LOG", "info")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn lifeboat-coordinator");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while std::net::TcpStream::connect(&self.addr).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "coordinator did not start:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Mints a join token (`--vm` when given).
+    pub fn token(&self, vm: Option<&str>, ttl: &str) -> String {
+        let mut cmd = Command::new(bin("lifeboat-coordinator"));
+        cmd.arg("--config")
+            .arg(&self.config)
+            .arg("join-token")
+            .arg("--ttl")
+            .arg(ttl);
+        if let Some(vm) = vm {
+            cmd.arg("--vm").arg(vm);
+        }
+        run(&mut cmd).trim().to_string()
+    }
+
+    /// Runs the admin CLI against this coordinator (`snapshot`, `members`, …).
+    pub fn admin(&self, args: &[&str]) -> std::process::Output {
+        Command::new(bin("lifeboat"))
+            .args(args)
+            .arg("--coordinator")
+            .arg(&self.addr)
+            .arg("--credentials")
+            .arg(self.state_dir.join("admin"))
+            .output()
+            .expect("run lifeboat")
+    }
+
+    /// `lifeboat snapshot`, insisting it succeeded; returns (point id, stderr).
+    pub fn snapshot(&self, group: &str, app: bool) -> (String, String) {
+        let mut args = vec!["snapshot", "--group", group];
+        if app {
+            args.push("--app-consistent");
+        }
+        let out = self.admin(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            out.status.success(),
+            "snapshot failed: {stderr}\n--- coordinator log ---\n{}",
+            self.log_text()
+        );
+        (
+            String::from_utf8_lossy(&out.stdout).trim().to_string(),
+            stderr,
+        )
+    }
+}
+
+impl Drop for CoordinatorProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

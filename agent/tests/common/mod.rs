@@ -13,25 +13,10 @@ use lifeboat_store::manifest::RecoveryPoint;
 use lifeboat_store::restore::{StoreReader, restore_disk};
 use lifeboat_store::{DynBackend, GroupId};
 
-pub const AGENT: &str = env!("CARGO_BIN_EXE_lifeboat-agent");
+#[allow(unused_imports)]
+pub use lifeboat_tests::{LoopFs, random_bytes, root_or_skip, run};
 
-/// Whether the test runs as root; prints why it skips otherwise. CI runs as root, and there a
-/// skip is a failure.
-pub fn root_or_skip(test: &str) -> bool {
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false);
-    if !root {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{test} needs root (loop devices, mount, fsfreeze) and CI runs as root"
-        );
-        eprintln!("SKIPPED {test}: needs root for loop-mounted filesystems and fsfreeze");
-    }
-    root
-}
+pub const AGENT: &str = env!("CARGO_BIN_EXE_lifeboat-agent");
 
 /// Runs the agent with a config; returns its output.
 pub fn agent(config: &Path, args: &[&str]) -> Output {
@@ -55,57 +40,6 @@ pub fn agent_ok(config: &Path, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     stdout
-}
-
-/// A loop-mounted filesystem that is unmounted and detached on drop.
-pub struct LoopFs {
-    pub mount: PathBuf,
-    image: PathBuf,
-}
-
-impl LoopFs {
-    /// Makes a `size_mib` filesystem of type `fs` ("ext4", "xfs") under `dir` and mounts it.
-    pub fn new(dir: &Path, fs: &str, size_mib: u64) -> Self {
-        let image = dir.join(format!("{fs}.img"));
-        let mount = dir.join(format!("{fs}-mnt"));
-        std::fs::create_dir_all(&mount).unwrap();
-        let f = std::fs::File::create(&image).unwrap();
-        f.set_len(size_mib << 20).unwrap();
-        drop(f);
-        let mkfs = format!("mkfs.{fs}");
-        let mut cmd = Command::new(&mkfs);
-        if fs == "ext4" {
-            cmd.arg("-q").arg("-F");
-        } else {
-            cmd.arg("-q").arg("-f");
-        }
-        run(cmd.arg(&image));
-        run(Command::new("mount")
-            .arg("-o")
-            .arg("loop")
-            .arg(&image)
-            .arg(&mount));
-        LoopFs { mount, image }
-    }
-}
-
-impl Drop for LoopFs {
-    fn drop(&mut self) {
-        // Never leave a frozen filesystem behind, whatever the test did.
-        let _ = Command::new("fsfreeze").arg("-u").arg(&self.mount).output();
-        let _ = Command::new("umount").arg(&self.mount).output();
-        let _ = std::fs::remove_file(&self.image);
-    }
-}
-
-pub fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().expect("spawn");
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// A reader over a local store for group `group`.
@@ -212,20 +146,6 @@ pub fn assert_same_tree(a: &Path, b: &Path) {
         "{}",
         String::from_utf8_lossy(&diff.stdout)
     );
-}
-
-/// Deterministic incompressible bytes.
-pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
 }
 
 /// A `[[disk]]` table for `write_config`, with no consistency provider.

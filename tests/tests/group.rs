@@ -1,0 +1,650 @@
+//! A replication group end to end: a coordinator on a real TLS port and several real
+//! `lifeboat-agent` processes, each protecting its own loop-mounted ext4 with `fsfreeze`.
+//!
+//! - A cross-VM causal workload (B writes record n only after A's record n is durable, C after
+//!   B's): for every published multi-VM point, restoring all covered VMs shows no effect
+//!   without its cause.
+//! - App points run every member's hooks; a failing or timed-out hook never yields a false
+//!   label.
+//! - The coordinator SIGKILLed mid-cut: agents thaw within their deadline, nothing partial is
+//!   published, and cutting resumes after a restart.
+//! - An agent cut off by a network namespace is excluded (and named), never stays frozen, and
+//!   catches up when it returns.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use lifeboat_tests::{CoordinatorProc, LoopFs, bin, free_port, root_or_skip, run};
+
+/// Group tests freeze filesystems and load both cores; one at a time keeps deadlines honest.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const POLICY: &str = r#"
+[policy]
+tag_deadline = "30s"
+[policy.crash]
+prepare = "20s"
+ack = "1s"
+freeze = "3s"
+[policy.app]
+prepare = "20s"
+ack = "1s"
+freeze = "3s"
+"#;
+
+/// A running agent process; SIGKILLed on drop.
+struct AgentProc {
+    config: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+    netns: Option<String>,
+}
+
+impl AgentProc {
+    fn new(
+        dir: &Path,
+        c: &CoordinatorProc,
+        vm: &str,
+        disk_toml: &str,
+        netns: Option<&str>,
+    ) -> Self {
+        let vdir = dir.join(vm);
+        std::fs::create_dir_all(&vdir).unwrap();
+        let config = vdir.join("agent.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "vm = \"{vm}\"\ngroup = \"g1\"\nstate_dir = \"{}\"\n\n[store]\nkind = \"local\"\npath = \"{}\"\n\n[replication]\ninterval = \"10s\"\n\n{disk_toml}",
+                vdir.join("state").display(),
+                c.store.display()
+            ),
+        )
+        .unwrap();
+        let a = AgentProc {
+            config,
+            log: vdir.join("agent.log"),
+            child: None,
+            netns: netns.map(String::from),
+        };
+        let token = c.token(Some(vm), "10m");
+        let out = a
+            .command()
+            .arg("enroll")
+            .arg("--coordinator")
+            .arg(&c.addr)
+            .arg("--token")
+            .arg(token)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "enroll {vm}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        a
+    }
+
+    fn command(&self) -> Command {
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin("lifeboat-agent"));
+                c
+            }
+            None => Command::new(bin("lifeboat-agent")),
+        };
+        cmd.arg("--config")
+            .arg(&self.config)
+            .env("LIFEBOAT_LOG", "info");
+        cmd
+    }
+
+    fn start(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = self
+            .command()
+            .arg("run")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn fsfreeze_disk(mount: &Path) -> String {
+    format!(
+        "[[disk]]\nid = \"data\"\nkind = \"directory\"\npath = \"{}\"\nconsistency = \"fsfreeze\"\nfreeze_timeout = \"5s\"\n",
+        mount.display()
+    )
+}
+
+/// Waits until `lifeboat members` shows every VM of `vms` healthy.
+fn wait_healthy(c: &CoordinatorProc, vms: &[&str], within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let out = c.admin(&["members"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let healthy = vms.iter().all(|vm| {
+            text.lines()
+                .any(|l| l.split_whitespace().next() == Some(vm) && l.contains(" healthy "))
+        });
+        if healthy {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "members never all healthy:\n{text}\n{}",
+            c.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Takes a snapshot, retrying while members are still busy with initial replication, until
+/// one covers every VM in `vms`.
+fn snapshot_covering(c: &CoordinatorProc, vms: &[&str], app: bool) -> (String, String) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let (id, stderr) = c.snapshot("g1", app);
+        let covered = stderr
+            .lines()
+            .find_map(|l| l.split(" covering ").nth(1))
+            .unwrap_or("")
+            .to_string();
+        if vms.iter().all(|v| covered.split(", ").any(|x| x == *v)) {
+            return (id, stderr);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no point covered {vms:?}: {stderr}"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+fn restore(c: &CoordinatorProc, vm: &str, point: &str, out: &Path) {
+    run(Command::new(bin("lifeboat"))
+        .args([
+            "restore", "--group", "g1", "--vm", vm, "--point", point, "--store",
+        ])
+        .arg(&c.store)
+        .arg("--out")
+        .arg(out));
+}
+
+/// Complete records of a log file, checked to be exactly 0, 1, 2, … in order.
+fn records(path: &Path) -> u64 {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut n = 0;
+    for line in text.lines() {
+        assert_eq!(
+            line,
+            format!("{n:016}"),
+            "{} is not a clean prefix",
+            path.display()
+        );
+        n += 1;
+    }
+    assert!(
+        text.is_empty() || text.ends_with('\n'),
+        "torn record in {}",
+        path.display()
+    );
+    n
+}
+
+fn append_durable(path: &Path, n: u64) {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap();
+    f.write_all(format!("{n:016}\n").as_bytes()).unwrap();
+    f.sync_all().unwrap();
+}
+
+#[test]
+fn multi_vm_points_are_consistent_cuts_of_a_causal_workload() {
+    if !root_or_skip("multi_vm_points_are_consistent_cuts_of_a_causal_workload") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = CoordinatorProc::init(
+        dir.path(),
+        "g1",
+        &format!("127.0.0.1:{}", free_port()),
+        POLICY,
+    );
+    c.start();
+    let vms = ["a", "b", "c"];
+    let fss: Vec<LoopFs> = vms
+        .iter()
+        .map(|v| LoopFs::named(dir.path(), v, "ext4", 48))
+        .collect();
+    let mut agents: Vec<AgentProc> = vms
+        .iter()
+        .zip(&fss)
+        .map(|(v, fs)| AgentProc::new(dir.path(), &c, v, &fsfreeze_disk(&fs.mount), None))
+        .collect();
+    for a in &mut agents {
+        a.start();
+    }
+    wait_healthy(&c, &vms, Duration::from_secs(30));
+
+    // The causal chain: a's record n is durable before b writes n, b's before c's.
+    let stop = Arc::new(AtomicBool::new(false));
+    let logs: Vec<PathBuf> = fss.iter().map(|f| f.mount.join("records.log")).collect();
+    let workload = {
+        let (stop, logs) = (stop.clone(), logs.clone());
+        std::thread::spawn(move || {
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                for l in &logs {
+                    append_durable(l, n);
+                }
+                n += 1;
+            }
+            n
+        })
+    };
+    let mut points = Vec::new();
+    points.push(snapshot_covering(&c, &vms, false).0);
+    for _ in 0..4 {
+        std::thread::sleep(Duration::from_millis(300));
+        let (id, stderr) = c.snapshot("g1", false);
+        assert!(
+            stderr.contains("crash-consistent") || stderr.contains("excluded"),
+            "{stderr}"
+        );
+        points.push(id);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let written = workload.join().unwrap();
+    assert!(written > 0);
+
+    let mut checked = 0;
+    for p in &points {
+        let out = dir.path().join(format!("restore-{p}"));
+        let mut counts = Vec::new();
+        for v in vms {
+            let o = out.join(v);
+            restore(&c, v, p, &o);
+            counts.push(records(&o.join("data/records.log")));
+        }
+        // No effect without its cause.
+        assert!(
+            counts[0] >= counts[1] && counts[1] >= counts[2],
+            "point {p}: records a={} b={} c={} break causality",
+            counts[0],
+            counts[1],
+            counts[2]
+        );
+        // One instant: the chain can be at most one record apart per hop.
+        assert!(
+            counts[0] - counts[2] <= 1,
+            "point {p}: {counts:?} is not one instant"
+        );
+        eprintln!("point {p}: records {counts:?}");
+        checked += 1;
+    }
+    assert_eq!(checked, points.len());
+    let listing = run(Command::new(bin("lifeboat"))
+        .args(["points", "list", "--group", "g1", "--store"])
+        .arg(&c.store));
+    for p in &points {
+        let line = listing.lines().find(|l| l.starts_with(p.as_str())).unwrap();
+        assert!(line.contains("crash    multi-VM"), "{line}");
+    }
+    // Agents say how long they held their freeze.
+    assert!(
+        agents[0].log_text().contains("group cut tagged"),
+        "{}",
+        agents[0].log_text()
+    );
+}
+
+#[test]
+fn app_points_run_hooks_and_never_claim_more_than_happened() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = CoordinatorProc::init(
+        dir.path(),
+        "g1",
+        &format!("127.0.0.1:{}", free_port()),
+        POLICY,
+    );
+    c.start();
+    let flags = dir.path().join("flags");
+    std::fs::create_dir_all(&flags).unwrap();
+    let mut agents = Vec::new();
+    for vm in ["web", "db"] {
+        let data = dir.path().join(format!("{vm}-data"));
+        std::fs::create_dir_all(&data).unwrap();
+        std::fs::write(data.join("f"), vm).unwrap();
+        let marker = dir.path().join(format!("{vm}.hooks"));
+        let pre = format!(
+            "test -e {f}/{vm}.fail && exit 3; test -e {f}/{vm}.slow && sleep 30; echo pre >> {m}",
+            f = flags.display(),
+            m = marker.display()
+        );
+        let disk = format!(
+            "[[disk]]\nid = \"data\"\nkind = \"directory\"\npath = \"{}\"\nconsistency = \"hooks\"\n\n[disk.hooks]\npre = [{pre:?}]\npost = [\"echo post >> {}\"]\ntimeout = \"1s\"\n",
+            data.display(),
+            marker.display()
+        );
+        let mut a = AgentProc::new(dir.path(), &c, vm, &disk, None);
+        a.start();
+        agents.push(a);
+    }
+    wait_healthy(&c, &["web", "db"], Duration::from_secs(30));
+    let hooks = |vm: &str| {
+        std::fs::read_to_string(dir.path().join(format!("{vm}.hooks"))).unwrap_or_default()
+    };
+
+    // Both hooks succeed: an app-consistent point covering both.
+    let (id, stderr) = snapshot_covering(&c, &["web", "db"], true);
+    assert!(
+        stderr.contains("published app-consistent point"),
+        "{stderr}"
+    );
+    for vm in ["web", "db"] {
+        assert!(hooks(vm).contains("pre\npost\n"), "{vm}: {}", hooks(vm));
+    }
+    let listing = |c: &CoordinatorProc| {
+        run(Command::new(bin("lifeboat"))
+            .args(["points", "list", "--group", "g1", "--store"])
+            .arg(&c.store))
+    };
+    let l = listing(&c);
+    assert!(
+        l.lines()
+            .any(|x| x.starts_with(&id) && x.contains("app      multi-VM")),
+        "{l}"
+    );
+
+    // A failing pre hook on db, then a timed-out one: never labelled app.
+    for flag in ["db.fail", "db.slow"] {
+        std::fs::write(flags.join(flag), "").unwrap();
+        let (id, stderr) = snapshot_covering(&c, &["web", "db"], true);
+        assert!(
+            !stderr.contains("published app-consistent"),
+            "{flag}: {stderr}"
+        );
+        let l = listing(&c);
+        let line = l.lines().find(|x| x.starts_with(&id)).unwrap();
+        assert!(!line.contains(" app "), "{flag}: {line}");
+        assert!(line.contains("web (app-consistent)"), "{flag}: {line}");
+        assert!(!line.contains("db (app-consistent)"), "{flag}: {line}");
+        std::fs::remove_file(flags.join(flag)).unwrap();
+    }
+    drop(agents);
+}
+
+/// Whether a durable write to `mount` finishes within `within`.
+fn write_finishes(mount: &Path, within: Duration) -> Option<Duration> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let p = mount.join("probe");
+    let started = Instant::now();
+    std::thread::spawn(move || {
+        append_durable(&p, 0);
+        let _ = tx.send(());
+    });
+    rx.recv_timeout(within).ok().map(|_| started.elapsed())
+}
+
+#[test]
+fn coordinator_killed_mid_cut_leaves_no_frozen_filesystem_and_no_partial_point() {
+    if !root_or_skip("coordinator_killed_mid_cut_leaves_no_frozen_filesystem_and_no_partial_point")
+    {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = CoordinatorProc::init(
+        dir.path(),
+        "g1",
+        &format!("127.0.0.1:{}", free_port()),
+        POLICY,
+    );
+    c.start();
+    let fss: Vec<LoopFs> = ["a", "b"]
+        .iter()
+        .map(|v| LoopFs::named(dir.path(), v, "ext4", 48))
+        .collect();
+    let mut agents: Vec<AgentProc> = ["a", "b"]
+        .iter()
+        .zip(&fss)
+        .map(|(v, fs)| AgentProc::new(dir.path(), &c, v, &fsfreeze_disk(&fs.mount), None))
+        .collect();
+    for a in &mut agents {
+        a.start();
+    }
+    wait_healthy(&c, &["a", "b"], Duration::from_secs(30));
+    let (first, _) = snapshot_covering(&c, &["a", "b"], false);
+
+    // A simulated member that acks PREPARED and then stalls, so the real agents sit frozen
+    // waiting for a Commit when the coordinator dies.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (froze_tx, froze_rx) = std::sync::mpsc::channel();
+    rt.block_on(async {
+        use lifeboat_coordinator::sim::{self, SimMember};
+        use lifeboat_proto::model::{AgentMessage, CoordinatorMessage, CutPhase};
+        let vm = lifeboat_store::VmId::new("stall").unwrap();
+        let creds = sim::enroll(&c.state_dir, &c.addr, &vm).await.unwrap();
+        let mut m = SimMember::open(
+            &c.addr,
+            &creds,
+            AgentMessage::Register(sim::register(&vm)).into(),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(async move {
+            while let Ok(msg) = m.next().await {
+                match msg {
+                    CoordinatorMessage::Prepare { cut_id, .. } => {
+                        m.ack(cut_id, CutPhase::Prepared).await.unwrap()
+                    }
+                    CoordinatorMessage::Freeze { .. } => {
+                        let _ = froze_tx.send(Instant::now());
+                    }
+                    _ => {}
+                }
+            }
+        });
+    });
+    let pid = c.pid().expect("running");
+    let c = Arc::new(c);
+    let snap = {
+        let c = c.clone();
+        std::thread::spawn(move || c.admin(&["snapshot", "--group", "g1"]))
+    };
+    froze_rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the cut reached Freeze");
+    std::thread::sleep(Duration::from_millis(150));
+    // The real agents are frozen now: a durable write does not get through.
+    assert!(
+        write_finishes(&fss[0].mount, Duration::from_millis(100)).is_none(),
+        "a is not frozen"
+    );
+    let killed_at = Instant::now();
+    run(Command::new("kill").args(["-KILL", &pid.to_string()]));
+    let snap = snap.join().unwrap();
+    assert!(
+        !snap.status.success(),
+        "the snapshot cannot succeed with its coordinator dead"
+    );
+    // Every agent thaws within its freeze deadline (3 s) of the freeze, whatever the coordinator.
+    for fs in &fss {
+        let took =
+            write_finishes(&fs.mount, Duration::from_secs(5)).expect("filesystem left frozen");
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(5),
+            "thawed after {took:?}"
+        );
+    }
+    let mut c = Arc::into_inner(c).unwrap();
+    c.kill(); // reap
+    let listing = || {
+        run(Command::new(bin("lifeboat"))
+            .args(["points", "list", "--group", "g1", "--store"])
+            .arg(&c.store))
+    };
+    assert_eq!(
+        listing().lines().count(),
+        1,
+        "no partial point: {}",
+        listing()
+    );
+    assert!(listing().starts_with(&first));
+
+    // Restarted, the coordinator rebuilds its catalog and the agents come back.
+    c.start();
+    wait_healthy(&c, &["a", "b"], Duration::from_secs(30));
+    let (next, stderr) = snapshot_covering(&c, &["a", "b"], false);
+    assert!(next > first);
+    assert!(stderr.contains("excluded stall: not connected"), "{stderr}");
+    drop(agents);
+}
+
+/// A network namespace joined to the host by a veth pair; deleted on drop.
+struct Netns {
+    name: String,
+    host_if: String,
+}
+
+impl Netns {
+    fn new(name: &str, host_ip: &str, ns_ip: &str) -> Self {
+        let _ = Command::new("ip").args(["netns", "del", name]).output();
+        let host_if = format!("{name}h");
+        let ns_if = format!("{name}n");
+        let _ = Command::new("ip").args(["link", "del", &host_if]).output();
+        run(Command::new("ip").args(["netns", "add", name]));
+        run(Command::new("ip").args([
+            "link", "add", &host_if, "type", "veth", "peer", "name", &ns_if,
+        ]));
+        run(Command::new("ip").args(["link", "set", &ns_if, "netns", name]));
+        run(Command::new("ip").args(["addr", "add", &format!("{host_ip}/24"), "dev", &host_if]));
+        run(Command::new("ip").args(["link", "set", &host_if, "up"]));
+        let ns = |args: &[&str]| {
+            run(Command::new("ip").args(["netns", "exec", name]).args(args));
+        };
+        ns(&["ip", "addr", "add", &format!("{ns_ip}/24"), "dev", &ns_if]);
+        ns(&["ip", "link", "set", &ns_if, "up"]);
+        ns(&["ip", "link", "set", "lo", "up"]);
+        Netns {
+            name: name.into(),
+            host_if,
+        }
+    }
+
+    fn link(&self, up: bool) {
+        run(Command::new("ip").args([
+            "link",
+            "set",
+            &self.host_if,
+            if up { "up" } else { "down" },
+        ]));
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+#[test]
+fn an_agent_cut_off_by_the_network_is_excluded_and_catches_up() {
+    if !root_or_skip("an_agent_cut_off_by_the_network_is_excluded_and_catches_up") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let net = Netns::new("lbt0", "10.231.7.1", "10.231.7.2");
+    let policy = POLICY.replace("prepare = \"20s\"", "prepare = \"4s\"");
+    let mut c = CoordinatorProc::init(
+        dir.path(),
+        "g1",
+        &format!("10.231.7.1:{}", free_port()),
+        &policy,
+    );
+    c.start();
+    let fss: Vec<LoopFs> = ["near", "far"]
+        .iter()
+        .map(|v| LoopFs::named(dir.path(), v, "ext4", 48))
+        .collect();
+    let mut near = AgentProc::new(dir.path(), &c, "near", &fsfreeze_disk(&fss[0].mount), None);
+    let mut far = AgentProc::new(
+        dir.path(),
+        &c,
+        "far",
+        &fsfreeze_disk(&fss[1].mount),
+        Some("lbt0"),
+    );
+    near.start();
+    far.start();
+    wait_healthy(&c, &["near", "far"], Duration::from_secs(30));
+    snapshot_covering(&c, &["near", "far"], false);
+
+    // Cut far off. The next point covers near alone and names far as excluded.
+    net.link(false);
+    std::fs::write(fss[1].mount.join("while-away"), b"written while cut off").unwrap();
+    let (id, stderr) = c.snapshot("g1", false);
+    assert!(stderr.contains("covering near\n"), "{stderr}");
+    assert!(stderr.contains("excluded far:"), "{stderr}");
+    let listing = run(Command::new(bin("lifeboat"))
+        .args(["points", "list", "--group", "g1", "--store"])
+        .arg(&c.store));
+    assert!(
+        listing
+            .lines()
+            .any(|l| l.starts_with(&id) && l.contains("excluded: far")),
+        "{listing}"
+    );
+    // far never stays frozen.
+    assert!(
+        write_finishes(&fss[1].mount, Duration::from_secs(5)).is_some(),
+        "far left frozen"
+    );
+
+    // Back on the network: far reconnects and the next point covers it, with what it wrote.
+    net.link(true);
+    wait_healthy(&c, &["near", "far"], Duration::from_secs(60));
+    let (id, _) = snapshot_covering(&c, &["near", "far"], false);
+    let out = dir.path().join("restore-far");
+    restore(&c, "far", &id, &out);
+    assert_eq!(
+        std::fs::read(out.join("data/while-away")).unwrap(),
+        b"written while cut off"
+    );
+    drop((near, far));
+}

@@ -37,28 +37,71 @@ pub struct Frozen {
     deadline: Duration,
 }
 
-impl Frozen {
-    /// Freezes `mounts` (in order) with a hard `deadline`. On any failure, whatever was frozen
-    /// is thawed again before returning the error.
-    pub fn freeze(mounts: &[PathBuf], deadline: Duration) -> Result<Self> {
+/// A thaw watchdog process started ahead of a freeze, waiting to be armed. Starting a process
+/// takes milliseconds (and CPU other members need), so a group member starts it while
+/// preparing, not inside the freeze window. Dropping an unarmed watchdog ends it.
+#[derive(Debug)]
+pub struct Watchdog {
+    child: Option<Child>,
+    mounts: Vec<PathBuf>,
+}
+
+impl Watchdog {
+    /// Starts `lifeboat-agent thaw-watchdog` for `mounts`; it thaws them once armed and its
+    /// deadline passes, and exits without touching them if never armed.
+    pub fn spawn(mounts: &[PathBuf]) -> Result<Self> {
         let exe = std::env::current_exe().context("cannot find the agent's own executable")?;
-        let mut cmd = Command::new(exe);
-        cmd.arg("thaw-watchdog")
-            .arg("--deadline-ms")
-            .arg(deadline.as_millis().to_string())
+        let child = Command::new(exe)
+            .arg("thaw-watchdog")
             .args(mounts)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null());
-        let watchdog = cmd.spawn().context("cannot start the thaw watchdog")?;
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .context("cannot start the thaw watchdog")?;
+        Ok(Watchdog {
+            child: Some(child),
+            mounts: mounts.to_vec(),
+        })
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Frozen {
+    /// Arms `watchdog` with a hard `deadline`, then freezes its mounts (in order). On any
+    /// failure, whatever was frozen is thawed again before returning the error.
+    pub fn freeze(mut watchdog: Watchdog, deadline: Duration) -> Result<Self> {
+        use std::io::Write;
+        let mut child = watchdog.child.take().context("watchdog already used")?;
+        let mounts = std::mem::take(&mut watchdog.mounts);
+        let armed = child
+            .stdin
+            .take()
+            .context("watchdog has no stdin")
+            .and_then(|mut stdin| {
+                writeln!(stdin, "{}", deadline.as_millis())
+                    .and_then(|_| stdin.flush())
+                    .context("cannot arm the thaw watchdog")
+            });
         let mut frozen = Frozen {
             mounts: Vec::new(),
-            watchdog: Some(watchdog),
+            watchdog: Some(child),
             started: Instant::now(),
             frozen_at: SystemTime::now(),
             deadline,
         };
-        for m in mounts {
+        armed?;
+        for m in &mounts {
+            let t = Instant::now();
             platform::freeze(m).with_context(|| format!("cannot freeze {}", m.display()))?;
+            tracing::debug!(mount = %m.display(), took = ?t.elapsed(), "froze");
             frozen.mounts.push(m.clone());
         }
         Ok(frozen)
@@ -114,9 +157,33 @@ impl Drop for Frozen {
     }
 }
 
-/// The watchdog process's body: sleep until the deadline, then thaw every mount.
-pub fn run_watchdog(deadline: Duration, mounts: &[PathBuf]) {
+/// Writes back the mounts' dirty data ahead of a freeze; failures only cost freeze time.
+pub fn presync(mounts: &[PathBuf]) {
+    for m in mounts {
+        if let Err(e) = platform::sync(m) {
+            tracing::debug!(mount = %m.display(), error = %e, "syncfs before the freeze failed");
+        }
+    }
+}
+
+/// The watchdog process's body: wait to be armed (the deadline in milliseconds on a line of
+/// stdin, unless given), sleep until the deadline, then thaw every mount. Never armed (stdin
+/// closed first), it exits without touching anything.
+pub fn run_watchdog(deadline: Option<Duration>, mounts: &[PathBuf]) {
     platform::ignore_stop_signals();
+    let deadline = match deadline {
+        Some(d) => d,
+        None => {
+            let mut line = String::new();
+            match std::io::stdin().read_line(&mut line) {
+                Ok(n) if n > 0 => match line.trim().parse() {
+                    Ok(ms) => Duration::from_millis(ms),
+                    Err(_) => return,
+                },
+                _ => return,
+            }
+        }
+    };
     std::thread::sleep(deadline);
     for m in mounts {
         match platform::thaw(m) {

@@ -232,11 +232,18 @@ async fn cut_inner(
     // 4–6. Freeze, capture, (permission), thaw.
     let cap = agent.config.replication.memory_cap.0;
     let capture = async {
-        let budget = driver.prepared(quiesced).await?;
-        let frozen = if mounts.is_empty() {
+        // Ready the freeze before saying so: dirty data written back, watchdog started.
+        let watchdog = if mounts.is_empty() {
             None
         } else {
-            Some(Frozen::freeze(&mounts, budget.freeze)?)
+            let m = mounts.clone();
+            tokio::task::spawn_blocking(move || consistency::presync(&m)).await?;
+            Some(consistency::Watchdog::spawn(&mounts)?)
+        };
+        let budget = driver.prepared(quiesced).await?;
+        let frozen = match watchdog {
+            Some(w) => Some(Frozen::freeze(w, budget.freeze)?),
+            None => None,
         };
         let cut_time = SystemTime::now();
         let stop = Instant::now() + budget.capture;
@@ -262,16 +269,19 @@ async fn cut_inner(
         // A group member waits here, frozen, for the coordinator's Commit. The capture was
         // complete before the deadline, so a thaw by the watchdog while waiting does not
         // invalidate it (see the cut protocol in the .proto).
+        let capture_took = cut_time.elapsed().unwrap_or_default();
         let in_time = frozen.as_ref().is_none_or(|f| f.within_deadline());
         let permitted = if in_time {
             driver.captured().await
         } else {
             Err(anyhow::anyhow!("the capture overran the freeze deadline"))
         };
+        let waited = cut_time.elapsed().unwrap_or_default().saturating_sub(capture_took);
         let window = match frozen {
             Some(f) => Some(f.thaw_after_capture(in_time)?),
             None => None,
         };
+        tracing::debug!(?capture_took, ?waited, "frozen capture");
         permitted?;
         anyhow::Ok((cut_time, window, captured))
     }

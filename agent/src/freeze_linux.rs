@@ -37,6 +37,19 @@ pub fn thaw(mount: &Path) -> io::Result<bool> {
     }
 }
 
+/// Writes back the dirty data of the filesystem at `mount` (syncfs), so the freeze that follows
+/// has little left to flush: done before a group cut's Freeze, it shortens the freeze window.
+pub fn sync(mount: &Path) -> io::Result<()> {
+    let dir = File::open(mount)?;
+    // SAFETY: `dir` is an open descriptor for the duration of the call; syncfs takes no memory.
+    let rc = unsafe { libc::syncfs(dir.as_raw_fd()) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// Makes this process (the thaw watchdog) immune to SIGTERM, SIGINT and SIGHUP, so a service
 /// manager stopping the agent's whole process group cannot take the watchdog down before it has
 /// thawed. SIGKILL still works; by the time a manager escalates to it, the deadline has passed.

@@ -17,5 +17,10 @@ pub fn thaw(_mount: &Path) -> io::Result<bool> {
     Ok(false)
 }
 
+/// Nothing to prepare for: nothing is ever frozen here.
+pub fn sync(_mount: &Path) -> io::Result<()> {
+    Ok(())
+}
+
 /// Nothing is ever frozen here, so the watchdog has nothing to protect.
 pub fn ignore_stop_signals() {}

@@ -85,7 +85,7 @@ enum Command {
     #[command(hide = true)]
     ThawWatchdog {
         #[arg(long)]
-        deadline_ms: u64,
+        deadline_ms: Option<u64>,
         mounts: Vec<PathBuf>,
     },
 }
@@ -105,7 +105,7 @@ fn main() -> ExitCode {
         mounts,
     } = &cli.command
     {
-        consistency::run_watchdog(std::time::Duration::from_millis(*deadline_ms), mounts);
+        consistency::run_watchdog(deadline_ms.map(std::time::Duration::from_millis), mounts);
         return ExitCode::SUCCESS;
     }
     let config = match Config::load(&cli.config) {

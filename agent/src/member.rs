@@ -256,7 +256,19 @@ async fn take_part(
                 s.last_error = None;
             });
             if let Some(w) = r.freeze {
-                tracing::info!(cut = cut_id, held = ?w.held, took = ?started.elapsed(), %consistency, "group cut tagged");
+                let us = |t: std::time::SystemTime| {
+                    t.duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_micros() as u64)
+                };
+                tracing::info!(
+                    cut = cut_id,
+                    held = ?w.held,
+                    frozen_at_us = us(w.frozen_at),
+                    thawed_at_us = us(w.thawed_at),
+                    took = ?started.elapsed(),
+                    %consistency,
+                    "group cut tagged"
+                );
             } else {
                 tracing::info!(cut = cut_id, took = ?started.elapsed(), %consistency, "group cut tagged (no freeze)");
             }

@@ -276,7 +276,10 @@ async fn cut_inner(
         } else {
             Err(anyhow::anyhow!("the capture overran the freeze deadline"))
         };
-        let waited = cut_time.elapsed().unwrap_or_default().saturating_sub(capture_took);
+        let waited = cut_time
+            .elapsed()
+            .unwrap_or_default()
+            .saturating_sub(capture_took);
         let window = match frozen {
             Some(f) => Some(f.thaw_after_capture(in_time)?),
             None => None,

@@ -189,17 +189,29 @@ impl Driver for Coordinated<'_> {
     }
 }
 
+/// A Prepare as it arrived.
+#[derive(Debug, Clone, Copy)]
+struct Asked {
+    arrived: Instant,
+    cut_id: u64,
+    kind: CutKind,
+    prepare_deadline: Duration,
+}
+
 /// One coordinated cut, from its Prepare to the TAGGED (or FAILED) ack.
 async fn take_part(
     agent: &Agent,
     watchers: &Watchers,
     commands: &mut mpsc::Receiver<Command>,
     acks: &mpsc::Sender<AgentMessage>,
-    arrived: Instant,
-    cut_id: u64,
-    kind: CutKind,
-    prepare_deadline: Duration,
+    asked: Asked,
 ) {
+    let Asked {
+        arrived,
+        cut_id,
+        kind,
+        prepare_deadline,
+    } = asked;
     let mut driver = Coordinated {
         cut_id,
         commands,
@@ -347,7 +359,8 @@ pub async fn run(
             }
             Some((arrived, m)) = commands.recv() => {
                 if let CoordinatorMessage::Prepare { cut_id, kind, prepare_deadline } = m {
-                    take_part(agent, watchers, &mut commands, &ack_tx, arrived, cut_id, kind, prepare_deadline).await;
+                    let asked = Asked { arrived, cut_id, kind, prepare_deadline };
+                    take_part(agent, watchers, &mut commands, &ack_tx, asked).await;
                 }
             }
             _ = tokio::time::sleep_until(next) => {

@@ -222,6 +222,15 @@ path = "/tmp/store"
     }
 
     #[test]
+    fn the_packaged_example_parses() {
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/coordinator.example.toml");
+        let c = Config::load(&path).unwrap();
+        assert_eq!(c.group.as_str(), "shop");
+        assert_eq!(c.policy.crash.ack, Duration::from_millis(500));
+    }
+
+    #[test]
     fn bad_values_are_named() {
         let e = parse("[policy]\ncrash_interval = \"5s\"\n")
             .unwrap_err()

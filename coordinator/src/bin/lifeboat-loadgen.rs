@@ -68,7 +68,11 @@ fn agent_windows(logs: &[PathBuf]) -> Result<BTreeMap<u64, (u64, u64)>> {
         for line in text.lines().filter(|l| l.contains("group cut tagged")) {
             let field = |k: &str| -> Option<u64> {
                 let i = line.find(&format!(" {k}="))? + k.len() + 2;
-                line[i..].split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+                line[i..]
+                    .split(|c: char| !c.is_ascii_digit())
+                    .next()?
+                    .parse()
+                    .ok()
             };
             if let (Some(cut), Some(f), Some(t)) =
                 (field("cut"), field("frozen_at_us"), field("thawed_at_us"))
@@ -87,7 +91,10 @@ async fn main() -> Result<()> {
     let cli = Cli::parse();
     let config = Config::load(&cli.config)?;
     let addr = config.listen.to_string().replace("0.0.0.0", "127.0.0.1");
-    let writer = StoreWriter::new(config.store.open().await?, Layout::new(config.group.clone()));
+    let writer = StoreWriter::new(
+        config.store.open().await?,
+        Layout::new(config.group.clone()),
+    );
 
     let (times_tx, mut times) = tokio::sync::mpsc::unbounded_channel();
     let started = Instant::now();
@@ -95,8 +102,12 @@ async fn main() -> Result<()> {
         let vm = VmId::new(format!("sim-{i:04}"))?;
         let creds = sim::enroll(&config.state_dir, &addr, &vm).await?;
         sim::write_tag(&writer, &vm).await?;
-        let m = SimMember::open(&addr, &creds, AgentMessage::Register(sim::register(&vm)).into())
-            .await?;
+        let m = SimMember::open(
+            &addr,
+            &creds,
+            AgentMessage::Register(sim::register(&vm)).into(),
+        )
+        .await?;
         tokio::spawn(m.serve(times_tx.clone()));
     }
     drop(times_tx);

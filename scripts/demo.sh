@@ -14,6 +14,8 @@ say "building (release)"
 cargo build --release --locked -q -p lifeboat-agent -p lifeboat-coordinator
 BIN="$ROOT/target/release"
 DEMO="$ROOT/target/demo"
+# A run killed half-way may have left part 2's filesystems mounted.
+for m in $(findmnt -rn -o TARGET | grep -F "$DEMO/" || true); do umount "$m" || umount -l "$m"; done
 rm -rf "$DEMO" && mkdir -p "$DEMO"
 cd "$DEMO"
 
@@ -119,7 +121,7 @@ pids=()
 mounts=()
 cleanup() {
   [ ${#pids[@]} -gt 0 ] && { kill "${pids[@]}" 2>/dev/null; wait "${pids[@]}" 2>/dev/null || true; }
-  for m in "${mounts[@]}"; do fsfreeze -u "$m" 2>/dev/null; umount "$m" 2>/dev/null || umount -l "$m"; done
+  for m in "${mounts[@]}"; do fsfreeze -u "$m" 2>/dev/null || true; umount "$m" 2>/dev/null || umount -l "$m" || true; done
   true
 }
 trap cleanup EXIT

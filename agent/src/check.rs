@@ -45,6 +45,13 @@ pub async fn run(config: &Config) -> Vec<Check> {
     if let Some(c) = &config.coordinator {
         out.push(coordinator(c).await);
     }
+    if config.coordinator.is_some()
+        || crate::identity::dir(&config.state_dir)
+            .join("agent.pem")
+            .exists()
+    {
+        out.push(enrolment(config).await);
+    }
     out.push(state_space(config));
     for d in &config.disks {
         out.push(disk(config, d));
@@ -165,6 +172,43 @@ async fn coordinator(addr: &str) -> Check {
             "{addr} does not accept connections — allow outbound TCP to port 20004 and check the coordinator runs"
         ),
     )
+}
+
+/// The agent's group identity: enrolled, certificate valid, coordinator verified by the pinned CA
+/// and accepting this agent's certificate at the TLS layer.
+async fn enrolment(config: &Config) -> Check {
+    let id = match crate::identity::Identity::load(&config.state_dir, config.coordinator.as_deref()) {
+        Ok(i) => i,
+        Err(e) => return fail("enrolment", format!("{e:#}")),
+    };
+    let until = match id.not_after() {
+        Ok(t) => t,
+        Err(e) => return fail("enrolment", format!("{e:#}")),
+    };
+    let left = until
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    if left.is_zero() {
+        return fail(
+            "enrolment",
+            "the client certificate has expired — enrol again with a new join token",
+        );
+    }
+    let tls = match id.tls() {
+        Ok(t) => t,
+        Err(e) => return fail("enrolment", format!("{e:#}")),
+    };
+    match lifeboat_proto::tls::connect(&id.coordinator, tls).await {
+        Ok(_) => pass(
+            "enrolment",
+            format!(
+                "certificate valid for {} more days; {} verified with the pinned group CA",
+                left.as_secs() / 86_400,
+                id.coordinator
+            ),
+        ),
+        Err(e) => fail("enrolment", e.to_string()),
+    }
 }
 
 /// Free space for the state files: two copies (the atomic replace) of each disk's hashes.

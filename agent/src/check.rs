@@ -177,7 +177,8 @@ async fn coordinator(addr: &str) -> Check {
 /// The agent's group identity: enrolled, certificate valid, coordinator verified by the pinned CA
 /// and accepting this agent's certificate at the TLS layer.
 async fn enrolment(config: &Config) -> Check {
-    let id = match crate::identity::Identity::load(&config.state_dir, config.coordinator.as_deref()) {
+    let id = match crate::identity::Identity::load(&config.state_dir, config.coordinator.as_deref())
+    {
         Ok(i) => i,
         Err(e) => return fail("enrolment", format!("{e:#}")),
     };

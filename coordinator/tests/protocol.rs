@@ -198,3 +198,30 @@ fn python_grpcio_calls_health_and_reflection_over_tls() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("health SERVING"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scheduler_cuts_on_the_policy_interval() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = POLICY.replace(
+        "[policy]\n",
+        "[policy]\ncrash_interval = \"10s\"\napp_interval = \"off\"\n",
+    );
+    let mut c = CoordinatorProc::init(
+        dir.path(),
+        "g1",
+        &format!("127.0.0.1:{}", free_port()),
+        &policy,
+    );
+    c.start();
+    let (times, mut cuts) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(member(&c, "vm1").await.serve(times));
+    // Nothing on demand: the first scheduled cut comes one interval after start.
+    let first = tokio::time::timeout(Duration::from_secs(15), cuts.recv())
+        .await
+        .expect("a scheduled cut within 15 s")
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let listing = points(&c);
+    assert!(listing.contains(&format!("c{:013}", first.0)), "{listing}");
+    assert!(listing.contains("crash    multi-VM"), "{listing}");
+}

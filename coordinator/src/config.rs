@@ -27,6 +27,12 @@ pub struct Config {
     pub heartbeat_interval: Duration,
     /// The cache store the group's agents write and where group points are published.
     pub store: StoreConfig,
+    /// The target store in the DR region; when set, points are processed into it.
+    #[serde(default)]
+    pub target: Option<StoreConfig>,
+    /// How often processing looks for new points in the cache store (1 s to 1 h).
+    #[serde(default = "default_processing", with = "humantime_serde")]
+    pub processing_interval: Duration,
     #[serde(default)]
     pub policy: Policy,
 }
@@ -36,6 +42,9 @@ fn default_listen() -> SocketAddr {
 }
 fn default_max_members() -> usize {
     256
+}
+fn default_processing() -> Duration {
+    Duration::from_secs(30)
 }
 fn default_heartbeat() -> Duration {
     Duration::from_secs(5)
@@ -185,6 +194,13 @@ impl Config {
                 self.max_members
             ));
         }
+        range(
+            "processing_interval",
+            self.processing_interval,
+            Duration::from_secs(1),
+            Duration::from_secs(3600),
+        )
+        .map_err(|e| e.replace("policy.", ""))?;
         range(
             "heartbeat_interval",
             self.heartbeat_interval,

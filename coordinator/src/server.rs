@@ -408,6 +408,19 @@ pub async fn serve(
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
+    let processing = match &config.target {
+        Some(t) => Some(crate::process::Processor::new(
+            config.group.clone(),
+            config
+                .store
+                .open()
+                .await
+                .context("cannot open the cache store")?,
+            t.open().await.context("cannot open the target store")?,
+        )),
+        None => None,
+    };
+    let processing_interval = config.processing_interval;
     let group = Arc::new(Group::open(config).await?);
     tracing::info!(%addr, group = %group.id, ca = %ca.fingerprint, "coordinator serving");
     if let Some(r) = ready {
@@ -421,6 +434,30 @@ pub async fn serve(
         let g = group.clone();
         tokio::spawn(async move { g.watch_health().await })
     };
+    let process_task = processing.map(|p| {
+        tokio::spawn(async move {
+            loop {
+                match p.pass().await {
+                    Ok(pass) => {
+                        let rpo = pass.rpo_ms.values().max().copied().unwrap_or(0);
+                        if !pass.points.is_empty() {
+                            tracing::info!(
+                                points = pass.points.len(),
+                                segments = pass.segments,
+                                bytes = pass.bytes,
+                                took = ?pass.elapsed,
+                                latest_processed = ?pass.latest_processed.as_ref().map(|p| p.0.to_string()),
+                                worst_rpo_s = rpo / 1000,
+                                "processed points into the target store"
+                            );
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %format!("{e:#}"), "processing failed; retrying next interval"),
+                }
+                tokio::time::sleep(processing_interval).await;
+            }
+        })
+    });
     let schedule_task = {
         let g = group.clone();
         tokio::spawn(async move { g.schedule().await })
@@ -451,5 +488,8 @@ pub async fn serve(
     accept.abort();
     health_task.abort();
     schedule_task.abort();
+    if let Some(t) = process_task {
+        t.abort();
+    }
     result.context("gRPC server failed")
 }

@@ -7,6 +7,8 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use lifeboat_coordinator::failover::{self, Selector};
+use lifeboat_coordinator::process::Processor;
 use lifeboat_proto::pb;
 use lifeboat_proto::pb::admin_client::AdminClient;
 use lifeboat_store::layout::Layout;
@@ -70,6 +72,30 @@ enum Command {
         #[arg(long)]
         vm: VmId,
     },
+    /// Move recovery points from the cache store into the target store (one pass) and report
+    /// RPO and the latest processed point.
+    Process {
+        /// The cache store.
+        #[arg(long)]
+        cache: PathBuf,
+        /// The target store.
+        #[command(flatten)]
+        target: StoreArgs,
+    },
+    /// Fail over: restore a recovery point's VMs from the target store, verified.
+    Failover {
+        #[command(subcommand)]
+        action: Option<FailoverAction>,
+        #[command(flatten)]
+        args: FailoverArgs,
+    },
+    /// A DR drill: a failover into an isolated location; replication is not touched.
+    TestFailover {
+        #[command(subcommand)]
+        action: Option<DrillAction>,
+        #[command(flatten)]
+        args: FailoverArgs,
+    },
     /// Recovery points.
     Points {
         #[command(subcommand)]
@@ -98,6 +124,52 @@ enum PointsCommand {
     List {
         #[command(flatten)]
         store: StoreArgs,
+        /// The target store: mark each point processed or not, and list points only it holds.
+        #[arg(long)]
+        target: Option<PathBuf>,
+    },
+}
+
+/// Where a failover reads from and writes to.
+#[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct FailoverArgs {
+    /// The target store (directory or `.toml`); nothing else is needed.
+    #[arg(long)]
+    store: Option<PathBuf>,
+    #[arg(long)]
+    group: Option<GroupId>,
+    /// One VM; without it the whole group fails over together to a point covering all its VMs.
+    #[arg(long)]
+    vm: Option<VmId>,
+    /// latest | latest-processed | latest-app-consistent | latest-multi-vm |
+    /// latest-multi-vm-app-consistent | a point id | a time (RFC 3339, single VM).
+    #[arg(long)]
+    point: Option<String>,
+    /// Output location: must not exist or be empty. Gets <vm>/<disk>.img or <vm>/<disk>/ and
+    /// failover-report.json.
+    #[arg(long)]
+    to: Option<PathBuf>,
+    /// The cache store, if still reachable: `--point latest` processes its pending points first.
+    #[arg(long)]
+    cache: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum FailoverAction {
+    /// Confirm a real failover: its location is now where the VMs run.
+    Commit {
+        #[arg(long)]
+        to: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DrillAction {
+    /// Remove a DR drill's output.
+    Cleanup {
+        #[arg(long)]
+        to: PathBuf,
     },
 }
 
@@ -305,18 +377,76 @@ async fn run(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Points {
-            command: PointsCommand::List { store },
+            command: PointsCommand::List { store, target },
         } => {
             let reader = open(&store).await?;
-            let points = reader.points().await?;
+            let mut points = reader.points().await?;
+            let processed: Option<Vec<RecoveryPoint>> = match &target {
+                Some(t) => Some(
+                    open(&StoreArgs {
+                        store: t.clone(),
+                        group: store.group.clone(),
+                    })
+                    .await?
+                    .points()
+                    .await?,
+                ),
+                None => None,
+            };
+            if let Some(done) = &processed {
+                for p in done {
+                    if !points.iter().any(|q| q.id == p.id) {
+                        points.push(p.clone());
+                    }
+                }
+                points.sort_by_key(|p| (p.time, p.id.to_string()));
+            }
             if points.is_empty() {
                 println!("no recovery points in group {}", store.group);
             }
             for p in points {
-                println!("{}", describe(&p));
+                match &processed {
+                    Some(done) => {
+                        let mark = if done.iter().any(|q| q.id == p.id) {
+                            "processed  "
+                        } else {
+                            "unprocessed"
+                        };
+                        println!("{mark}  {}", describe(&p));
+                    }
+                    None => println!("{}", describe(&p)),
+                }
             }
             Ok(())
         }
+        Command::Process { cache, target } => {
+            let pass = processor(&cache, &target).await?.pass().await?;
+            print_pass(&pass);
+            Ok(())
+        }
+        Command::Failover {
+            action: Some(FailoverAction::Commit { to }),
+            ..
+        } => {
+            let r = failover::commit(&to).map_err(usage)?;
+            println!(
+                "committed failover to point {} of group {} in {}",
+                r.point,
+                r.group,
+                to.display()
+            );
+            Ok(())
+        }
+        Command::Failover { action: None, args } => run_failover(args, false).await,
+        Command::TestFailover {
+            action: Some(DrillAction::Cleanup { to }),
+            ..
+        } => {
+            failover::cleanup_drill(&to).map_err(usage)?;
+            println!("removed the DR drill in {}", to.display());
+            Ok(())
+        }
+        Command::TestFailover { action: None, args } => run_failover(args, true).await,
         Command::Restore {
             store,
             vm,
@@ -368,6 +498,135 @@ async fn run(command: Command) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// Turns the library's "refused" errors into usage errors (exit 2).
+fn usage(e: anyhow::Error) -> anyhow::Error {
+    match e.downcast_ref::<failover::Refused>() {
+        Some(r) => UsageError(r.0.clone()).into(),
+        None => e,
+    }
+}
+
+async fn processor(cache: &Path, target: &StoreArgs) -> Result<Processor> {
+    let cache_reader = open(&StoreArgs {
+        store: cache.to_owned(),
+        group: target.group.clone(),
+    })
+    .await?;
+    let target_reader = open(target).await?;
+    Ok(Processor::new(
+        target.group.clone(),
+        cache_reader.backend().clone(),
+        target_reader.backend().clone(),
+    ))
+}
+
+fn print_pass(pass: &lifeboat_coordinator::process::Pass) {
+    println!(
+        "processed {} point(s), {} segment(s), {} bytes in {:.2?}",
+        pass.points.len(),
+        pass.segments,
+        pass.bytes,
+        pass.elapsed
+    );
+    match &pass.latest_processed {
+        Some((id, t)) => println!("latest processed point: {id} ({})", fmt_time(*t)),
+        None => println!("latest processed point: none"),
+    }
+    for (vm, ms) in &pass.rpo_ms {
+        println!(
+            "RPO {vm}: {}",
+            humantime::format_duration(Duration::from_secs(ms / 1000))
+        );
+    }
+}
+
+async fn run_failover(a: FailoverArgs, drill: bool) -> Result<()> {
+    let need = |what: &str| UsageError(format!("--{what} is required"));
+    let store = a.store.ok_or_else(|| need("store"))?;
+    let group = a.group.ok_or_else(|| need("group"))?;
+    let point = a.point.ok_or_else(|| need("point"))?;
+    let to = a.to.ok_or_else(|| need("to"))?;
+    let selector: Selector = point
+        .parse()
+        .map_err(|e: failover::Refused| UsageError(e.0))?;
+    // Refuse an occupied output before doing anything (processing included).
+    failover::check_output(&to).map_err(|e| UsageError(e.0))?;
+    let target = StoreArgs {
+        store,
+        group: group.clone(),
+    };
+    if selector == Selector::Latest {
+        match &a.cache {
+            Some(cache) => {
+                let pass = processor(cache, &target).await?.pass().await?;
+                println!(
+                    "processed {} pending point(s) from the cache store first",
+                    pass.points.len()
+                );
+            }
+            None => println!("no --cache given: `latest` is the latest processed point"),
+        }
+    }
+    let reader = open(&target).await?;
+    let points = reader.points().await?;
+    if points.is_empty() {
+        bail!(UsageError(format!(
+            "group {group} has no recovery points in the target store"
+        )));
+    }
+    let vms = match a.vm {
+        Some(vm) => {
+            if !failover::group_vms(&points).contains(&vm) {
+                bail!(UsageError(format!("VM {vm} is not in group {group}")));
+            }
+            vec![vm]
+        }
+        None => failover::group_vms(&points),
+    };
+    let chosen = failover::choose(&points, &vms, &selector).map_err(|e| UsageError(e.0))?;
+    println!(
+        "{} to {}",
+        if drill {
+            "test failover (DR drill)"
+        } else {
+            "failing over"
+        },
+        describe(&chosen)
+    );
+    let report = failover::restore_point(&reader, &chosen, &vms, &to, drill)
+        .await
+        .map_err(usage)?;
+    for m in &report.members {
+        for d in &m.disks {
+            println!(
+                "  {} / {} -> {}: {} bytes, {} blocks verified",
+                m.vm,
+                d.disk,
+                d.output.display(),
+                d.bytes,
+                d.blocks_verified
+            );
+        }
+    }
+    println!(
+        "{}: point {} ({} {}, {}), {} VM(s), {} bytes in {} ms; report in {}",
+        report.kind,
+        report.point,
+        report.point_kind,
+        if report.multi_vm {
+            "multi-VM"
+        } else {
+            "single-VM"
+        },
+        report.point_time,
+        report.members.len(),
+        report.bytes,
+        report.duration_ms,
+        to.join(failover::REPORT).display()
+    );
+    Ok(())
 }
 
 fn check_output_dir(out: &Path) -> Result<()> {

@@ -1,0 +1,178 @@
+//! Processing: moves a group's recovery points from the cache store (source region) into the
+//! target store (DR region) and publishes them there, following the store's write ordering —
+//! segments, then the tree, then the tag, then the point, create-only — so the target alone
+//! restores every point it lists, with the cache store and the coordinator gone.
+//!
+//! Every object is verified (segment checksums, manifest hashes) on the way: damage in the
+//! cache is reported naming the object, never copied. A pass can be interrupted at any moment:
+//! what it copied is re-checked, not duplicated, and a point is published exactly once because
+//! point objects are create-only. Cache objects are not deleted yet (see the note in
+//! `docs/format.md`, write rule 7).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use lifeboat_store::layout::Layout;
+use lifeboat_store::manifest::{DiskShape, RecoveryPoint, now_millis};
+use lifeboat_store::restore::StoreReader;
+use lifeboat_store::writer::StoreWriter;
+use lifeboat_store::{DiskId, DynBackend, ErrorKind, GroupId, PointId, VmId};
+
+/// The two stores of a group.
+#[derive(Debug, Clone)]
+pub struct Processor {
+    cache: StoreReader,
+    target: StoreReader,
+    writer: StoreWriter,
+}
+
+/// What one pass did, and the figures ASR reports.
+#[derive(Debug, Default, Clone)]
+pub struct Pass {
+    pub points: Vec<PointId>,
+    pub segments: u64,
+    pub bytes: u64,
+    pub elapsed: std::time::Duration,
+    /// Newest point published in the target.
+    pub latest_processed: Option<(PointId, u64)>,
+    /// Per VM: now − time of the newest tag of its disks in the cache store (ms).
+    pub rpo_ms: BTreeMap<VmId, u64>,
+}
+
+impl Processor {
+    pub fn new(group: GroupId, cache: DynBackend, target: DynBackend) -> Self {
+        let layout = Layout::new(group);
+        Processor {
+            cache: StoreReader::new(cache, layout.clone()),
+            target: StoreReader::new(target.clone(), layout.clone()),
+            writer: StoreWriter::new(target, layout),
+        }
+    }
+
+    /// Ids of the points already published in the target.
+    async fn published(&self) -> Result<BTreeSet<String>> {
+        let list = self
+            .target
+            .backend()
+            .list(&self.target.layout().points())
+            .await?;
+        Ok(list
+            .iter()
+            .filter_map(|m| {
+                let n = m.name.as_str();
+                n.rsplit('/')
+                    .next()?
+                    .strip_suffix(".point")
+                    .map(String::from)
+            })
+            .collect())
+    }
+
+    /// Copies and publishes every cache point not yet in the target, oldest first.
+    pub async fn pass(&self) -> Result<Pass> {
+        let started = Instant::now();
+        let mut pass = Pass::default();
+        let published = self.published().await?;
+        let mut points = self.cache.points().await.context("listing cache points")?;
+        points.sort_by_key(|p| (p.time, p.id.to_string()));
+        // Per disk, the segments the target holds (listed once per pass).
+        let mut have: BTreeMap<(VmId, DiskId), BTreeSet<u64>> = BTreeMap::new();
+        for p in &points {
+            if published.contains(p.id.as_str()) {
+                continue;
+            }
+            self.copy_point(p, &mut have, &mut pass)
+                .await
+                .with_context(|| format!("processing point {}", p.id))?;
+            pass.points.push(p.id.clone());
+        }
+        pass.latest_processed = self
+            .target
+            .points()
+            .await?
+            .into_iter()
+            .max_by_key(|p| p.time)
+            .map(|p| (p.id, p.time));
+        pass.rpo_ms = self.rpo().await?;
+        pass.elapsed = started.elapsed();
+        Ok(pass)
+    }
+
+    async fn copy_point(
+        &self,
+        p: &RecoveryPoint,
+        have: &mut BTreeMap<(VmId, DiskId), BTreeSet<u64>>,
+        pass: &mut Pass,
+    ) -> Result<()> {
+        for m in &p.members {
+            for d in &m.disks {
+                let tag = self.cache.tag(&m.vm, &d.disk, d.tag).await?;
+                let key = (m.vm.clone(), d.disk.clone());
+                if !have.contains_key(&key) {
+                    let seqs = self.target.segment_seqs(&m.vm, &d.disk).await?;
+                    have.insert(key.clone(), seqs.into_iter().collect());
+                }
+                let held = have.get_mut(&key).expect("inserted");
+                for seq in tag.segments() {
+                    if held.contains(&seq) {
+                        continue;
+                    }
+                    let name = self.cache.layout().segment(&m.vm, &d.disk, seq);
+                    let data = self.cache.backend().get(&name).await?;
+                    // Verify before it becomes the only copy that survives the source region.
+                    lifeboat_store::codec::decode(name.as_str(), data.clone())?;
+                    pass.bytes += data.len() as u64;
+                    self.writer.put_segment(&m.vm, &d.disk, seq, data).await?;
+                    held.insert(seq);
+                    pass.segments += 1;
+                }
+                if let DiskShape::Directory { tree } = &tag.shape {
+                    let t = self.cache.tree(&m.vm, &d.disk, tree).await?;
+                    self.writer.put_tree(&m.vm, &d.disk, &t).await?;
+                }
+                self.writer.put_tag(&tag).await?;
+            }
+        }
+        match self.writer.put_point(p).await {
+            Ok(()) => Ok(()),
+            // Published by an earlier, interrupted pass: once is enough.
+            Err(lifeboat_store::Error::Store(e)) if e.kind == ErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// RPO per VM from the cache store's newest tags.
+    pub async fn rpo(&self) -> Result<BTreeMap<VmId, u64>> {
+        let now = now_millis();
+        let mut out: BTreeMap<VmId, u64> = BTreeMap::new();
+        let vms = self
+            .cache
+            .backend()
+            .list(&self.cache.layout().vms_root())
+            .await?;
+        // Names look like v1/<group>/vms/<vm>/disks/<disk>/tag/<seq>.tag.
+        let mut newest: BTreeMap<(VmId, DiskId), u64> = BTreeMap::new();
+        for m in vms {
+            let parts: Vec<&str> = m.name.as_str().split('/').collect();
+            if let [_, _, "vms", vm, "disks", disk, "tag", file] = parts.as_slice()
+                && let (Ok(vm), Ok(disk), Some(seq)) = (
+                    VmId::new(*vm),
+                    DiskId::new(*disk),
+                    file.strip_suffix(".tag")
+                        .and_then(|s| s.parse::<u64>().ok()),
+                )
+            {
+                let e = newest.entry((vm, disk)).or_insert(0);
+                *e = (*e).max(seq);
+            }
+        }
+        for ((vm, disk), seq) in newest {
+            let t = self.cache.tag(&vm, &disk, seq).await?;
+            let age = now.saturating_sub(t.time);
+            let e = out.entry(vm).or_insert(0);
+            *e = (*e).max(age);
+        }
+        Ok(out)
+    }
+}

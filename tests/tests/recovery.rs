@@ -1,0 +1,418 @@
+//! Recovery from the target store: processing (cache → target, restartable, never publishing
+//! twice), failover and DR drills from the target store alone, corruption, and bad requests.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use lifeboat_tests::{CoordinatorProc, bin, free_port, random_bytes, run};
+
+fn lifeboat(args: &[&str], paths: &[(&str, &Path)]) -> Output {
+    let mut cmd = Command::new(bin("lifeboat"));
+    cmd.args(args);
+    for (flag, p) in paths {
+        cmd.arg(flag).arg(p);
+    }
+    cmd.output().unwrap()
+}
+
+fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A single VM with an image and a directory, synced three times with changes between; returns
+/// the point ids and copies of the disks at each.
+struct Vm {
+    dir: PathBuf,
+    cache: PathBuf,
+    points: Vec<String>,
+    copies: Vec<PathBuf>,
+}
+
+impl Vm {
+    fn new(dir: &Path) -> Self {
+        let cache = dir.join("cache");
+        std::fs::create_dir_all(&cache).unwrap();
+        let data = dir.join("data");
+        std::fs::create_dir_all(data.join("sub")).unwrap();
+        let image = dir.join("disk.img");
+        std::fs::write(&image, random_bytes(3 << 20, 1)).unwrap();
+        std::fs::write(data.join("a.txt"), "first").unwrap();
+        let config = dir.join("agent.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "vm = \"vm1\"\ngroup = \"g1\"\nstate_dir = \"{}\"\n[store]\nkind = \"local\"\npath = \"{}\"\n[[disk]]\nid = \"os\"\nkind = \"image\"\npath = \"{}\"\n[[disk]]\nid = \"data\"\nkind = \"directory\"\npath = \"{}\"\n",
+                dir.join("state").display(),
+                cache.display(),
+                image.display(),
+                data.display()
+            ),
+        )
+        .unwrap();
+        let mut vm = Vm {
+            dir: dir.into(),
+            cache,
+            points: vec![],
+            copies: vec![],
+        };
+        for round in 0..3u64 {
+            if round > 0 {
+                use std::io::{Seek, SeekFrom, Write};
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&image)
+                    .unwrap();
+                f.seek(SeekFrom::Start(round * 700_000)).unwrap();
+                f.write_all(&random_bytes(200_000, round + 10)).unwrap();
+                std::fs::write(
+                    data.join("sub").join(format!("r{round}")),
+                    format!("round {round}"),
+                )
+                .unwrap();
+            }
+            let out = ok(Command::new(bin("lifeboat-agent"))
+                .arg("--config")
+                .arg(&config)
+                .arg("sync")
+                .output()
+                .unwrap());
+            let id = out
+                .lines()
+                .find_map(|l| l.strip_prefix("published recovery point "))
+                .and_then(|l| l.split_whitespace().next())
+                .unwrap()
+                .to_string();
+            let copy = dir.join(format!("copy-{round}"));
+            std::fs::create_dir_all(&copy).unwrap();
+            std::fs::copy(&image, copy.join("os.img")).unwrap();
+            run(Command::new("cp")
+                .arg("-a")
+                .arg(&data)
+                .arg(copy.join("data")));
+            vm.points.push(id);
+            vm.copies.push(copy);
+        }
+        vm
+    }
+
+    fn target(&self) -> PathBuf {
+        let t = self.dir.join("target");
+        std::fs::create_dir_all(&t).unwrap();
+        t
+    }
+
+    fn process(&self) -> String {
+        ok(lifeboat(
+            &["process", "--group", "g1"],
+            &[("--cache", &self.cache), ("--store", &self.target())],
+        ))
+    }
+}
+
+fn same(a: &Path, b: &Path) {
+    let out = Command::new("diff")
+        .arg("-r")
+        .arg(a)
+        .arg(b)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+fn failover(target: &Path, extra: &[&str], to: &Path) -> Output {
+    let mut args = vec!["failover", "--group", "g1"];
+    args.extend_from_slice(extra);
+    lifeboat(&args, &[("--store", target), ("--to", to)])
+}
+
+#[test]
+fn processed_points_fail_over_from_the_target_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let vm = Vm::new(dir.path());
+    let target = vm.target();
+
+    // A pass killed at an arbitrary moment, then complete passes: every point once.
+    let mut child = Command::new(bin("lifeboat"))
+        .args(["process", "--group", "g1", "--cache"])
+        .arg(&vm.cache)
+        .arg("--store")
+        .arg(&target)
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(30));
+    let _ = child.kill();
+    let _ = child.wait();
+    let first = vm.process();
+    assert!(first.contains("latest processed point: "), "{first}");
+    assert!(first.contains("RPO vm1: "), "{first}");
+    let again = vm.process();
+    assert!(
+        again.starts_with("processed 0 point(s)"),
+        "published twice? {again}"
+    );
+    let listing = ok(lifeboat(
+        &["points", "list", "--group", "g1"],
+        &[("--store", &vm.cache), ("--target", &target)],
+    ));
+    assert_eq!(listing.matches("processed  ").count(), 3, "{listing}");
+
+    // The source region is gone.
+    std::fs::remove_dir_all(&vm.cache).unwrap();
+
+    for (i, id) in vm.points.iter().enumerate() {
+        let out = dir.path().join(format!("failover-{i}"));
+        ok(failover(&target, &["--vm", "vm1", "--point", id], &out));
+        same(&vm.copies[i].join("data"), &out.join("vm1/data"));
+        assert_eq!(
+            std::fs::read(vm.copies[i].join("os.img")).unwrap(),
+            std::fs::read(out.join("vm1/os.img")).unwrap(),
+            "point {id}"
+        );
+        let report = std::fs::read_to_string(out.join("failover-report.json")).unwrap();
+        assert!(report.contains(&format!("\"point\": \"{id}\"")), "{report}");
+    }
+    let out = dir.path().join("failover-latest");
+    let text = ok(failover(&target, &["--point", "latest-processed"], &out));
+    assert!(text.contains(&vm.points[2]), "{text}");
+    same(&vm.copies[2].join("data"), &out.join("vm1/data"));
+
+    // A time between points picks the newest point at or before it.
+    let out = dir.path().join("failover-time");
+    let now = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+    let text = ok(failover(&target, &["--vm", "vm1", "--point", &now], &out));
+    assert!(text.contains(&vm.points[2]), "{text}");
+
+    // Commit a real failover; never twice.
+    ok(lifeboat(&["failover", "commit"], &[("--to", &out)]));
+    let again = lifeboat(&["failover", "commit"], &[("--to", &out)]);
+    assert_eq!(again.status.code(), Some(2));
+}
+
+#[test]
+fn bad_failover_requests_are_refused_and_write_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let vm = Vm::new(dir.path());
+    let target = vm.target();
+    vm.process();
+    let out = dir.path().join("out");
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["--vm", "vm1", "--point", "vm1-1-t99"],
+            "no recovery point vm1-1-t99",
+        ),
+        (
+            &["--vm", "vm1", "--point", "2001-01-01T00:00:00Z"],
+            "is before the oldest point",
+        ),
+        (
+            &["--vm", "vm9", "--point", "latest"],
+            "VM vm9 is not in group g1",
+        ),
+        (&["--vm", "vm1", "--point", "../x"], "not a point id"),
+        (
+            &["--vm", "vm1", "--point", "latest-multi-vm"],
+            "no multi-VM point covers vm1",
+        ),
+        (
+            &["--vm", "vm1", "--point", "latest-app-consistent"],
+            "no app-consistent point",
+        ),
+    ];
+    for (args, want) in cases {
+        let o = failover(&target, args, &out);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert!(!out.exists(), "{args:?} wrote {}", out.display());
+    }
+    // An unknown group.
+    let o = lifeboat(
+        &["failover", "--group", "nope", "--point", "latest"],
+        &[("--store", &target), ("--to", &out)],
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(!out.exists());
+    // An occupied location is left exactly as it was.
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("precious"), "keep").unwrap();
+    let o = failover(&target, &["--point", "latest"], &out);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("is not empty"));
+    assert_eq!(
+        std::fs::read_to_string(out.join("precious")).unwrap(),
+        "keep"
+    );
+    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 1);
+    // Cleanup refuses what is not a drill.
+    let o = lifeboat(&["test-failover", "cleanup"], &[("--to", &out)]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(out.join("precious").exists());
+}
+
+#[test]
+fn a_corrupt_target_object_is_named_and_spares_points_that_do_not_need_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let vm = Vm::new(dir.path());
+    let target = vm.target();
+    vm.process();
+    // The newest segment of the image disk is needed by the latest point only.
+    let segs = target.join("v1/g1/vms/vm1/disks/os/seg");
+    let mut names: Vec<_> = std::fs::read_dir(&segs)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    names.sort();
+    let victim = names.last().unwrap().clone();
+    let mut bytes = std::fs::read(&victim).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&victim, bytes).unwrap();
+
+    let out = dir.path().join("latest");
+    let o = failover(&target, &["--vm", "vm1", "--point", &vm.points[2]], &out);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    let seg_name = victim.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(
+        err.contains(&seg_name),
+        "error does not name {seg_name}: {err}"
+    );
+    assert!(!out.exists(), "a failed failover leaves nothing behind");
+
+    let out = dir.path().join("first");
+    ok(failover(
+        &target,
+        &["--vm", "vm1", "--point", &vm.points[0]],
+        &out,
+    ));
+    same(&vm.copies[0].join("data"), &out.join("vm1/data"));
+}
+
+#[test]
+fn a_group_drill_from_the_target_store_with_the_source_region_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = CoordinatorProc::init(
+        dir.path(),
+        "g1",
+        &format!("127.0.0.1:{}", free_port()),
+        "processing_interval = \"1s\"\n[target]\nkind = \"local\"\npath = \"TARGET\"\n",
+    );
+    let target = dir.path().join("target");
+    std::fs::create_dir_all(&target).unwrap();
+    let text = std::fs::read_to_string(&c.config)
+        .unwrap()
+        .replace("TARGET", &target.display().to_string());
+    std::fs::write(&c.config, text).unwrap();
+    c.start();
+    let mut agents = Vec::new();
+    for vm in ["web", "db"] {
+        let data = dir.path().join(vm);
+        std::fs::create_dir_all(&data).unwrap();
+        std::fs::write(data.join("f"), format!("{vm} data")).unwrap();
+        let config = dir.path().join(format!("{vm}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "vm = \"{vm}\"\ngroup = \"g1\"\nstate_dir = \"{}\"\n[store]\nkind = \"local\"\npath = \"{}\"\n[[disk]]\nid = \"data\"\nkind = \"directory\"\npath = \"{}\"\nconsistency = \"hooks\"\n[disk.hooks]\npre = [\"true\"]\npost = [\"true\"]\n",
+                dir.path().join(format!("{vm}-state")).display(),
+                c.store.display(),
+                data.display()
+            ),
+        )
+        .unwrap();
+        let token = c.token(Some(vm), "10m");
+        ok(Command::new(bin("lifeboat-agent"))
+            .arg("--config")
+            .arg(&config)
+            .args(["enroll", "--coordinator", &c.addr, "--token", &token])
+            .output()
+            .unwrap());
+        agents.push(
+            Command::new(bin("lifeboat-agent"))
+                .arg("--config")
+                .arg(&config)
+                .arg("run")
+                .stderr(std::fs::File::create(dir.path().join(format!("{vm}.log"))).unwrap())
+                .spawn()
+                .unwrap(),
+        );
+    }
+    // Both members covered, crash then app.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let app = loop {
+        let (id, stderr) = c.snapshot("g1", true);
+        if stderr.contains("covering db, web") && stderr.contains("app-consistent") {
+            break id;
+        }
+        assert!(Instant::now() < deadline, "{stderr}");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    // Processing publishes it in the target.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !target.join(format!("v1/g1/points/{app}.point")).exists() {
+        assert!(
+            Instant::now() < deadline,
+            "not processed:\n{}",
+            c.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        c.log_text()
+            .contains("processed points into the target store")
+    );
+    // Lose the source region: coordinator, agents, cache store.
+    c.kill();
+    for mut a in agents {
+        let _ = a.kill();
+        let _ = a.wait();
+    }
+    std::fs::remove_dir_all(&c.store).unwrap();
+
+    let drill = dir.path().join("drill");
+    let out = ok(lifeboat(
+        &[
+            "test-failover",
+            "--group",
+            "g1",
+            "--point",
+            "latest-multi-vm-app-consistent",
+        ],
+        &[("--store", &target), ("--to", &drill)],
+    ));
+    assert!(out.contains(&app), "{out}");
+    assert!(out.contains("app multi-VM"), "{out}");
+    for vm in ["web", "db"] {
+        assert_eq!(
+            std::fs::read_to_string(drill.join(vm).join("data/f")).unwrap(),
+            format!("{vm} data")
+        );
+    }
+    let report = std::fs::read_to_string(drill.join("failover-report.json")).unwrap();
+    assert!(report.contains("\"kind\": \"test-failover\""), "{report}");
+    // A drill is cleaned up, not committed.
+    assert_eq!(
+        lifeboat(&["failover", "commit"], &[("--to", &drill)])
+            .status
+            .code(),
+        Some(2)
+    );
+    ok(lifeboat(&["test-failover", "cleanup"], &[("--to", &drill)]));
+    assert!(!drill.exists());
+}

@@ -65,7 +65,14 @@ pub struct Policy {
     /// How long committed members have to upload their capture and write tags.
     #[serde(with = "humantime_serde")]
     pub tag_deadline: Duration,
+    /// How long points are kept in the target store, 1 h to 72 h.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
 }
+
+/// The retention range the policy allows.
+pub const RETENTION: std::ops::RangeInclusive<Duration> =
+    Duration::from_secs(3600)..=Duration::from_secs(72 * 3600);
 
 /// The deadlines of one kind of cut (see the cut protocol in the `.proto`).
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -100,6 +107,7 @@ impl Default for Policy {
                 freeze: Duration::from_millis(1500),
             },
             tag_deadline: Duration::from_secs(300),
+            retention: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -185,6 +193,12 @@ impl Config {
                 ));
             }
         }
+        range(
+            "retention",
+            p.retention,
+            *RETENTION.start(),
+            *RETENTION.end(),
+        )?;
         if p.tag_deadline.is_zero() {
             return Err("policy.tag_deadline must be positive".into());
         }

@@ -8,6 +8,11 @@
 //! what it copied is re-checked, not duplicated, and a point is published exactly once because
 //! point objects are create-only. Cache objects are not deleted yet (see the note in
 //! `docs/format.md`, write rule 7).
+//!
+//! Retention ([`Processor::prune`]) deletes expired points from the target, then the tags,
+//! trees and segments no kept point needs — in that order, so an interrupted prune leaves only
+//! unreferenced objects, which the next prune removes. The newest point is always kept: when no
+//! new points can be made, old ones outlive retention rather than leaving none.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
@@ -18,6 +23,16 @@ use lifeboat_store::manifest::{DiskShape, RecoveryPoint, now_millis};
 use lifeboat_store::restore::StoreReader;
 use lifeboat_store::writer::StoreWriter;
 use lifeboat_store::{DiskId, DynBackend, ErrorKind, GroupId, PointId, VmId};
+
+/// What a prune deleted.
+#[derive(Debug, Default, Clone)]
+pub struct Pruned {
+    pub points: Vec<PointId>,
+    pub tags: u64,
+    pub trees: u64,
+    pub segments: u64,
+    pub kept: usize,
+}
 
 /// The two stores of a group.
 #[derive(Debug, Clone)]
@@ -69,7 +84,10 @@ impl Processor {
             .collect())
     }
 
-    /// Copies and publishes every cache point not yet in the target, oldest first.
+    /// Copies and publishes every cache point not yet in the target, oldest first. A cache
+    /// point older than a published point covering the same VMs is not copied: it was pruned
+    /// (or superseded), and bringing it back would undo retention. Points of one VM, and of one
+    /// group, are published in time order, so nothing unprocessed is ever skipped this way.
     pub async fn pass(&self) -> Result<Pass> {
         let started = Instant::now();
         let mut pass = Pass::default();
@@ -78,8 +96,18 @@ impl Processor {
         points.sort_by_key(|p| (p.time, p.id.to_string()));
         // Per disk, the segments the target holds (listed once per pass).
         let mut have: BTreeMap<(VmId, DiskId), BTreeSet<u64>> = BTreeMap::new();
+        let done: Vec<&RecoveryPoint> = points
+            .iter()
+            .filter(|p| published.contains(p.id.as_str()))
+            .collect();
         for p in &points {
             if published.contains(p.id.as_str()) {
+                continue;
+            }
+            let superseded = done
+                .iter()
+                .any(|q| q.time > p.time && p.members.iter().all(|m| q.member(&m.vm).is_some()));
+            if superseded {
                 continue;
             }
             self.copy_point(p, &mut have, &mut pass)
@@ -140,6 +168,95 @@ impl Processor {
             Err(lifeboat_store::Error::Store(e)) if e.kind == ErrorKind::AlreadyExists => Ok(()),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Applies retention to the target store as of `now` (Unix ms).
+    pub async fn prune(&self, retention: std::time::Duration, now: u64) -> Result<Pruned> {
+        let mut out = Pruned::default();
+        let target = &self.target;
+        let backend = target.backend();
+        let layout = target.layout();
+        let mut points = target.points().await?;
+        points.sort_by_key(|p| (p.time, p.id.to_string()));
+        let horizon = now.saturating_sub(retention.as_millis() as u64);
+        let newest = points.last().map(|p| p.id.clone());
+        let (kept, expired): (Vec<_>, Vec<_>) = points
+            .into_iter()
+            .partition(|p| p.time >= horizon || Some(&p.id) == newest.as_ref());
+        out.kept = kept.len();
+        // 1. Unpublish.
+        for p in &expired {
+            backend.delete(&layout.point(&p.id)).await?;
+            out.points.push(p.id.clone());
+        }
+        // 2. Tags no kept point references; 3. trees and segments no remaining tag needs.
+        let mut needed: BTreeMap<(VmId, DiskId), BTreeSet<u64>> = BTreeMap::new();
+        for p in &kept {
+            for m in &p.members {
+                for d in &m.disks {
+                    needed
+                        .entry((m.vm.clone(), d.disk.clone()))
+                        .or_default()
+                        .insert(d.tag);
+                }
+            }
+        }
+        for (vm, disk) in self.disks().await? {
+            let keep = needed
+                .get(&(vm.clone(), disk.clone()))
+                .cloned()
+                .unwrap_or_default();
+            let mut trees = BTreeSet::new();
+            let mut min_from = u64::MAX;
+            for seq in target.tag_seqs(&vm, &disk).await? {
+                if keep.contains(&seq) {
+                    let t = target.tag(&vm, &disk, seq).await?;
+                    min_from = min_from.min(t.from_segment);
+                    if let DiskShape::Directory { tree } = t.shape {
+                        trees.insert(tree);
+                    }
+                } else {
+                    backend.delete(&layout.tag(&vm, &disk, seq)).await?;
+                    out.tags += 1;
+                }
+            }
+            let tree_prefix = layout.disk_root(&vm, &disk).as_str().to_string() + "/tree";
+            let tree_prefix = lifeboat_store::ObjectName::new(tree_prefix)?;
+            for m in backend.list(&tree_prefix).await? {
+                let hash = m.name.file_name().trim_end_matches(".tree").to_string();
+                if !trees.contains(&hash) {
+                    backend.delete(&m.name).await?;
+                    out.trees += 1;
+                }
+            }
+            // Without any kept tag the disk needs nothing; a tag needs from_segment onwards.
+            for seq in target.segment_seqs(&vm, &disk).await? {
+                if seq < min_from {
+                    backend.delete(&layout.segment(&vm, &disk, seq)).await?;
+                    out.segments += 1;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The (VM, disk) pairs the target store holds data for.
+    async fn disks(&self) -> Result<BTreeSet<(VmId, DiskId)>> {
+        let mut out = BTreeSet::new();
+        for m in self
+            .target
+            .backend()
+            .list(&self.target.layout().vms_root())
+            .await?
+        {
+            let parts: Vec<&str> = m.name.as_str().split('/').collect();
+            if let [_, _, "vms", vm, "disks", disk, ..] = parts.as_slice()
+                && let (Ok(vm), Ok(disk)) = (VmId::new(*vm), DiskId::new(*disk))
+            {
+                out.insert((vm, disk));
+            }
+        }
+        Ok(out)
     }
 
     /// RPO per VM from the cache store's newest tags.

@@ -421,6 +421,7 @@ pub async fn serve(
         None => None,
     };
     let processing_interval = config.processing_interval;
+    let retention = config.policy.retention;
     let group = Arc::new(Group::open(config).await?);
     tracing::info!(%addr, group = %group.id, ca = %ca.fingerprint, "coordinator serving");
     if let Some(r) = ready {
@@ -453,6 +454,17 @@ pub async fn serve(
                         }
                     }
                     Err(e) => tracing::error!(error = %format!("{e:#}"), "processing failed; retrying next interval"),
+                }
+                match p.prune(retention, lifeboat_store::manifest::now_millis()).await {
+                    Ok(r) if !r.points.is_empty() || r.segments > 0 => tracing::info!(
+                        expired = r.points.len(),
+                        tags = r.tags,
+                        segments = r.segments,
+                        kept = r.kept,
+                        "retention applied to the target store"
+                    ),
+                    Ok(_) => {}
+                    Err(e) => tracing::error!(error = %format!("{e:#}"), "pruning failed; retrying next interval"),
                 }
                 tokio::time::sleep(processing_interval).await;
             }

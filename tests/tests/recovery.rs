@@ -416,3 +416,65 @@ fn a_group_drill_from_the_target_store_with_the_source_region_gone() {
     ok(lifeboat(&["test-failover", "cleanup"], &[("--to", &drill)]));
     assert!(!drill.exists());
 }
+
+#[test]
+fn retention_keeps_the_newest_point_and_never_resurrects_pruned_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let vm = Vm::new(dir.path());
+    let target = vm.target();
+    vm.process();
+    let prune = |retention: &str, now: &str| {
+        lifeboat(
+            &[
+                "prune",
+                "--group",
+                "g1",
+                "--retention",
+                retention,
+                "--now",
+                now,
+            ],
+            &[("--store", &target)],
+        )
+    };
+    let o = prune("30m", "2030-01-01T00:00:00Z");
+    assert_eq!(o.status.code(), Some(2), "retention below 1h is refused");
+    // Two hours after the last point, a 1 h retention expires all but the newest, which is
+    // kept because no newer point exists.
+    let later =
+        humantime::format_rfc3339_seconds(std::time::SystemTime::now() + Duration::from_secs(7200))
+            .to_string();
+    let out = ok(prune("1h", &later));
+    assert!(
+        out.starts_with("kept 1 point(s); deleted 2 expired point(s)"),
+        "{out}"
+    );
+    assert!(!out.contains(" 0 tag(s)"), "expired tags deleted: {out}");
+    let again = ok(prune("1h", &later));
+    assert!(
+        again.contains("deleted 0 expired point(s), 0 tag(s), 0 tree(s), 0 segment(s)"),
+        "{again}"
+    );
+    // Processing again does not bring the pruned points back.
+    let pass = vm.process();
+    assert!(pass.starts_with("processed 0 point(s)"), "{pass}");
+    // The kept point restores exactly; the pruned ones are gone with a clear error.
+    let o = failover(
+        &target,
+        &["--vm", "vm1", "--point", &vm.points[0]],
+        &dir.path().join("x"),
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no recovery point"));
+    let out = dir.path().join("kept");
+    ok(failover(
+        &target,
+        &["--vm", "vm1", "--point", &vm.points[2]],
+        &out,
+    ));
+    same(&vm.copies[2].join("data"), &out.join("vm1/data"));
+    assert_eq!(
+        std::fs::read(vm.copies[2].join("os.img")).unwrap(),
+        std::fs::read(out.join("vm1/os.img")).unwrap()
+    );
+}

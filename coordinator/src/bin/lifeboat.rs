@@ -82,6 +82,18 @@ enum Command {
         #[command(flatten)]
         target: StoreArgs,
     },
+    /// Apply retention to the target store: delete expired points and the data no kept point
+    /// needs (the coordinator does this after each processing pass; this is for when it is gone).
+    Prune {
+        #[command(flatten)]
+        target: StoreArgs,
+        /// How long points are kept, 1h to 72h. The newest point is always kept.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        retention: Duration,
+        /// Evaluate as of this time (RFC 3339) instead of now: previews and drills.
+        #[arg(long)]
+        now: Option<humantime::Timestamp>,
+    },
     /// Fail over: restore a recovery point's VMs from the target store, verified.
     Failover {
         #[command(subcommand)]
@@ -417,6 +429,42 @@ async fn run(command: Command) -> Result<()> {
                     None => println!("{}", describe(&p)),
                 }
             }
+            Ok(())
+        }
+        Command::Prune {
+            target,
+            retention,
+            now,
+        } => {
+            let range = lifeboat_coordinator::config::RETENTION;
+            if !range.contains(&retention) {
+                bail!(UsageError(format!(
+                    "--retention {} is out of range (1h to 72h)",
+                    humantime::format_duration(retention)
+                )));
+            }
+            let now = match now {
+                Some(t) => std::time::SystemTime::from(t)
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_millis() as u64)
+                    .unwrap_or(0),
+                None => lifeboat_store::manifest::now_millis(),
+            };
+            let reader = open(&target).await?;
+            let p = Processor::new(
+                target.group.clone(),
+                reader.backend().clone(),
+                reader.backend().clone(),
+            );
+            let r = p.prune(retention, now).await?;
+            println!(
+                "kept {} point(s); deleted {} expired point(s), {} tag(s), {} tree(s), {} segment(s)",
+                r.kept,
+                r.points.len(),
+                r.tags,
+                r.trees,
+                r.segments
+            );
             Ok(())
         }
         Command::Process { cache, target } => {

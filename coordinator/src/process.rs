@@ -12,7 +12,10 @@
 //! Retention ([`Processor::prune`]) deletes expired points from the target, then the tags,
 //! trees and segments no kept point needs — in that order, so an interrupted prune leaves only
 //! unreferenced objects, which the next prune removes. The newest point is always kept: when no
-//! new points can be made, old ones outlive retention rather than leaving none.
+//! new points can be made, old ones outlive retention rather than leaving none. Before deleting
+//! segments, a prune compacts the disk at its oldest kept tag into a base
+//! (`lifeboat_store::compact`) once enough segments lie behind it: kept points then restore from
+//! the base plus the segments after it, and storage stays bounded under steady churn.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
@@ -32,7 +35,15 @@ pub struct Pruned {
     pub trees: u64,
     pub segments: u64,
     pub kept: usize,
+    /// Bases written (compactions) and deleted.
+    pub bases: u64,
+    pub bases_deleted: u64,
 }
+
+/// Compact once this many segments lie between the oldest kept tag and its current base.
+pub const COMPACT_AFTER_SEGMENTS: u64 = 4;
+/// Size of a base's parts.
+const BASE_PART_BYTES: usize = 64 << 20;
 
 /// The two stores of a group.
 #[derive(Debug, Clone)]
@@ -206,18 +217,47 @@ impl Processor {
                 .get(&(vm.clone(), disk.clone()))
                 .cloned()
                 .unwrap_or_default();
-            let mut trees = BTreeSet::new();
-            let mut min_from = u64::MAX;
+            let mut kept_tags = Vec::new();
             for seq in target.tag_seqs(&vm, &disk).await? {
                 if keep.contains(&seq) {
-                    let t = target.tag(&vm, &disk, seq).await?;
-                    min_from = min_from.min(t.from_segment);
-                    if let DiskShape::Directory { tree } = t.shape {
-                        trees.insert(tree);
-                    }
+                    kept_tags.push(target.tag(&vm, &disk, seq).await?);
                 } else {
                     backend.delete(&layout.tag(&vm, &disk, seq)).await?;
                     out.tags += 1;
+                }
+            }
+            // Compaction: a base at the oldest kept tag once enough segments lie behind it, so
+            // restores stay bounded and the segments it replaces can go.
+            if let Some(oldest) = kept_tags.first() {
+                let bases = target.bases(&vm, &disk).await?;
+                let (base, _) = lifeboat_store::restore::sources_for(layout, oldest, &bases);
+                let covered = base
+                    .as_ref()
+                    .map_or(oldest.from_segment.saturating_sub(1), |b| b.through_segment);
+                if oldest.through_segment.saturating_sub(covered) >= COMPACT_AFTER_SEGMENTS
+                    && base.as_ref().is_none_or(|b| b.tag != oldest.seq)
+                {
+                    lifeboat_store::compact::compact(target, oldest, BASE_PART_BYTES, 3).await?;
+                    out.bases += 1;
+                }
+            }
+            // What the kept tags read: their bases' parts and the segments after them.
+            let bases = target.bases(&vm, &disk).await?;
+            let mut need_segments = BTreeSet::new();
+            let mut need_bases = BTreeSet::new();
+            let mut trees = BTreeSet::new();
+            for t in &kept_tags {
+                let (base, _) = lifeboat_store::restore::sources_for(layout, t, &bases);
+                let first = match &base {
+                    Some(b) => {
+                        need_bases.insert(b.tag);
+                        b.through_segment + 1
+                    }
+                    None => t.from_segment,
+                };
+                need_segments.extend(first..=t.through_segment);
+                if let DiskShape::Directory { tree } = &t.shape {
+                    trees.insert(tree.clone());
                 }
             }
             let tree_prefix = layout.disk_root(&vm, &disk).as_str().to_string() + "/tree";
@@ -229,12 +269,21 @@ impl Processor {
                     out.trees += 1;
                 }
             }
-            // Without any kept tag the disk needs nothing; a tag needs from_segment onwards.
             for seq in target.segment_seqs(&vm, &disk).await? {
-                if seq < min_from {
+                if !need_segments.contains(&seq) {
                     backend.delete(&layout.segment(&vm, &disk, seq)).await?;
                     out.segments += 1;
                 }
+            }
+            for b in bases.iter().filter(|b| !need_bases.contains(&b.tag)) {
+                // Manifest first: a base without one is unreferenced leftovers.
+                backend.delete(&layout.base(&vm, &disk, b.tag)).await?;
+                for part in 1..=b.parts {
+                    backend
+                        .delete(&layout.base_part(&vm, &disk, b.tag, part))
+                        .await?;
+                }
+                out.bases_deleted += 1;
             }
         }
         Ok(out)

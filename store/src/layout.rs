@@ -3,6 +3,8 @@
 //! ```text
 //! v1/<group>/vms/<vm>/disks/<disk>/seg/<seq:020>.seg     segments, gap-free from 1
 //! v1/<group>/vms/<vm>/disks/<disk>/tag/<seq:020>.tag     tags, gap-free from 1
+//! v1/<group>/vms/<vm>/disks/<disk>/base/<tag:020>.base   a compaction of the disk at a tag
+//! v1/<group>/vms/<vm>/disks/<disk>/base/<tag:020>/<part:06>.seg   its segments
 //! v1/<group>/vms/<vm>/disks/<disk>/tree/<blake3>.tree    directory listings, by content
 //! v1/<group>/points/<point-id>.point                     recovery points
 //! ```
@@ -79,6 +81,24 @@ impl Layout {
         hash: &str,
     ) -> Result<ObjectName, crate::NameError> {
         ObjectName::new(format!("{}/tree/{hash}.tree", self.disk_root(vm, disk)))
+    }
+
+    /// Prefix of a disk's bases (compactions).
+    pub fn bases(&self, vm: &VmId, disk: &DiskId) -> ObjectName {
+        name(format!("{}/base", self.disk_root(vm, disk)))
+    }
+
+    /// The manifest of the base at `tag`; written after its parts.
+    pub fn base(&self, vm: &VmId, disk: &DiskId, tag: u64) -> ObjectName {
+        name(format!("{}/base/{tag:020}.base", self.disk_root(vm, disk)))
+    }
+
+    /// Part `part` (from 1) of the base at `tag`: a segment.
+    pub fn base_part(&self, vm: &VmId, disk: &DiskId, tag: u64, part: u32) -> ObjectName {
+        name(format!(
+            "{}/base/{tag:020}/{part:06}.seg",
+            self.disk_root(vm, disk)
+        ))
     }
 
     /// Prefix of the group's recovery points.

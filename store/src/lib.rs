@@ -11,6 +11,7 @@
 
 pub mod backend;
 pub mod codec;
+pub mod compact;
 #[cfg(any(test, feature = "testing"))]
 pub mod conformance;
 pub mod error;

@@ -212,6 +212,42 @@ pub fn check_rel_path(p: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A base: the blocks of a disk at tag `tag`, compacted from segments
+/// `from_segment..=through_segment` into `parts` segments of their own (see `docs/format.md`,
+/// compaction). A restore of any later tag of the same full copy may read the base instead of
+/// those segments, so restore cost stays bounded as history grows, and retention can delete them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Base {
+    pub vm: VmId,
+    pub disk: DiskId,
+    pub tag: u64,
+    pub from_segment: u64,
+    pub through_segment: u64,
+    pub parts: u32,
+    pub block_size: u32,
+}
+
+impl Base {
+    /// Serialises into a base object.
+    pub fn encode(&self) -> Bytes {
+        envelope(
+            "base",
+            &serde_json::to_vec_pretty(self).expect("base serialises"),
+        )
+    }
+
+    /// Parses and verifies a base object named `object`.
+    pub fn decode(object: &str, data: &[u8]) -> Result<Self, ManifestError> {
+        let body = open_envelope("base", object, data)?;
+        serde_json::from_slice(body).map_err(|e| ManifestError {
+            object: object.into(),
+            kind: "base",
+            what: e.to_string(),
+        })
+    }
+}
+
 impl Tree {
     /// Serialises into a tree object and its content hash (hex), which names it.
     pub fn encode(&self) -> (String, Bytes) {

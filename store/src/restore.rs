@@ -18,8 +18,8 @@ use crate::backend::{DynBackend, ErrorKind};
 use crate::codec::{self, Encoding, Entry};
 use crate::error::{Error, Result};
 use crate::layout::{Layout, parse_seq};
-use crate::manifest::{DiskShape, EntryKind, RecoveryPoint, Tag, Tree};
-use crate::name::{DiskId, PointId, VmId};
+use crate::manifest::{Base, DiskShape, EntryKind, RecoveryPoint, Tag, Tree};
+use crate::name::{DiskId, ObjectName, PointId, VmId};
 use crate::platform;
 
 /// Segments fetched and decoded at once during a restore.
@@ -151,7 +151,40 @@ impl StoreReader {
         disk: &DiskId,
         seq: u64,
     ) -> Result<codec::SegmentIndex> {
-        let name = self.layout.segment(vm, disk, seq);
+        self.segment_index_of(&self.layout.segment(vm, disk, seq))
+            .await
+    }
+
+    /// The bases (compactions) of a disk, oldest first; each verified.
+    pub async fn bases(&self, vm: &VmId, disk: &DiskId) -> Result<Vec<Base>> {
+        let list = self.backend.list(&self.layout.bases(vm, disk)).await?;
+        let mut out = Vec::new();
+        for m in list {
+            let Some(tag) = m
+                .name
+                .file_name()
+                .strip_suffix(".base")
+                .and_then(|d| d.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            let data = self.backend.get(&m.name).await?;
+            let b = Base::decode(m.name.as_str(), &data)?;
+            if b.vm != *vm || b.disk != *disk || b.tag != tag {
+                return Err(Error::Inconsistent(format!(
+                    "{} holds the base of {}/{} at tag {}",
+                    m.name, b.vm, b.disk, b.tag
+                )));
+            }
+            out.push(b);
+        }
+        out.sort_by_key(|b| b.tag);
+        Ok(out)
+    }
+
+    /// The verified index of the segment object `name`.
+    pub async fn segment_index_of(&self, name: &ObjectName) -> Result<codec::SegmentIndex> {
+        let name = name.clone();
         let size = match self.backend.head(&name).await {
             Err(e) if e.kind == ErrorKind::NotFound => {
                 return Err(Error::Inconsistent(format!(
@@ -192,11 +225,11 @@ pub struct RestoreReport {
 
 /// Where one winning block goes.
 #[derive(Debug, Clone)]
-struct Placement {
-    entry: Entry,
-    file: usize,
+pub struct Placement {
+    pub entry: Entry,
+    pub file: usize,
     /// Bytes of the block to write (less than its length when the disk or file shrank).
-    keep: u32,
+    pub keep: u32,
 }
 
 /// Restores the disk of `tag` into `out`: a disk-image file (created; must not exist) or an
@@ -217,92 +250,20 @@ pub async fn restore_disk(reader: &StoreReader, tag: &Tag, out: &Path) -> Result
         DiskShape::Image { .. } => None,
         DiskShape::Directory { tree } => Some(reader.tree(&tag.vm, &tag.disk, tree).await?),
     };
-    let files: Vec<(String, u64)> = match (&tag.shape, &tree) {
-        (DiskShape::Image { size }, _) => vec![(String::new(), *size)],
-        (_, Some(tree)) => tree
-            .entries
-            .iter()
-            .filter_map(|e| match e.kind {
-                EntryKind::File { size } => Some((e.path.clone(), size)),
-                _ => None,
-            })
-            .collect(),
-        _ => unreachable!("directory tags always have a tree"),
-    };
-    let file_of: HashMap<&str, usize> = files
-        .iter()
-        .enumerate()
-        .map(|(i, (p, _))| (p.as_str(), i))
-        .collect();
+    let files = files_of(tag, tree.as_ref());
 
-    // Pass 1: indexes only; the newest block wins.
-    let seqs: Vec<u64> = tag.segments().collect();
-    let indexes: Vec<(u64, codec::SegmentIndex)> = futures::stream::iter(seqs.clone())
-        .map(|seq| async move {
-            Ok::<_, Error>((seq, reader.segment_index(&tag.vm, &tag.disk, seq).await?))
-        })
-        .buffered(16)
-        .try_collect()
-        .await?;
-    let mut winners: HashMap<(usize, u64), (u64, Entry)> = HashMap::new();
-    for (seq, (targets, entries)) in &indexes {
-        for e in entries {
-            let Some(&file) = file_of.get(targets[e.target as usize].as_str()) else {
-                continue; // a file that no longer exists at this tag
-            };
-            if e.offset % bs != 0 || e.length as u64 > bs {
-                return Err(Error::Inconsistent(format!(
-                    "segment {seq} of {}/{} has a block at {} that does not fit block size {bs}",
-                    tag.vm, tag.disk, e.offset
-                )));
-            }
-            winners.insert((file, e.offset / bs), (*seq, *e));
-        }
-    }
-
-    // Every block of every file must have a winner, at least as long as the file needs.
-    let mut by_segment: BTreeMap<u64, Vec<Placement>> = BTreeMap::new();
-    let mut total = 0u64;
-    for (file, (path, size)) in files.iter().enumerate() {
-        total += size;
-        for block in 0..size.div_ceil(bs) {
-            let need = (size - block * bs).min(bs) as u32;
-            let what = || {
-                let at = if path.is_empty() {
-                    String::new()
-                } else {
-                    format!(" of file {path:?}")
-                };
-                format!(
-                    "tag {} of {}/{} has no data for bytes {}..{}{at}",
-                    tag.seq,
-                    tag.vm,
-                    tag.disk,
-                    block * bs,
-                    block * bs + need as u64
-                )
-            };
-            let (seq, entry) = winners
-                .get(&(file, block))
-                .ok_or_else(|| Error::Inconsistent(what()))?;
-            if entry.length < need {
-                return Err(Error::Inconsistent(what()));
-            }
-            by_segment.entry(*seq).or_default().push(Placement {
-                entry: *entry,
-                file,
-                keep: need,
-            });
-        }
-    }
+    let bases = reader.bases(&tag.vm, &tag.disk).await?;
+    let (_, sources) = sources_for(reader.layout(), tag, &bases);
+    let by_source = plan_blocks(reader, tag, &sources, &files).await?;
+    let total: u64 = files.iter().map(|(_, size)| size).sum();
 
     // Prepare the output; on any failure from here on, remove what this restore created so a
     // failed restore leaves nothing behind that could be mistaken for a good disk.
-    let segments_read = by_segment.len() as u64;
+    let segments_read = by_source.len() as u64;
     let existed = out.exists();
     let result = async {
         let (handles, fresh) = prepare_output(out, tree.as_ref(), &files)?;
-        let blocks = write_blocks(reader, tag, by_segment, Arc::new(handles), fresh).await?;
+        let blocks = write_blocks(reader, &sources, by_source, Arc::new(handles), fresh).await?;
         if let Some(tree) = &tree {
             finish_tree(out, tree)?;
         }
@@ -333,25 +294,145 @@ pub async fn restore_disk(reader: &StoreReader, tag: &Tag, out: &Path) -> Result
     Ok(RestoreReport {
         bytes: total,
         blocks,
-        segments_indexed: seqs.len() as u64,
+        segments_indexed: sources.len() as u64,
         segments_read,
         elapsed: started.elapsed(),
     })
 }
 
+/// The objects a restore of `tag` reads, in order (a later one's block wins), and the base
+/// used, if any: the newest base of the same full copy at or before the tag, then the segments
+/// after it; without one, the tag's segments.
+pub fn sources_for(layout: &Layout, tag: &Tag, bases: &[Base]) -> (Option<Base>, Vec<ObjectName>) {
+    let base = bases
+        .iter()
+        .filter(|b| {
+            b.tag <= tag.seq
+                && b.from_segment == tag.from_segment
+                && b.through_segment <= tag.through_segment
+                && b.block_size == tag.block_size
+        })
+        .max_by_key(|b| b.tag)
+        .cloned();
+    let mut out = Vec::new();
+    let first = match &base {
+        Some(b) => {
+            out.extend((1..=b.parts).map(|p| layout.base_part(&tag.vm, &tag.disk, b.tag, p)));
+            b.through_segment + 1
+        }
+        None => tag.from_segment,
+    };
+    out.extend((first..=tag.through_segment).map(|s| layout.segment(&tag.vm, &tag.disk, s)));
+    (base, out)
+}
+
+/// Where one winning block of a tag is: which file (index into the files list) and which
+/// source's entry.
+pub type BlockPlan = BTreeMap<usize, Vec<Placement>>;
+
+/// Pass 1 of a restore (indexes only): for every block of every file the newest entry among
+/// `sources`, grouped by source. A block without one is an error naming it.
+pub async fn plan_blocks(
+    reader: &StoreReader,
+    tag: &Tag,
+    sources: &[ObjectName],
+    files: &[(String, u64)],
+) -> Result<BlockPlan> {
+    let bs = tag.block_size as u64;
+    let file_of: HashMap<&str, usize> = files
+        .iter()
+        .enumerate()
+        .map(|(i, (p, _))| (p.as_str(), i))
+        .collect();
+    let futs: Vec<_> = sources
+        .iter()
+        .cloned()
+        .map(|name| async move { reader.segment_index_of(&name).await })
+        .collect();
+    let indexes: Vec<codec::SegmentIndex> = futures::stream::iter(futs)
+        .buffered(16)
+        .try_collect()
+        .await?;
+    let mut winners: HashMap<(usize, u64), (usize, Entry)> = HashMap::new();
+    for (src, (targets, entries)) in indexes.iter().enumerate() {
+        for e in entries {
+            let Some(&file) = file_of.get(targets[e.target as usize].as_str()) else {
+                continue; // a file that no longer exists at this tag
+            };
+            if e.offset % bs != 0 || e.length as u64 > bs {
+                return Err(Error::Inconsistent(format!(
+                    "{} has a block at {} that does not fit block size {bs}",
+                    sources[src], e.offset
+                )));
+            }
+            winners.insert((file, e.offset / bs), (src, *e));
+        }
+    }
+    // Every block of every file must have a winner, at least as long as the file needs.
+    let mut by_source: BlockPlan = BTreeMap::new();
+    for (file, (path, size)) in files.iter().enumerate() {
+        for block in 0..size.div_ceil(bs) {
+            let need = (size - block * bs).min(bs) as u32;
+            let what = || {
+                let at = if path.is_empty() {
+                    String::new()
+                } else {
+                    format!(" of file {path:?}")
+                };
+                format!(
+                    "tag {} of {}/{} has no data for bytes {}..{}{at}",
+                    tag.seq,
+                    tag.vm,
+                    tag.disk,
+                    block * bs,
+                    block * bs + need as u64
+                )
+            };
+            let (src, entry) = winners
+                .get(&(file, block))
+                .ok_or_else(|| Error::Inconsistent(what()))?;
+            if entry.length < need {
+                return Err(Error::Inconsistent(what()));
+            }
+            by_source.entry(*src).or_default().push(Placement {
+                entry: *entry,
+                file,
+                keep: need,
+            });
+        }
+    }
+    Ok(by_source)
+}
+
+/// The files a tag covers: `("", size)` for an image, `(path, size)` per file of a tree.
+pub fn files_of(tag: &Tag, tree: Option<&Tree>) -> Vec<(String, u64)> {
+    match (&tag.shape, tree) {
+        (DiskShape::Image { size }, _) => vec![(String::new(), *size)],
+        (_, Some(tree)) => tree
+            .entries
+            .iter()
+            .filter_map(|e| match e.kind {
+                EntryKind::File { size } => Some((e.path.clone(), size)),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
 /// Pass 2: fetches the segments holding winners, verifies their blocks and writes them.
 async fn write_blocks(
     reader: &StoreReader,
-    tag: &Tag,
-    by_segment: BTreeMap<u64, Vec<Placement>>,
+    sources: &[ObjectName],
+    by_source: BlockPlan,
     handles: Arc<Vec<(PathBuf, File)>>,
     fresh: bool,
 ) -> Result<u64> {
-    let blocks: u64 = futures::stream::iter(by_segment)
-        .map(|(seq, placements)| {
+    let blocks: u64 = futures::stream::iter(by_source)
+        .map(|(src, placements)| {
             let handles = Arc::clone(&handles);
             async move {
-                let name = reader.layout.segment(&tag.vm, &tag.disk, seq);
+                let name = sources[src].clone();
                 let data = reader.backend.get(&name).await?;
                 let n = placements.len() as u64;
                 tokio::task::spawn_blocking(move || -> Result<u64> {

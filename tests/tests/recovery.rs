@@ -37,6 +37,17 @@ struct Vm {
 
 impl Vm {
     fn new(dir: &Path) -> Self {
+        let mut vm = Vm::setup(dir);
+        for round in 0..3u64 {
+            if round > 0 {
+                vm.change(round, round * 700_000, 200_000);
+            }
+            vm.sync(round);
+        }
+        vm
+    }
+
+    fn setup(dir: &Path) -> Self {
         let cache = dir.join("cache");
         std::fs::create_dir_all(&cache).unwrap();
         let data = dir.join("data");
@@ -56,50 +67,54 @@ impl Vm {
             ),
         )
         .unwrap();
-        let mut vm = Vm {
+        Vm {
             dir: dir.into(),
             cache,
             points: vec![],
             copies: vec![],
-        };
-        for round in 0..3u64 {
-            if round > 0 {
-                use std::io::{Seek, SeekFrom, Write};
-                let mut f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(&image)
-                    .unwrap();
-                f.seek(SeekFrom::Start(round * 700_000)).unwrap();
-                f.write_all(&random_bytes(200_000, round + 10)).unwrap();
-                std::fs::write(
-                    data.join("sub").join(format!("r{round}")),
-                    format!("round {round}"),
-                )
-                .unwrap();
-            }
-            let out = ok(Command::new(bin("lifeboat-agent"))
-                .arg("--config")
-                .arg(&config)
-                .arg("sync")
-                .output()
-                .unwrap());
-            let id = out
-                .lines()
-                .find_map(|l| l.strip_prefix("published recovery point "))
-                .and_then(|l| l.split_whitespace().next())
-                .unwrap()
-                .to_string();
-            let copy = dir.join(format!("copy-{round}"));
-            std::fs::create_dir_all(&copy).unwrap();
-            std::fs::copy(&image, copy.join("os.img")).unwrap();
-            run(Command::new("cp")
-                .arg("-a")
-                .arg(&data)
-                .arg(copy.join("data")));
-            vm.points.push(id);
-            vm.copies.push(copy);
         }
-        vm
+    }
+
+    /// Rewrites `len` bytes of the image at `at` and adds a file.
+    fn change(&self, round: u64, at: u64, len: usize) {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(self.dir.join("disk.img"))
+            .unwrap();
+        f.seek(SeekFrom::Start(at)).unwrap();
+        f.write_all(&random_bytes(len, round + 10)).unwrap();
+        let data = self.dir.join("data");
+        std::fs::write(
+            data.join("sub").join(format!("r{round}")),
+            format!("round {round}"),
+        )
+        .unwrap();
+    }
+
+    /// Syncs (a point) and keeps a copy of the disks as they are.
+    fn sync(&mut self, round: u64) {
+        let out = ok(Command::new(bin("lifeboat-agent"))
+            .arg("--config")
+            .arg(self.dir.join("agent.toml"))
+            .arg("sync")
+            .output()
+            .unwrap());
+        let id = out
+            .lines()
+            .find_map(|l| l.strip_prefix("published recovery point "))
+            .and_then(|l| l.split_whitespace().next())
+            .unwrap()
+            .to_string();
+        let copy = self.dir.join(format!("copy-{round}"));
+        std::fs::create_dir_all(&copy).unwrap();
+        std::fs::copy(self.dir.join("disk.img"), copy.join("os.img")).unwrap();
+        run(Command::new("cp")
+            .arg("-a")
+            .arg(self.dir.join("data"))
+            .arg(copy.join("data")));
+        self.points.push(id);
+        self.copies.push(copy);
     }
 
     fn target(&self) -> PathBuf {
@@ -452,7 +467,7 @@ fn retention_keeps_the_newest_point_and_never_resurrects_pruned_ones() {
     assert!(!out.contains(" 0 tag(s)"), "expired tags deleted: {out}");
     let again = ok(prune("1h", &later));
     assert!(
-        again.contains("deleted 0 expired point(s), 0 tag(s), 0 tree(s), 0 segment(s)"),
+        again.contains("deleted 0 expired point(s), 0 tag(s), 0 tree(s), 0 segment(s), 0 base(s)"),
         "{again}"
     );
     // Processing again does not bring the pruned points back.
@@ -477,4 +492,88 @@ fn retention_keeps_the_newest_point_and_never_resurrects_pruned_ones() {
         std::fs::read(vm.copies[2].join("os.img")).unwrap(),
         std::fs::read(out.join("vm1/os.img")).unwrap()
     );
+}
+
+fn point_time(target: &Path, id: &str) -> u64 {
+    let name = format!("v1/g1/points/{id}.point");
+    let data = std::fs::read(target.join(&name)).unwrap();
+    lifeboat_store::manifest::RecoveryPoint::decode(&name, &data)
+        .unwrap()
+        .time
+}
+
+fn size_of(dir: &Path) -> u64 {
+    let out = run(Command::new("du").arg("-sb").arg(dir));
+    out.split_whitespace().next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn steady_churn_under_retention_stays_bounded_and_every_kept_point_restores() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut vm = Vm::setup(dir.path());
+    let target = vm.target();
+    let mut sizes = Vec::new();
+    for round in 0..14u64 {
+        if round > 0 {
+            // Half the image rewritten each round: history grows 1.5 MiB a round.
+            vm.change(round, (round % 2) * (1 << 20), 3 << 19);
+        }
+        vm.sync(round);
+        vm.process();
+        if round >= 3 {
+            // Retention of 1 h with the clock set so that the last four points are kept.
+            let keep_from = point_time(&target, &vm.points[round as usize - 3]);
+            let now = std::time::UNIX_EPOCH + Duration::from_millis(keep_from + 3_600_000);
+            let now = humantime::format_rfc3339_millis(now).to_string();
+            let args = ["prune", "--group", "g1", "--retention", "1h", "--now", &now];
+            if round == 9 {
+                // Killed mid-prune: the next prune finishes the job, nothing kept is lost.
+                let mut child = Command::new(bin("lifeboat"))
+                    .args(args)
+                    .arg("--store")
+                    .arg(&target)
+                    .spawn()
+                    .unwrap();
+                std::thread::sleep(Duration::from_millis(15));
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            let out = ok(lifeboat(&args, &[("--store", &target)]));
+            assert!(out.starts_with("kept 4 point(s)"), "round {round}: {out}");
+            sizes.push(size_of(&target.join("v1")));
+        }
+    }
+    eprintln!("target store bytes after each prune: {sizes:?}");
+    // Bounded: the last rounds take no more room than the early ones plus a base's worth.
+    let (early, late) = (sizes[2], *sizes.last().unwrap());
+    assert!(
+        late <= early + (4 << 20),
+        "target grew from {early} to {late} bytes: {sizes:?}"
+    );
+    // Without pruning the history alone would be > 3 + 13 × 1.5 MiB.
+    assert!(late < 16 << 20, "{late} bytes: {sizes:?}");
+    let bases = target.join("v1/g1/vms/vm1/disks/os/base");
+    assert!(
+        std::fs::read_dir(&bases).unwrap().count() >= 1,
+        "no base written"
+    );
+    let segs = std::fs::read_dir(target.join("v1/g1/vms/vm1/disks/os/seg"))
+        .unwrap()
+        .count();
+    assert!(segs <= 8, "{segs} image segments kept");
+    // Every kept point restores exactly, though its early segments are gone.
+    for i in 10..14 {
+        let out = dir.path().join(format!("kept-{i}"));
+        ok(failover(
+            &target,
+            &["--vm", "vm1", "--point", &vm.points[i]],
+            &out,
+        ));
+        assert_eq!(
+            std::fs::read(vm.copies[i].join("os.img")).unwrap(),
+            std::fs::read(out.join("vm1/os.img")).unwrap(),
+            "point {i}"
+        );
+        same(&vm.copies[i].join("data"), &out.join("vm1/data"));
+    }
 }

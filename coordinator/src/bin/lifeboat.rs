@@ -458,12 +458,14 @@ async fn run(command: Command) -> Result<()> {
             );
             let r = p.prune(retention, now).await?;
             println!(
-                "kept {} point(s); deleted {} expired point(s), {} tag(s), {} tree(s), {} segment(s)",
+                "kept {} point(s); deleted {} expired point(s), {} tag(s), {} tree(s), {} segment(s), {} base(s); compacted {} disk(s)",
                 r.kept,
                 r.points.len(),
                 r.tags,
                 r.trees,
-                r.segments
+                r.segments,
+                r.bases_deleted,
+                r.bases
             );
             Ok(())
         }

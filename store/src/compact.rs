@@ -1,0 +1,116 @@
+//! Compaction: writes a base — the blocks of a disk at one tag, re-packed into segments of
+//! their own — so restoring that tag or any later tag of the same full copy reads the base plus
+//! the segments after it, never the whole history, and retention can delete the segments the
+//! base replaces. Every block is verified on the way (it is read like a restore reads it).
+//!
+//! Ordering: the parts are written first, the base manifest last (create-only); a base without
+//! a manifest does not exist for readers, and its leftover parts are removed by the next try.
+
+use bytes::Bytes;
+
+use crate::backend::ErrorKind;
+use crate::codec::{self, SegmentBuilder};
+use crate::error::{Error, Result};
+use crate::manifest::{Base, DiskShape, Tag};
+use crate::restore::{StoreReader, files_of, plan_blocks, sources_for};
+
+/// Compacts the disk of `tag` into a base at `tag`, with parts of about `part_size` bytes.
+pub async fn compact(
+    reader: &StoreReader,
+    tag: &Tag,
+    part_size: usize,
+    level: i32,
+) -> Result<Base> {
+    let backend = reader.backend();
+    let layout = reader.layout();
+    let manifest = layout.base(&tag.vm, &tag.disk, tag.seq);
+    if let Ok(data) = backend.get(&manifest).await {
+        return Ok(Base::decode(manifest.as_str(), &data)?);
+    }
+    // Leftovers of an interrupted compaction: unreferenced, so safe to remove.
+    let parts_prefix = crate::name::ObjectName::new(format!(
+        "{}/{:020}",
+        layout.bases(&tag.vm, &tag.disk),
+        tag.seq
+    ))
+    .map_err(|e| Error::Invalid(e.to_string()))?;
+    for m in backend.list(&parts_prefix).await? {
+        backend.delete(&m.name).await?;
+    }
+
+    let tree = match &tag.shape {
+        DiskShape::Image { .. } => None,
+        DiskShape::Directory { tree } => Some(reader.tree(&tag.vm, &tag.disk, tree).await?),
+    };
+    let files = files_of(tag, tree.as_ref());
+    let bases = reader.bases(&tag.vm, &tag.disk).await?;
+    let (_, sources) = sources_for(layout, tag, &bases);
+    let plan = plan_blocks(reader, tag, &sources, &files).await?;
+
+    let mut builder = SegmentBuilder::with_capacity(tag.block_size, level, part_size + (1 << 20));
+    let mut parts = 0u32;
+    let files = std::sync::Arc::new(files);
+    for (src, placements) in plan {
+        let name = sources[src].clone();
+        let data = backend.get(&name).await?;
+        let files = files.clone();
+        let (b, full) =
+            tokio::task::spawn_blocking(move || -> Result<(SegmentBuilder, Vec<Bytes>)> {
+                let seg = codec::decode(name.as_str(), data)?;
+                let mut d =
+                    zstd::bulk::Decompressor::new().map_err(|e| Error::io(name.as_str(), e))?;
+                let mut buf = Vec::new();
+                let mut full = Vec::new();
+                for p in placements {
+                    let block = seg.read_block(&p.entry, &mut d, &mut buf)?;
+                    builder.add_hashed(&files[p.file].0, p.entry.offset, block, p.entry.hash);
+                    if builder.encoded_len() >= part_size {
+                        let done = std::mem::replace(
+                            &mut builder,
+                            SegmentBuilder::with_capacity(
+                                seg.block_size(),
+                                level,
+                                part_size + (1 << 20),
+                            ),
+                        );
+                        full.push(done.finish());
+                    }
+                }
+                Ok((builder, full))
+            })
+            .await
+            .map_err(|e| Error::Invalid(format!("compaction worker failed: {e}")))??;
+        builder = b;
+        for data in full {
+            parts += 1;
+            put(reader, tag, parts, data).await?;
+        }
+    }
+    if !builder.is_empty() || parts == 0 {
+        parts += 1;
+        put(reader, tag, parts, builder.finish()).await?;
+    }
+    let base = Base {
+        vm: tag.vm.clone(),
+        disk: tag.disk.clone(),
+        tag: tag.seq,
+        from_segment: tag.from_segment,
+        through_segment: tag.through_segment,
+        parts,
+        block_size: tag.block_size,
+    };
+    match backend.put_new(&manifest, base.encode()).await {
+        Ok(()) => Ok(base),
+        Err(e) if e.kind == ErrorKind::AlreadyExists => Ok(Base::decode(
+            manifest.as_str(),
+            &backend.get(&manifest).await?,
+        )?),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn put(reader: &StoreReader, tag: &Tag, part: u32, data: Bytes) -> Result<()> {
+    let name = reader.layout().base_part(&tag.vm, &tag.disk, tag.seq, part);
+    reader.backend().put_new(&name, data).await?;
+    Ok(())
+}

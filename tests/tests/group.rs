@@ -324,6 +324,59 @@ fn multi_vm_points_are_consistent_cuts_of_a_causal_workload() {
         "{}",
         agents[0].log_text()
     );
+
+    // The same points from the target store, after processing and a prune that expires the
+    // first two and compacts every disk at the oldest kept tag: still consistent cuts.
+    let target = dir.path().join("target");
+    std::fs::create_dir_all(&target).unwrap();
+    run(Command::new(bin("lifeboat"))
+        .args(["process", "--group", "g1", "--cache"])
+        .arg(&c.store)
+        .arg("--store")
+        .arg(&target));
+    let name = format!("v1/g1/points/{}.point", points[2]);
+    let data = std::fs::read(target.join(&name)).unwrap();
+    let t2 = lifeboat_store::manifest::RecoveryPoint::decode(&name, &data)
+        .unwrap()
+        .time;
+    let now = std::time::UNIX_EPOCH + Duration::from_millis(t2 + 3_600_000);
+    let now = humantime::format_rfc3339_millis(now).to_string();
+    let pruned = run(Command::new(bin("lifeboat"))
+        .args([
+            "prune",
+            "--group",
+            "g1",
+            "--retention",
+            "1h",
+            "--now",
+            &now,
+            "--store",
+        ])
+        .arg(&target));
+    assert!(
+        pruned.starts_with("kept 3 point(s); deleted 2 expired"),
+        "{pruned}"
+    );
+    assert!(pruned.contains("compacted 3 disk(s)"), "{pruned}");
+    for p in &points[2..] {
+        let out = dir.path().join(format!("target-restore-{p}"));
+        let mut counts = Vec::new();
+        for v in vms {
+            let o = out.join(v);
+            run(Command::new(bin("lifeboat"))
+                .args([
+                    "restore", "--group", "g1", "--vm", v, "--point", p, "--store",
+                ])
+                .arg(&target)
+                .arg("--out")
+                .arg(&o));
+            counts.push(records(&o.join("data/records.log")));
+        }
+        assert!(
+            counts[0] >= counts[1] && counts[1] >= counts[2] && counts[0] - counts[2] <= 1,
+            "point {p} from the target after compaction: {counts:?}"
+        );
+    }
 }
 
 #[test]

@@ -81,7 +81,14 @@ impl Agent {
             (Some(s), Some(l)) if s.tag_seq == l.seq && s.block_size == bs => s,
             (Some(s), Some(l)) if s.tag_seq < l.seq && s.block_size == bs => {
                 tracing::info!(disk = %disk.id, from = s.tag_seq, to = l.seq, "state is behind the store (crash after a tag); rolling forward from segment indexes");
-                self.roll_forward(s, l).await?
+                let through = s.through_segment;
+                match self.roll_forward(s, l).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(disk = %disk.id, error = %e, "cannot roll forward (segments already processed out of the cache store?); starting a new full copy");
+                        self.fresh_copy(disk, l.seq, through.max(max_seg).max(l.through_segment))
+                    }
+                }
             }
             (Some(s), Some(l)) if s.tag_seq > l.seq => {
                 // Numbers must never be reused (the target store may hold the lost ones).
@@ -117,11 +124,13 @@ impl Agent {
                         Ok(s) => s,
                         Err(e) => {
                             tracing::warn!(disk = %disk.id, error = %e, "store cannot vouch for the last tag; starting a new full copy");
-                            self.fresh_copy(disk, l.seq, max_seg)
+                            // Numbers continue after the tag even when processing removed its
+                            // segments from the cache: the target store holds them.
+                            self.fresh_copy(disk, l.seq, max_seg.max(l.through_segment))
                         }
                     }
                 } else {
-                    self.fresh_copy(disk, l.seq, max_seg)
+                    self.fresh_copy(disk, l.seq, max_seg.max(l.through_segment))
                 }
             }
             (_, None) => DiskState::fresh(vm.clone(), disk.id.clone(), bs, directory, max_seg + 1),
@@ -511,7 +520,16 @@ impl Agent {
             block_size: st.block_size,
             shape,
         };
-        self.writer.put_tag(&tag).await?;
+        // Segments up to the previous tag's were checked when it was written (and processing
+        // may have moved them to the target since); check what this tag adds.
+        let first = match st.tag_seq {
+            0 => 0,
+            prev => match self.reader.tag(&self.config.vm, &disk.id, prev).await {
+                Ok(p) if p.from_segment == tag.from_segment => p.through_segment + 1,
+                _ => 0,
+            },
+        };
+        self.writer.put_tag_checking_from(&tag, first).await?;
         st.tag_seq = tag.seq;
         state::save(&self.config.state_dir, st)?;
         Ok(tag)

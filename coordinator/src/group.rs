@@ -367,6 +367,12 @@ impl Group {
         }
     }
 
+    /// Holds off cuts while the guard lives (processing trims the cache store under it, so no
+    /// cut's tags can go while its point is being published).
+    pub async fn pause_cuts(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.cut_lock.lock().await
+    }
+
     /// Runs one cut across the connected members and publishes its point.
     pub async fn cut(&self, kind: CutKind) -> Result<Published, CutError> {
         let _one_at_a_time = self.cut_lock.lock().await;

@@ -27,6 +27,16 @@ use lifeboat_store::restore::StoreReader;
 use lifeboat_store::writer::StoreWriter;
 use lifeboat_store::{DiskId, DynBackend, ErrorKind, GroupId, PointId, VmId};
 
+/// What trimming the cache store deleted.
+#[derive(Debug, Default, Clone)]
+pub struct Trimmed {
+    pub points: u64,
+    pub tags: u64,
+    pub trees: u64,
+    pub segments: u64,
+    pub bytes: u64,
+}
+
 /// What a prune deleted.
 #[derive(Debug, Default, Clone)]
 pub struct Pruned {
@@ -179,6 +189,104 @@ impl Processor {
             Err(lifeboat_store::Error::Store(e)) if e.kind == ErrorKind::AlreadyExists => Ok(()),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Deletes from the cache store what is durable in the target and no longer needed there:
+    /// processed (or pruned) points; tags other than each disk's newest that no unprocessed point
+    /// references; trees no remaining tag lists; segments that the target holds, up to the
+    /// second-newest tag's last one (an agent that crashed right after its newest tag rolls
+    /// forward from the segments after that). Each disk's newest tag stays, so an agent that lost
+    /// its state finds where numbering continues. Must not run while a cut is being published
+    /// (the coordinator holds the cut lock).
+    pub async fn trim_cache(&self) -> Result<Trimmed> {
+        let mut out = Trimmed::default();
+        let cache = &self.cache;
+        let backend = cache.backend();
+        let layout = cache.layout();
+        let published = self.published().await?;
+        let points = cache.points().await?;
+        let done: Vec<&RecoveryPoint> = points
+            .iter()
+            .filter(|p| published.contains(p.id.as_str()))
+            .collect();
+        let mut live_tags: BTreeMap<(VmId, DiskId), BTreeSet<u64>> = BTreeMap::new();
+        for p in &points {
+            let superseded = done
+                .iter()
+                .any(|q| q.time > p.time && p.members.iter().all(|m| q.member(&m.vm).is_some()));
+            if published.contains(p.id.as_str()) || superseded {
+                backend.delete(&layout.point(&p.id)).await?;
+                out.points += 1;
+            } else {
+                for m in &p.members {
+                    for d in &m.disks {
+                        live_tags
+                            .entry((m.vm.clone(), d.disk.clone()))
+                            .or_default()
+                            .insert(d.tag);
+                    }
+                }
+            }
+        }
+        let mut disks = BTreeSet::new();
+        for m in backend.list(&layout.vms_root()).await? {
+            let parts: Vec<&str> = m.name.as_str().split('/').collect();
+            if let [_, _, "vms", vm, "disks", disk, ..] = parts.as_slice()
+                && let (Ok(vm), Ok(disk)) = (VmId::new(*vm), DiskId::new(*disk))
+            {
+                disks.insert((vm, disk));
+            }
+        }
+        for (vm, disk) in disks {
+            let seqs = cache.tag_seqs(&vm, &disk).await?;
+            let Some(&latest) = seqs.last() else { continue };
+            let live = live_tags
+                .get(&(vm.clone(), disk.clone()))
+                .cloned()
+                .unwrap_or_default();
+            let keep_after = match seqs.len() {
+                n if n >= 2 => cache.tag(&vm, &disk, seqs[n - 2]).await?.through_segment,
+                _ => 0,
+            };
+            let mut trees = BTreeSet::new();
+            for &seq in &seqs {
+                if seq == latest || live.contains(&seq) {
+                    if let DiskShape::Directory { tree } = cache.tag(&vm, &disk, seq).await?.shape {
+                        trees.insert(tree);
+                    }
+                } else {
+                    backend.delete(&layout.tag(&vm, &disk, seq)).await?;
+                    out.tags += 1;
+                }
+            }
+            let tree_prefix = lifeboat_store::ObjectName::new(
+                layout.disk_root(&vm, &disk).as_str().to_string() + "/tree",
+            )?;
+            for m in backend.list(&tree_prefix).await? {
+                let hash = m.name.file_name().trim_end_matches(".tree").to_string();
+                if !trees.contains(&hash) {
+                    backend.delete(&m.name).await?;
+                    out.trees += 1;
+                }
+            }
+            let in_target: BTreeSet<u64> = self
+                .target
+                .segment_seqs(&vm, &disk)
+                .await?
+                .into_iter()
+                .collect();
+            for m in backend.list(&layout.segments(&vm, &disk)).await? {
+                let Some(seq) = lifeboat_store::layout::parse_seq(&m.name) else {
+                    continue;
+                };
+                if seq <= keep_after && in_target.contains(&seq) {
+                    backend.delete(&m.name).await?;
+                    out.segments += 1;
+                    out.bytes += m.size;
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Applies retention to the target store as of `now` (Unix ms).

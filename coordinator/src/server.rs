@@ -436,6 +436,7 @@ pub async fn serve(
         tokio::spawn(async move { g.watch_health().await })
     };
     let process_task = processing.map(|p| {
+        let group = group.clone();
         tokio::spawn(async move {
             loop {
                 match p.pass().await {
@@ -454,6 +455,20 @@ pub async fn serve(
                         }
                     }
                     Err(e) => tracing::error!(error = %format!("{e:#}"), "processing failed; retrying next interval"),
+                }
+                {
+                    let _no_cuts = group.pause_cuts().await;
+                    match p.trim_cache().await {
+                        Ok(t) if t.segments > 0 || t.points > 0 => tracing::info!(
+                            points = t.points,
+                            tags = t.tags,
+                            segments = t.segments,
+                            bytes = t.bytes,
+                            "processed data removed from the cache store"
+                        ),
+                        Ok(_) => {}
+                        Err(e) => tracing::error!(error = %format!("{e:#}"), "trimming the cache store failed; retrying next interval"),
+                    }
                 }
                 match p.prune(retention, lifeboat_store::manifest::now_millis()).await {
                     Ok(r) if !r.points.is_empty() || r.segments > 0 => tracing::info!(

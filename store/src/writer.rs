@@ -76,23 +76,32 @@ impl StoreWriter {
 
     /// Writes a tag after checking that its segments and tree are in the store.
     pub async fn put_tag(&self, tag: &Tag) -> Result<()> {
+        self.put_tag_checking_from(tag, 0).await
+    }
+
+    /// Writes a tag after checking that its tree and its segments numbered `first` or later
+    /// are in the store. An agent passes the first segment it wrote since its previous tag: the
+    /// earlier ones were checked when that tag was written and may since have been processed
+    /// out of the cache store into the target (`docs/format.md`, write rules 7 and 8).
+    pub async fn put_tag_checking_from(&self, tag: &Tag, first: u64) -> Result<()> {
+        let range = tag.from_segment.max(first)..=tag.through_segment;
         let present: Vec<u64> = self
             .backend
             .list(&self.layout.segments(&tag.vm, &tag.disk))
             .await?
             .iter()
             .filter_map(|m| parse_seq(&m.name))
-            .filter(|s| tag.segments().contains(s))
+            .filter(|s| range.contains(s))
             .collect();
-        let wanted = tag.segments().count();
+        let wanted = range.clone().count();
         if present.len() != wanted {
             return Err(Error::Inconsistent(format!(
                 "tag {} of {}/{} references segments {}..={} but only {} of them are stored",
                 tag.seq,
                 tag.vm,
                 tag.disk,
-                tag.from_segment,
-                tag.through_segment,
+                range.start(),
+                range.end(),
                 present.len()
             )));
         }

@@ -577,3 +577,67 @@ fn steady_churn_under_retention_stays_bounded_and_every_kept_point_restores() {
         same(&vm.copies[i].join("data"), &out.join("vm1/data"));
     }
 }
+
+#[test]
+fn processed_data_leaves_the_cache_and_the_agent_carries_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut vm = Vm::new(dir.path());
+    let target = vm.target();
+    let cache_before = size_of(&vm.cache);
+    let trim = |vm: &Vm| {
+        ok(lifeboat(
+            &["process", "--group", "g1", "--trim-cache"],
+            &[("--cache", &vm.cache), ("--store", &target)],
+        ))
+    };
+    let out = trim(&vm);
+    assert!(
+        out.contains("removed from the cache store: 3 point(s)"),
+        "{out}"
+    );
+    assert!(size_of(&vm.cache) < cache_before, "nothing left the cache");
+    // Each disk keeps its newest tag (where numbering continues).
+    for disk in ["os", "data"] {
+        let tags = std::fs::read_dir(vm.cache.join(format!("v1/g1/vms/vm1/disks/{disk}/tag")))
+            .unwrap()
+            .count();
+        assert_eq!(tags, 1, "{disk}");
+    }
+    // The agent keeps replicating over the trimmed cache; new points process and fail over.
+    for round in 3..5u64 {
+        vm.change(round, round * 300_000, 100_000);
+        vm.sync(round);
+    }
+    trim(&vm);
+    for i in [0usize, 2, 4] {
+        let out = dir.path().join(format!("after-trim-{i}"));
+        ok(failover(
+            &target,
+            &["--vm", "vm1", "--point", &vm.points[i]],
+            &out,
+        ));
+        assert_eq!(
+            std::fs::read(vm.copies[i].join("os.img")).unwrap(),
+            std::fs::read(out.join("vm1/os.img")).unwrap(),
+            "point {i}"
+        );
+        same(&vm.copies[i].join("data"), &out.join("vm1/data"));
+    }
+    // An agent that lost its state starts a new full copy numbered after everything the target
+    // holds (a reused number would make processing fail), and that copy fails over too.
+    std::fs::remove_dir_all(dir.path().join("state")).unwrap();
+    vm.change(5, 0, 100_000);
+    vm.sync(5);
+    trim(&vm);
+    let out = dir.path().join("after-reset");
+    ok(failover(
+        &target,
+        &["--vm", "vm1", "--point", &vm.points[5]],
+        &out,
+    ));
+    assert_eq!(
+        std::fs::read(vm.copies[5].join("os.img")).unwrap(),
+        std::fs::read(out.join("vm1/os.img")).unwrap()
+    );
+    same(&vm.copies[5].join("data"), &out.join("vm1/data"));
+}

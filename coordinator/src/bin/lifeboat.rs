@@ -78,6 +78,10 @@ enum Command {
         /// The cache store.
         #[arg(long)]
         cache: PathBuf,
+        /// Then delete from the cache what the target now holds (as the coordinator does; only
+        /// while no coordinator of the group is cutting points).
+        #[arg(long)]
+        trim_cache: bool,
         /// The target store.
         #[command(flatten)]
         target: StoreArgs,
@@ -469,9 +473,21 @@ async fn run(command: Command) -> Result<()> {
             );
             Ok(())
         }
-        Command::Process { cache, target } => {
-            let pass = processor(&cache, &target).await?.pass().await?;
+        Command::Process {
+            cache,
+            target,
+            trim_cache,
+        } => {
+            let p = processor(&cache, &target).await?;
+            let pass = p.pass().await?;
             print_pass(&pass);
+            if trim_cache {
+                let t = p.trim_cache().await?;
+                println!(
+                    "removed from the cache store: {} point(s), {} tag(s), {} tree(s), {} segment(s), {} bytes",
+                    t.points, t.tags, t.trees, t.segments, t.bytes
+                );
+            }
             Ok(())
         }
         Command::Failover {

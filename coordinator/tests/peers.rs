@@ -10,7 +10,7 @@ use lifeboat_proto::enroll::{self, EnrollError};
 use lifeboat_proto::model::AgentMessage;
 use lifeboat_proto::pb;
 use lifeboat_store::VmId;
-use lifeboat_tests::{CoordinatorProc, free_port};
+use lifeboat_tests::CoordinatorProc;
 
 fn vm(s: &str) -> VmId {
     VmId::new(s).unwrap()
@@ -21,9 +21,7 @@ fn register(v: &str) -> pb::AgentMessage {
 }
 
 fn start(dir: &std::path::Path, extra: &str) -> CoordinatorProc {
-    let mut c = CoordinatorProc::init(dir, "g1", &format!("127.0.0.1:{}", free_port()), extra);
-    c.start();
-    c
+    CoordinatorProc::serving(dir, "g1", extra)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

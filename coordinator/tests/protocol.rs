@@ -8,7 +8,7 @@ use std::time::Duration;
 use lifeboat_coordinator::sim::{self, SimMember};
 use lifeboat_proto::model::{AgentMessage, CoordinatorMessage, CutPhase};
 use lifeboat_store::VmId;
-use lifeboat_tests::{CoordinatorProc, free_port};
+use lifeboat_tests::CoordinatorProc;
 
 const POLICY: &str = r#"
 [policy]
@@ -60,13 +60,7 @@ async fn snapshot(c: &std::sync::Arc<CoordinatorProc>) -> std::process::Output {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn late_members_are_excluded_and_restart_keeps_the_catalog() {
     let dir = tempfile::tempdir().unwrap();
-    let mut c = CoordinatorProc::init(
-        dir.path(),
-        "g1",
-        &format!("127.0.0.1:{}", free_port()),
-        POLICY,
-    );
-    c.start();
+    let c = CoordinatorProc::serving(dir.path(), "g1", POLICY);
     let (times, _rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(member(&c, "good").await.serve(times.clone()));
     // Acks PREPARED, never FROZEN.
@@ -133,13 +127,7 @@ async fn late_members_are_excluded_and_restart_keeps_the_catalog() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_point_without_tags() {
     let dir = tempfile::tempdir().unwrap();
-    let mut c = CoordinatorProc::init(
-        dir.path(),
-        "g1",
-        &format!("127.0.0.1:{}", free_port()),
-        POLICY,
-    );
-    c.start();
+    let c = CoordinatorProc::serving(dir.path(), "g1", POLICY);
     // Freezes and is committed, but never reports its tags.
     let mut m = member(&c, "mute").await;
     tokio::spawn(async move {
@@ -179,8 +167,7 @@ fn python_grpcio_calls_health_and_reflection_over_tls() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let mut c = CoordinatorProc::init(dir.path(), "g1", &format!("127.0.0.1:{}", free_port()), "");
-    c.start();
+    let c = CoordinatorProc::serving(dir.path(), "g1", "");
     let out = std::process::Command::new(python)
         .arg(concat!(
             env!("CARGO_MANIFEST_DIR"),
@@ -206,13 +193,7 @@ async fn the_scheduler_cuts_on_the_policy_interval() {
         "[policy]\n",
         "[policy]\ncrash_interval = \"10s\"\napp_interval = \"off\"\n",
     );
-    let mut c = CoordinatorProc::init(
-        dir.path(),
-        "g1",
-        &format!("127.0.0.1:{}", free_port()),
-        &policy,
-    );
-    c.start();
+    let c = CoordinatorProc::serving(dir.path(), "g1", &policy);
     let (times, mut cuts) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(member(&c, "vm1").await.serve(times));
     // Nothing on demand: the first scheduled cut comes one interval after start.

@@ -163,6 +163,13 @@ impl CoordinatorProc {
         }
     }
 
+    /// `init` on a free loopback port, then `start`: a serving coordinator of group `group`.
+    pub fn serving(dir: &Path, group: &str, extra: &str) -> Self {
+        let mut c = Self::init(dir, group, &format!("127.0.0.1:{}", free_port()), extra);
+        c.start();
+        c
+    }
+
     /// Starts `serve` and waits until the port accepts connections.
     pub fn start(&mut self) {
         assert!(self.child.is_none(), "already running");

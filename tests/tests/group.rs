@@ -140,6 +140,26 @@ fn fsfreeze_disk(mount: &Path) -> String {
     )
 }
 
+/// One running agent per VM, each protecting its own loop-mounted ext4 with fsfreeze, all
+/// healthy members of `c`'s group.
+fn frozen_members(dir: &Path, c: &CoordinatorProc, vms: &[&str]) -> (Vec<LoopFs>, Vec<AgentProc>) {
+    let fss: Vec<LoopFs> = vms
+        .iter()
+        .map(|v| LoopFs::named(dir, v, "ext4", 48))
+        .collect();
+    let agents = vms
+        .iter()
+        .zip(&fss)
+        .map(|(v, fs)| {
+            let mut a = AgentProc::new(dir, c, v, &fsfreeze_disk(&fs.mount), None);
+            a.start();
+            a
+        })
+        .collect();
+    wait_healthy(c, vms, Duration::from_secs(30));
+    (fss, agents)
+}
+
 /// Waits until `lifeboat members` shows every VM of `vms` healthy.
 fn wait_healthy(c: &CoordinatorProc, vms: &[&str], within: Duration) {
     let deadline = Instant::now() + within;
@@ -232,27 +252,9 @@ fn multi_vm_points_are_consistent_cuts_of_a_causal_workload() {
     }
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
-    let mut c = CoordinatorProc::init(
-        dir.path(),
-        "g1",
-        &format!("127.0.0.1:{}", free_port()),
-        POLICY,
-    );
-    c.start();
+    let c = CoordinatorProc::serving(dir.path(), "g1", POLICY);
     let vms = ["a", "b", "c"];
-    let fss: Vec<LoopFs> = vms
-        .iter()
-        .map(|v| LoopFs::named(dir.path(), v, "ext4", 48))
-        .collect();
-    let mut agents: Vec<AgentProc> = vms
-        .iter()
-        .zip(&fss)
-        .map(|(v, fs)| AgentProc::new(dir.path(), &c, v, &fsfreeze_disk(&fs.mount), None))
-        .collect();
-    for a in &mut agents {
-        a.start();
-    }
-    wait_healthy(&c, &vms, Duration::from_secs(30));
+    let (fss, agents) = frozen_members(dir.path(), &c, &vms);
 
     // The causal chain: a's record n is durable before b writes n, b's before c's.
     let stop = Arc::new(AtomicBool::new(false));
@@ -386,13 +388,7 @@ fn multi_vm_points_are_consistent_cuts_of_a_causal_workload() {
 fn app_points_run_hooks_and_never_claim_more_than_happened() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
-    let mut c = CoordinatorProc::init(
-        dir.path(),
-        "g1",
-        &format!("127.0.0.1:{}", free_port()),
-        POLICY,
-    );
-    c.start();
+    let c = CoordinatorProc::serving(dir.path(), "g1", POLICY);
     let flags = dir.path().join("flags");
     std::fs::create_dir_all(&flags).unwrap();
     let mut agents = Vec::new();
@@ -479,26 +475,8 @@ fn coordinator_killed_mid_cut_leaves_no_frozen_filesystem_and_no_partial_point()
     }
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
-    let mut c = CoordinatorProc::init(
-        dir.path(),
-        "g1",
-        &format!("127.0.0.1:{}", free_port()),
-        POLICY,
-    );
-    c.start();
-    let fss: Vec<LoopFs> = ["a", "b"]
-        .iter()
-        .map(|v| LoopFs::named(dir.path(), v, "ext4", 48))
-        .collect();
-    let mut agents: Vec<AgentProc> = ["a", "b"]
-        .iter()
-        .zip(&fss)
-        .map(|(v, fs)| AgentProc::new(dir.path(), &c, v, &fsfreeze_disk(&fs.mount), None))
-        .collect();
-    for a in &mut agents {
-        a.start();
-    }
-    wait_healthy(&c, &["a", "b"], Duration::from_secs(30));
+    let c = CoordinatorProc::serving(dir.path(), "g1", POLICY);
+    let (fss, agents) = frozen_members(dir.path(), &c, &["a", "b"]);
     let (first, _) = snapshot_covering(&c, &["a", "b"], false);
 
     // A simulated member that acks PREPARED and then stalls, so the real agents sit frozen

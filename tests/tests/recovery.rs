@@ -117,6 +117,16 @@ impl Vm {
         self.copies.push(copy);
     }
 
+    /// Asserts that `out` (a failover output) holds the disks as they were at point `i`.
+    fn assert_restored(&self, i: usize, out: &Path) {
+        assert_eq!(
+            std::fs::read(self.copies[i].join("os.img")).unwrap(),
+            std::fs::read(out.join("vm1/os.img")).unwrap(),
+            "image at point {i}"
+        );
+        same(&self.copies[i].join("data"), &out.join("vm1/data"));
+    }
+
     fn target(&self) -> PathBuf {
         let t = self.dir.join("target");
         std::fs::create_dir_all(&t).unwrap();
@@ -188,19 +198,14 @@ fn processed_points_fail_over_from_the_target_alone() {
     for (i, id) in vm.points.iter().enumerate() {
         let out = dir.path().join(format!("failover-{i}"));
         ok(failover(&target, &["--vm", "vm1", "--point", id], &out));
-        same(&vm.copies[i].join("data"), &out.join("vm1/data"));
-        assert_eq!(
-            std::fs::read(vm.copies[i].join("os.img")).unwrap(),
-            std::fs::read(out.join("vm1/os.img")).unwrap(),
-            "point {id}"
-        );
+        vm.assert_restored(i, &out);
         let report = std::fs::read_to_string(out.join("failover-report.json")).unwrap();
         assert!(report.contains(&format!("\"point\": \"{id}\"")), "{report}");
     }
     let out = dir.path().join("failover-latest");
     let text = ok(failover(&target, &["--point", "latest-processed"], &out));
     assert!(text.contains(&vm.points[2]), "{text}");
-    same(&vm.copies[2].join("data"), &out.join("vm1/data"));
+    vm.assert_restored(2, &out);
 
     // A time between points picks the newest point at or before it.
     let out = dir.path().join("failover-time");
@@ -316,7 +321,7 @@ fn a_corrupt_target_object_is_named_and_spares_points_that_do_not_need_it() {
         &["--vm", "vm1", "--point", &vm.points[0]],
         &out,
     ));
-    same(&vm.copies[0].join("data"), &out.join("vm1/data"));
+    vm.assert_restored(0, &out);
 }
 
 #[test]
@@ -487,11 +492,7 @@ fn retention_keeps_the_newest_point_and_never_resurrects_pruned_ones() {
         &["--vm", "vm1", "--point", &vm.points[2]],
         &out,
     ));
-    same(&vm.copies[2].join("data"), &out.join("vm1/data"));
-    assert_eq!(
-        std::fs::read(vm.copies[2].join("os.img")).unwrap(),
-        std::fs::read(out.join("vm1/os.img")).unwrap()
-    );
+    vm.assert_restored(2, &out);
 }
 
 fn point_time(target: &Path, id: &str) -> u64 {
@@ -569,12 +570,7 @@ fn steady_churn_under_retention_stays_bounded_and_every_kept_point_restores() {
             &["--vm", "vm1", "--point", &vm.points[i]],
             &out,
         ));
-        assert_eq!(
-            std::fs::read(vm.copies[i].join("os.img")).unwrap(),
-            std::fs::read(out.join("vm1/os.img")).unwrap(),
-            "point {i}"
-        );
-        same(&vm.copies[i].join("data"), &out.join("vm1/data"));
+        vm.assert_restored(i, &out);
     }
 }
 
@@ -616,12 +612,7 @@ fn processed_data_leaves_the_cache_and_the_agent_carries_on() {
             &["--vm", "vm1", "--point", &vm.points[i]],
             &out,
         ));
-        assert_eq!(
-            std::fs::read(vm.copies[i].join("os.img")).unwrap(),
-            std::fs::read(out.join("vm1/os.img")).unwrap(),
-            "point {i}"
-        );
-        same(&vm.copies[i].join("data"), &out.join("vm1/data"));
+        vm.assert_restored(i, &out);
     }
     // An agent that lost its state starts a new full copy numbered after everything the target
     // holds (a reused number would make processing fail), and that copy fails over too.
@@ -635,9 +626,5 @@ fn processed_data_leaves_the_cache_and_the_agent_carries_on() {
         &["--vm", "vm1", "--point", &vm.points[5]],
         &out,
     ));
-    assert_eq!(
-        std::fs::read(vm.copies[5].join("os.img")).unwrap(),
-        std::fs::read(out.join("vm1/os.img")).unwrap()
-    );
-    same(&vm.copies[5].join("data"), &out.join("vm1/data"));
+    vm.assert_restored(5, &out);
 }

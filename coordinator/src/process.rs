@@ -228,16 +228,7 @@ impl Processor {
                 }
             }
         }
-        let mut disks = BTreeSet::new();
-        for m in backend.list(&layout.vms_root()).await? {
-            let parts: Vec<&str> = m.name.as_str().split('/').collect();
-            if let [_, _, "vms", vm, "disks", disk, ..] = parts.as_slice()
-                && let (Ok(vm), Ok(disk)) = (VmId::new(*vm), DiskId::new(*disk))
-            {
-                disks.insert((vm, disk));
-            }
-        }
-        for (vm, disk) in disks {
+        for (vm, disk) in disks_in(cache).await? {
             let seqs = cache.tag_seqs(&vm, &disk).await?;
             let Some(&latest) = seqs.last() else { continue };
             let live = live_tags
@@ -320,7 +311,7 @@ impl Processor {
                 }
             }
         }
-        for (vm, disk) in self.disks().await? {
+        for (vm, disk) in disks_in(target).await? {
             let keep = needed
                 .get(&(vm.clone(), disk.clone()))
                 .cloned()
@@ -397,25 +388,6 @@ impl Processor {
         Ok(out)
     }
 
-    /// The (VM, disk) pairs the target store holds data for.
-    async fn disks(&self) -> Result<BTreeSet<(VmId, DiskId)>> {
-        let mut out = BTreeSet::new();
-        for m in self
-            .target
-            .backend()
-            .list(&self.target.layout().vms_root())
-            .await?
-        {
-            let parts: Vec<&str> = m.name.as_str().split('/').collect();
-            if let [_, _, "vms", vm, "disks", disk, ..] = parts.as_slice()
-                && let (Ok(vm), Ok(disk)) = (VmId::new(*vm), DiskId::new(*disk))
-            {
-                out.insert((vm, disk));
-            }
-        }
-        Ok(out)
-    }
-
     /// RPO per VM from the cache store's newest tags.
     pub async fn rpo(&self) -> Result<BTreeMap<VmId, u64>> {
         let now = now_millis();
@@ -449,4 +421,18 @@ impl Processor {
         }
         Ok(out)
     }
+}
+
+/// The (VM, disk) pairs a store holds objects for.
+async fn disks_in(store: &StoreReader) -> Result<BTreeSet<(VmId, DiskId)>> {
+    let mut out = BTreeSet::new();
+    for m in store.backend().list(&store.layout().vms_root()).await? {
+        let parts: Vec<&str> = m.name.as_str().split('/').collect();
+        if let [_, _, "vms", vm, "disks", disk, ..] = parts.as_slice()
+            && let (Ok(vm), Ok(disk)) = (VmId::new(*vm), DiskId::new(*disk))
+        {
+            out.insert((vm, disk));
+        }
+    }
+    Ok(out)
 }

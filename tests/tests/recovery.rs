@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use lifeboat_tests::{CoordinatorProc, bin, free_port, random_bytes, run};
+use lifeboat_tests::{CoordinatorProc, assert_same_tree, bin, free_port, random_bytes, run};
 
 fn lifeboat(args: &[&str], paths: &[(&str, &Path)]) -> Output {
     let mut cmd = Command::new(bin("lifeboat"));
@@ -124,7 +124,7 @@ impl Vm {
             std::fs::read(out.join("vm1/os.img")).unwrap(),
             "image at point {i}"
         );
-        same(&self.copies[i].join("data"), &out.join("vm1/data"));
+        assert_same_tree(&self.copies[i].join("data"), &out.join("vm1/data"));
     }
 
     fn target(&self) -> PathBuf {
@@ -139,20 +139,6 @@ impl Vm {
             &[("--cache", &self.cache), ("--store", &self.target())],
         ))
     }
-}
-
-fn same(a: &Path, b: &Path) {
-    let out = Command::new("diff")
-        .arg("-r")
-        .arg(a)
-        .arg(b)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
 }
 
 fn failover(target: &Path, extra: &[&str], to: &Path) -> Output {

@@ -14,7 +14,7 @@ use lifeboat_store::restore::{StoreReader, restore_disk};
 use lifeboat_store::{DynBackend, GroupId};
 
 #[allow(unused_imports)]
-pub use lifeboat_tests::{LoopFs, random_bytes, root_or_skip, run};
+pub use lifeboat_tests::{LoopFs, assert_same_tree, random_bytes, root_or_skip, run};
 
 pub const AGENT: &str = env!("CARGO_BIN_EXE_lifeboat-agent");
 
@@ -131,21 +131,6 @@ pub fn restore_id(dir: &Path, id: &str, out: &Path) -> RecoveryPoint {
         restore_point(&reader, &p, out).await;
         p
     })
-}
-
-/// Asserts two directory trees are identical (`diff -r`).
-pub fn assert_same_tree(a: &Path, b: &Path) {
-    let diff = Command::new("diff")
-        .arg("-r")
-        .arg(a)
-        .arg(b)
-        .output()
-        .unwrap();
-    assert!(
-        diff.status.success(),
-        "{}",
-        String::from_utf8_lossy(&diff.stdout)
-    );
 }
 
 /// A `[[disk]]` table for `write_config`, with no consistency provider.

@@ -13,9 +13,10 @@ set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
 
-say "building (release)"
-cargo build --release --locked -q -p lifeboat-agent -p lifeboat-coordinator
-BIN="$ROOT/target/release"
+# The test build's profile (dependencies optimised), so `.ci/run` builds the workspace once.
+say "building"
+cargo build --locked -q --workspace --bins
+BIN="$ROOT/target/debug"
 DEMO="$ROOT/target/demo"
 # A run killed half-way may have left part 2's filesystems mounted.
 for m in $(findmnt -rn -o TARGET | grep -F "$DEMO/" || true); do umount "$m" || umount -l "$m"; done

@@ -48,6 +48,8 @@ pub struct Pruned {
     /// Bases written (compactions) and deleted.
     pub bases: u64,
     pub bases_deleted: u64,
+    /// Parts of bases whose compaction never finished.
+    pub orphan_parts: u64,
 }
 
 /// Compact once this many segments lie between the oldest kept tag and its current base.
@@ -372,6 +374,25 @@ impl Processor {
                 if !need_segments.contains(&seq) {
                     backend.delete(&layout.segment(&vm, &disk, seq)).await?;
                     out.segments += 1;
+                }
+            }
+            // Parts without a manifest are a compaction killed half-way; one at the oldest kept
+            // tag is retried (and cleaned) by `compact`, older ones never will be.
+            let oldest_kept = kept_tags.first().map_or(u64::MAX, |t| t.seq);
+            for m in backend.list(&layout.bases(&vm, &disk)).await? {
+                let file = m.name.as_str();
+                let Some(rest) = file.strip_prefix(layout.bases(&vm, &disk).as_str()) else {
+                    continue;
+                };
+                let Some((tag, _part)) = rest.trim_start_matches('/').split_once('/') else {
+                    continue; // a manifest
+                };
+                let Ok(tag) = tag.parse::<u64>() else {
+                    continue;
+                };
+                if tag < oldest_kept && !bases.iter().any(|b| b.tag == tag) {
+                    backend.delete(&m.name).await?;
+                    out.orphan_parts += 1;
                 }
             }
             for b in bases.iter().filter(|b| !need_bases.contains(&b.tag)) {

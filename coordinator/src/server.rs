@@ -471,10 +471,11 @@ pub async fn serve(
                     }
                 }
                 match p.prune(retention, lifeboat_store::manifest::now_millis()).await {
-                    Ok(r) if !r.points.is_empty() || r.segments > 0 => tracing::info!(
+                    Ok(r) if !r.points.is_empty() || r.segments > 0 || r.orphan_parts > 0 => tracing::info!(
                         expired = r.points.len(),
                         tags = r.tags,
                         segments = r.segments,
+                        orphan_parts = r.orphan_parts,
                         kept = r.kept,
                         "retention applied to the target store"
                     ),

@@ -4,7 +4,8 @@
 //! base replaces. Every block is verified on the way (it is read like a restore reads it).
 //!
 //! Ordering: the parts are written first, the base manifest last (create-only); a base without
-//! a manifest does not exist for readers, and its leftover parts are removed by the next try.
+//! a manifest does not exist for readers, and its leftover parts are removed by the next try (or,
+//! once the tag is behind the oldest kept one, by retention).
 
 use bytes::Bytes;
 

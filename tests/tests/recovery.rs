@@ -48,7 +48,12 @@ impl Vm {
     }
 
     fn setup(dir: &Path) -> Self {
-        let cache = dir.join("cache");
+        Vm::setup_with_cache(dir, &dir.join("cache"))
+    }
+
+    /// [`Vm::setup`] replicating into the local store at `cache`.
+    fn setup_with_cache(dir: &Path, cache: &Path) -> Self {
+        let cache = cache.to_path_buf();
         std::fs::create_dir_all(&cache).unwrap();
         let data = dir.join("data");
         std::fs::create_dir_all(data.join("sub")).unwrap();
@@ -613,4 +618,250 @@ fn processed_data_leaves_the_cache_and_the_agent_carries_on() {
         &out,
     ));
     vm.assert_restored(5, &out);
+}
+
+/// Azurite's endpoint when `scripts/test.sh` started one; `None` (the test skips) outside it.
+fn azurite(test: &str) -> Option<String> {
+    match std::env::var("LIFEBOAT_AZURITE") {
+        Ok(endpoint) => Some(endpoint),
+        Err(_) => {
+            assert!(
+                std::env::var_os("CI").is_none()
+                    && std::env::var_os("LIFEBOAT_REQUIRE_AZURITE").is_none(),
+                "LIFEBOAT_AZURITE is not set: run the tests through scripts/test.sh"
+            );
+            eprintln!("SKIPPED {test}: no Azurite (scripts/test.sh starts one)");
+            None
+        }
+    }
+}
+
+/// A store the test looks into while the coordinator works on it.
+struct Peek {
+    rt: tokio::runtime::Runtime,
+    backend: lifeboat_store::DynBackend,
+}
+
+impl Peek {
+    fn azure(endpoint: &str, container: &str) -> Self {
+        use lifeboat_store::backend::azure::{AzureBackend, AzureConfig};
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let backend = rt
+            .block_on(AzureBackend::open(&AzureConfig::azurite(
+                endpoint, container,
+            )))
+            .unwrap();
+        Peek {
+            rt,
+            backend: std::sync::Arc::new(backend),
+        }
+    }
+
+    /// Object names under `prefix`, sorted.
+    fn names(&self, prefix: &str) -> Vec<String> {
+        let prefix = lifeboat_store::ObjectName::new(prefix).unwrap();
+        let mut names: Vec<String> = self
+            .rt
+            .block_on(self.backend.list(&prefix))
+            .unwrap()
+            .into_iter()
+            .map(|m| m.name.as_str().to_string())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// The ids of the published points.
+    fn points(&self) -> std::collections::BTreeSet<String> {
+        self.names("v1/g1/points")
+            .iter()
+            .filter_map(|n| n.strip_prefix("v1/g1/points/")?.strip_suffix(".point"))
+            .map(str::to_string)
+            .collect()
+    }
+
+    fn point(&self, id: &str) -> lifeboat_store::manifest::RecoveryPoint {
+        let name = format!("v1/g1/points/{id}.point");
+        let data = self
+            .rt
+            .block_on(
+                self.backend
+                    .get(&lifeboat_store::ObjectName::new(name.clone()).unwrap()),
+            )
+            .unwrap();
+        lifeboat_store::manifest::RecoveryPoint::decode(&name, &data).unwrap()
+    }
+}
+
+/// Polls `done` every few milliseconds for up to a minute.
+fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+#[test]
+fn killing_the_coordinator_while_it_processes_and_prunes_loses_and_duplicates_nothing() {
+    const TEST: &str =
+        "killing_the_coordinator_while_it_processes_and_prunes_loses_and_duplicates_nothing";
+    let Some(endpoint) = azurite(TEST) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // The DR region is Azure Blob: its latency is what makes a pass long enough to interrupt.
+    let container = format!("kills{}", std::process::id());
+    let target_desc = format!(
+        "kind = \"azure\"\naccount = \"devstoreaccount1\"\ncontainer = \"{container}\"\nendpoint = \"{endpoint}\"\ncredential = {{ kind = \"shared_key\", key = \"{}\" }}\n",
+        lifeboat_store::backend::azure::EMULATOR_KEY
+    );
+    let target_toml = dir.path().join("target.toml");
+    std::fs::write(&target_toml, &target_desc).unwrap();
+    let mut coordinator = CoordinatorProc::init(
+        &dir.path().join("c"),
+        "g1",
+        &format!("127.0.0.1:{}", free_port()),
+        &format!("processing_interval = \"1s\"\n[target]\n{target_desc}"),
+    );
+
+    // Sixteen points, two hours apart (times rewritten in the cache before the coordinator
+    // ever sees them), the newest a minute old: with the default 24 h retention the oldest four
+    // expire, and the oldest kept point has enough segments behind it to be compacted.
+    let mut vm = Vm::setup_with_cache(&dir.path().join("vm"), &coordinator.store);
+    for round in 0..16u64 {
+        if round > 0 {
+            vm.change(round, (round * 170_000) % (2 << 20), 256 << 10);
+        }
+        vm.sync(round);
+    }
+    let now = lifeboat_store::manifest::now_millis();
+    for (i, id) in vm.points.iter().enumerate() {
+        let name = format!("v1/g1/points/{id}.point");
+        let path = vm.cache.join(&name);
+        let mut p =
+            lifeboat_store::manifest::RecoveryPoint::decode(&name, &std::fs::read(&path).unwrap())
+                .unwrap();
+        p.time = now - (15 - i as u64) * 7_200_000 - 60_000;
+        std::fs::write(&path, p.encode()).unwrap();
+    }
+    let kept: std::collections::BTreeSet<String> = vm.points[4..].iter().cloned().collect();
+    let expired: Vec<String> = vm.points[..4].to_vec();
+    let peek = Peek::azure(&endpoint, &container);
+
+    // Killed three times while it processes: each time once the target holds more objects
+    // than at the previous kill, before every point is in.
+    let mut mid_processing = 0;
+    for _ in 0..3 {
+        let before = peek.names("v1/g1").len();
+        coordinator.start();
+        wait_for("the target store to grow", || {
+            peek.names("v1/g1").len() >= before + 12
+        });
+        coordinator.kill();
+        let points = peek.points();
+        if !kept.is_subset(&points) {
+            mid_processing += 1;
+        }
+    }
+    assert!(
+        mid_processing >= 2,
+        "only {mid_processing} of 3 kills landed while points were still being processed"
+    );
+
+    // Killed once pruning has begun: every point is in and an expired one is already gone.
+    coordinator.start();
+    wait_for("pruning to begin", || {
+        let points = peek.points();
+        kept.is_subset(&points) && expired.iter().any(|e| !points.contains(e))
+    });
+    coordinator.kill();
+    let at_kill = peek.names("v1/g1");
+
+    // What a compaction killed between its parts and its manifest leaves, at a tag no kept
+    // point will ever compact at again.
+    let orphan = "v1/g1/vms/vm1/disks/os/base/00000000000000000002/000001.seg";
+    peek.rt
+        .block_on(peek.backend.put_new(
+            &lifeboat_store::ObjectName::new(orphan).unwrap(),
+            bytes::Bytes::from_static(b"half a compaction"),
+        ))
+        .unwrap();
+
+    // Restarted, it finishes: the expired points are gone, the store settles.
+    coordinator.start();
+    wait_for("the expired points to be pruned", || peek.points() == kept);
+    let mut settled = peek.names("v1/g1");
+    loop {
+        std::thread::sleep(Duration::from_millis(2500));
+        let now = peek.names("v1/g1");
+        if now == settled {
+            break;
+        }
+        settled = now;
+    }
+    coordinator.kill();
+    let left: Vec<&String> = at_kill.iter().filter(|n| !settled.contains(n)).collect();
+    let added: Vec<&String> = settled.iter().filter(|n| !at_kill.contains(n)).collect();
+    eprintln!(
+        "{mid_processing} kills while processing; at the kill while pruning, {} object(s) still to delete and {} to write: {left:?} {added:?}",
+        left.len(),
+        added.len()
+    );
+    assert_ne!(
+        at_kill, settled,
+        "the kill did not land while pruning: nothing was left for the restart to do"
+    );
+    let log = coordinator.log_text();
+    for bad in [
+        "processing failed",
+        "pruning failed",
+        "trimming the cache store failed",
+    ] {
+        assert!(!log.contains(bad), "{bad}:\n{log}");
+    }
+
+    // Nothing kept lost, nothing expired left behind: exactly the tags the kept points name,
+    // and no base part without its manifest.
+    let mut named: std::collections::BTreeSet<String> = Default::default();
+    for id in &kept {
+        for m in peek.point(id).members {
+            for d in m.disks {
+                named.insert(format!(
+                    "v1/g1/vms/{}/disks/{}/tag/{:020}.tag",
+                    m.vm, d.disk, d.tag
+                ));
+            }
+        }
+    }
+    let tags: Vec<&String> = settled.iter().filter(|n| n.contains("/tag/")).collect();
+    for t in &tags {
+        assert!(named.contains(*t), "tag {t} outlived every point naming it");
+    }
+    assert_eq!(tags.len(), kept.len() * 2, "{tags:?}");
+    assert!(!settled.iter().any(|n| n == orphan), "{orphan} left behind");
+    let manifests: Vec<&String> = settled.iter().filter(|n| n.ends_with(".base")).collect();
+    assert!(!manifests.is_empty(), "no compaction happened");
+    for part in settled
+        .iter()
+        .filter(|n| n.contains("/base/") && n.ends_with(".seg"))
+    {
+        let (dir, _) = part.rsplit_once('/').unwrap();
+        assert!(
+            settled.contains(&format!("{dir}.base")),
+            "base part {part} without a manifest was left behind"
+        );
+    }
+
+    // The source region is gone; every kept point fails over from the target alone, exactly.
+    std::fs::remove_dir_all(&vm.cache).unwrap();
+    for (i, id) in vm.points.iter().enumerate().skip(4) {
+        let out = dir.path().join(format!("failover-{i}"));
+        ok(failover(
+            &target_toml,
+            &["--vm", "vm1", "--point", id],
+            &out,
+        ));
+        vm.assert_restored(i, &out);
+    }
 }

@@ -471,6 +471,12 @@ async fn run(command: Command) -> Result<()> {
                 r.bases_deleted,
                 r.bases
             );
+            if r.orphan_parts > 0 {
+                println!(
+                    "removed {} part(s) of unfinished compactions",
+                    r.orphan_parts
+                );
+            }
             Ok(())
         }
         Command::Process {

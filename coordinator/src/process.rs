@@ -57,6 +57,17 @@ pub const COMPACT_AFTER_SEGMENTS: u64 = 4;
 /// Size of a base's parts.
 const BASE_PART_BYTES: usize = 64 << 20;
 
+/// What the coordinator's processing loop last did, for `lifeboat members`.
+#[derive(Debug, Default, Clone)]
+pub struct Status {
+    /// Newest point published in the target, and its time.
+    pub latest_processed: Option<(PointId, u64)>,
+    /// When the last pass ended (Unix ms).
+    pub last_pass_ms: Option<u64>,
+    /// The last step that failed, with its error; cleared by a clean round.
+    pub last_error: Option<String>,
+}
+
 /// The two stores of a group.
 #[derive(Debug, Clone)]
 pub struct Processor {

@@ -209,6 +209,8 @@ fn require_admin<T>(req: &Request<T>) -> Result<String, Status> {
 struct Services {
     group: Arc<Group>,
     ca: Arc<Ca>,
+    /// Present when the coordinator processes into a target store.
+    processing: Option<Arc<Mutex<crate::process::Status>>>,
 }
 
 #[tonic::async_trait]
@@ -379,6 +381,19 @@ impl pb::admin_server::Admin for Services {
         Ok(Response::new(pb::MembersResponse {
             group: self.group.id.to_string(),
             members: self.group.members(),
+            processing: self.processing.as_ref().map(|s| {
+                let s = s.lock().unwrap().clone();
+                pb::ProcessingStatus {
+                    latest_processed_point: s
+                        .latest_processed
+                        .as_ref()
+                        .map(|p| p.0.to_string())
+                        .unwrap_or_default(),
+                    latest_processed_time_ms: s.latest_processed.map_or(0, |p| p.1),
+                    last_pass_ms: s.last_pass_ms.unwrap_or(0),
+                    last_error: s.last_error.unwrap_or_default(),
+                }
+            }),
         }))
     }
 
@@ -435,12 +450,18 @@ pub async fn serve(
         let g = group.clone();
         tokio::spawn(async move { g.watch_health().await })
     };
+    let status = processing
+        .as_ref()
+        .map(|_| Arc::new(Mutex::new(crate::process::Status::default())));
     let process_task = processing.map(|p| {
         let group = group.clone();
+        let status = status.clone().expect("made with the processor");
         tokio::spawn(async move {
             loop {
+                let mut error = None;
                 match p.pass().await {
                     Ok(pass) => {
+                        status.lock().unwrap().latest_processed = pass.latest_processed.clone();
                         let rpo = pass.rpo_ms.values().max().copied().unwrap_or(0);
                         if !pass.points.is_empty() {
                             tracing::info!(
@@ -454,7 +475,10 @@ pub async fn serve(
                             );
                         }
                     }
-                    Err(e) => tracing::error!(error = %format!("{e:#}"), "processing failed; retrying next interval"),
+                    Err(e) => {
+                        tracing::error!(error = %format!("{e:#}"), "processing failed; retrying next interval");
+                        error = Some(format!("processing: {e:#}"));
+                    }
                 }
                 {
                     let _no_cuts = group.pause_cuts().await;
@@ -467,7 +491,10 @@ pub async fn serve(
                             "processed data removed from the cache store"
                         ),
                         Ok(_) => {}
-                        Err(e) => tracing::error!(error = %format!("{e:#}"), "trimming the cache store failed; retrying next interval"),
+                        Err(e) => {
+                            tracing::error!(error = %format!("{e:#}"), "trimming the cache store failed; retrying next interval");
+                            error = error.or(Some(format!("trimming the cache: {e:#}")));
+                        }
                     }
                 }
                 match p.prune(retention, lifeboat_store::manifest::now_millis()).await {
@@ -480,7 +507,15 @@ pub async fn serve(
                         "retention applied to the target store"
                     ),
                     Ok(_) => {}
-                    Err(e) => tracing::error!(error = %format!("{e:#}"), "pruning failed; retrying next interval"),
+                    Err(e) => {
+                        tracing::error!(error = %format!("{e:#}"), "pruning failed; retrying next interval");
+                        error = error.or(Some(format!("retention: {e:#}")));
+                    }
+                }
+                {
+                    let mut s = status.lock().unwrap();
+                    s.last_pass_ms = Some(lifeboat_store::manifest::now_millis());
+                    s.last_error = error;
                 }
                 tokio::time::sleep(processing_interval).await;
             }
@@ -499,7 +534,11 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(lifeboat_proto::DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    let services = Services { group, ca };
+    let services = Services {
+        group,
+        ca,
+        processing: status,
+    };
     let result = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(2)))
         .http2_keepalive_timeout(Some(Duration::from_secs(4)))

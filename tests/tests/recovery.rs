@@ -388,6 +388,22 @@ fn a_group_drill_from_the_target_store_with_the_source_region_gone() {
         c.log_text()
             .contains("processed points into the target store")
     );
+    // The two figures an operator watches: RPO per member, the latest processed point.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let members = loop {
+        let o = c.admin(&["members"]);
+        let text = String::from_utf8_lossy(&o.stdout).into_owned();
+        assert!(o.status.success(), "{text}");
+        if !text.contains("latest processed point: none yet") {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "{text}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(members.contains("latest processed point: c"), "{members}");
+    assert!(members.contains("; last pass "), "{members}");
+    assert!(!members.contains("processing failing"), "{members}");
+    assert_eq!(members.matches("RPO ").count(), 2, "{members}");
     // Lose the source region: coordinator, agents, cache store.
     c.kill();
     for mut a in agents {

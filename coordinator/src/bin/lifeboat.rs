@@ -381,6 +381,30 @@ async fn run(command: Command) -> Result<()> {
                     m.disks.len()
                 );
             }
+            match r.processing {
+                None => println!("processing: off (the coordinator has no target store)"),
+                Some(p) => {
+                    let ago = |t: u64| format!("{}s ago", now.saturating_sub(t) / 1000);
+                    let latest = if p.latest_processed_point.is_empty() {
+                        "none yet".to_string()
+                    } else {
+                        format!(
+                            "{} ({}, {})",
+                            p.latest_processed_point,
+                            fmt_time(p.latest_processed_time_ms),
+                            ago(p.latest_processed_time_ms)
+                        )
+                    };
+                    let pass = match p.last_pass_ms {
+                        0 => "no pass yet".to_string(),
+                        t => format!("last pass {}", ago(t)),
+                    };
+                    println!("latest processed point: {latest}; {pass}");
+                    if !p.last_error.is_empty() {
+                        println!("processing failing: {}", p.last_error);
+                    }
+                }
+            }
             Ok(())
         }
         Command::RemoveMember { coordinator, vm } => {

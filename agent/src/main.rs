@@ -71,6 +71,10 @@ enum Command {
         #[arg(long, env = "LIFEBOAT_JOIN_TOKEN", hide_env_values = true)]
         token: String,
     },
+    /// Renew this agent's client certificate now (a new key pair; the coordinator refuses the
+    /// old certificate afterwards). A running agent renews by itself once a third of the
+    /// lifetime is left, and picks up a renewal made by this command at its next connection.
+    Renew,
     /// Show each disk's replication state.
     Status,
     /// Validate the config file and exit.
@@ -187,6 +191,17 @@ async fn run(command: Command, config: Config) -> Result<()> {
             println!(
                 "enrolled VM {} in group {} (coordinator {addr})",
                 config.vm, config.group
+            );
+            Ok(())
+        }
+        Command::Renew => {
+            let current =
+                identity::Identity::load(&config.state_dir, config.coordinator.as_deref())?;
+            let renewed = identity::renew(&config.state_dir, &current, &config.vm).await?;
+            println!(
+                "renewed the certificate of VM {}: valid until {}",
+                config.vm,
+                humantime::format_rfc3339_seconds(renewed.not_after()?)
             );
             Ok(())
         }

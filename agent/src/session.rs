@@ -1,10 +1,11 @@
 //! The agent's session with its coordinator: connect over mutual TLS, register, send
 //! heartbeats, pass the coordinator's commands to the member loop and its acks back. Reconnects
 //! with backoff for as long as the agent runs; commands are stamped with their arrival time so
-//! the member loop can tell stale ones.
+//! the member loop can tell stale ones. Renews the agent's certificate when it is due, between
+//! sessions.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use lifeboat_proto::model::{AgentMessage, CoordinatorMessage, DiskStats, Heartbeat, Register};
 use lifeboat_proto::pb;
@@ -20,18 +21,63 @@ pub type Command = (Instant, CoordinatorMessage);
 
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
+/// After a failed renewal, the next try waits this long (the session carries on meanwhile).
+const RENEW_RETRY: Duration = Duration::from_secs(3600);
+
+/// How a session ended without an error.
+enum End {
+    Closed,
+    /// The certificate is due for renewal: reconnect, renewing first.
+    Renew,
+}
+
 /// Runs the session until the process ends.
 pub async fn run(
-    identity: Identity,
+    mut identity: Identity,
     register: Register,
     state_dir: PathBuf,
     commands: mpsc::Sender<Command>,
     mut acks: mpsc::Receiver<AgentMessage>,
 ) {
     let mut backoff = Duration::from_millis(200);
+    let mut renew_retry: Option<SystemTime> = None;
     loop {
-        match once(&identity, &register, &state_dir, &commands, &mut acks).await {
-            Ok(()) => tracing::warn!("coordinator closed the session; reconnecting"),
+        // Whatever `lifeboat-agent renew` (or an earlier renewal) left on disk is current.
+        match Identity::load(&state_dir, Some(&identity.coordinator)) {
+            Ok(i) => identity = i,
+            Err(e) => tracing::warn!(error = %format!("{e:#}"), "cannot reload the agent identity"),
+        }
+        let renew_at = identity
+            .renew_at()
+            .ok()
+            .map(|t| renew_retry.map_or(t, |r| r.max(t)));
+        if renew_at.is_some_and(|t| SystemTime::now() >= t) {
+            match crate::identity::renew(&state_dir, &identity, &register.vm).await {
+                Ok(renewed) => {
+                    tracing::info!(
+                        valid_until = %humantime::format_rfc3339_seconds(renewed.not_after().unwrap_or(UNIX_EPOCH)),
+                        "agent certificate renewed"
+                    );
+                    identity = renewed;
+                    renew_retry = None;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "certificate renewal failed; retrying in an hour");
+                    renew_retry = Some(SystemTime::now() + RENEW_RETRY);
+                }
+            }
+            continue;
+        }
+        match once(
+            &identity, renew_at, &register, &state_dir, &commands, &mut acks,
+        )
+        .await
+        {
+            Ok(End::Renew) => {
+                backoff = Duration::from_millis(200);
+                continue;
+            }
+            Ok(End::Closed) => tracing::warn!("coordinator closed the session; reconnecting"),
             Err(e) => {
                 tracing::warn!(coordinator = %identity.coordinator, error = %e, "session with the coordinator failed; retrying in {backoff:?}")
             }
@@ -43,11 +89,12 @@ pub async fn run(
 
 async fn once(
     identity: &Identity,
+    renew_at: Option<SystemTime>,
     register: &Register,
     state_dir: &std::path::Path,
     commands: &mpsc::Sender<Command>,
     acks: &mut mpsc::Receiver<AgentMessage>,
-) -> Result<(), String> {
+) -> Result<End, String> {
     let tls = identity.tls().map_err(|e| format!("{e:#}"))?;
     let channel = lifeboat_proto::tls::connect(&identity.coordinator, tls)
         .await
@@ -70,7 +117,7 @@ async fn once(
             m = inbound.message() => {
                 let m = match m {
                     Ok(Some(m)) => m,
-                    Ok(None) => return Ok(()),
+                    Ok(None) => return Ok(End::Closed),
                     Err(s) => return Err(format!("{:?}: {}", s.code(), s.message())),
                 };
                 match CoordinatorMessage::try_from(m) {
@@ -81,7 +128,7 @@ async fn once(
                     }
                     Ok(c) => {
                         if commands.send((Instant::now(), c)).await.is_err() {
-                            return Ok(());
+                            return Ok(End::Closed);
                         }
                     }
                     Err(e) => tracing::warn!(error = %e, "malformed message from the coordinator ignored"),
@@ -91,6 +138,9 @@ async fn once(
                 tx.send(ack.into()).await.map_err(|_| "session closed")?;
             }
             _ = heartbeat.tick() => {
+                if renew_at.is_some_and(|t| SystemTime::now() >= t) {
+                    return Ok(End::Renew);
+                }
                 tx.send(AgentMessage::Heartbeat(stats(state_dir)).into())
                     .await
                     .map_err(|_| "session closed")?;

@@ -51,13 +51,18 @@ impl MemberState {
     }
 }
 
-/// The durable member list (`members.json`): enrolled VMs, and removed ones whose certificates
-/// are no longer accepted.
+/// The durable member list (`members.json`): enrolled VMs, removed ones whose certificates are
+/// no longer accepted, and each member's current certificate (SHA-256 of its DER) — the only one
+/// accepted for it, so a certificate replaced by renewal or a new enrolment is worthless.
 #[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct MemberFile {
     members: BTreeSet<VmId>,
     removed: BTreeSet<VmId>,
+    /// Missing for members recorded before certificates were tracked (or from a restored
+    /// backup): the first certificate they present is recorded.
+    #[serde(default)]
+    certificates: BTreeMap<VmId, String>,
 }
 
 /// A published group point, as the catalog keeps it.
@@ -187,10 +192,11 @@ impl Group {
         Ok(())
     }
 
-    /// Records an enrolled VM as a member (and lifts an earlier removal).
-    pub fn join(&self, vm: &VmId) -> Result<()> {
+    /// Records an enrolled VM as a member with its certificate (and lifts an earlier removal).
+    pub fn join(&self, vm: &VmId, certificate: &str) -> Result<()> {
         let mut f = self.member_file.lock().unwrap();
         f.removed.remove(vm);
+        f.certificates.insert(vm.clone(), certificate.to_string());
         if f.members.insert(vm.clone()) {
             self.save_members(&f)?;
             self.members.lock().unwrap().entry(vm.clone()).or_default();
@@ -218,16 +224,68 @@ impl Group {
         Ok(())
     }
 
-    /// Attaches a registered session; a second session for the same VM replaces the first.
-    pub fn attach(&self, reg: Register, tx: Outbound) -> Result<u64, Status> {
+    /// Refuses a certificate of `vm` that is not its current one, or of a removed VM.
+    fn check_certificate(
+        &self,
+        f: &MemberFile,
+        vm: &VmId,
+        certificate: &str,
+    ) -> Result<(), Status> {
+        if f.removed.contains(vm) {
+            return Err(Status::permission_denied(format!(
+                "VM {vm} was removed from group {}; enrol it again with a new join token",
+                self.id
+            )));
+        }
+        match f.certificates.get(vm) {
+            Some(current) if current != certificate => Err(Status::permission_denied(format!(
+                "this certificate of VM {vm} was replaced (renewed or enrolled again); use the current one"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Refuses `certificate` unless it is the current one of a member `vm`.
+    pub fn may_renew(&self, vm: &VmId, certificate: &str) -> Result<(), Status> {
+        let f = self.member_file.lock().unwrap();
+        self.check_member(&f, vm, certificate)
+    }
+
+    fn check_member(&self, f: &MemberFile, vm: &VmId, certificate: &str) -> Result<(), Status> {
+        self.check_certificate(f, vm, certificate)?;
+        if !f.members.contains(vm) {
+            return Err(Status::permission_denied(format!(
+                "VM {vm} is not a member of group {}",
+                self.id
+            )));
+        }
+        Ok(())
+    }
+
+    /// Replaces member `vm`'s current certificate `old` by `new` (renewal) and closes its
+    /// session, which still runs on the old one.
+    pub fn renewed(&self, vm: &VmId, old: &str, new: &str) -> Result<(), Status> {
+        let mut f = self.member_file.lock().unwrap();
+        self.check_member(&f, vm, old)?;
+        f.certificates.insert(vm.clone(), new.to_string());
+        self.save_members(&f)
+            .map_err(|e| Status::internal(format!("cannot save members.json: {e:#}")))?;
+        if let Some(m) = self.members.lock().unwrap().get_mut(vm) {
+            m.session = None;
+        }
+        Ok(())
+    }
+
+    /// Attaches a registered session made with `certificate` (its SHA-256); a second session for
+    /// the same VM replaces the first.
+    pub fn attach(&self, reg: Register, certificate: &str, tx: Outbound) -> Result<u64, Status> {
         let vm = reg.vm.clone();
         {
             let mut f = self.member_file.lock().unwrap();
-            if f.removed.contains(&vm) {
-                return Err(Status::permission_denied(format!(
-                    "VM {vm} was removed from group {}; enrol it again with a new join token",
-                    self.id
-                )));
+            self.check_certificate(&f, &vm, certificate)?;
+            if !f.certificates.contains_key(&vm) {
+                f.certificates.insert(vm.clone(), certificate.to_string());
+                let _ = self.save_members(&f);
             }
             if !f.members.contains(&vm) {
                 // Enrolled with this CA but not on the list (for example members.json was

@@ -184,6 +184,12 @@ fn peer_name<T>(req: &Request<T>) -> Option<String> {
     Some(cn)
 }
 
+/// SHA-256 of the client certificate, the form `members.json` records.
+fn peer_fingerprint<T>(req: &Request<T>) -> Option<String> {
+    let certs = req.peer_certs()?;
+    Some(lifeboat_proto::tls::fingerprint(certs.first()?))
+}
+
 fn peer_addr<T>(req: &Request<T>) -> String {
     req.remote_addr()
         .map(|a| a.to_string())
@@ -245,8 +251,10 @@ impl pb::enrollment_server::Enrollment for Services {
             tracing::warn!(%peer, %vm, error = %e, "enrolment refused");
             Status::invalid_argument(format!("EnrollRequest.csr_pem: {e:#}"))
         })?;
+        let der = lifeboat_proto::tls::certs("signed certificate", &cert)
+            .map_err(|e| Status::internal(e.to_string()))?;
         self.group
-            .join(&vm)
+            .join(&vm, &lifeboat_proto::tls::fingerprint(&der[0]))
             .map_err(|e| Status::internal(format!("cannot record the member: {e:#}")))?;
         tracing::info!(%peer, %vm, "agent enrolled");
         Ok(Response::new(pb::EnrollResponse {
@@ -277,6 +285,7 @@ impl pb::session_server::Session for Services {
         let cert_vm = VmId::new(name.clone()).map_err(|_| {
             Status::permission_denied(format!("certificate {name:?} is not an agent certificate"))
         })?;
+        let certificate = peer_fingerprint(&req).unwrap_or_default();
         let mut inbound = req.into_inner();
         let first = tokio::time::timeout(group::REGISTER_TIMEOUT, inbound.message())
             .await
@@ -302,12 +311,18 @@ impl pb::session_server::Session for Services {
             )));
         }
         let (tx, rx) = mpsc::channel(64);
-        let session = self.group.attach(reg, tx.clone())?;
         let registered = CoordinatorMessage::Registered {
             group: self.group.id.clone(),
             heartbeat_interval: self.group.config.heartbeat_interval,
         };
         let _ = tx.send(Ok(registered.into())).await;
+        // The group holds the only strong sender: when it drops the session (replaced, member
+        // removed, certificate renewed) the agent's stream ends and it reconnects.
+        let weak = tx.downgrade();
+        let session = self.group.attach(reg, &certificate, tx).inspect_err(
+            |e| tracing::warn!(%peer, vm = %cert_vm, "session refused: {}", e.message()),
+        )?;
+        let tx = weak;
         let group = self.group.clone();
         tokio::spawn(async move {
             loop {
@@ -316,14 +331,18 @@ impl pb::session_server::Session for Services {
                         Ok(AgentMessage::Heartbeat(h)) => group.heartbeat(&cert_vm, session, h),
                         Ok(AgentMessage::CutAck(a)) => group.ack(&cert_vm, a),
                         Ok(AgentMessage::Register(_)) => {
-                            let _ = tx
-                                .send(Err(Status::invalid_argument("Register sent twice")))
-                                .await;
+                            if let Some(tx) = tx.upgrade() {
+                                let _ = tx
+                                    .send(Err(Status::invalid_argument("Register sent twice")))
+                                    .await;
+                            }
                             break;
                         }
                         Err(e) => {
                             tracing::warn!(vm = %cert_vm, error = %e, "malformed message; closing the session");
-                            let _ = tx.send(Err(e.into())).await;
+                            if let Some(tx) = tx.upgrade() {
+                                let _ = tx.send(Err(e.into())).await;
+                            }
                             break;
                         }
                     },
@@ -337,6 +356,37 @@ impl pb::session_server::Session for Services {
             group.detach(&cert_vm, session);
         });
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn renew(
+        &self,
+        req: Request<pb::RenewRequest>,
+    ) -> Result<Response<pb::RenewResponse>, Status> {
+        let peer = peer_addr(&req);
+        let (Some(name), Some(old)) = (peer_name(&req), peer_fingerprint(&req)) else {
+            tracing::warn!(%peer, "renewal refused: no client certificate");
+            return Err(Status::unauthenticated(
+                "a client certificate is required to renew it",
+            ));
+        };
+        let vm = VmId::new(name.clone()).map_err(|_| {
+            Status::permission_denied(format!("certificate {name:?} is not an agent certificate"))
+        })?;
+        self.group
+            .may_renew(&vm, &old)
+            .inspect_err(|e| tracing::warn!(%peer, %vm, "renewal refused: {}", e.message()))?;
+        let cert = self
+            .ca
+            .sign_agent(&req.into_inner().csr_pem, &vm)
+            .map_err(|e| Status::invalid_argument(format!("RenewRequest.csr_pem: {e:#}")))?;
+        let der = lifeboat_proto::tls::certs("signed certificate", &cert)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        self.group
+            .renewed(&vm, &old, &lifeboat_proto::tls::fingerprint(&der[0]))?;
+        tracing::info!(%peer, %vm, "agent certificate renewed; the previous one is no longer accepted");
+        Ok(Response::new(pb::RenewResponse {
+            certificate_pem: cert,
+        }))
     }
 }
 

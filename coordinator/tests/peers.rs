@@ -229,3 +229,65 @@ fn writer(c: &CoordinatorProc) -> lifeboat_store::writer::StoreWriter {
         lifeboat_store::layout::Layout::new(lifeboat_store::GroupId::new("g1").unwrap()),
     )
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewal_replaces_the_certificate_and_the_old_one_stops_working() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = start(dir.path(), "");
+    let addr = c.addr.clone();
+    let t = c.token(Some("vm1"), "1h");
+    let old = enroll::enroll(&addr, &t, "vm1").await.unwrap();
+    let mut session = SimMember::open(&addr, &old, register("vm1")).await.unwrap();
+
+    let new = enroll::renew(&addr, &old, "vm1").await.unwrap();
+    assert_ne!(new.cert_pem, old.cert_pem);
+    assert_ne!(new.key_pem, old.key_pem, "renewal makes a new key pair");
+    // The session on the old certificate is closed, so the agent reconnects with the new one.
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if session.next().await.is_err() {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the old certificate's session stayed open");
+    let _s = SimMember::open(&addr, &new, register("vm1")).await.unwrap();
+    // The old certificate is worth nothing now: no session, no second renewal.
+    let e = SimMember::open(&addr, &old, register("vm1"))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("was replaced"), "{e}");
+    let e = enroll::renew(&addr, &old, "vm1").await.unwrap_err();
+    assert!(e.to_string().contains("was replaced"), "{e}");
+
+    // An admin certificate is not an agent's.
+    let admin = c.state_dir.join("admin");
+    let read = |f: &str| std::fs::read_to_string(admin.join(f)).unwrap();
+    let admin = enroll::Enrolled {
+        ca_pem: read("ca.pem"),
+        cert_pem: read("admin.pem"),
+        key_pem: read("admin.key"),
+        group: "g1".into(),
+    };
+    let e = enroll::renew(&addr, &admin, "vm1").await.unwrap_err();
+    assert!(e.to_string().contains("not an agent certificate"), "{e}");
+
+    // A removed member cannot renew; enrolled again, its earlier certificate stays refused.
+    let out = c.admin(&["remove-member", "--vm", "vm1"]);
+    assert!(out.status.success());
+    let e = enroll::renew(&addr, &new, "vm1").await.unwrap_err();
+    assert!(e.to_string().contains("was removed"), "{e}");
+    let t = c.token(Some("vm1"), "1h");
+    let again = enroll::enroll(&addr, &t, "vm1").await.unwrap();
+    let _s = SimMember::open(&addr, &again, register("vm1"))
+        .await
+        .unwrap();
+    let e = SimMember::open(&addr, &new, register("vm1"))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("was replaced"), "{e}");
+    let log = c.log_text();
+    assert!(log.contains("agent certificate renewed"), "{log}");
+    assert!(log.contains("renewal refused"), "{log}");
+}

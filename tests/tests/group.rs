@@ -682,3 +682,60 @@ fn an_agent_cut_off_by_the_network_is_excluded_and_catches_up() {
     );
     drop((near, far));
 }
+
+#[test]
+fn a_running_agent_carries_on_after_its_certificate_is_renewed() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let c = CoordinatorProc::serving(&dir.path().join("c"), "g1", POLICY);
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("f"), "before").unwrap();
+    let disk = format!(
+        "[[disk]]\nid = \"data\"\nkind = \"directory\"\npath = \"{}\"\nconsistency = \"none\"\n",
+        data.display()
+    );
+    let mut a = AgentProc::new(dir.path(), &c, "web", &disk, None);
+    a.start();
+    wait_healthy(&c, &["web"], Duration::from_secs(30));
+    snapshot_covering(&c, &["web"], false);
+    let identity = dir.path().join("web/state/identity");
+    let old_cert = std::fs::read_to_string(identity.join("agent.pem")).unwrap();
+    let old_key = std::fs::read_to_string(identity.join("agent.key")).unwrap();
+
+    let out = a.command().arg("renew").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("renewed the certificate of VM web: valid until"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_ne!(
+        std::fs::read_to_string(identity.join("agent.pem")).unwrap(),
+        old_cert
+    );
+    assert_ne!(
+        std::fs::read_to_string(identity.join("agent.key")).unwrap(),
+        old_key
+    );
+    assert!(!identity.join("agent.pem.next").exists());
+
+    // The coordinator closed the session that ran on the old certificate; the running agent
+    // reconnects with the new one (the old one would be refused) and is covered again.
+    std::fs::write(data.join("f"), "after").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while c.log_text().matches("member connected").count() < 2 {
+        assert!(Instant::now() < deadline, "{}", c.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    wait_healthy(&c, &["web"], Duration::from_secs(30));
+    let (id, _) = snapshot_covering(&c, &["web"], false);
+    let log = c.log_text();
+    assert!(!log.contains("session refused"), "{log}");
+    let out = dir.path().join("restored");
+    restore(&c, "web", &id, &out);
+    assert_eq!(
+        std::fs::read_to_string(out.join("data/f")).unwrap(),
+        "after"
+    );
+}

@@ -203,8 +203,11 @@ async fn enrolment(config: &Config) -> Check {
         Ok(_) => pass(
             "enrolment",
             format!(
-                "certificate valid for {} more days; {} verified with the pinned group CA",
+                "certificate valid for {} more days (renewed automatically from {}); {} verified with the pinned group CA",
                 left.as_secs() / 86_400,
+                id.renew_at()
+                    .map(|t| humantime::format_rfc3339_seconds(t).to_string())
+                    .unwrap_or_else(|_| "?".into()),
                 id.coordinator
             ),
         ),

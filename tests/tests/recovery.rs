@@ -394,7 +394,8 @@ fn a_group_drill_from_the_target_store_with_the_source_region_gone() {
         let o = c.admin(&["members"]);
         let text = String::from_utf8_lossy(&o.stdout).into_owned();
         assert!(o.status.success(), "{text}");
-        if !text.contains("latest processed point: none yet") {
+        // RPO appears with the first heartbeat after a member's first tag.
+        if !text.contains("latest processed point: none yet") && text.matches("RPO ").count() == 2 {
             break text;
         }
         assert!(Instant::now() < deadline, "{text}");
@@ -403,7 +404,6 @@ fn a_group_drill_from_the_target_store_with_the_source_region_gone() {
     assert!(members.contains("latest processed point: c"), "{members}");
     assert!(members.contains("; last pass "), "{members}");
     assert!(!members.contains("processing failing"), "{members}");
-    assert_eq!(members.matches("RPO ").count(), 2, "{members}");
     // Lose the source region: coordinator, agents, cache store.
     c.kill();
     for mut a in agents {

@@ -71,9 +71,9 @@ enum Command {
         #[arg(long, env = "LIFEBOAT_JOIN_TOKEN", hide_env_values = true)]
         token: String,
     },
-    /// Renew this agent's client certificate now (a new key pair; the coordinator refuses the
-    /// old certificate afterwards). A running agent renews by itself once a third of the
-    /// lifetime is left, and picks up a renewal made by this command at its next connection.
+    /// Renew this agent's client certificate now, over a new key pair. The coordinator closes
+    /// the running agent's session; it reconnects with the new certificate, after which the old
+    /// one is refused. A running agent renews by itself once a third of the lifetime is left.
     Renew,
     /// Show each disk's replication state.
     Status,

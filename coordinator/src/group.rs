@@ -53,7 +53,9 @@ impl MemberState {
 
 /// The durable member list (`members.json`): enrolled VMs, removed ones whose certificates are
 /// no longer accepted, and each member's current certificate (SHA-256 of its DER) — the only one
-/// accepted for it, so a certificate replaced by renewal or a new enrolment is worthless.
+/// accepted for it, so a certificate replaced by renewal or a new enrolment is worthless — plus
+/// a renewed one not used yet. Both are accepted until the renewed one is first presented: an
+/// agent that lost the answer to its renewal is not locked out.
 #[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct MemberFile {
@@ -63,6 +65,8 @@ struct MemberFile {
     /// backup): the first certificate they present is recorded.
     #[serde(default)]
     certificates: BTreeMap<VmId, String>,
+    #[serde(default)]
+    renewed: BTreeMap<VmId, String>,
 }
 
 /// A published group point, as the catalog keeps it.
@@ -197,6 +201,7 @@ impl Group {
         let mut f = self.member_file.lock().unwrap();
         f.removed.remove(vm);
         f.certificates.insert(vm.clone(), certificate.to_string());
+        f.renewed.remove(vm);
         if f.members.insert(vm.clone()) {
             self.save_members(&f)?;
             self.members.lock().unwrap().entry(vm.clone()).or_default();
@@ -237,10 +242,13 @@ impl Group {
                 self.id
             )));
         }
+        let renewed = f.renewed.get(vm).is_some_and(|r| r == certificate);
         match f.certificates.get(vm) {
-            Some(current) if current != certificate => Err(Status::permission_denied(format!(
-                "this certificate of VM {vm} was replaced (renewed or enrolled again); use the current one"
-            ))),
+            Some(current) if current != certificate && !renewed => {
+                Err(Status::permission_denied(format!(
+                    "this certificate of VM {vm} was replaced (renewed or enrolled again); use the current one"
+                )))
+            }
             _ => Ok(()),
         }
     }
@@ -262,12 +270,12 @@ impl Group {
         Ok(())
     }
 
-    /// Replaces member `vm`'s current certificate `old` by `new` (renewal) and closes its
-    /// session, which still runs on the old one.
+    /// Records `new` as member `vm`'s renewed certificate (it replaces the current one when
+    /// first used) and closes the session, so the agent reconnects with it.
     pub fn renewed(&self, vm: &VmId, old: &str, new: &str) -> Result<(), Status> {
         let mut f = self.member_file.lock().unwrap();
         self.check_member(&f, vm, old)?;
-        f.certificates.insert(vm.clone(), new.to_string());
+        f.renewed.insert(vm.clone(), new.to_string());
         self.save_members(&f)
             .map_err(|e| Status::internal(format!("cannot save members.json: {e:#}")))?;
         if let Some(m) = self.members.lock().unwrap().get_mut(vm) {
@@ -283,7 +291,13 @@ impl Group {
         {
             let mut f = self.member_file.lock().unwrap();
             self.check_certificate(&f, &vm, certificate)?;
-            if !f.certificates.contains_key(&vm) {
+            if f.renewed.get(&vm).is_some_and(|r| r == certificate) {
+                // First use of the renewed certificate: from now on it alone is accepted.
+                f.renewed.remove(&vm);
+                f.certificates.insert(vm.clone(), certificate.to_string());
+                self.save_members(&f)
+                    .map_err(|e| Status::internal(format!("cannot save members.json: {e:#}")))?;
+            } else if !f.certificates.contains_key(&vm) {
                 f.certificates.insert(vm.clone(), certificate.to_string());
                 let _ = self.save_members(&f);
             }

@@ -237,11 +237,19 @@ async fn renewal_replaces_the_certificate_and_the_old_one_stops_working() {
     let addr = c.addr.clone();
     let t = c.token(Some("vm1"), "1h");
     let old = enroll::enroll(&addr, &t, "vm1").await.unwrap();
-    let mut session = SimMember::open(&addr, &old, register("vm1")).await.unwrap();
+    let _first = SimMember::open(&addr, &old, register("vm1")).await.unwrap();
 
+    // An agent that lost the answer to its renewal still gets in with its old certificate and
+    // renews again; the first renewed certificate is then worthless.
+    let lost = enroll::renew(&addr, &old, "vm1").await.unwrap();
+    let mut session = SimMember::open(&addr, &old, register("vm1")).await.unwrap();
     let new = enroll::renew(&addr, &old, "vm1").await.unwrap();
     assert_ne!(new.cert_pem, old.cert_pem);
     assert_ne!(new.key_pem, old.key_pem, "renewal makes a new key pair");
+    let e = SimMember::open(&addr, &lost, register("vm1"))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("was replaced"), "{e}");
     // The session on the old certificate is closed, so the agent reconnects with the new one.
     let ended = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
@@ -253,7 +261,7 @@ async fn renewal_replaces_the_certificate_and_the_old_one_stops_working() {
     .await;
     assert!(ended.is_ok(), "the old certificate's session stayed open");
     let _s = SimMember::open(&addr, &new, register("vm1")).await.unwrap();
-    // The old certificate is worth nothing now: no session, no second renewal.
+    // Once the renewed certificate is used, the old one is worth nothing: no session, no renewal.
     let e = SimMember::open(&addr, &old, register("vm1"))
         .await
         .unwrap_err();

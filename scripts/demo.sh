@@ -221,6 +221,9 @@ say "part 2 passed: shared multi-VM points ($crash crash, $app app) restored byt
 # ---------------------------------------------------------------------------------------------
 say "part 3: the target store (DR region), processed by the coordinator"
 "$BIN/lifeboat" process --cache group-store --store target-store --group demo-group
+say "what to watch: RPO per member and the latest processed point, as the coordinator reports them"
+"$BIN/lifeboat" members "${admin[@]}" | tee members.txt
+grep -q "latest processed point: c" members.txt || die "the coordinator reports no processed point"
 
 say "losing the source region: coordinator and agents stopped, cache store deleted"
 kill "${pids[@]}" 2>/dev/null; wait "${pids[@]}" 2>/dev/null || true; pids=()

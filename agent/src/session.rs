@@ -7,7 +7,9 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use lifeboat_proto::model::{AgentMessage, CoordinatorMessage, DiskStats, Heartbeat, Register};
+use lifeboat_proto::model::{
+    AgentMessage, CoordinatorMessage, CutPhase, DiskStats, Heartbeat, Register,
+};
 use lifeboat_proto::pb;
 use lifeboat_proto::pb::session_client::SessionClient;
 use lifeboat_store::DiskId;
@@ -135,7 +137,14 @@ async fn once(
                 }
             }
             Some(ack) = acks.recv() => {
+                let tagged = matches!(&ack, AgentMessage::CutAck(a) if a.phase == CutPhase::Tagged);
                 tx.send(ack.into()).await.map_err(|_| "session closed")?;
+                if tagged {
+                    // The new tag's time now, not a heartbeat later: it is the member's RPO.
+                    tx.send(AgentMessage::Heartbeat(stats(state_dir)).into())
+                        .await
+                        .map_err(|_| "session closed")?;
+                }
             }
             _ = heartbeat.tick() => {
                 if renew_at.is_some_and(|t| SystemTime::now() >= t) {

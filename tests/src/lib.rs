@@ -281,3 +281,14 @@ impl Drop for CoordinatorProc {
         self.kill();
     }
 }
+
+/// A spawned process that is SIGKILLed when dropped, so a failing test leaves nothing running.
+#[derive(Debug)]
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use lifeboat_tests::{CoordinatorProc, assert_same_tree, bin, free_port, random_bytes, run};
+use lifeboat_tests::{
+    CoordinatorProc, KillOnDrop, assert_same_tree, bin, free_port, random_bytes, run,
+};
 
 fn lifeboat(args: &[&str], paths: &[(&str, &Path)]) -> Output {
     let mut cmd = Command::new(bin("lifeboat"));
@@ -354,7 +356,7 @@ fn a_group_drill_from_the_target_store_with_the_source_region_gone() {
             .args(["enroll", "--coordinator", &c.addr, "--token", &token])
             .output()
             .unwrap());
-        agents.push(
+        agents.push(KillOnDrop(
             Command::new(bin("lifeboat-agent"))
                 .arg("--config")
                 .arg(&config)
@@ -362,7 +364,7 @@ fn a_group_drill_from_the_target_store_with_the_source_region_gone() {
                 .stderr(std::fs::File::create(dir.path().join(format!("{vm}.log"))).unwrap())
                 .spawn()
                 .unwrap(),
-        );
+        ));
     }
     // Both members covered, crash then app.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -406,10 +408,7 @@ fn a_group_drill_from_the_target_store_with_the_source_region_gone() {
     assert!(!members.contains("processing failing"), "{members}");
     // Lose the source region: coordinator, agents, cache store.
     c.kill();
-    for mut a in agents {
-        let _ = a.kill();
-        let _ = a.wait();
-    }
+    drop(agents);
     std::fs::remove_dir_all(&c.store).unwrap();
 
     let drill = dir.path().join("drill");

@@ -4,8 +4,11 @@
 //! base replaces. Every block is verified on the way (it is read like a restore reads it).
 //!
 //! Ordering: the parts are written first, the base manifest last (create-only); a base without
-//! a manifest does not exist for readers, and its leftover parts are removed by the next try (or,
-//! once the tag is behind the oldest kept one, by retention).
+//! a manifest does not exist for readers. A compaction's output is a function of the tag and the
+//! store's bases, so parts left by a killed try — or written by a concurrent one — are the very
+//! bytes this one writes: they are accepted, never deleted (deleting them could pull parts from
+//! under a concurrent compaction about to write its manifest). Parts of a base that never got
+//! its manifest are removed by retention once the tag is behind the oldest kept one.
 
 use bytes::Bytes;
 
@@ -29,16 +32,6 @@ pub async fn compact(
         return Ok(Base::decode(manifest.as_str(), &data)?);
     }
     // Leftovers of an interrupted compaction: unreferenced, so safe to remove.
-    let parts_prefix = crate::name::ObjectName::new(format!(
-        "{}/{:020}",
-        layout.bases(&tag.vm, &tag.disk),
-        tag.seq
-    ))
-    .map_err(|e| Error::Invalid(e.to_string()))?;
-    for m in backend.list(&parts_prefix).await? {
-        backend.delete(&m.name).await?;
-    }
-
     let tree = match &tag.shape {
         DiskShape::Image { .. } => None,
         DiskShape::Directory { tree } => Some(reader.tree(&tag.vm, &tag.disk, tree).await?),
@@ -110,8 +103,21 @@ pub async fn compact(
     }
 }
 
+/// Writes a part create-only; an existing part with the same bytes (a killed or concurrent try)
+/// is accepted, different bytes are an error.
 async fn put(reader: &StoreReader, tag: &Tag, part: u32, data: Bytes) -> Result<()> {
     let name = reader.layout().base_part(&tag.vm, &tag.disk, tag.seq, part);
-    reader.backend().put_new(&name, data).await?;
-    Ok(())
+    match reader.backend().put_new(&name, data.clone()).await {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind == ErrorKind::AlreadyExists => {
+            if reader.backend().get(&name).await? == data {
+                Ok(())
+            } else {
+                Err(Error::Inconsistent(format!(
+                    "{name} exists with other bytes than this compaction writes"
+                )))
+            }
+        }
+        Err(e) => Err(e.into()),
+    }
 }

@@ -328,3 +328,78 @@ async fn a_tag_whose_segments_leave_a_hole_is_refused() {
     assert!(!f.root.parent().unwrap().join("hole.img").exists());
     let _ = &f.backend;
 }
+
+/// Three increments over a 24-block image; returns the disk at tag 3.
+async fn history(f: &Fixture) -> (Tag, Vec<u8>) {
+    let size = 24 * BS as u64;
+    // Incompressible, so the base needs several small parts.
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let mut disk: Vec<u8> = (0..size)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    ship(f, 1, &disk, None).await;
+    f.writer.put_tag(&image_tag(f, 1, 1, size)).await.unwrap();
+    for seq in 2..=3u64 {
+        let blocks = [seq, seq * 5];
+        for b in blocks {
+            let at = (b * BS as u64) as usize;
+            disk[at..at + BS as usize].fill(seq as u8);
+        }
+        ship(f, seq, &disk, Some(&blocks)).await;
+        f.writer
+            .put_tag(&image_tag(f, seq, seq, size))
+            .await
+            .unwrap();
+    }
+    (f.reader.tag(&f.vm, &f.disk, 3).await.unwrap(), disk)
+}
+
+#[tokio::test]
+async fn a_compaction_killed_before_its_manifest_or_racing_another_leaves_a_good_base() {
+    use lifeboat_store::compact::compact;
+    let f = fixture();
+    let (tag, disk) = history(&f).await;
+    // Killed after its parts: the manifest is missing, the parts are there.
+    let first = compact(&f.reader, &tag, 16 << 10, 3).await.unwrap();
+    assert!(first.parts > 1, "the test wants several parts");
+    let manifest = f.reader.layout().base(&f.vm, &f.disk, tag.seq);
+    f.backend.delete(&manifest).await.unwrap();
+    // The retry, and a concurrent second one, accept the parts already there (same bytes).
+    let (a, b) = tokio::join!(
+        compact(&f.reader, &tag, 16 << 10, 3),
+        compact(&f.reader, &tag, 16 << 10, 3)
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!((a.parts, b.parts), (first.parts, first.parts));
+    // The base alone restores the disk: its segments may go.
+    for seq in 1..=3 {
+        f.backend
+            .delete(&f.reader.layout().segment(&f.vm, &f.disk, seq))
+            .await
+            .unwrap();
+    }
+    assert!(restore_bytes(&f, &tag, "compacted.img").await.unwrap() == disk);
+
+    // A part with other bytes under the name is never taken for this compaction's.
+    let g = fixture();
+    let (tag, _) = history(&g).await;
+    let part = g.reader.layout().base_part(&g.vm, &g.disk, tag.seq, 1);
+    g.backend
+        .put_new(&part, bytes::Bytes::from_static(b"someone else's"))
+        .await
+        .unwrap();
+    let e = compact(&g.reader, &tag, 16 << 10, 3).await.unwrap_err();
+    assert!(e.to_string().contains("other bytes"), "{e}");
+    assert!(
+        g.backend
+            .get(&g.reader.layout().base(&g.vm, &g.disk, tag.seq))
+            .await
+            .is_err(),
+        "no manifest over a foreign part"
+    );
+}

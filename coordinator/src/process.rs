@@ -293,7 +293,10 @@ impl Processor {
         Ok(out)
     }
 
-    /// Applies retention to the target store as of `now` (Unix ms).
+    /// Applies retention to the target store as of `now` (Unix ms). The window counts back from
+    /// the newest point (or `now`, if earlier): a point expires only once newer points cover
+    /// the retention after it, so while no new points arrive (replication broken) nothing
+    /// expires — as ASR, which "only replaces the oldest point if it generates new points".
     pub async fn prune(&self, retention: std::time::Duration, now: u64) -> Result<Pruned> {
         let mut out = Pruned::default();
         let target = &self.target;
@@ -301,7 +304,10 @@ impl Processor {
         let layout = target.layout();
         let mut points = target.points().await?;
         points.sort_by_key(|p| (p.time, p.id.to_string()));
-        let horizon = now.saturating_sub(retention.as_millis() as u64);
+        let newest_time = points.last().map_or(now, |p| p.time);
+        let horizon = now
+            .min(newest_time)
+            .saturating_sub(retention.as_millis() as u64);
         let newest = points.last().map(|p| p.id.clone());
         let (kept, expired): (Vec<_>, Vec<_>) = points
             .into_iter()

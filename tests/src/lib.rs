@@ -292,3 +292,15 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// Rewrites the time of point `id` of `group` in the local store at `store`: tests make hours of
+/// history in seconds.
+pub fn set_point_time(store: &Path, group: &str, id: &str, time: u64) {
+    let name = format!("v1/{group}/points/{id}.point");
+    let path = store.join(&name);
+    let mut p =
+        lifeboat_store::manifest::RecoveryPoint::decode(&name, &std::fs::read(&path).unwrap())
+            .unwrap();
+    p.time = time;
+    std::fs::write(&path, p.encode()).unwrap();
+}

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use lifeboat_tests::{CoordinatorProc, LoopFs, bin, free_port, root_or_skip, run};
+use lifeboat_tests::{CoordinatorProc, LoopFs, bin, free_port, root_or_skip, run, set_point_time};
 
 /// Group tests freeze filesystems and load both cores; one at a time keeps deadlines honest.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -336,24 +336,16 @@ fn multi_vm_points_are_consistent_cuts_of_a_causal_workload() {
         .arg(&c.store)
         .arg("--store")
         .arg(&target));
-    let name = format!("v1/g1/points/{}.point", points[2]);
-    let data = std::fs::read(target.join(&name)).unwrap();
-    let t2 = lifeboat_store::manifest::RecoveryPoint::decode(&name, &data)
-        .unwrap()
-        .time;
-    let now = std::time::UNIX_EPOCH + Duration::from_millis(t2 + 3_600_000);
-    let now = humantime::format_rfc3339_millis(now).to_string();
+    // The first two points made two hours before the others, which are a minute apart.
+    let n = points.len() as u64;
+    let newest = lifeboat_store::manifest::now_millis();
+    for (i, p) in points.iter().enumerate() {
+        let i = i as u64;
+        let back = (n - 1 - i) * 60_000 + if i < 2 { 7_200_000 } else { 0 };
+        set_point_time(&target, "g1", p, newest - back);
+    }
     let pruned = run(Command::new(bin("lifeboat"))
-        .args([
-            "prune",
-            "--group",
-            "g1",
-            "--retention",
-            "1h",
-            "--now",
-            &now,
-            "--store",
-        ])
+        .args(["prune", "--group", "g1", "--retention", "1h", "--store"])
         .arg(&target));
     assert!(
         pruned.starts_with("kept 3 point(s); deleted 2 expired"),

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use lifeboat_tests::{
     CoordinatorProc, KillOnDrop, assert_same_tree, bin, free_port, random_bytes, run,
+    set_point_time,
 };
 
 fn lifeboat(args: &[&str], paths: &[(&str, &Path)]) -> Output {
@@ -444,11 +445,15 @@ fn a_group_drill_from_the_target_store_with_the_source_region_gone() {
 }
 
 #[test]
-fn retention_keeps_the_newest_point_and_never_resurrects_pruned_ones() {
+fn retention_keeps_points_while_none_are_new_and_never_resurrects_pruned_ones() {
     let dir = tempfile::tempdir().unwrap();
     let vm = Vm::new(dir.path());
     let target = vm.target();
     vm.process();
+    // Points 3 h and 30 min older than the newest.
+    let newest = point_time(&target, &vm.points[2]);
+    set_point_time(&target, "g1", &vm.points[0], newest - 3 * 3_600_000);
+    set_point_time(&target, "g1", &vm.points[1], newest - 1_800_000);
     let prune = |retention: &str, now: &str| {
         lifeboat(
             &[
@@ -465,14 +470,15 @@ fn retention_keeps_the_newest_point_and_never_resurrects_pruned_ones() {
     };
     let o = prune("30m", "2030-01-01T00:00:00Z");
     assert_eq!(o.status.code(), Some(2), "retention below 1h is refused");
-    // Two hours after the last point, a 1 h retention expires all but the newest, which is
-    // kept because no newer point exists.
+    // Two hours after the newest point, with none since (replication broken), a 1 h retention
+    // keeps what lies within an hour of the newest — the 30-min-older point outlives its
+    // retention, nothing newer replaces it — and expires the older one.
     let later =
         humantime::format_rfc3339_seconds(std::time::SystemTime::now() + Duration::from_secs(7200))
             .to_string();
     let out = ok(prune("1h", &later));
     assert!(
-        out.starts_with("kept 1 point(s); deleted 2 expired point(s)"),
+        out.starts_with("kept 2 point(s); deleted 1 expired point(s)"),
         "{out}"
     );
     assert!(!out.contains(" 0 tag(s)"), "expired tags deleted: {out}");
@@ -492,13 +498,15 @@ fn retention_keeps_the_newest_point_and_never_resurrects_pruned_ones() {
     );
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("no recovery point"));
-    let out = dir.path().join("kept");
-    ok(failover(
-        &target,
-        &["--vm", "vm1", "--point", &vm.points[2]],
-        &out,
-    ));
-    vm.assert_restored(2, &out);
+    for i in [1, 2] {
+        let out = dir.path().join(format!("kept-{i}"));
+        ok(failover(
+            &target,
+            &["--vm", "vm1", "--point", &vm.points[i]],
+            &out,
+        ));
+        vm.assert_restored(i, &out);
+    }
 }
 
 fn point_time(target: &Path, id: &str) -> u64 {
@@ -520,19 +528,23 @@ fn steady_churn_under_retention_stays_bounded_and_every_kept_point_restores() {
     let mut vm = Vm::setup(dir.path());
     let target = vm.target();
     let mut sizes = Vec::new();
+    // A point every 20 minutes, ending 20 minutes ago: with 1 h retention the last four are kept.
+    let start = lifeboat_store::manifest::now_millis() - 15 * 1_200_000;
     for round in 0..14u64 {
         if round > 0 {
             // Half the image rewritten each round: history grows 1.5 MiB a round.
             vm.change(round, (round % 2) * (1 << 20), 3 << 19);
         }
         vm.sync(round);
+        set_point_time(
+            &vm.cache,
+            "g1",
+            &vm.points[round as usize],
+            start + round * 1_200_000,
+        );
         vm.process();
         if round >= 3 {
-            // Retention of 1 h with the clock set so that the last four points are kept.
-            let keep_from = point_time(&target, &vm.points[round as usize - 3]);
-            let now = std::time::UNIX_EPOCH + Duration::from_millis(keep_from + 3_600_000);
-            let now = humantime::format_rfc3339_millis(now).to_string();
-            let args = ["prune", "--group", "g1", "--retention", "1h", "--now", &now];
+            let args = ["prune", "--group", "g1", "--retention", "1h"];
             if round == 9 {
                 // Killed mid-prune: the next prune finishes the job, nothing kept is lost.
                 let mut child = Command::new(bin("lifeboat"))
@@ -740,9 +752,10 @@ fn killing_the_coordinator_while_it_processes_and_prunes_loses_and_duplicates_no
         &format!("processing_interval = \"1s\"\n[target]\n{target_desc}"),
     );
 
-    // Sixteen points, two hours apart (times rewritten in the cache before the coordinator
-    // ever sees them), the newest a minute old: with the default 24 h retention the oldest four
-    // expire, and the oldest kept point has enough segments behind it to be compacted.
+    // Sixteen points, two hours and a minute apart (times rewritten in the cache before the
+    // coordinator ever sees them), the newest a minute old: with the default 24 h retention the
+    // oldest four expire, and the oldest kept point has enough segments behind it to be
+    // compacted.
     let mut vm = Vm::setup_with_cache(&dir.path().join("vm"), &coordinator.store);
     for round in 0..16u64 {
         if round > 0 {
@@ -752,13 +765,12 @@ fn killing_the_coordinator_while_it_processes_and_prunes_loses_and_duplicates_no
     }
     let now = lifeboat_store::manifest::now_millis();
     for (i, id) in vm.points.iter().enumerate() {
-        let name = format!("v1/g1/points/{id}.point");
-        let path = vm.cache.join(&name);
-        let mut p =
-            lifeboat_store::manifest::RecoveryPoint::decode(&name, &std::fs::read(&path).unwrap())
-                .unwrap();
-        p.time = now - (15 - i as u64) * 7_200_000 - 60_000;
-        std::fs::write(&path, p.encode()).unwrap();
+        set_point_time(
+            &vm.cache,
+            "g1",
+            id,
+            now - 60_000 - (15 - i as u64) * 7_260_000,
+        );
     }
     let kept: std::collections::BTreeSet<String> = vm.points[4..].iter().cloned().collect();
     let expired: Vec<String> = vm.points[..4].to_vec();

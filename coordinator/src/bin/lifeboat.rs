@@ -91,10 +91,12 @@ enum Command {
     Prune {
         #[command(flatten)]
         target: StoreArgs,
-        /// How long points are kept, 1h to 72h. The newest point is always kept.
+        /// How long points are kept, 1h to 72h, counted back from the newest point (or from
+        /// now, if earlier): while no new points arrive nothing expires.
         #[arg(long, value_parser = humantime::parse_duration)]
         retention: Duration,
-        /// Evaluate as of this time (RFC 3339) instead of now: previews and drills.
+        /// Evaluate as of this time (RFC 3339) instead of now: a time before the newest point
+        /// previews what retention will have kept then.
         #[arg(long)]
         now: Option<humantime::Timestamp>,
     },

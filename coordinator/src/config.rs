@@ -33,6 +33,10 @@ pub struct Config {
     /// How often processing looks for new points in the cache store (1 s to 1 h).
     #[serde(default = "default_processing", with = "humantime_serde")]
     pub processing_interval: Duration,
+    /// How long agent certificates are valid (1 day to 825 days, default 365 days); agents renew
+    /// theirs once a third of it is left, so a short lifetime costs nothing but renewals.
+    #[serde(default = "default_cert_lifetime", with = "humantime_serde")]
+    pub agent_certificate_lifetime: Duration,
     #[serde(default)]
     pub policy: Policy,
 }
@@ -45,6 +49,9 @@ fn default_max_members() -> usize {
 }
 fn default_processing() -> Duration {
     Duration::from_secs(30)
+}
+fn default_cert_lifetime() -> Duration {
+    Duration::from_secs(365 * 86_400)
 }
 fn default_heartbeat() -> Duration {
     Duration::from_secs(5)
@@ -215,6 +222,13 @@ impl Config {
             Duration::from_secs(3600),
         )
         .map_err(|e| e.replace("policy.", ""))?;
+        let days = self.agent_certificate_lifetime.as_secs() / 86_400;
+        if !(1..=825).contains(&days) {
+            return Err(format!(
+                "agent_certificate_lifetime = {} is out of range (1 day to 825 days)",
+                humantime::format_duration(self.agent_certificate_lifetime)
+            ));
+        }
         range(
             "heartbeat_interval",
             self.heartbeat_interval,
@@ -240,6 +254,11 @@ path = "/tmp/store"
 
     fn parse(extra: &str) -> Result<Config, ConfigError> {
         Config::parse(Path::new("c.toml"), &format!("{BASE}{extra}"))
+    }
+
+    /// With top-level keys, which must come before BASE's `[store]` table.
+    fn parse_top(keys: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("c.toml"), &format!("{keys}{BASE}"))
     }
 
     #[test]
@@ -284,9 +303,22 @@ path = "/tmp/store"
             .unwrap_err()
             .to_string();
         assert!(e.contains("must be longer than policy.crash.ack"), "{e}");
-        let e = parse("max_members = 0\n").unwrap_err().to_string();
-        assert!(e.contains("max_members"), "{e}");
-        let e = parse("colour = \"red\"\n").unwrap_err().to_string();
+        let e = parse_top("agent_certificate_lifetime = \"2h\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("agent_certificate_lifetime = 2h is out of range (1 day to 825 days)"),
+            "{e}"
+        );
+        let e = parse_top("max_members = 0\n").unwrap_err().to_string();
+        assert!(e.contains("max_members = 0 is out of range"), "{e}");
+        assert_eq!(
+            parse_top("agent_certificate_lifetime = \"30days\"\n")
+                .unwrap()
+                .agent_certificate_lifetime,
+            Duration::from_secs(30 * 86_400)
+        );
+        let e = parse_top("colour = \"red\"\n").unwrap_err().to_string();
         assert!(e.contains("unknown field"), "{e}");
         let e = Config::parse(Path::new("c.toml"), &BASE.replace("g1", "../g")).unwrap_err();
         assert!(e.to_string().contains("group"), "{e}");

@@ -19,7 +19,7 @@ use time::{Duration, OffsetDateTime};
 /// How long issued certificates are valid.
 const CA_DAYS: i64 = 3650;
 const SERVER_DAYS: i64 = 825;
-const CLIENT_DAYS: i64 = 365;
+const ADMIN_DAYS: i64 = 365;
 
 pub fn pki_dir(state_dir: &Path) -> PathBuf {
     state_dir.join("pki")
@@ -96,7 +96,7 @@ pub fn init(state_dir: &Path, group: &str, extra_names: &[String]) -> Result<Str
     let server = sp.signed_by(&server_key, &issuer)?;
 
     let admin_key = KeyPair::generate()?;
-    let mut ap = leaf_params(&format!("{ADMIN_PREFIX}default"), vec![], CLIENT_DAYS)?;
+    let mut ap = leaf_params(&format!("{ADMIN_PREFIX}default"), vec![], ADMIN_DAYS)?;
     ap.extended_key_usages
         .push(ExtendedKeyUsagePurpose::ClientAuth);
     let admin_cert = ap.signed_by(&admin_key, &issuer)?;
@@ -153,10 +153,10 @@ impl Ca {
 
     /// Signs an agent's request for `vm`. Only the request's public key is used: the subject,
     /// names and extensions are the coordinator's choice, never the requester's.
-    pub fn sign_agent(&self, csr_pem: &str, vm: &VmId) -> Result<String> {
+    pub fn sign_agent(&self, csr_pem: &str, vm: &VmId, lifetime_days: i64) -> Result<String> {
         let mut csr = CertificateSigningRequestParams::from_pem(csr_pem)
             .map_err(|e| anyhow::anyhow!("malformed certificate signing request: {e}"))?;
-        let mut p = leaf_params(vm.as_str(), vec![], CLIENT_DAYS)?;
+        let mut p = leaf_params(vm.as_str(), vec![], lifetime_days)?;
         p.extended_key_usages
             .push(ExtendedKeyUsagePurpose::ClientAuth);
         csr.params = p;
@@ -192,7 +192,9 @@ mod tests {
         let mut req = CertificateParams::new(vec!["evil.example".to_string()]).unwrap();
         req.distinguished_name.push(DnType::CommonName, "other-vm");
         let csr = req.serialize_request(&key).unwrap().pem().unwrap();
-        let pem = ca.sign_agent(&csr, &VmId::new("vm1").unwrap()).unwrap();
+        let pem = ca
+            .sign_agent(&csr, &VmId::new("vm1").unwrap(), 365)
+            .unwrap();
         let der = lifeboat_proto::tls::certs("c", &pem).unwrap();
         let (_, cert) = x509_parser::parse_x509_certificate(&der[0]).unwrap();
         let cn = cert
@@ -205,7 +207,7 @@ mod tests {
         assert_eq!(cn, "vm1");
         assert!(cert.subject_alternative_name().unwrap().is_none());
         assert!(
-            ca.sign_agent("garbage", &VmId::new("vm1").unwrap())
+            ca.sign_agent("garbage", &VmId::new("vm1").unwrap(), 365)
                 .is_err()
         );
     }

@@ -219,6 +219,13 @@ struct Services {
     processing: Option<Arc<Mutex<crate::process::Status>>>,
 }
 
+impl Services {
+    /// The configured agent certificate lifetime, in whole days.
+    fn certificate_days(&self) -> i64 {
+        (self.group.config.agent_certificate_lifetime.as_secs() / 86_400) as i64
+    }
+}
+
 #[tonic::async_trait]
 impl pb::enrollment_server::Enrollment for Services {
     async fn get_ca(
@@ -247,10 +254,13 @@ impl pb::enrollment_server::Enrollment for Services {
                 TokenError::WrongVm { .. } => Status::permission_denied(e.to_string()),
             });
         }
-        let cert = self.ca.sign_agent(&r.csr_pem, &vm).map_err(|e| {
-            tracing::warn!(%peer, %vm, error = %e, "enrolment refused");
-            Status::invalid_argument(format!("EnrollRequest.csr_pem: {e:#}"))
-        })?;
+        let cert = self
+            .ca
+            .sign_agent(&r.csr_pem, &vm, self.certificate_days())
+            .map_err(|e| {
+                tracing::warn!(%peer, %vm, error = %e, "enrolment refused");
+                Status::invalid_argument(format!("EnrollRequest.csr_pem: {e:#}"))
+            })?;
         let der = lifeboat_proto::tls::certs("signed certificate", &cert)
             .map_err(|e| Status::internal(e.to_string()))?;
         self.group
@@ -377,7 +387,7 @@ impl pb::session_server::Session for Services {
             .inspect_err(|e| tracing::warn!(%peer, %vm, "renewal refused: {}", e.message()))?;
         let cert = self
             .ca
-            .sign_agent(&req.into_inner().csr_pem, &vm)
+            .sign_agent(&req.into_inner().csr_pem, &vm, self.certificate_days())
             .map_err(|e| Status::invalid_argument(format!("RenewRequest.csr_pem: {e:#}")))?;
         let der = lifeboat_proto::tls::certs("signed certificate", &cert)
             .map_err(|e| Status::internal(e.to_string()))?;

@@ -233,10 +233,18 @@ fn writer(c: &CoordinatorProc) -> lifeboat_store::writer::StoreWriter {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn renewal_replaces_the_certificate_and_the_old_one_stops_working() {
     let dir = tempfile::tempdir().unwrap();
-    let c = start(dir.path(), "");
+    let c = start(dir.path(), "agent_certificate_lifetime = \"30days\"");
     let addr = c.addr.clone();
     let t = c.token(Some("vm1"), "1h");
     let old = enroll::enroll(&addr, &t, "vm1").await.unwrap();
+    let days_left = |pem: &str| {
+        let der = lifeboat_proto::tls::certs("cert", pem).unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(&der[0]).unwrap();
+        let now = lifeboat_store::manifest::now_millis() as i64 / 1000;
+        (cert.validity().not_after.timestamp() - now) as f64 / 86_400.0
+    };
+    let left = days_left(&old.cert_pem);
+    assert!((29.9..=30.1).contains(&left), "{left} days");
     let _first = SimMember::open(&addr, &old, register("vm1")).await.unwrap();
 
     // An agent that lost the answer to its renewal still gets in with its old certificate and
@@ -244,6 +252,7 @@ async fn renewal_replaces_the_certificate_and_the_old_one_stops_working() {
     let lost = enroll::renew(&addr, &old, "vm1").await.unwrap();
     let mut session = SimMember::open(&addr, &old, register("vm1")).await.unwrap();
     let new = enroll::renew(&addr, &old, "vm1").await.unwrap();
+    assert!((29.9..=30.1).contains(&days_left(&new.cert_pem)));
     assert_ne!(new.cert_pem, old.cert_pem);
     assert_ne!(new.key_pem, old.key_pem, "renewal makes a new key pair");
     let e = SimMember::open(&addr, &lost, register("vm1"))

@@ -10,13 +10,26 @@ use lifeboat_tests::{
     set_point_time,
 };
 
-fn lifeboat(args: &[&str], paths: &[(&str, &Path)]) -> Output {
+/// `lifeboat ARGS` with `--flag path` pairs.
+fn command(args: &[&str], paths: &[(&str, &Path)]) -> Command {
     let mut cmd = Command::new(bin("lifeboat"));
     cmd.args(args);
     for (flag, p) in paths {
         cmd.arg(flag).arg(p);
     }
-    cmd.output().unwrap()
+    cmd
+}
+
+fn lifeboat(args: &[&str], paths: &[(&str, &Path)]) -> Output {
+    command(args, paths).output().unwrap()
+}
+
+/// Runs `lifeboat` and SIGKILLs it after `ms` milliseconds, wherever it is.
+fn killed_after(args: &[&str], paths: &[(&str, &Path)], ms: u64) {
+    let mut child = command(args, paths).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(ms));
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 fn ok(out: Output) -> String {
@@ -162,16 +175,11 @@ fn processed_points_fail_over_from_the_target_alone() {
     let target = vm.target();
 
     // A pass killed at an arbitrary moment, then complete passes: every point once.
-    let mut child = Command::new(bin("lifeboat"))
-        .args(["process", "--group", "g1", "--cache"])
-        .arg(&vm.cache)
-        .arg("--store")
-        .arg(&target)
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(30));
-    let _ = child.kill();
-    let _ = child.wait();
+    killed_after(
+        &["process", "--group", "g1"],
+        &[("--cache", &vm.cache), ("--store", &target)],
+        30,
+    );
     let first = vm.process();
     assert!(first.contains("latest processed point: "), "{first}");
     assert!(first.contains("RPO vm1: "), "{first}");
@@ -547,15 +555,7 @@ fn steady_churn_under_retention_stays_bounded_and_every_kept_point_restores() {
             let args = ["prune", "--group", "g1", "--retention", "1h"];
             if round == 9 {
                 // Killed mid-prune: the next prune finishes the job, nothing kept is lost.
-                let mut child = Command::new(bin("lifeboat"))
-                    .args(args)
-                    .arg("--store")
-                    .arg(&target)
-                    .spawn()
-                    .unwrap();
-                std::thread::sleep(Duration::from_millis(15));
-                let _ = child.kill();
-                let _ = child.wait();
+                killed_after(&args, &[("--store", &target)], 15);
             }
             let out = ok(lifeboat(&args, &[("--store", &target)]));
             assert!(out.starts_with("kept 4 point(s)"), "round {round}: {out}");

@@ -18,7 +18,8 @@ fn n(s: &str) -> ObjectName {
     ObjectName::new(s).expect("valid test name")
 }
 
-fn pseudo_random(len: usize, seed: u64) -> Bytes {
+/// Deterministic incompressible bytes (also for other tests of stored data).
+pub fn pseudo_random(len: usize, seed: u64) -> Bytes {
     let mut out = Vec::with_capacity(len + 8);
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     while out.len() < len {

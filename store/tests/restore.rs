@@ -333,15 +333,7 @@ async fn a_tag_whose_segments_leave_a_hole_is_refused() {
 async fn history(f: &Fixture) -> (Tag, Vec<u8>) {
     let size = 24 * BS as u64;
     // Incompressible, so the base needs several small parts.
-    let mut x = 0x9E37_79B9_7F4A_7C15u64;
-    let mut disk: Vec<u8> = (0..size)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
+    let mut disk = lifeboat_store::conformance::pseudo_random(size as usize, 7).to_vec();
     ship(f, 1, &disk, None).await;
     f.writer.put_tag(&image_tag(f, 1, 1, size)).await.unwrap();
     for seq in 2..=3u64 {

@@ -148,6 +148,16 @@ impl Vm {
         assert_same_tree(&self.copies[i].join("data"), &out.join("vm1/data"));
     }
 
+    /// Fails point `i` over from `target` into `out` and asserts it is the disks at point `i`.
+    fn assert_fails_over(&self, target: &Path, i: usize, out: &Path) {
+        ok(failover(
+            target,
+            &["--vm", "vm1", "--point", &self.points[i]],
+            out,
+        ));
+        self.assert_restored(i, out);
+    }
+
     fn target(&self) -> PathBuf {
         let t = self.dir.join("target");
         std::fs::create_dir_all(&t).unwrap();
@@ -199,8 +209,7 @@ fn processed_points_fail_over_from_the_target_alone() {
 
     for (i, id) in vm.points.iter().enumerate() {
         let out = dir.path().join(format!("failover-{i}"));
-        ok(failover(&target, &["--vm", "vm1", "--point", id], &out));
-        vm.assert_restored(i, &out);
+        vm.assert_fails_over(&target, i, &out);
         let report = std::fs::read_to_string(out.join("failover-report.json")).unwrap();
         assert!(report.contains(&format!("\"point\": \"{id}\"")), "{report}");
     }
@@ -318,12 +327,7 @@ fn a_corrupt_target_object_is_named_and_spares_points_that_do_not_need_it() {
     assert!(!out.exists(), "a failed failover leaves nothing behind");
 
     let out = dir.path().join("first");
-    ok(failover(
-        &target,
-        &["--vm", "vm1", "--point", &vm.points[0]],
-        &out,
-    ));
-    vm.assert_restored(0, &out);
+    vm.assert_fails_over(&target, 0, &out);
 }
 
 #[test]
@@ -508,12 +512,7 @@ fn retention_keeps_points_while_none_are_new_and_never_resurrects_pruned_ones() 
     assert!(String::from_utf8_lossy(&o.stderr).contains("no recovery point"));
     for i in [1, 2] {
         let out = dir.path().join(format!("kept-{i}"));
-        ok(failover(
-            &target,
-            &["--vm", "vm1", "--point", &vm.points[i]],
-            &out,
-        ));
-        vm.assert_restored(i, &out);
+        vm.assert_fails_over(&target, i, &out);
     }
 }
 
@@ -583,12 +582,7 @@ fn steady_churn_under_retention_stays_bounded_and_every_kept_point_restores() {
     // Every kept point restores exactly, though its early segments are gone.
     for i in 10..14 {
         let out = dir.path().join(format!("kept-{i}"));
-        ok(failover(
-            &target,
-            &["--vm", "vm1", "--point", &vm.points[i]],
-            &out,
-        ));
-        vm.assert_restored(i, &out);
+        vm.assert_fails_over(&target, i, &out);
     }
 }
 
@@ -625,12 +619,7 @@ fn processed_data_leaves_the_cache_and_the_agent_carries_on() {
     trim(&vm);
     for i in [0usize, 2, 4] {
         let out = dir.path().join(format!("after-trim-{i}"));
-        ok(failover(
-            &target,
-            &["--vm", "vm1", "--point", &vm.points[i]],
-            &out,
-        ));
-        vm.assert_restored(i, &out);
+        vm.assert_fails_over(&target, i, &out);
     }
     // An agent that lost its state starts a new full copy numbered after everything the target
     // holds (a reused number would make processing fail), and that copy fails over too.
@@ -639,12 +628,7 @@ fn processed_data_leaves_the_cache_and_the_agent_carries_on() {
     vm.sync(5);
     trim(&vm);
     let out = dir.path().join("after-reset");
-    ok(failover(
-        &target,
-        &["--vm", "vm1", "--point", &vm.points[5]],
-        &out,
-    ));
-    vm.assert_restored(5, &out);
+    vm.assert_fails_over(&target, 5, &out);
 }
 
 /// Azurite's endpoint when `scripts/test.sh` started one; `None` (the test skips) outside it.
@@ -882,13 +866,8 @@ fn killing_the_coordinator_while_it_processes_and_prunes_loses_and_duplicates_no
 
     // The source region is gone; every kept point fails over from the target alone, exactly.
     std::fs::remove_dir_all(&vm.cache).unwrap();
-    for (i, id) in vm.points.iter().enumerate().skip(4) {
+    for i in 4..vm.points.len() {
         let out = dir.path().join(format!("failover-{i}"));
-        ok(failover(
-            &target_toml,
-            &["--vm", "vm1", "--point", id],
-            &out,
-        ));
-        vm.assert_restored(i, &out);
+        vm.assert_fails_over(&target_toml, i, &out);
     }
 }

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use lifeboat_store::manifest::now_millis;
 use lifeboat_store::{Backend, ObjectName};
 
-use crate::config::{Config, ConsistencyKind, DiskKind};
+use crate::config::{Config, ConsistencyKind, DiskKind, Tracking};
 use crate::scan;
 
 /// The outcome of one check.
@@ -304,6 +304,9 @@ fn disk(config: &Config, d: &crate::config::DiskConfig) -> Check {
                 ),
             );
         }
+        if let Err(e) = crate::consistency::verify_freeze_target(d) {
+            return fail("disk", format!("{e:#}"));
+        }
         if let Some(state_mount) = mount_point_of(&config.state_dir)
             && let Some(disk_mount) = mount_point_of(d.mount.as_deref().unwrap_or(d.path.as_path()))
             && freezes
@@ -318,10 +321,35 @@ fn disk(config: &Config, d: &crate::config::DiskConfig) -> Check {
             );
         }
     }
-    pass(
-        "disk",
-        format!("disk {} ({}) readable", d.id, d.path.display()),
-    )
+    let freezes = match d.consistency {
+        ConsistencyKind::Fsfreeze => true,
+        ConsistencyKind::Hooks => d.mount.is_some(),
+        ConsistencyKind::None => false,
+    };
+    let mut detail = format!("disk {} ({}) readable", d.id, d.path.display());
+    if freezes {
+        let _ = write!(
+            detail,
+            "; freezes {}, the filesystem on it",
+            d.mount.as_deref().unwrap_or(d.path.as_path()).display()
+        );
+    }
+    let tracking = match (d.kind, d.tracking) {
+        (DiskKind::Directory, _) => None,
+        (_, Tracking::Scan) => Some("checksum scan (tracking = \"scan\")".to_owned()),
+        (DiskKind::Image, _) => Some(
+            "checksum scan (image files are scanned: their writers bypass the block layer)"
+                .to_owned(),
+        ),
+        (DiskKind::BlockDevice, Tracking::Auto) => Some(match crate::cbt::probe() {
+            Ok(()) => "eBPF changed-block tracking (a start without pinned tracking state, e.g. after a reboot, scans once)".to_owned(),
+            Err(why) => format!("checksum scan: {why}"),
+        }),
+    };
+    if let Some(t) = tracking {
+        let _ = write!(detail, "; tracking: {t}");
+    }
+    pass("disk", detail)
 }
 
 fn mount_point_of(path: &Path) -> Option<std::path::PathBuf> {

@@ -95,6 +95,18 @@ pub enum ConsistencyKind {
     Hooks,
 }
 
+/// How changed blocks of an image or block device are found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Tracking {
+    /// Block devices: the eBPF tracker where it can run (reads only blocks written since the
+    /// last pass), a checksum scan otherwise and after any discontinuity. Images: a scan.
+    #[default]
+    Auto,
+    /// Always a checksum scan of the whole disk (every block read and hashed).
+    Scan,
+}
+
 /// Pre/post commands run around a cut.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -130,6 +142,9 @@ pub struct DiskConfig {
     /// Hard deadline for a freeze; the agent thaws when it passes, whatever else happens.
     #[serde(with = "humantime_serde", default = "default_freeze_timeout")]
     pub freeze_timeout: Duration,
+    /// How changed blocks are found (block devices and images).
+    #[serde(default)]
+    pub tracking: Tracking,
 }
 
 fn default_freeze_timeout() -> Duration {
@@ -307,7 +322,7 @@ impl Config {
                 && d.mount.is_none()
             {
                 return Err(format!(
-                    "disk {}: consistency = \"fsfreeze\" needs `mount`, the filesystem holding the image",
+                    "disk {}: consistency = \"fsfreeze\" needs `mount`: where the filesystem on this disk is mounted (for an image, the filesystem inside it, mounted through a loop device — not the filesystem that holds the image file)",
                     d.id
                 ));
             }

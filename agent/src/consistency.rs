@@ -51,7 +51,13 @@ impl Watchdog {
     /// deadline passes, and exits without touching them if never armed.
     pub fn spawn(mounts: &[PathBuf]) -> Result<Self> {
         let exe = std::env::current_exe().context("cannot find the agent's own executable")?;
-        let child = Command::new(exe)
+        let mut cmd = Command::new(exe);
+        // A process group of its own: stopping the agent's group (Ctrl-Z at a terminal,
+        // `kill -STOP -<pgid>`, a job-control stop from a shell) must not stop the watchdog
+        // too, or a filesystem stays frozen until someone sends SIGCONT.
+        #[cfg(unix)]
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        let child = cmd
             .arg("thaw-watchdog")
             .args(mounts)
             .stdin(Stdio::piped())
@@ -107,6 +113,11 @@ impl Frozen {
         Ok(frozen)
     }
 
+    /// When the freeze began (the cut's time).
+    pub fn frozen_at(&self) -> SystemTime {
+        self.frozen_at
+    }
+
     /// Thaws everything; fails if any thaw failed or the deadline had already passed (the
     /// watchdog may have thawed, so the capture cannot be trusted as a consistent cut).
     /// Whether the deadline has not passed yet (so the watchdog has not thawed).
@@ -155,6 +166,28 @@ impl Drop for Frozen {
     fn drop(&mut self) {
         let _ = self.thaw_all();
     }
+}
+
+/// For a disk that freezes, checks that its mount is a mount point holding the filesystem on
+/// that disk (see `verify_mount`); `Ok` for disks that do not freeze.
+pub fn verify_freeze_target(d: &crate::config::DiskConfig) -> Result<()> {
+    use crate::config::{ConsistencyKind, DiskKind};
+    let freezes = match d.consistency {
+        ConsistencyKind::Fsfreeze => true,
+        ConsistencyKind::Hooks => d.mount.is_some(),
+        ConsistencyKind::None => false,
+    };
+    if !freezes {
+        return Ok(());
+    }
+    let mount = d.mount.as_deref().unwrap_or(d.path.as_path());
+    let what = match d.kind {
+        DiskKind::Directory => platform::MountOf::Directory,
+        DiskKind::BlockDevice => platform::MountOf::BlockDevice,
+        DiskKind::Image => platform::MountOf::Image,
+    };
+    platform::verify_mount(mount, &d.path, what)
+        .map_err(|e| anyhow::anyhow!("disk {}: cannot freeze it: {e}", d.id))
 }
 
 /// Writes back the mounts' dirty data ahead of a freeze; failures only cost freeze time.

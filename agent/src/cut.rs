@@ -108,6 +108,31 @@ pub fn freeze_mounts(disks: &[DiskConfig]) -> Vec<PathBuf> {
     set.into_iter().collect()
 }
 
+/// Environment variable naming a command to run while every disk is frozen, after the capture.
+/// It exists for tests: their oracle reads the devices itself (O_DIRECT) at the cut, so a
+/// restore can be compared with bytes the agent never touched. The command sees the cut's time
+/// (the tag and point time, Unix ms) as `LIFEBOAT_CUT_TIME_MS`; its failure abandons the cut.
+/// The watchdog deadline holds as always.
+pub const ORACLE_HOOK_ENV: &str = "LIFEBOAT_TEST_WHILE_FROZEN";
+
+async fn run_oracle_hook(frozen_at: SystemTime) -> Result<()> {
+    let Some(cmd) = std::env::var_os(ORACLE_HOOK_ENV) else {
+        return Ok(());
+    };
+    let status = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(&cmd)
+        .env("LIFEBOAT_CUT_TIME_MS", millis(frozen_at).to_string())
+        .stdin(std::process::Stdio::null())
+        .status()
+        .await?;
+    anyhow::ensure!(
+        status.success(),
+        "{ORACLE_HOOK_ENV} command failed: {status}"
+    );
+    Ok(())
+}
+
 fn millis(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -177,6 +202,8 @@ async fn cut_inner(
     let mut states = Vec::new();
     for d in disks {
         sync::check_disk_path(d)?;
+        // Never label a point crash-consistent over a freeze of the wrong filesystem.
+        consistency::verify_freeze_target(d)?;
         states.push(agent.reconcile(d).await?);
     }
 
@@ -265,6 +292,9 @@ async fn cut_inner(
                 (true, None) => Hints::default(),
             };
             captured.push(agent.ship(d, st, mode, pass_hints).await?);
+        }
+        if let Some(f) = &frozen {
+            run_oracle_hook(f.frozen_at()).await?;
         }
         // A group member waits here, frozen, for the coordinator's Commit. The capture was
         // complete before the deadline, so a thaw by the watchdog while waiting does not

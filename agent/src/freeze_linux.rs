@@ -5,7 +5,8 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::path::Path;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
 
 // _IOWR('X', 119, int) and _IOWR('X', 120, int) from <linux/fs.h>.
 const FIFREEZE: libc::c_ulong = 0xC004_5877;
@@ -52,12 +53,205 @@ pub fn sync(mount: &Path) -> io::Result<()> {
 
 /// Makes this process (the thaw watchdog) immune to SIGTERM, SIGINT and SIGHUP, so a service
 /// manager stopping the agent's whole process group cannot take the watchdog down before it has
-/// thawed. SIGKILL still works; by the time a manager escalates to it, the deadline has passed.
+/// thawed, and to the job-control stops that can be ignored (SIGTSTP, SIGTTIN, SIGTTOU). SIGKILL
+/// and SIGSTOP cannot be ignored; the watchdog's own process group keeps a group-wide SIGSTOP
+/// off it, and by the time a manager escalates to SIGKILL the deadline has passed.
 pub fn ignore_stop_signals() {
-    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+    for sig in [
+        libc::SIGTERM,
+        libc::SIGINT,
+        libc::SIGHUP,
+        libc::SIGTSTP,
+        libc::SIGTTIN,
+        libc::SIGTTOU,
+    ] {
         // SAFETY: installing SIG_IGN has no memory-safety preconditions; no handler code runs.
         unsafe {
             libc::signal(sig, libc::SIG_IGN);
         }
+    }
+}
+
+/// What a disk's `mount` must hold for a freeze of it to hold the disk's writes.
+#[derive(Debug, Clone, Copy)]
+pub enum MountOf {
+    /// The filesystem the directory tree lives on.
+    Directory,
+    /// The filesystem on this block device (or on one of its partitions).
+    BlockDevice,
+    /// The filesystem inside this image file, mounted through a loop device.
+    Image,
+}
+
+/// Checks that `mount` is a mount point and that the filesystem mounted there is the one on
+/// `disk`: otherwise freezing it would hold nobody's writes to the disk, and a point labelled
+/// crash-consistent would be a lie. The error says what is mounted there instead.
+pub fn verify_mount(mount: &Path, disk: &Path, what: MountOf) -> Result<(), String> {
+    let canon = mount
+        .canonicalize()
+        .map_err(|e| format!("mount {} cannot be resolved: {e}", mount.display()))?;
+    let info = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| format!("cannot read /proc/self/mountinfo: {e}"))?;
+    // The last entry for a path is the one on top (later mounts hide earlier ones).
+    let Some((major, minor)) = info
+        .lines()
+        .filter_map(parse_mountinfo)
+        .filter(|(point, _)| *point == canon)
+        .map(|(_, dev)| dev)
+        .next_back()
+    else {
+        return Err(format!(
+            "{} is not a mount point: set `mount` to where the disk's filesystem is mounted",
+            mount.display()
+        ));
+    };
+    let mounted = format!("{major}:{minor}");
+    match what {
+        MountOf::Directory => {
+            let d = std::fs::metadata(disk)
+                .map_err(|e| format!("cannot access {}: {e}", disk.display()))?;
+            let m = std::fs::metadata(&canon)
+                .map_err(|e| format!("cannot access {}: {e}", canon.display()))?;
+            if d.dev() != m.dev() {
+                return Err(format!(
+                    "{} is not on the filesystem mounted at {}: freezing it would not hold the directory's writes",
+                    disk.display(),
+                    mount.display()
+                ));
+            }
+            Ok(())
+        }
+        MountOf::BlockDevice => {
+            let m = std::fs::metadata(disk)
+                .map_err(|e| format!("cannot access {}: {e}", disk.display()))?;
+            if !m.file_type().is_block_device() {
+                return Err(format!("{} is not a block device", disk.display()));
+            }
+            let want = format!("{}:{}", libc::major(m.rdev()), libc::minor(m.rdev()));
+            if whole_disk(&mounted).as_deref() == Some(want.as_str()) || mounted == want {
+                return Ok(());
+            }
+            Err(format!(
+                "the filesystem mounted at {} is on device {mounted}{}, not on {} ({want}): set `mount` to where {} is mounted",
+                mount.display(),
+                dev_name(&mounted)
+                    .map(|n| format!(" (/dev/{n})"))
+                    .unwrap_or_default(),
+                disk.display(),
+                disk.display()
+            ))
+        }
+        MountOf::Image => {
+            let image = disk
+                .canonicalize()
+                .map_err(|e| format!("cannot access {}: {e}", disk.display()))?;
+            let backing = [Some(mounted.clone()), whole_disk(&mounted)]
+                .into_iter()
+                .flatten()
+                .find_map(|dev| loop_backing_file(&dev));
+            match backing {
+                Some(b) if b == image => Ok(()),
+                Some(b) => Err(format!(
+                    "the filesystem mounted at {} is inside {}, not inside {}",
+                    mount.display(),
+                    b.display(),
+                    image.display()
+                )),
+                None => Err(format!(
+                    "the filesystem mounted at {} (device {mounted}) is not inside {}: `mount` must be where the image itself is mounted through a loop device, not the filesystem holding the image file; for an image a hypervisor writes, use consistency = \"hooks\" without `mount` (quiesce in the guest) or \"none\"",
+                    mount.display(),
+                    image.display()
+                )),
+            }
+        }
+    }
+}
+
+/// (mount point, (major, minor)) of a line of /proc/self/mountinfo.
+fn parse_mountinfo(line: &str) -> Option<(PathBuf, (u32, u32))> {
+    let mut f = line.split(' ');
+    let (_id, _parent, dev, _root, point) = (f.next()?, f.next()?, f.next()?, f.next()?, f.next()?);
+    let (major, minor) = dev.split_once(':')?;
+    Some((
+        PathBuf::from(unescape_octal(point)),
+        (major.parse().ok()?, minor.parse().ok()?),
+    ))
+}
+
+/// Undoes mountinfo's `\ooo` escapes (space, tab, newline, backslash in paths).
+fn unescape_octal(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The whole disk holding partition `dev` ("major:minor"), if `dev` is a partition.
+fn whole_disk(dev: &str) -> Option<String> {
+    let sys = Path::new("/sys/dev/block").join(dev);
+    if !sys.join("partition").exists() {
+        return None;
+    }
+    let parent = sys.canonicalize().ok()?.parent()?.join("dev");
+    Some(std::fs::read_to_string(parent).ok()?.trim().to_owned())
+}
+
+/// The kernel's name of device `dev` ("loop3").
+fn dev_name(dev: &str) -> Option<String> {
+    let sys = Path::new("/sys/dev/block").join(dev).canonicalize().ok()?;
+    Some(sys.file_name()?.to_string_lossy().into_owned())
+}
+
+/// The file behind loop device `dev`, if it is one.
+fn loop_backing_file(dev: &str) -> Option<PathBuf> {
+    let raw = std::fs::read_to_string(
+        Path::new("/sys/dev/block")
+            .join(dev)
+            .join("loop/backing_file"),
+    )
+    .ok()?;
+    let raw = raw.trim_end_matches('\n');
+    // A backing file deleted while attached shows as "path (deleted)": never the image.
+    if raw.ends_with(" (deleted)") {
+        return None;
+    }
+    Some(PathBuf::from(raw))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_lines_parse_with_escapes() {
+        let line = "36 35 7:3 / /mnt/with\\040space rw,relatime shared:1 - ext4 /dev/loop3 rw";
+        assert_eq!(
+            parse_mountinfo(line),
+            Some((PathBuf::from("/mnt/with space"), (7, 3)))
+        );
+        assert_eq!(parse_mountinfo("garbage"), None);
+    }
+
+    #[test]
+    fn a_plain_directory_is_not_a_mount_point() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("sub");
+        std::fs::create_dir(&sub).unwrap();
+        let err = verify_mount(&sub, &sub, MountOf::Directory).unwrap_err();
+        assert!(err.contains("is not a mount point"), "{err}");
+        let err = verify_mount(&dir.path().join("missing"), &sub, MountOf::Directory).unwrap_err();
+        assert!(err.contains("cannot be resolved"), "{err}");
     }
 }

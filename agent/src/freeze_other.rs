@@ -24,3 +24,16 @@ pub fn sync(_mount: &Path) -> io::Result<()> {
 
 /// Nothing is ever frozen here, so the watchdog has nothing to protect.
 pub fn ignore_stop_signals() {}
+
+/// Freezing is refused here, so there is no mount to verify: the freeze itself says why.
+pub fn verify_mount(_mount: &Path, _disk: &Path, _what: MountOf) -> Result<(), String> {
+    Ok(())
+}
+
+/// What a disk's `mount` must hold (see `freeze_linux.rs`).
+#[derive(Debug, Clone, Copy)]
+pub enum MountOf {
+    Directory,
+    BlockDevice,
+    Image,
+}

@@ -1,6 +1,12 @@
 //! `lifeboat-agent`: the per-VM agent's command line. `main` owns exit codes:
 //! 0 success, 1 runtime failure, 2 bad usage or config.
 
+#[cfg(target_os = "linux")]
+#[path = "cbt_linux.rs"]
+mod cbt;
+#[cfg(not(target_os = "linux"))]
+#[path = "cbt_other.rs"]
+mod cbt;
 mod check;
 mod config;
 mod consistency;
@@ -82,6 +88,9 @@ enum Command {
     /// Thaw every filesystem this config freezes, if frozen (the service manager's
     /// ExecStopPost: a stop can never leave a filesystem frozen).
     Thaw,
+    /// Stop changed-block tracking of this config's disks: detach the eBPF programs and remove
+    /// their pinned maps (before removing a disk or the agent; the next pass scans).
+    Untrack,
     /// Preflight: store reachable and writable, coordinator reachable, clock, free space,
     /// disks readable and freezable. Exits 1 if any check fails.
     Check,
@@ -119,6 +128,16 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if matches!(cli.command, Command::CheckConfig) {
+        // What a config can only get wrong on this machine: a `mount` that is not where the
+        // disk's filesystem is mounted (freezing it would hold nothing). Bad config: exit 2.
+        for d in &config.disks {
+            if let Err(e) = consistency::verify_freeze_target(d) {
+                eprintln!("error: {e:#}");
+                return ExitCode::from(2);
+            }
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -151,6 +170,15 @@ async fn run(command: Command, config: Config) -> Result<()> {
             Ok(())
         }
         Command::ThawWatchdog { .. } => unreachable!("handled before the config is read"),
+        Command::Untrack => {
+            for d in &config.disks {
+                let key = sync::tracking_key(&config, d);
+                if cbt::forget(&key)? {
+                    println!("disk {}: tracking stopped", d.id);
+                }
+            }
+            Ok(())
+        }
         Command::Thaw => {
             consistency::thaw_leftovers(&cut::freeze_mounts(&config.disks));
             Ok(())
@@ -351,6 +379,9 @@ fn status(config: &Config) -> Result<()> {
             }
             Ok(None) => println!("disk {}: not replicated yet", disk.id),
             Err(e) => println!("disk {}: {e}", disk.id),
+        }
+        if !d.tracking.is_empty() {
+            println!("  tracking: {}", d.tracking);
         }
         if d.phase == "shipping" || d.phase == "capturing" {
             let pct = if d.total > 0 {

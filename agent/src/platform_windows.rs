@@ -1,8 +1,9 @@
 //! Windows half of the agent's platform-specific calls (mirror of `platform_unix.rs`).
 //! Untested: no Windows target can be built in this project's CI.
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io;
+use std::path::Path;
 
 /// Reads exactly `buf.len()` bytes at `offset` (`seek_read` may read less; loop).
 pub fn read_exact_at(file: &File, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
@@ -16,6 +17,19 @@ pub fn read_exact_at(file: &File, mut buf: &mut [u8], mut offset: u64) -> io::Re
         offset += n as u64;
     }
     Ok(())
+}
+
+/// Opens a disk for reading; with `direct` (volumes and physical drives) unbuffered
+/// (FILE_FLAG_NO_BUFFERING), for the reason given in `platform_unix.rs`.
+pub fn open_disk(path: &Path, direct: bool) -> io::Result<File> {
+    use std::os::windows::fs::OpenOptionsExt;
+    const FILE_FLAG_NO_BUFFERING: u32 = 0x2000_0000;
+    let mut o = OpenOptions::new();
+    o.read(true);
+    if direct {
+        o.custom_flags(FILE_FLAG_NO_BUFFERING);
+    }
+    o.open(path)
 }
 
 /// Returns a future that resolves on Ctrl-C (the service stop path is the Windows service

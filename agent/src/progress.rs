@@ -26,6 +26,10 @@ pub struct DiskStatus {
     pub last_churn_bytes_per_s: f64,
     pub last_tag: u64,
     pub last_tag_time: u64,
+    /// How the last pass found changed blocks, and why ("ebpf: 12 blocks written since the
+    /// last pass", "scan: <reason>").
+    #[serde(default)]
+    pub tracking: String,
 }
 
 /// The whole status file.

@@ -82,6 +82,10 @@ pub struct DiskState {
     /// Last segment covered by the last tag (`from_segment - 1` if none).
     pub through_segment: u64,
     pub content: Content,
+    /// Where the block tracker stood when `content` was read: the next pass reads only blocks
+    /// written since. `None`: the next pass scans.
+    #[serde(default)]
+    pub tracking: Option<crate::cbt::Cursor>,
 }
 
 impl DiskState {
@@ -102,6 +106,7 @@ impl DiskState {
             tag_seq: 0,
             from_segment,
             through_segment: from_segment - 1,
+            tracking: None,
             content: if directory {
                 Content::Directory {
                     files: BTreeMap::new(),

@@ -26,7 +26,8 @@ use lifeboat_store::writer::StoreWriter;
 use lifeboat_store::{DynBackend, PointId};
 use tokio::sync::mpsc;
 
-use crate::config::{Config, DiskConfig, DiskKind};
+use crate::cbt::{Cursor, Opened, Tracker};
+use crate::config::{Config, DiskConfig, DiskKind, Tracking};
 use crate::scan::{self, ScanStats};
 use crate::state::{self, Content, DiskState, FileState, Hashes};
 use crate::watch::Hints;
@@ -37,6 +38,23 @@ pub struct Agent {
     pub config: Config,
     pub writer: StoreWriter,
     pub reader: StoreReader,
+    /// Block trackers by disk, opened at a disk's first pass: the tracker, or why there is
+    /// none.
+    trackers: std::sync::Mutex<BTreeMap<String, Result<Arc<Tracker>, String>>>,
+}
+
+/// The name under which a disk's tracking state is pinned (unique per group, VM and disk).
+pub fn tracking_key(config: &Config, disk: &DiskConfig) -> String {
+    format!("{}-{}-{}", config.group, config.vm, disk.id)
+}
+
+/// How a pass finds the changed blocks of an image or block device.
+enum Plan {
+    /// Read every block; `cursor` (from the tracker, taken before the scan) is where the next
+    /// pass starts.
+    Scan { cursor: Option<Cursor>, why: String },
+    /// Read only these blocks (the tracker's read-out).
+    Listed { blocks: Vec<u64>, cursor: Cursor },
 }
 
 impl Agent {
@@ -58,7 +76,94 @@ impl Agent {
             writer: StoreWriter::new(backend.clone(), layout.clone()),
             reader: StoreReader::new(backend, layout),
             config,
+            trackers: Default::default(),
         })
+    }
+
+    /// The disk's block tracker, opened (or started) at its first use; `Err` says why the
+    /// disk is scanned instead. `reopen` drops a tracker that no longer matches the device.
+    fn tracker(&self, disk: &DiskConfig, reopen: bool) -> Result<Arc<Tracker>, String> {
+        let mut map = self.trackers.lock().unwrap_or_else(|e| e.into_inner());
+        let key = disk.id.to_string();
+        if reopen {
+            map.remove(&key);
+        }
+        map.entry(key)
+            .or_insert_with(|| {
+                if disk.tracking == Tracking::Scan {
+                    return Err("tracking = \"scan\" in the config".into());
+                }
+                if disk.kind != DiskKind::BlockDevice {
+                    return Err("image files are scanned (their writers bypass the block layer)".into());
+                }
+                let pin = tracking_key(&self.config, disk);
+                match Tracker::open(&disk.path, self.config.replication.block_size.0 as u32, &pin) {
+                    Ok((t, opened)) => {
+                        match opened {
+                            Opened::Resumed => tracing::info!(disk = %disk.id, generation = t.generation(), "block tracking resumed from pinned state"),
+                            Opened::Started(why) => tracing::info!(disk = %disk.id, generation = t.generation(), reason = %why, "block tracking started (the first pass scans)"),
+                        }
+                        Ok(Arc::new(t))
+                    }
+                    Err(why) => {
+                        tracing::warn!(disk = %disk.id, reason = %why, "block tracking unavailable; every pass scans the whole disk");
+                        Err(why)
+                    }
+                }
+            })
+            .clone()
+    }
+
+    /// Decides how this pass finds changed blocks of an image or block device (see [`Plan`]).
+    fn plan(&self, disk: &DiskConfig, st: &DiskState) -> Plan {
+        let tracker = match self.tracker(disk, false) {
+            Ok(t) => match t.check() {
+                Ok(()) => Ok(t),
+                Err(why) => {
+                    tracing::warn!(disk = %disk.id, reason = %why, "block tracking lost continuity; restarting it and scanning");
+                    // New maps for the device as it is now; the scan below starts their cursor.
+                    let _ = self.tracker(disk, true);
+                    Err(why)
+                }
+            },
+            Err(why) => Err(why),
+        };
+        let scan_with = |why: String| {
+            let cursor = self
+                .tracker(disk, false)
+                .ok()
+                .and_then(|t| t.cursor_for_scan().ok());
+            Plan::Scan { cursor, why }
+        };
+        let t = match tracker {
+            Ok(t) => t,
+            Err(why) => return scan_with(why),
+        };
+        let size = scan::device_size(&disk.path).unwrap_or(0);
+        let whole = match &st.content {
+            Content::Image { size: s, hashes } => {
+                *s == size && hashes.0.len() as u64 == size.div_ceil(st.block_size as u64)
+            }
+            Content::Directory { .. } => false,
+        };
+        match &st.tracking {
+            _ if !whole => scan_with(
+                "the last state does not cover the whole disk (first copy or resync)".into(),
+            ),
+            None => {
+                scan_with("no tracking position in the state (first pass, or state rebuilt)".into())
+            }
+            Some(c) => match t.read_out(c) {
+                Ok(r) => Plan::Listed {
+                    blocks: r.blocks,
+                    cursor: r.cursor,
+                },
+                Err(why) => {
+                    tracing::warn!(disk = %disk.id, reason = %why, "block tracking cannot vouch for this pass; scanning");
+                    scan_with(why)
+                }
+            },
+        }
     }
 
     /// Brings a disk's local state in line with the store (see the module docs).
@@ -384,8 +489,30 @@ impl Agent {
 
         // Scanner on a blocking thread; hands full segments on, blocking when the receiver
         // lags (backpressure under the memory cap).
+        let plan = match disk.kind {
+            DiskKind::Directory => None,
+            // Reads the tracker's maps and sysfs: blocking, but short (a few ms per TiB).
+            _ => Some(tokio::task::block_in_place(|| self.plan(disk, st))),
+        };
+        let (listed, next_cursor, how) = match plan {
+            None => (None, None, String::new()),
+            Some(Plan::Scan { cursor, why }) => (None, cursor, format!("scan: {why}")),
+            Some(Plan::Listed { blocks, cursor }) => {
+                let how = format!("ebpf: {} blocks written since the last pass", blocks.len());
+                (Some(blocks), Some(cursor), how)
+            }
+        };
+        if !how.is_empty() {
+            tracing::debug!(disk = %disk.id, tracking = %how, "pass");
+            let key = disk.id.to_string();
+            crate::progress::update(&self.config.state_dir, |s| {
+                s.disks.entry(key).or_default().tracking = how;
+            });
+        }
         let path = disk.path.clone();
         let kind = disk.kind;
+        // Block devices are read past their page cache (see `scan`'s module docs).
+        let direct = kind == DiskKind::BlockDevice;
         let content = st.content.clone();
         let threads = r.scan_threads;
         let scan = tokio::task::spawn_blocking(move || -> Result<(Content, Shape, ScanStats)> {
@@ -432,9 +559,32 @@ impl Agent {
                             .with_context(|| format!("cannot scan directory {}", path.display()))?;
                     (Content::Directory { files }, Shape::Tree(tree))
                 }
+                (_, Content::Image { hashes, size }) if listed.is_some() => {
+                    let mut hashes = hashes.0;
+                    let blocks = listed.as_deref().unwrap_or_default();
+                    scan::scan_listed(
+                        &path,
+                        direct,
+                        bs,
+                        size,
+                        blocks,
+                        &mut hashes,
+                        stop_at,
+                        &mut stats,
+                        &mut sink,
+                    )
+                    .with_context(|| format!("cannot read disk {}", path.display()))?;
+                    (
+                        Content::Image {
+                            size,
+                            hashes: Hashes(hashes),
+                        },
+                        Shape::Size(size),
+                    )
+                }
                 (_, Content::Image { hashes, .. }) => {
                     let (size, hashes) = scan::scan_image(
-                        &path, bs, &hashes.0, threads, stop_at, &mut stats, &mut sink,
+                        &path, direct, bs, &hashes.0, threads, stop_at, &mut stats, &mut sink,
                     )
                     .with_context(|| format!("cannot read disk {}", path.display()))?;
                     (
@@ -465,6 +615,9 @@ impl Agent {
         let (uploaded, stored_bytes, kept) = received?;
         let (content, shape, stats) = scan_result?;
         st.content = content;
+        if disk.kind != DiskKind::Directory {
+            st.tracking = next_cursor;
+        }
         st.through_segment += uploaded;
         Ok(Shipped {
             shape,

@@ -202,13 +202,9 @@ fn a_capture_past_its_deadline_is_abandoned_and_thawed_in_time() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
+    // A big image holding the frozen filesystem: re-scanning it takes far longer than 150ms.
     let lfs = LoopFs::new(dir.path(), "ext4", 3072);
-    // A big image on the frozen filesystem: re-scanning it takes far longer than 150ms.
-    let image = lfs.mount.join("big.img");
-    std::fs::File::create(&image)
-        .unwrap()
-        .set_len(2 << 30)
-        .unwrap();
+    let image = lfs.image.clone();
     let config = write_config(
         dir.path(),
         &format!(
@@ -237,7 +233,7 @@ fn a_capture_past_its_deadline_is_abandoned_and_thawed_in_time() {
     assert!(points.is_empty(), "abandoned cut published a point");
 }
 
-/// A filesystem holding a 5 GiB sparse image whose capture outlasts a 1.5 s freeze deadline, an
+/// A 6 GiB sparse image holding a filesystem whose capture outlasts a 1.5 s freeze deadline, an
 /// agent cutting it, and the moment the filesystem is seen frozen (a probe write blocked for
 /// 100 ms). Calls `stop` on the agent then, and returns the longest write stall seen.
 fn stop_agent_mid_freeze(
@@ -245,11 +241,7 @@ fn stop_agent_mid_freeze(
     stop: impl FnOnce(&mut std::process::Child),
 ) -> (LoopFs, std::path::PathBuf, u64) {
     let lfs = LoopFs::new(dir, "ext4", 6144);
-    let image = lfs.mount.join("big.img");
-    std::fs::File::create(&image)
-        .unwrap()
-        .set_len(5 << 30)
-        .unwrap();
+    let image = lfs.image.clone();
     let config = write_config(
         dir,
         &format!(

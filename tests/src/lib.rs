@@ -23,11 +23,14 @@ pub fn root_or_skip(test: &str) -> bool {
     root
 }
 
-/// A loop-mounted filesystem that is unmounted and detached on drop.
+/// A filesystem in an image file, attached to a loop device and mounted; unmounted, detached
+/// and deleted on drop. `device` is the loop device (a block device under a mounted
+/// filesystem, as on a VM), `image` the file behind it.
 #[derive(Debug)]
 pub struct LoopFs {
     pub mount: PathBuf,
-    image: PathBuf,
+    pub image: PathBuf,
+    pub device: PathBuf,
 }
 
 impl LoopFs {
@@ -47,17 +50,26 @@ impl LoopFs {
         let mkfs = format!("mkfs.{fs}");
         let mut cmd = Command::new(&mkfs);
         if fs == "ext4" {
-            cmd.arg("-q").arg("-F");
+            // No lazy initialisation: a kernel thread zeroing inode tables in the background
+            // would change the device between a test's oracle read and the agent's capture.
+            cmd.args(["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"]);
         } else {
             cmd.arg("-q").arg("-f");
         }
         run(cmd.arg(&image));
-        run(Command::new("mount")
-            .arg("-o")
-            .arg("loop")
-            .arg(&image)
-            .arg(&mount));
-        LoopFs { mount, image }
+        let device = PathBuf::from(
+            run(Command::new("losetup")
+                .arg("--find")
+                .arg("--show")
+                .arg(&image))
+            .trim(),
+        );
+        run(Command::new("mount").arg(&device).arg(&mount));
+        LoopFs {
+            mount,
+            image,
+            device,
+        }
     }
 }
 
@@ -66,6 +78,7 @@ impl Drop for LoopFs {
         // Never leave a frozen filesystem behind, whatever the test did.
         let _ = Command::new("fsfreeze").arg("-u").arg(&self.mount).output();
         let _ = Command::new("umount").arg(&self.mount).output();
+        let _ = Command::new("losetup").arg("-d").arg(&self.device).output();
         let _ = std::fs::remove_file(&self.image);
     }
 }

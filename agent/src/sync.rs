@@ -41,6 +41,8 @@ pub struct Agent {
     /// Block trackers by disk, opened at a disk's first pass: the tracker, or why there is
     /// none.
     trackers: std::sync::Mutex<BTreeMap<String, Result<Arc<Tracker>, String>>>,
+    /// Why a tracker was started afresh (not resumed), until a pass has reported it.
+    started: std::sync::Mutex<BTreeMap<String, String>>,
 }
 
 /// The name under which a disk's tracking state is pinned (unique per group, VM and disk).
@@ -77,6 +79,7 @@ impl Agent {
             reader: StoreReader::new(backend, layout),
             config,
             trackers: Default::default(),
+            started: Default::default(),
         })
     }
 
@@ -101,7 +104,13 @@ impl Agent {
                     Ok((t, opened)) => {
                         match opened {
                             Opened::Resumed => tracing::info!(disk = %disk.id, generation = t.generation(), "block tracking resumed from pinned state"),
-                            Opened::Started(why) => tracing::info!(disk = %disk.id, generation = t.generation(), reason = %why, "block tracking started (the first pass scans)"),
+                            Opened::Started(why) => {
+                                tracing::info!(disk = %disk.id, generation = t.generation(), reason = %why, "block tracking started (the first pass scans)");
+                                self.started
+                                    .lock()
+                                    .unwrap_or_else(|e| e.into_inner())
+                                    .insert(disk.id.to_string(), why);
+                            }
                         }
                         Ok(Arc::new(t))
                     }
@@ -139,6 +148,17 @@ impl Agent {
             Ok(t) => t,
             Err(why) => return scan_with(why),
         };
+        let started = self
+            .started
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(disk.id.as_str());
+        if let Some(why) = started
+            && st.tracking.is_some()
+        {
+            // New maps: the state's position belongs to the old ones. Say why they are new.
+            return scan_with(format!("tracking started afresh: {why}"));
+        }
         let size = scan::device_size(&disk.path).unwrap_or(0);
         let whole = match &st.content {
             Content::Image { size: s, hashes } => {

@@ -12,83 +12,14 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
+use lifeboat_tests::{LiveWriter, assert_same_bytes, check_database, oracle_command};
 
 /// Tests here freeze filesystems and load both cores; one at a time keeps deadlines honest.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-/// SQLite in WAL mode taking commits, plus random 4 KiB overwrites of a 16 MiB file (some
-/// fsync'd, most left in the page cache for the freeze to flush) and new small files.
-pub const WRITER: &str = r#"
-import os, random, sqlite3, sys
-root, stop, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
-rnd = random.Random(seed)
-c = sqlite3.connect(os.path.join(root, "app.db"), isolation_level=None)
-c.execute("PRAGMA journal_mode=WAL")
-c.execute("CREATE TABLE IF NOT EXISTS t(id INTEGER PRIMARY KEY, payload BLOB)")
-blob = os.path.join(root, "blob.bin")
-with open(blob, "ab") as f:
-    f.truncate(16 << 20)
-fd = os.open(blob, os.O_RDWR)
-i = 0
-while not os.path.exists(stop):
-    i += 1
-    c.execute("BEGIN")
-    c.execute("INSERT INTO t VALUES(NULL, randomblob(?))", (rnd.randrange(100, 6000),))
-    c.execute("COMMIT")
-    os.pwrite(fd, rnd.randbytes(4096), rnd.randrange(4096) * 4096)
-    if i % 16 == 0:
-        os.fsync(fd)
-    if i % 50 == 0:
-        with open(os.path.join(root, f"f{i % 2000}.txt"), "w") as f:
-            f.write(f"{i}\n" * rnd.randrange(1, 3000))
-"#;
-
-/// A live writer on a mounted filesystem; stopped (and checked) by [`Writer::stop`].
-#[derive(Debug)]
-pub struct Writer {
-    child: Child,
-    stop: PathBuf,
-}
-
-impl Writer {
-    pub fn start(mount: &Path, seed: u64) -> Self {
-        let stop = mount.with_extension("stop");
-        let child = Command::new("python3")
-            .arg("-c")
-            .arg(WRITER)
-            .arg(mount)
-            .arg(&stop)
-            .arg(seed.to_string())
-            .spawn()
-            .unwrap();
-        Writer { child, stop }
-    }
-
-    pub fn stop(mut self) {
-        std::fs::write(&self.stop, b"").unwrap();
-        assert!(self.child.wait().unwrap().success(), "writer failed");
-    }
-}
-
-impl Drop for Writer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The oracle command: an O_DIRECT copy of `device` into `oracles/<cut time ms>.img`.
-fn oracle_command(device: &Path, oracles: &Path) -> String {
-    format!(
-        "dd if={} of={}/$LIFEBOAT_CUT_TIME_MS.img bs=1M iflag=direct status=none",
-        device.display(),
-        oracles.display()
-    )
-}
 
 /// A tiny deterministic generator, so a failing run can be repeated.
 fn next(x: &mut u64) -> u64 {
@@ -110,56 +41,6 @@ fn agent_cmd(config: &Path, oracles: &Path, device: &Path) -> Command {
     c
 }
 
-/// Compares a restored image with the oracle read at its cut; names the first differing
-/// 4 KiB block.
-pub fn assert_same_bytes(restored: &Path, oracle: &Path, what: &str) {
-    let a = std::fs::read(restored).unwrap();
-    let b = std::fs::read(oracle).unwrap();
-    assert_eq!(
-        a.len(),
-        b.len(),
-        "{what}: restored size differs from the device"
-    );
-    if a != b {
-        let first = a
-            .chunks(4096)
-            .zip(b.chunks(4096))
-            .position(|(x, y)| x != y)
-            .unwrap();
-        let differing = a
-            .chunks(4096)
-            .zip(b.chunks(4096))
-            .filter(|(x, y)| x != y)
-            .count();
-        panic!(
-            "{what}: restored image differs from the O_DIRECT oracle in {differing} 4 KiB blocks, first at offset {}",
-            first * 4096
-        );
-    }
-}
-
-/// Mounts a restored image read-only and runs SQLite's integrity check on its database.
-pub fn check_database(image: &Path, fs: &str, at: &Path) {
-    std::fs::create_dir_all(at).unwrap();
-    // A copy of an xfs filesystem has its UUID: allow it next to the original.
-    // Read-write, so the journal or log of the crash-consistent image is replayed.
-    let opts = if fs == "xfs" { "loop,nouuid" } else { "loop" };
-    run(Command::new("mount").args(["-o", opts]).arg(image).arg(at));
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg("import sqlite3,sys; c=sqlite3.connect('file:'+sys.argv[1]+'?mode=ro', uri=True); print(c.execute('PRAGMA integrity_check').fetchone()[0], c.execute('select count(*) from t').fetchone()[0])")
-        .arg(at.join("app.db"))
-        .output()
-        .unwrap();
-    let _ = Command::new("umount").arg(at).output();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && text.starts_with("ok "),
-        "restored database: {text} {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn block_device_restores_what_the_device_held(fs: &str) {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let test = format!("block_device_under_live_{fs}_restores_the_oracle");
@@ -178,7 +59,7 @@ fn block_device_restores_what_the_device_held(fs: &str) {
             lfs.mount.display()
         ),
     );
-    let writer = Writer::start(&lfs.mount, 7);
+    let writer = LiveWriter::start(&lfs.mount, 7);
     std::thread::sleep(Duration::from_millis(500));
 
     let mut rng = 0x9e37_79b9_7f4a_7c15_u64 ^ fs.len() as u64;

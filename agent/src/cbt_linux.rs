@@ -343,6 +343,43 @@ pub fn forget(key: &str) -> io::Result<bool> {
     }
 }
 
+/// The loop device an image file is attached to (at offset 0, whole file), through which its
+/// writes can be tracked; the reason if there is none. While attached, the loop device is
+/// taken to be the image's only writer (anything else writing the file under a mounted
+/// filesystem would corrupt it anyway).
+pub fn loop_device_of(image: &Path) -> Result<PathBuf, String> {
+    let image = image
+        .canonicalize()
+        .map_err(|e| format!("cannot resolve {}: {e}", image.display()))?;
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/sys/block").map_err(|e| format!("cannot list /sys/block: {e}"))? {
+        let Ok(e) = e else { continue };
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("loop") {
+            continue;
+        }
+        let attr = |a: &str| std::fs::read_to_string(e.path().join("loop").join(a)).ok();
+        let Some(backing) = attr("backing_file") else {
+            continue;
+        };
+        if Path::new(backing.trim_end_matches('\n')) != image {
+            continue;
+        }
+        let zero = |a: &str| attr(a).is_none_or(|v| v.trim() == "0");
+        if !zero("offset") || !zero("sizelimit") {
+            return Err(format!(
+                "/dev/{name} maps only part of the image (offset or size limit)"
+            ));
+        }
+        found.push(Path::new("/dev").join(&name));
+    }
+    match found.len() {
+        0 => Err("the image is not attached to a loop device, so its writers (a hypervisor?) bypass the block layer the tracker sees".into()),
+        1 => Ok(found.remove(0)),
+        _ => Err("the image is attached to several loop devices".into()),
+    }
+}
+
 /// Whether tracking can run here, by loading the program (verifier included) without
 /// attaching it or pinning anything; the reason if not.
 pub fn probe() -> Result<(), String> {

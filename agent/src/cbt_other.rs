@@ -60,6 +60,11 @@ pub fn forget(_key: &str) -> std::io::Result<bool> {
     Ok(false)
 }
 
+/// Never here.
+pub fn loop_device_of(_image: &Path) -> Result<std::path::PathBuf, String> {
+    Err(WHY.into())
+}
+
 /// Always unavailable here.
 pub fn probe() -> Result<(), String> {
     Err(WHY.into())

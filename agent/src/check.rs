@@ -337,9 +337,13 @@ fn disk(config: &Config, d: &crate::config::DiskConfig) -> Check {
     let tracking = match (d.kind, d.tracking) {
         (DiskKind::Directory, _) => None,
         (_, Tracking::Scan) => Some("checksum scan (tracking = \"scan\")".to_owned()),
-        (DiskKind::Image, _) => Some(
-            "checksum scan (image files are scanned: their writers bypass the block layer)"
-                .to_owned(),
+        (DiskKind::Image, Tracking::Auto) => Some(
+            match crate::cbt::loop_device_of(&d.path).and_then(|dev| {
+                crate::cbt::probe().map(|()| dev)
+            }) {
+                Ok(dev) => format!("eBPF changed-block tracking through {} (a start without pinned tracking state scans once)", dev.display()),
+                Err(why) => format!("checksum scan: {why}"),
+            },
         ),
         (DiskKind::BlockDevice, Tracking::Auto) => Some(match crate::cbt::probe() {
             Ok(()) => "eBPF changed-block tracking (a start without pinned tracking state, e.g. after a reboot, scans once)".to_owned(),

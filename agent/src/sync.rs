@@ -96,11 +96,14 @@ impl Agent {
                 if disk.tracking == Tracking::Scan {
                     return Err("tracking = \"scan\" in the config".into());
                 }
-                if disk.kind != DiskKind::BlockDevice {
-                    return Err("image files are scanned (their writers bypass the block layer)".into());
-                }
+                // An image is tracked through the loop device it is attached to, if any.
+                let device = match disk.kind {
+                    DiskKind::BlockDevice => disk.path.clone(),
+                    DiskKind::Image => crate::cbt::loop_device_of(&disk.path)?,
+                    DiskKind::Directory => return Err("directories are walked, not tracked".into()),
+                };
                 let pin = tracking_key(&self.config, disk);
-                match Tracker::open(&disk.path, self.config.replication.block_size.0 as u32, &pin) {
+                match Tracker::open(&device, self.config.replication.block_size.0 as u32, &pin) {
                     Ok((t, opened)) => {
                         match opened {
                             Opened::Resumed => tracing::info!(disk = %disk.id, generation = t.generation(), "block tracking resumed from pinned state"),

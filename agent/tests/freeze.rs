@@ -202,13 +202,14 @@ fn a_capture_past_its_deadline_is_abandoned_and_thawed_in_time() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    // A big image holding the frozen filesystem: re-scanning it takes far longer than 150ms.
+    // A big image holding the frozen filesystem, scanned (not tracked): re-scanning it while
+    // frozen takes far longer than 150ms.
     let lfs = LoopFs::new(dir.path(), "ext4", 3072);
     let image = lfs.image.clone();
     let config = write_config(
         dir.path(),
         &format!(
-            "[[disk]]\nid = \"big\"\nkind = \"image\"\npath = \"{}\"\nconsistency = \"fsfreeze\"\nmount = \"{}\"\nfreeze_timeout = \"150ms\"\n",
+            "[[disk]]\nid = \"big\"\nkind = \"image\"\npath = \"{}\"\nconsistency = \"fsfreeze\"\nmount = \"{}\"\nfreeze_timeout = \"150ms\"\ntracking = \"scan\"\n",
             image.display(),
             lfs.mount.display()
         ),
@@ -245,7 +246,7 @@ fn stop_agent_mid_freeze(
     let config = write_config(
         dir,
         &format!(
-            "[[disk]]\nid = \"big\"\nkind = \"image\"\npath = \"{}\"\nconsistency = \"fsfreeze\"\nmount = \"{}\"\nfreeze_timeout = \"1500ms\"\n",
+            "[[disk]]\nid = \"big\"\nkind = \"image\"\npath = \"{}\"\nconsistency = \"fsfreeze\"\nmount = \"{}\"\nfreeze_timeout = \"1500ms\"\ntracking = \"scan\"\n",
             image.display(),
             lfs.mount.display()
         ),

@@ -62,9 +62,9 @@ pub struct Cursor {
     pub since: u32,
     /// Overflow count already covered by a scan.
     pub overflows: u64,
-    /// Blocks collected at epoch `since` (a racing late mark re-marks one not in here). Not
-    /// persisted: after a restart every block at `since` is read again.
-    #[serde(skip)]
+    /// Blocks collected at epoch `since` (a racing late mark re-marks one not in here); kept
+    /// with the state, or every block written just before a cut would be read twice.
+    #[serde(default)]
     pub seen: Vec<u64>,
 }
 

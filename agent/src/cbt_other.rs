@@ -11,7 +11,7 @@ pub struct Cursor {
     pub generation: u64,
     pub since: u32,
     pub overflows: u64,
-    #[serde(skip)]
+    #[serde(default)]
     pub seen: Vec<u64>,
 }
 

@@ -3,6 +3,11 @@
 //! One file per disk in the state directory, replaced atomically (temp file, fsync, rename,
 //! fsync directory) and checksummed, so after a crash it is either the previous good state or
 //! the new one — and a damaged file is detected, reported and replaced by a resync.
+//!
+//! Format 2 (written now): a line `lifeboat-state 2 <blake3 of the rest, hex>`, then the
+//! length of a JSON header (u64, little endian), the header (everything but an image's block
+//! hashes), then the image's block hashes raw, 32 bytes each — 32 bytes of state per block,
+//! where format 1 (still read) spent 64 hex characters in JSON.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -13,7 +18,7 @@ use lifeboat_store::codec::Hash;
 use lifeboat_store::{DiskId, VmId};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-const STATE_VERSION: u32 = 1;
+const STATE_VERSION: u32 = 2;
 
 /// Block hashes, stored compactly as one hex string.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -155,15 +160,38 @@ pub fn load(state_dir: &Path, disk: &DiskId) -> Result<Option<DiskState>, StateE
         .position(|&b| b == b'\n')
         .ok_or_else(|| damaged("no header"))?;
     let header = std::str::from_utf8(&data[..nl]).map_err(|_| damaged("bad header"))?;
-    let want = format!(
-        "lifeboat-state {STATE_VERSION} {}",
-        blake3::hash(&data[nl + 1..]).to_hex()
-    );
-    if header != want {
+    let body = &data[nl + 1..];
+    let sum = blake3::hash(body).to_hex();
+    let state: DiskState = if header == format!("lifeboat-state 1 {sum}") {
+        serde_json::from_slice(body).map_err(|e| damaged(&e.to_string()))?
+    } else if header == format!("lifeboat-state {STATE_VERSION} {sum}") {
+        let len = body
+            .get(..8)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize)
+            .ok_or_else(|| damaged("truncated"))?;
+        let json = body
+            .get(8..8usize.saturating_add(len))
+            .ok_or_else(|| damaged("truncated"))?;
+        let raw = &body[8 + len..];
+        let mut state: DiskState =
+            serde_json::from_slice(json).map_err(|e| damaged(&e.to_string()))?;
+        if raw.len() % 32 != 0 {
+            return Err(damaged("partial block hash"));
+        }
+        match &mut state.content {
+            Content::Image { hashes, .. } => {
+                hashes.0 = raw
+                    .chunks_exact(32)
+                    .map(|c| c.try_into().expect("32 bytes"))
+                    .collect();
+            }
+            Content::Directory { .. } if raw.is_empty() => {}
+            Content::Directory { .. } => return Err(damaged("block hashes for a directory")),
+        }
+        state
+    } else {
         return Err(damaged("checksum or version mismatch"));
-    }
-    let state: DiskState =
-        serde_json::from_slice(&data[nl + 1..]).map_err(|e| damaged(&e.to_string()))?;
+    };
     if state.disk != *disk {
         return Err(damaged("belongs to another disk"));
     }
@@ -177,7 +205,33 @@ pub fn save(state_dir: &Path, state: &DiskState) -> Result<(), StateError> {
         path: path.clone(),
         source,
     };
-    let body = serde_json::to_vec(state).expect("state serialises");
+    // The header is the state without an image's block hashes, which follow it raw.
+    let (json, raw): (Vec<u8>, &[Hash]) = match &state.content {
+        Content::Image { size, hashes } => {
+            let header = DiskState {
+                version: STATE_VERSION,
+                content: Content::Image {
+                    size: *size,
+                    hashes: Hashes::default(),
+                },
+                tracking: state.tracking.clone(),
+                vm: state.vm.clone(),
+                disk: state.disk.clone(),
+                ..*state
+            };
+            (
+                serde_json::to_vec(&header).expect("state serialises"),
+                &hashes.0,
+            )
+        }
+        Content::Directory { .. } => (serde_json::to_vec(state).expect("state serialises"), &[]),
+    };
+    let mut body = Vec::with_capacity(8 + json.len() + raw.len() * 32);
+    body.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    body.extend_from_slice(&json);
+    for h in raw {
+        body.extend_from_slice(h);
+    }
     let tmp = path.with_extension("state.tmp");
     let written = File::create(&tmp).and_then(|mut f| {
         writeln!(
@@ -222,5 +276,46 @@ mod tests {
         fs::write(&p, raw).unwrap();
         let err = load(dir.path(), &disk).unwrap_err();
         assert!(err.to_string().contains("is damaged"), "{err}");
+    }
+
+    #[test]
+    fn image_state_is_binary_and_format_1_still_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = DiskId::new("d").unwrap();
+        let blocks = 16_384; // 1 GiB of 64 KiB blocks
+        let mut s = DiskState::fresh(VmId::new("vm").unwrap(), disk.clone(), 65536, false, 1);
+        s.content = Content::Image {
+            size: blocks * 65536,
+            hashes: Hashes((0..blocks).map(|i| [(i % 251) as u8; 32]).collect()),
+        };
+        s.tag_seq = 7;
+        save(dir.path(), &s).unwrap();
+        assert_eq!(load(dir.path(), &disk).unwrap().unwrap(), s);
+        let len = fs::metadata(path_of(dir.path(), &disk)).unwrap().len();
+        assert!(
+            len <= blocks * 32 + 4096,
+            "{len} bytes of state for {blocks} blocks"
+        );
+        // A state file of format 1 (hex in JSON), as earlier agents wrote it.
+        let mut v1 = s.clone();
+        v1.version = 1;
+        let body = serde_json::to_vec(&v1).unwrap();
+        let mut file = format!("lifeboat-state 1 {}\n", blake3::hash(&body).to_hex()).into_bytes();
+        file.extend_from_slice(&body);
+        fs::write(path_of(dir.path(), &disk), file).unwrap();
+        let loaded = load(dir.path(), &disk).unwrap().unwrap();
+        assert_eq!(loaded.content, s.content);
+        // Truncated or padded binary sections are damage, not a shorter disk.
+        save(dir.path(), &s).unwrap();
+        let p = path_of(dir.path(), &disk);
+        let raw = fs::read(&p).unwrap();
+        let nl = raw.iter().position(|&b| b == b'\n').unwrap();
+        let mut body = raw[nl + 1..].to_vec();
+        body.extend_from_slice(&[0; 5]);
+        let mut bad = format!("lifeboat-state 2 {}\n", blake3::hash(&body).to_hex()).into_bytes();
+        bad.extend_from_slice(&body);
+        fs::write(&p, bad).unwrap();
+        let err = load(dir.path(), &disk).unwrap_err();
+        assert!(err.to_string().contains("partial block hash"), "{err}");
     }
 }

@@ -127,7 +127,7 @@ impl Agent {
     }
 
     /// Decides how this pass finds changed blocks of an image or block device (see [`Plan`]).
-    fn plan(&self, disk: &DiskConfig, st: &DiskState) -> Plan {
+    fn plan(&self, disk: &DiskConfig, st: &DiskState, verify: bool) -> Plan {
         let tracker = match self.tracker(disk, false) {
             Ok(t) => match t.check() {
                 Ok(()) => Ok(t),
@@ -170,6 +170,10 @@ impl Agent {
             Content::Directory { .. } => false,
         };
         match &st.tracking {
+            // The verification sweep reads everything, whatever the tracker says: it is what
+            // catches writes no tracepoint saw (passthrough commands, a bio-based stack's
+            // write in flight across a read-out).
+            _ if verify => scan_with("verification sweep".into()),
             _ if !whole => scan_with(
                 "the last state does not cover the whole disk (first copy or resync)".into(),
             ),
@@ -515,7 +519,9 @@ impl Agent {
         let plan = match disk.kind {
             DiskKind::Directory => None,
             // Reads the tracker's maps and sysfs: blocking, but short (a few ms per TiB).
-            _ => Some(tokio::task::block_in_place(|| self.plan(disk, st))),
+            _ => Some(tokio::task::block_in_place(|| {
+                self.plan(disk, st, hints.reread_all)
+            })),
         };
         let (listed, next_cursor, how) = match plan {
             None => (None, None, String::new()),

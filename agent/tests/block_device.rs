@@ -539,6 +539,11 @@ fn discontinuities_fall_back_to_a_scan_with_the_reason() {
     assert!(tracking().contains("ebpf: "), "{}", tracking());
     assert!(read_bytes(&out, "pre-copy read ") < 8 << 20, "{out}");
 
+    // The verification sweep reads everything, tracker or not.
+    agent_ok(&config, &["sync", "--verify"]);
+    let t = tracking();
+    assert!(t.contains("scan: verification sweep"), "{t}");
+
     // Tracking state gone (as after a reboot): a scan, not a full copy.
     agent_ok(&config, &["untrack"]);
     write_at(200, 3);

@@ -22,8 +22,8 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use lifeboat_store::layout::Layout;
-use lifeboat_store::manifest::{DiskShape, RecoveryPoint, now_millis};
-use lifeboat_store::restore::StoreReader;
+use lifeboat_store::manifest::{Base, DiskShape, RecoveryPoint, now_millis};
+use lifeboat_store::restore::{StoreReader, sources_for};
 use lifeboat_store::writer::StoreWriter;
 use lifeboat_store::{DiskId, DynBackend, ErrorKind, GroupId, PointId, VmId};
 
@@ -128,8 +128,8 @@ impl Processor {
         let published = self.published().await?;
         let mut points = self.cache.points().await.context("listing cache points")?;
         points.sort_by_key(|p| (p.time, p.id.to_string()));
-        // Per disk, the segments the target holds (listed once per pass).
-        let mut have: BTreeMap<(VmId, DiskId), BTreeSet<u64>> = BTreeMap::new();
+        // Per disk, what the target holds (listed once per pass).
+        let mut have: BTreeMap<(VmId, DiskId), Held> = BTreeMap::new();
         let done: Vec<&RecoveryPoint> = points
             .iter()
             .filter(|p| published.contains(p.id.as_str()))
@@ -164,7 +164,7 @@ impl Processor {
     async fn copy_point(
         &self,
         p: &RecoveryPoint,
-        have: &mut BTreeMap<(VmId, DiskId), BTreeSet<u64>>,
+        have: &mut BTreeMap<(VmId, DiskId), Held>,
         pass: &mut Pass,
     ) -> Result<()> {
         for m in &p.members {
@@ -172,12 +172,18 @@ impl Processor {
                 let tag = self.cache.tag(&m.vm, &d.disk, d.tag).await?;
                 let key = (m.vm.clone(), d.disk.clone());
                 if !have.contains_key(&key) {
-                    let seqs = self.target.segment_seqs(&m.vm, &d.disk).await?;
-                    have.insert(key.clone(), seqs.into_iter().collect());
+                    let held = Held::of(&self.target, &m.vm, &d.disk).await?;
+                    have.insert(key.clone(), held);
                 }
                 let held = have.get_mut(&key).expect("inserted");
-                for seq in tag.segments() {
-                    if held.contains(&seq) {
+                // Segments folded into a base the tag restores from are not in the target on
+                // their own any more (compaction let retention delete them) and are not needed:
+                // copying them again would only have them trimmed from the cache and deleted by
+                // the next prune, until a later tag needs one that is gone from both stores.
+                let (base, _) = sources_for(self.target.layout(), &tag, &held.bases);
+                let first = base.map_or(tag.from_segment, |b| b.through_segment + 1);
+                for seq in first..=tag.through_segment {
+                    if held.segments.contains(&seq) {
                         continue;
                     }
                     let name = self.cache.layout().segment(&m.vm, &d.disk, seq);
@@ -186,7 +192,7 @@ impl Processor {
                     lifeboat_store::codec::decode(name.as_str(), data.clone())?;
                     pass.bytes += data.len() as u64;
                     self.writer.put_segment(&m.vm, &d.disk, seq, data).await?;
-                    held.insert(seq);
+                    held.segments.insert(seq);
                     pass.segments += 1;
                 }
                 if let DiskShape::Directory { tree } = &tag.shape {
@@ -273,17 +279,12 @@ impl Processor {
                     out.trees += 1;
                 }
             }
-            let in_target: BTreeSet<u64> = self
-                .target
-                .segment_seqs(&vm, &disk)
-                .await?
-                .into_iter()
-                .collect();
+            let in_target = Held::of(&self.target, &vm, &disk).await?;
             for m in backend.list(&layout.segments(&vm, &disk)).await? {
                 let Some(seq) = lifeboat_store::layout::parse_seq(&m.name) else {
                     continue;
                 };
-                if seq <= keep_after && in_target.contains(&seq) {
+                if seq <= keep_after && in_target.covers(seq) {
                     backend.delete(&m.name).await?;
                     out.segments += 1;
                     out.bytes += m.size;
@@ -458,6 +459,32 @@ impl Processor {
             *e = (*e).max(age);
         }
         Ok(out)
+    }
+}
+
+/// What the target store holds of one disk: segments on their own, and bases (each standing
+/// for the segments `from_segment..=through_segment` it was compacted from).
+#[derive(Debug, Default)]
+struct Held {
+    segments: BTreeSet<u64>,
+    bases: Vec<Base>,
+}
+
+impl Held {
+    async fn of(target: &StoreReader, vm: &VmId, disk: &DiskId) -> Result<Self> {
+        Ok(Held {
+            segments: target.segment_seqs(vm, disk).await?.into_iter().collect(),
+            bases: target.bases(vm, disk).await?,
+        })
+    }
+
+    /// Whether segment `seq` is in the target, on its own or folded into a base.
+    fn covers(&self, seq: u64) -> bool {
+        self.segments.contains(&seq)
+            || self
+                .bases
+                .iter()
+                .any(|b| (b.from_segment..=b.through_segment).contains(&seq))
     }
 }
 

@@ -22,7 +22,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use lifeboat_store::layout::Layout;
-use lifeboat_store::manifest::{Base, DiskShape, RecoveryPoint, now_millis};
+use lifeboat_store::manifest::{Base, DiskShape, RecoveryPoint, Tag, now_millis};
 use lifeboat_store::restore::{StoreReader, sources_for};
 use lifeboat_store::writer::StoreWriter;
 use lifeboat_store::{DiskId, DynBackend, ErrorKind, GroupId, PointId, VmId};
@@ -35,6 +35,8 @@ pub struct Trimmed {
     pub trees: u64,
     pub segments: u64,
     pub bytes: u64,
+    /// Segments left in place because the target holds another version of them.
+    pub conflicts: u64,
 }
 
 /// What a prune deleted.
@@ -87,6 +89,11 @@ pub struct Pass {
     pub latest_processed: Option<(PointId, u64)>,
     /// Per VM: now − time of the newest tag of its disks in the cache store (ms).
     pub rpo_ms: BTreeMap<VmId, u64>,
+    /// Points not processed, and why: their data cannot be copied as it is (damaged or
+    /// missing objects, another history under the same names). Newer points were still
+    /// processed; a quarantined point is retried by every pass until a newer published point
+    /// covering its VMs supersedes it.
+    pub quarantined: Vec<(PointId, String)>,
 }
 
 impl Processor {
@@ -144,10 +151,15 @@ impl Processor {
             if superseded {
                 continue;
             }
-            self.copy_point(p, &mut have, &mut pass)
-                .await
-                .with_context(|| format!("processing point {}", p.id))?;
-            pass.points.push(p.id.clone());
+            match self.copy_point(p, &mut have, &mut pass).await {
+                Ok(()) => pass.points.push(p.id.clone()),
+                Err(e) if quarantines(&e) => {
+                    let why = format!("{e:#}");
+                    tracing::error!(point = %p.id, error = %why, "point quarantined: not processed");
+                    pass.quarantined.push((p.id.clone(), why));
+                }
+                Err(e) => return Err(e.context(format!("processing point {}", p.id))),
+            }
         }
         pass.latest_processed = self
             .target
@@ -176,25 +188,7 @@ impl Processor {
                     have.insert(key.clone(), held);
                 }
                 let held = have.get_mut(&key).expect("inserted");
-                // Segments folded into a base the tag restores from are not in the target on
-                // their own any more (compaction let retention delete them) and are not needed:
-                // copying them again would only have them trimmed from the cache and deleted by
-                // the next prune, until a later tag needs one that is gone from both stores.
-                let (base, _) = sources_for(self.target.layout(), &tag, &held.bases);
-                let first = base.map_or(tag.from_segment, |b| b.through_segment + 1);
-                for seq in first..=tag.through_segment {
-                    if held.segments.contains(&seq) {
-                        continue;
-                    }
-                    let name = self.cache.layout().segment(&m.vm, &d.disk, seq);
-                    let data = self.cache.backend().get(&name).await?;
-                    // Verify before it becomes the only copy that survives the source region.
-                    lifeboat_store::codec::decode(name.as_str(), data.clone())?;
-                    pass.bytes += data.len() as u64;
-                    self.writer.put_segment(&m.vm, &d.disk, seq, data).await?;
-                    held.segments.insert(seq);
-                    pass.segments += 1;
-                }
+                self.copy_segments(&tag, held, pass).await?;
                 if let DiskShape::Directory { tree } = &tag.shape {
                     let t = self.cache.tree(&m.vm, &d.disk, tree).await?;
                     self.writer.put_tree(&m.vm, &d.disk, &t).await?;
@@ -208,6 +202,111 @@ impl Processor {
             Err(lifeboat_store::Error::Store(e)) if e.kind == ErrorKind::AlreadyExists => Ok(()),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Copies the segments of `tag` that a restore of it reads in the target and the target
+    /// lacks, after checking that every segment of the tag the cache still holds is the one the
+    /// target holds, or a base there stands for, under that number.
+    ///
+    /// Segments folded into a base the tag restores from are not in the target on their own
+    /// any more (compaction let retention delete them) and are not needed: copying them again
+    /// would only have them trimmed from the cache and deleted by the next prune, until a later
+    /// tag needs one that is gone from both stores.
+    ///
+    /// A number alone is no identity: an agent that lost its state and got a new cache store
+    /// starts again at segment 1, and the target may still hold an older history's segment 1
+    /// (or a base standing for it). Taking that for the new one would publish a point that
+    /// restores, verified, the older bytes, so a different identity refuses the point with a
+    /// [`Conflict`] naming both objects. A segment the cache no longer holds was trimmed, which
+    /// [`Processor::trim_cache`] does only after the same check.
+    async fn copy_segments(&self, tag: &Tag, held: &mut Held, pass: &mut Pass) -> Result<()> {
+        let (vm, disk) = (&tag.vm, &tag.disk);
+        let (base, _) = sources_for(self.target.layout(), tag, &held.bases);
+        let first = base.map_or(tag.from_segment, |b| b.through_segment + 1);
+        if held.in_cache.is_none() {
+            let seqs = self.cache.segment_seqs(vm, disk).await?;
+            held.in_cache = Some(seqs.into_iter().collect());
+        }
+        for seq in tag.segments() {
+            if held.verified.contains(&seq) {
+                continue;
+            }
+            let name = self.cache.layout().segment(vm, disk, seq);
+            let needed = seq >= first && !held.segments.contains(&seq);
+            let cached = held.in_cache.as_ref().is_some_and(|c| c.contains(&seq));
+            let id = match cached {
+                true => self.cache.segment_id(&name).await?,
+                false => None,
+            };
+            let Some(id) = id else {
+                if needed {
+                    return Err(lifeboat_store::Error::Inconsistent(format!(
+                        "segment {name} of tag {} of {vm}/{disk} is in neither the cache nor the target store",
+                        tag.seq
+                    ))
+                    .into());
+                }
+                continue;
+            };
+            self.check_identity(held, vm, disk, seq, &name, &id).await?;
+            if needed {
+                let data = self.cache.backend().get(&name).await?;
+                // Verify before it becomes the only copy that survives the source region.
+                lifeboat_store::codec::decode(name.as_str(), data.clone())?;
+                pass.bytes += data.len() as u64;
+                self.writer.put_segment(vm, disk, seq, data).await?;
+                held.segments.insert(seq);
+                pass.segments += 1;
+            }
+            held.verified.insert(seq);
+        }
+        Ok(())
+    }
+
+    /// Checks that the cache's segment `seq` (`name`, identity `id`) is what the target holds
+    /// under that number: the segment object there, and every base that stands for it.
+    /// Returns whether the target holds it at all.
+    async fn check_identity(
+        &self,
+        held: &Held,
+        vm: &VmId,
+        disk: &DiskId,
+        seq: u64,
+        name: &lifeboat_store::ObjectName,
+        id: &str,
+    ) -> Result<bool> {
+        let layout = self.target.layout();
+        let mut known = false;
+        if held.segments.contains(&seq) {
+            let theirs = layout.segment(vm, disk, seq);
+            if let Some(tid) = self.target.segment_id(&theirs).await? {
+                if tid != id {
+                    return Err(Conflict(format!(
+                        "{name} in the cache store is not {theirs} in the target store (index {id} vs {tid}): another history of the disk under the same numbers (an agent that lost its state and started again?); not processed"
+                    ))
+                    .into());
+                }
+                known = true;
+            }
+        }
+        for b in held
+            .bases
+            .iter()
+            .filter(|b| b.from_segment <= seq && seq <= b.through_segment)
+        {
+            match b.segment_id(seq) {
+                Some(bid) if bid != id => {
+                    return Err(Conflict(format!(
+                        "{name} in the cache store is not the segment {seq} that base {} in the target store was compacted from (index {id} vs {bid}): another history of the disk under the same numbers (an agent that lost its state and started again?); not processed",
+                        layout.base(vm, disk, b.tag)
+                    ))
+                    .into());
+                }
+                // A version-1 base did not record what it stands for: nothing to compare.
+                _ => known = true,
+            }
+        }
+        Ok(known)
     }
 
     /// Deletes from the cache store what is durable in the target and no longer needed there:
@@ -284,7 +383,27 @@ impl Processor {
                 let Some(seq) = lifeboat_store::layout::parse_seq(&m.name) else {
                     continue;
                 };
-                if seq <= keep_after && in_target.covers(seq) {
+                if seq > keep_after || !in_target.covers(seq) {
+                    continue;
+                }
+                // Only a segment the target is shown to hold (the same identity) leaves the
+                // cache: processing trusts a trimmed segment to be the target's.
+                let Some(id) = cache.segment_id(&m.name).await? else {
+                    continue;
+                };
+                let same = match self
+                    .check_identity(&in_target, &vm, &disk, seq, &m.name, &id)
+                    .await
+                {
+                    Ok(known) => known,
+                    Err(e) if e.is::<Conflict>() => {
+                        tracing::warn!(error = %e, "not trimming a segment the target holds another version of");
+                        out.conflicts += 1;
+                        false
+                    }
+                    Err(e) => return Err(e),
+                };
+                if same {
                     backend.delete(&m.name).await?;
                     out.segments += 1;
                     out.bytes += m.size;
@@ -462,12 +581,35 @@ impl Processor {
     }
 }
 
+/// Whether a failure to copy a point is about that point's data (so the point is quarantined
+/// and newer ones still move), rather than about reaching the stores (so the pass stops and
+/// is retried).
+fn quarantines(e: &anyhow::Error) -> bool {
+    if e.is::<Conflict>() {
+        return true;
+    }
+    match e.downcast_ref::<lifeboat_store::Error>() {
+        Some(lifeboat_store::Error::Store(s)) => s.kind == ErrorKind::NotFound,
+        Some(lifeboat_store::Error::Io { .. }) | None => false,
+        Some(_) => true,
+    }
+}
+
+/// A segment in the cache store is not the one the target holds under its number (another
+/// history of the disk); the point is refused, never published over the other history.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Conflict(pub String);
+
 /// What the target store holds of one disk: segments on their own, and bases (each standing
-/// for the segments `from_segment..=through_segment` it was compacted from).
+/// for the segments `from_segment..=through_segment` it was compacted from); for a pass, also
+/// the cache's segment numbers and the segments already checked.
 #[derive(Debug, Default)]
 struct Held {
     segments: BTreeSet<u64>,
     bases: Vec<Base>,
+    in_cache: Option<BTreeSet<u64>>,
+    verified: BTreeSet<u64>,
 }
 
 impl Held {
@@ -475,6 +617,7 @@ impl Held {
         Ok(Held {
             segments: target.segment_seqs(vm, disk).await?.into_iter().collect(),
             bases: target.bases(vm, disk).await?,
+            ..Held::default()
         })
     }
 

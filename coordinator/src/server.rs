@@ -522,6 +522,13 @@ pub async fn serve(
                 match p.pass().await {
                     Ok(pass) => {
                         status.lock().unwrap().latest_processed = pass.latest_processed.clone();
+                        // Each was logged by the pass; the status shows the first to admins.
+                        if let Some((id, why)) = pass.quarantined.first() {
+                            error = Some(format!(
+                                "processing: {} point(s) quarantined, first {id}: {why}",
+                                pass.quarantined.len()
+                            ));
+                        }
                         let rpo = pass.rpo_ms.values().max().copied().unwrap_or(0);
                         if !pass.points.is_empty() {
                             tracing::info!(

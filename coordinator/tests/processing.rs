@@ -188,3 +188,109 @@ async fn repeated_rounds_with_compactions_never_recopy_and_never_jam() {
     }
     assert!(compactions >= 3, "only {compactions} compactions");
 }
+
+/// Runs one processing round as the coordinator does, at `time`.
+async fn round(p: &Processor, time: u64) -> lifeboat_coordinator::process::Pass {
+    let pass = p.pass().await.unwrap();
+    p.trim_cache().await.unwrap();
+    p.prune(RETENTION, time).await.unwrap();
+    pass
+}
+
+/// Issue 10, item 2: a VM that lost its agent state and got a new cache store starts again at
+/// segment 1 and tag 1. The target still holds old segment 1 (kept by the newest old point) but
+/// no longer old tag 1: processing must not take the old segment for the new one.
+#[tokio::test]
+async fn a_new_history_never_reuses_old_segments_of_the_same_number() {
+    let dir = tempfile::tempdir().unwrap();
+    let target: DynBackend = Arc::new(MemoryBackend::new());
+    let old_cache: DynBackend = Arc::new(MemoryBackend::new());
+    let p = Processor::new(group(), old_cache.clone(), target.clone());
+    let mut old = Agent::new(old_cache.clone(), 1);
+    old.write(0..BLOCKS).await;
+    old.cut(T0).await;
+    round(&p, T0).await;
+    old.write([1, 2]).await;
+    let old_point = old.cut(T0 + 2 * HOUR_MS).await;
+    round(&p, T0 + 2 * HOUR_MS).await;
+
+    let new_cache: DynBackend = Arc::new(MemoryBackend::new());
+    let p = Processor::new(group(), new_cache.clone(), target.clone());
+    let mut new = Agent::new(new_cache.clone(), 99);
+    new.write(0..BLOCKS).await;
+    let new_point = new.cut(T0 + 3 * HOUR_MS).await;
+    let pass = round(&p, T0 + 3 * HOUR_MS).await;
+    assert!(pass.points.is_empty(), "published over another history");
+    let (id, why) = &pass.quarantined[0];
+    assert_eq!(id, &new_point.id);
+    assert!(
+        why.contains("v1/rg/vms/r1/disks/os/seg/00000000000000000001.seg"),
+        "{why}"
+    );
+    // Nothing changed: the new point is neither published nor trimmed, the old one restores.
+    let reader = StoreReader::new(target.clone(), Layout::new(group()));
+    assert!(reader.point(&new_point.id).await.is_err());
+    assert!(
+        StoreReader::new(new_cache.clone(), Layout::new(group()))
+            .point(&new_point.id)
+            .await
+            .is_ok()
+    );
+    assert_eq!(restored(&target, &old_point, dir.path()).await, old.image);
+}
+
+/// The same with the old segments folded into a base: the base stands for segments 1..=n of
+/// the old history, and the new history's segments of those numbers are not the same.
+#[tokio::test]
+async fn a_new_history_never_reuses_an_old_base() {
+    let dir = tempfile::tempdir().unwrap();
+    let target: DynBackend = Arc::new(MemoryBackend::new());
+    let old_cache: DynBackend = Arc::new(MemoryBackend::new());
+    let p = Processor::new(group(), old_cache.clone(), target.clone());
+    let mut old = Agent::new(old_cache.clone(), 1);
+    let mut old_point = None;
+    old.write(0..BLOCKS).await;
+    for r in 0..4u64 {
+        for k in 0..3 {
+            old.write([(r * 5 + k) % BLOCKS, (r + 20 * k) % BLOCKS])
+                .await;
+        }
+        old_point = Some(old.cut(T0 + r * 2 * HOUR_MS).await);
+        round(&p, T0 + r * 2 * HOUR_MS).await;
+    }
+    let old_point = old_point.unwrap();
+    let bases = StoreReader::new(target.clone(), Layout::new(group()))
+        .bases(&old.vm, &old.disk)
+        .await
+        .unwrap();
+    assert!(!bases.is_empty());
+
+    // The new history gets as far as the old base's tag before it is first processed.
+    let new_cache: DynBackend = Arc::new(MemoryBackend::new());
+    let p = Processor::new(group(), new_cache.clone(), target.clone());
+    let mut new = Agent::new(new_cache.clone(), 99);
+    let mut last = None;
+    new.write(0..BLOCKS).await;
+    for t in 0..old.next_tag {
+        new.write([t % BLOCKS, (t * 7 + 3) % BLOCKS, (t + 40) % BLOCKS])
+            .await;
+        new.write([(t + 11) % BLOCKS]).await;
+        new.write([(t + 30) % BLOCKS]).await;
+        last = Some(new.cut(T0 + 10 * HOUR_MS + t).await);
+    }
+    let pass = round(&p, T0 + 11 * HOUR_MS).await;
+    let last = last.unwrap();
+    assert!(
+        pass.points.is_empty(),
+        "published a point that restores from another history's base"
+    );
+    assert!(pass.quarantined.iter().any(|(id, _)| id == &last.id));
+    assert!(
+        pass.quarantined
+            .iter()
+            .all(|(_, why)| why.contains("/base/")),
+        "{:?}",
+        pass.quarantined
+    );
+    assert_eq!(restored(&target, &old_point, dir.path()).await, old.image);
+}

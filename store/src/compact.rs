@@ -38,7 +38,25 @@ pub async fn compact(
     };
     let files = files_of(tag, tree.as_ref());
     let bases = reader.bases(&tag.vm, &tag.disk).await?;
-    let (_, sources) = sources_for(layout, tag, &bases);
+    let (prev, sources) = sources_for(layout, tag, &bases);
+    // What the new base stands for: the segments of the base it is built on (if that one
+    // recorded them), then the identities of the segments after it.
+    let mut ids = match &prev {
+        Some(b) => b.segments.clone(),
+        None => Some(Vec::new()),
+    };
+    if let Some(ids) = ids.as_mut() {
+        let first = prev
+            .as_ref()
+            .map_or(tag.from_segment, |b| b.through_segment + 1);
+        for seq in first..=tag.through_segment {
+            let name = layout.segment(&tag.vm, &tag.disk, seq);
+            let id = reader.segment_id(&name).await?.ok_or_else(|| {
+                Error::Inconsistent(format!("segment {name} is referenced by a tag but missing"))
+            })?;
+            ids.push(id);
+        }
+    }
     let plan = plan_blocks(reader, tag, &sources, &files).await?;
 
     let mut builder = SegmentBuilder::with_capacity(tag.block_size, level, part_size + (1 << 20));
@@ -92,6 +110,7 @@ pub async fn compact(
         through_segment: tag.through_segment,
         parts,
         block_size: tag.block_size,
+        segments: ids,
     };
     match backend.put_new(&manifest, base.encode()).await {
         Ok(()) => Ok(base),

@@ -12,8 +12,20 @@ use serde::{Deserialize, Serialize};
 
 use crate::name::{DiskId, GroupId, PointId, VmId};
 
-/// Version of the manifest formats this code writes and reads.
+/// Version of tags and trees this code writes; it reads 1 up to it.
 pub const MANIFEST_VERSION: u32 = 1;
+/// Version of bases this code writes: 2 added `segments`, the identity of what a base stands
+/// for. Version-1 bases are still read.
+pub const BASE_VERSION: u32 = 2;
+
+/// The version each kind of manifest is written at. Kinds change version independently, so a
+/// format change to one kind does not make older readers refuse the others.
+fn written_version(kind: &str) -> u32 {
+    match kind {
+        "base" => BASE_VERSION,
+        _ => MANIFEST_VERSION,
+    }
+}
 
 /// Why a manifest was rejected. Always names the object.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -26,7 +38,8 @@ pub struct ManifestError {
 
 fn envelope(kind: &str, body: &[u8]) -> Bytes {
     let mut out = format!(
-        "lifeboat-{kind} {MANIFEST_VERSION} {}\n",
+        "lifeboat-{kind} {} {}\n",
+        written_version(kind),
         blake3::hash(body).to_hex()
     )
     .into_bytes();
@@ -34,11 +47,12 @@ fn envelope(kind: &str, body: &[u8]) -> Bytes {
     Bytes::from(out)
 }
 
+/// Checks the header of a manifest object; returns its version and body.
 fn open_envelope<'a>(
     kind: &'static str,
     object: &str,
     data: &'a [u8],
-) -> Result<&'a [u8], ManifestError> {
+) -> Result<(u32, &'a [u8]), ManifestError> {
     let err = |what: String| ManifestError {
         object: object.to_owned(),
         kind,
@@ -59,16 +73,17 @@ fn open_envelope<'a>(
     if k != format!("lifeboat-{kind}") {
         return Err(err(format!("wrong object type {k:?}")));
     }
-    if v != MANIFEST_VERSION.to_string() {
-        return Err(err(format!(
-            "version {v} is not supported (this build reads {MANIFEST_VERSION})"
-        )));
-    }
+    let newest = written_version(kind);
+    let version = (1..=newest).find(|n| v == n.to_string()).ok_or_else(|| {
+        err(format!(
+            "version {v} is not supported (this build reads 1 to {newest})"
+        ))
+    })?;
     let body = &data[nl + 1..];
     if blake3::hash(body).to_hex().as_str() != h {
         return Err(err("checksum mismatch (damaged or truncated)".into()));
     }
-    Ok(body)
+    Ok((version, body))
 }
 
 /// Milliseconds since the Unix epoch.
@@ -146,7 +161,7 @@ impl Tag {
 
     /// Parses and verifies a tag object named `object`.
     pub fn decode(object: &str, data: &[u8]) -> Result<Self, ManifestError> {
-        let body = open_envelope("tag", object, data)?;
+        let (_, body) = open_envelope("tag", object, data)?;
         let tag: Tag = serde_json::from_slice(body).map_err(|e| ManifestError {
             object: object.into(),
             kind: "tag",
@@ -198,6 +213,11 @@ pub struct Tree {
     pub entries: Vec<TreeEntry>,
 }
 
+/// Whether `s` is 64 lowercase hex digits (a blake3 hash as the format writes it).
+fn is_hex_hash(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
 /// Checks a relative path from a tree or a segment target: no escaping the disk's root.
 pub fn check_rel_path(p: &str) -> Result<(), String> {
     if p.is_empty() {
@@ -226,6 +246,12 @@ pub struct Base {
     pub through_segment: u64,
     pub parts: u32,
     pub block_size: u32,
+    /// What the base stands for: the index blake3 (hex) of each segment
+    /// `from_segment..=through_segment`, in order, so processing can tell whether a segment of
+    /// that number in a cache store is the one the base was compacted from or another history's
+    /// (`docs/format.md`, identity). Absent in version-1 bases and in bases compacted over one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub segments: Option<Vec<String>>,
 }
 
 impl Base {
@@ -239,12 +265,38 @@ impl Base {
 
     /// Parses and verifies a base object named `object`.
     pub fn decode(object: &str, data: &[u8]) -> Result<Self, ManifestError> {
-        let body = open_envelope("base", object, data)?;
-        serde_json::from_slice(body).map_err(|e| ManifestError {
+        let err = |what: String| ManifestError {
             object: object.into(),
             kind: "base",
-            what: e.to_string(),
-        })
+            what,
+        };
+        let (_, body) = open_envelope("base", object, data)?;
+        let b: Base = serde_json::from_slice(body).map_err(|e| err(e.to_string()))?;
+        if b.from_segment == 0 || b.through_segment < b.from_segment || b.parts == 0 {
+            return Err(err("segment or part numbers out of range".into()));
+        }
+        if let Some(ids) = &b.segments {
+            let want = b.through_segment - b.from_segment + 1;
+            if ids.len() as u64 != want {
+                return Err(err(format!(
+                    "lists {} segment identities for {want} segments",
+                    ids.len()
+                )));
+            }
+            if !ids.iter().all(|h| is_hex_hash(h)) {
+                return Err(err("a segment identity is not a blake3 hash".into()));
+            }
+        }
+        Ok(b)
+    }
+
+    /// The identity (index blake3, hex) of segment `seq` as the base recorded it, if it did.
+    pub fn segment_id(&self, seq: u64) -> Option<&str> {
+        let i = seq.checked_sub(self.from_segment)?;
+        self.segments
+            .as_ref()?
+            .get(usize::try_from(i).ok()?)
+            .map(String::as_str)
     }
 }
 
@@ -264,7 +316,7 @@ impl Tree {
             kind: "tree",
             what,
         };
-        let body = open_envelope("tree", object, data)?;
+        let (_, body) = open_envelope("tree", object, data)?;
         // Bound decompression so a hostile object cannot exhaust memory.
         let json = zstd::bulk::decompress(body, 1 << 30).map_err(|e| err(e.to_string()))?;
         let tree: Tree = serde_json::from_slice(&json).map_err(|e| err(e.to_string()))?;
@@ -343,7 +395,7 @@ impl RecoveryPoint {
 
     /// Parses and verifies a point object.
     pub fn decode(object: &str, data: &[u8]) -> Result<Self, ManifestError> {
-        let body = open_envelope("point", object, data)?;
+        let (_, body) = open_envelope("point", object, data)?;
         let p: RecoveryPoint = serde_json::from_slice(body).map_err(|e| ManifestError {
             object: object.into(),
             kind: "recovery point",

@@ -182,6 +182,28 @@ impl StoreReader {
         Ok(out)
     }
 
+    /// The identity of the segment object `name`: the blake3 (hex) of its index, read from its
+    /// footer (one head, one ranged get). Two segments with the same index hash hold the same
+    /// blocks, since the index carries every block's blake3 and every block is checked against
+    /// it when read. `None` when there is no such object.
+    pub async fn segment_id(&self, name: &ObjectName) -> Result<Option<String>> {
+        let size = match self.backend.head(name).await {
+            Err(e) if e.kind == ErrorKind::NotFound => return Ok(None),
+            other => other?.size,
+        };
+        let flen = codec::FOOTER_LEN as u64;
+        if size < flen {
+            return Err(codec::CodecError {
+                object: name.to_string(),
+                what: format!("truncated: only {size} bytes"),
+            }
+            .into());
+        }
+        let footer = self.backend.get_range(name, size - flen..size).await?;
+        let (_, hash) = codec::parse_footer(name.as_str(), &footer, size)?;
+        Ok(Some(blake3::Hash::from(hash).to_hex().to_string()))
+    }
+
     /// The verified index of the segment object `name`.
     pub async fn segment_index_of(&self, name: &ObjectName) -> Result<codec::SegmentIndex> {
         let name = name.clone();

@@ -519,6 +519,19 @@ async fn run(command: Command) -> Result<()> {
                     "removed from the cache store: {} point(s), {} tag(s), {} tree(s), {} segment(s), {} bytes",
                     t.points, t.tags, t.trees, t.segments, t.bytes
                 );
+                if t.conflicts > 0 {
+                    eprintln!(
+                        "kept {} segment(s) in the cache store that the target holds another version of",
+                        t.conflicts
+                    );
+                }
+            }
+            // The rest was processed; the exit status still says something was refused.
+            if !pass.quarantined.is_empty() {
+                bail!(
+                    "{} point(s) quarantined (not processed); see above",
+                    pass.quarantined.len()
+                );
             }
             Ok(())
         }
@@ -628,6 +641,9 @@ fn print_pass(pass: &lifeboat_coordinator::process::Pass) {
         pass.bytes,
         pass.elapsed
     );
+    for (id, why) in &pass.quarantined {
+        eprintln!("quarantined point {id} (not processed): {why}");
+    }
     match &pass.latest_processed {
         Some((id, t)) => println!("latest processed point: {id} ({})", fmt_time(*t)),
         None => println!("latest processed point: none"),

@@ -35,7 +35,7 @@ pub struct Trimmed {
     pub trees: u64,
     pub segments: u64,
     pub bytes: u64,
-    /// Segments left in place because the target holds another version of them.
+    /// Points and segments left in place because the target holds another version of them.
     pub conflicts: u64,
 }
 
@@ -137,9 +137,14 @@ impl Processor {
         points.sort_by_key(|p| (p.time, p.id.to_string()));
         // Per disk, what the target holds (listed once per pass).
         let mut have: BTreeMap<(VmId, DiskId), Held> = BTreeMap::new();
+        let (processed, conflicts) = self.processed(&points, &published).await?;
+        for (id, why) in conflicts {
+            tracing::error!(point = %id, error = %why, "point quarantined: not processed");
+            pass.quarantined.push((id, why));
+        }
         let done: Vec<&RecoveryPoint> = points
             .iter()
-            .filter(|p| published.contains(p.id.as_str()))
+            .filter(|p| processed.contains(&p.id))
             .collect();
         for p in &points {
             if published.contains(p.id.as_str()) {
@@ -198,10 +203,60 @@ impl Processor {
         }
         match self.writer.put_point(p).await {
             Ok(()) => Ok(()),
-            // Published by an earlier, interrupted pass: once is enough.
-            Err(lifeboat_store::Error::Store(e)) if e.kind == ErrorKind::AlreadyExists => Ok(()),
+            // Published by an earlier, interrupted pass (once is enough) — or another point was
+            // published under this id, which must not count as this one being processed.
+            Err(lifeboat_store::Error::Store(e)) if e.kind == ErrorKind::AlreadyExists => {
+                match self.differs_from_published(p).await? {
+                    None => Ok(()),
+                    Some(why) => Err(Conflict(why).into()),
+                }
+            }
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Whether the target's point under `p`'s id is another point than `p`, and how. Compared
+    /// as bytes, then decoded (the same point re-encoded by another version is the same
+    /// point); an unreadable one differs. One pruned since it was listed was `p`'s.
+    async fn differs_from_published(&self, p: &RecoveryPoint) -> Result<Option<String>> {
+        let name = self.target.layout().point(&p.id);
+        let theirs = match self.target.backend().get(&name).await {
+            Ok(b) => b,
+            Err(e) if e.kind == ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        if theirs == p.encode() {
+            return Ok(None);
+        }
+        Ok(match RecoveryPoint::decode(name.as_str(), &theirs) {
+            Ok(q) if q == *p => None,
+            Ok(_) => Some(format!(
+                "{name} in the target store is another point than the cache store's point of that id; not processed, and kept in the cache store"
+            )),
+            Err(e) => Some(format!(
+                "the target store's point of that id cannot be compared with the cache store's: {e}; not processed, and kept in the cache store"
+            )),
+        })
+    }
+
+    /// Splits the cache's points whose id the target has published into those published as
+    /// they are (processed) and those under whose id the target holds another point, with why.
+    async fn processed(
+        &self,
+        points: &[RecoveryPoint],
+        published: &BTreeSet<String>,
+    ) -> Result<(BTreeSet<PointId>, Vec<(PointId, String)>)> {
+        let mut done = BTreeSet::new();
+        let mut conflicts = Vec::new();
+        for p in points.iter().filter(|p| published.contains(p.id.as_str())) {
+            match self.differs_from_published(p).await? {
+                None => {
+                    done.insert(p.id.clone());
+                }
+                Some(why) => conflicts.push((p.id.clone(), why)),
+            }
+        }
+        Ok((done, conflicts))
     }
 
     /// Copies the segments of `tag` that a restore of it reads in the target and the target
@@ -323,16 +378,23 @@ impl Processor {
         let layout = cache.layout();
         let published = self.published().await?;
         let points = cache.points().await?;
+        let (processed, conflicts) = self.processed(&points, &published).await?;
+        let conflicting: BTreeSet<&PointId> = conflicts.iter().map(|(id, _)| id).collect();
         let done: Vec<&RecoveryPoint> = points
             .iter()
-            .filter(|p| published.contains(p.id.as_str()))
+            .filter(|p| processed.contains(&p.id))
             .collect();
         let mut live_tags: BTreeMap<(VmId, DiskId), BTreeSet<u64>> = BTreeMap::new();
         for p in &points {
             let superseded = done
                 .iter()
                 .any(|q| q.time > p.time && p.members.iter().all(|m| q.member(&m.vm).is_some()));
-            if published.contains(p.id.as_str()) || superseded {
+            // A point under whose id the target holds another stays, with its data, for an
+            // operator to look at: it is the only copy.
+            if conflicting.contains(&p.id) {
+                out.conflicts += 1;
+            }
+            if !conflicting.contains(&p.id) && (processed.contains(&p.id) || superseded) {
                 backend.delete(&layout.point(&p.id)).await?;
                 out.points += 1;
             } else {
@@ -643,4 +705,77 @@ async fn disks_in(store: &StoreReader) -> Result<BTreeSet<(VmId, DiskId)>> {
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use lifeboat_store::backend::memory::MemoryBackend;
+    use lifeboat_store::codec::SegmentBuilder;
+    use lifeboat_store::manifest::{Consistency, DiskRef, Member, PointKind};
+
+    use super::*;
+
+    /// A target point of the same id with other content is not "already published" (issue 10,
+    /// item 3): copying must fail naming it, not succeed.
+    #[tokio::test]
+    async fn copy_point_compares_an_existing_point() {
+        let group = GroupId::new("g").unwrap();
+        let layout = Layout::new(group.clone());
+        let cache: DynBackend = Arc::new(MemoryBackend::new());
+        let memory = Arc::new(MemoryBackend::new());
+        let (vm, disk) = (VmId::new("vm").unwrap(), DiskId::new("d").unwrap());
+        let w = StoreWriter::new(cache.clone(), layout.clone());
+        let mut b = SegmentBuilder::new(4096, 3);
+        b.add("", 0, &[7u8; 4096]);
+        w.put_segment(&vm, &disk, 1, b.finish()).await.unwrap();
+        let tag = Tag {
+            vm: vm.clone(),
+            disk: disk.clone(),
+            seq: 1,
+            from_segment: 1,
+            through_segment: 1,
+            time: 10,
+            consistency: Consistency::Crash,
+            block_size: 4096,
+            shape: DiskShape::Image { size: 4096 },
+        };
+        w.put_tag(&tag).await.unwrap();
+        let point = RecoveryPoint {
+            id: PointId::new("vm-10-t1").unwrap(),
+            group: group.clone(),
+            time: 10,
+            kind: PointKind::Crash,
+            multi_vm: false,
+            members: vec![Member {
+                vm,
+                disks: vec![DiskRef { disk, tag: 1 }],
+                consistency: Consistency::Crash,
+            }],
+            excluded: vec![],
+        };
+        w.put_point(&point).await.unwrap();
+        let p = Processor::new(group, cache, memory.clone());
+        let mut have = BTreeMap::new();
+        p.copy_point(&point, &mut have, &mut Pass::default())
+            .await
+            .unwrap();
+        // Again, as an interrupted pass would: the same point is fine.
+        p.copy_point(&point, &mut have, &mut Pass::default())
+            .await
+            .unwrap();
+        let mut other = point.clone();
+        other.time = 11;
+        memory.overwrite_for_test(&layout.point(&point.id), other.encode());
+        let err = p
+            .copy_point(&point, &mut have, &mut Pass::default())
+            .await
+            .unwrap_err();
+        assert!(err.is::<Conflict>(), "{err:#}");
+        assert!(
+            err.to_string().contains(layout.point(&point.id).as_str()),
+            "{err:#}"
+        );
+    }
 }

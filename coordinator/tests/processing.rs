@@ -294,3 +294,37 @@ async fn a_new_history_never_reuses_an_old_base() {
     );
     assert_eq!(restored(&target, &old_point, dir.path()).await, old.image);
 }
+
+/// Issue 10, item 3: the target holds another point under a cache point's id (foreign, forged
+/// or damaged). The cache's point is not taken as processed: it is reported and kept.
+#[tokio::test]
+async fn another_point_under_the_same_id_is_refused_and_kept_in_the_cache() {
+    let memory = Arc::new(MemoryBackend::new());
+    let target: DynBackend = memory.clone();
+    let cache: DynBackend = Arc::new(MemoryBackend::new());
+    let p = Processor::new(group(), cache.clone(), target.clone());
+    let mut agent = Agent::new(cache.clone(), 1);
+    agent.write(0..BLOCKS).await;
+    let point = agent.cut(T0).await;
+    p.pass().await.unwrap();
+    let mut other = point.clone();
+    other.kind = PointKind::App;
+    other.members[0].consistency = Consistency::App;
+    let layout = Layout::new(group());
+    memory.overwrite_for_test(&layout.point(&point.id), other.encode());
+
+    let pass = p.pass().await.unwrap();
+    assert_eq!(pass.quarantined.len(), 1, "{:?}", pass.quarantined);
+    assert_eq!(pass.quarantined[0].0, point.id);
+    assert!(
+        pass.quarantined[0]
+            .1
+            .contains(layout.point(&point.id).as_str()),
+        "{}",
+        pass.quarantined[0].1
+    );
+    let trimmed = p.trim_cache().await.unwrap();
+    assert_eq!(trimmed.points, 0);
+    let cache_reader = StoreReader::new(cache.clone(), layout);
+    assert_eq!(cache_reader.point(&point.id).await.unwrap(), point);
+}

@@ -521,7 +521,7 @@ async fn run(command: Command) -> Result<()> {
                 );
                 if t.conflicts > 0 {
                     eprintln!(
-                        "kept {} segment(s) in the cache store that the target holds another version of",
+                        "kept {} point(s) and segment(s) in the cache store that the target holds another version of",
                         t.conflicts
                     );
                 }

@@ -52,6 +52,8 @@ pub struct Pruned {
     pub bases_deleted: u64,
     /// Parts of bases whose compaction never finished.
     pub orphan_parts: u64,
+    /// Points that cannot be read, with why (each names its object).
+    pub damaged: Vec<String>,
 }
 
 /// Compact once this many segments lie between the oldest kept tag and its current base.
@@ -133,7 +135,17 @@ impl Processor {
         let started = Instant::now();
         let mut pass = Pass::default();
         let published = self.published().await?;
-        let mut points = self.cache.points().await.context("listing cache points")?;
+        let scan = self
+            .cache
+            .scan_points()
+            .await
+            .context("listing cache points")?;
+        // A point that cannot be read cannot be copied; the others still move.
+        for d in scan.damaged {
+            tracing::error!(point = %d.id, error = %d.reason, "point quarantined: not processed");
+            pass.quarantined.push((d.id, d.reason));
+        }
+        let mut points = scan.points;
         points.sort_by_key(|p| (p.time, p.id.to_string()));
         // Per disk, what the target holds (listed once per pass).
         let mut have: BTreeMap<(VmId, DiskId), Held> = BTreeMap::new();
@@ -484,7 +496,11 @@ impl Processor {
         let target = &self.target;
         let backend = target.backend();
         let layout = target.layout();
-        let mut points = target.points().await?;
+        let scan = target.scan_points().await?;
+        // An unreadable point is neither kept nor expired: nothing says what it references or
+        // when it was cut. It stays (reported) and does not hold back the others.
+        out.damaged = scan.damaged.iter().map(|d| d.reason.clone()).collect();
+        let mut points = scan.points;
         points.sort_by_key(|p| (p.time, p.id.to_string()));
         let newest_time = points.last().map_or(now, |p| p.time);
         let horizon = now

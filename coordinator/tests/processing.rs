@@ -328,3 +328,149 @@ async fn another_point_under_the_same_id_is_refused_and_kept_in_the_cache() {
     let cache_reader = StoreReader::new(cache.clone(), layout);
     assert_eq!(cache_reader.point(&point.id).await.unwrap(), point);
 }
+
+fn lifeboat(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_lifeboat"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Issue 10, item 4: one byte appended to the oldest point in the target. It is listed as
+/// damaged with its reason, selectors skip it and say so, every intact point still fails over,
+/// and naming the damaged one is a clear error.
+#[tokio::test]
+async fn a_damaged_point_costs_only_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("target");
+    let target: DynBackend =
+        Arc::new(lifeboat_store::backend::local::LocalBackend::open(&store).unwrap());
+    let cache: DynBackend = Arc::new(MemoryBackend::new());
+    let p = Processor::new(group(), cache.clone(), target.clone());
+    let mut agent = Agent::new(cache.clone(), 1);
+    let mut points = Vec::new();
+    let mut images = Vec::new();
+    agent.write(0..BLOCKS).await;
+    for i in 0..3u64 {
+        agent.write([i, i + 10]).await;
+        points.push(agent.cut(T0 + i * 60_000).await);
+        images.push(agent.image.clone());
+    }
+    assert_eq!(p.pass().await.unwrap().points.len(), 3);
+    let oldest = store.join(format!("v1/rg/points/{}.point", points[0].id));
+    let mut raw = std::fs::read(&oldest).unwrap();
+    raw.push(b'\n');
+    std::fs::write(&oldest, raw).unwrap();
+    let s = store.to_str().unwrap();
+
+    let list = lifeboat(&["points", "list", "--store", s, "--group", "rg"]);
+    assert!(list.status.success(), "{}", text(&list));
+    let out = text(&list);
+    assert!(
+        out.contains(points[1].id.as_str()) && out.contains(points[2].id.as_str()),
+        "{out}"
+    );
+    let damaged_line = out
+        .lines()
+        .find(|l| l.contains(points[0].id.as_str()))
+        .unwrap_or_else(|| panic!("damaged point not listed: {out}"));
+    assert!(
+        damaged_line.contains("damaged") && damaged_line.contains("checksum mismatch"),
+        "{out}"
+    );
+
+    let to = dir.path().join("latest");
+    let o = lifeboat(&[
+        "failover",
+        "--store",
+        s,
+        "--group",
+        "rg",
+        "--point",
+        "latest-processed",
+        "--to",
+        to.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("skipping damaged point"), "{}", text(&o));
+    assert_eq!(std::fs::read(to.join("r1/os.img")).unwrap(), images[2]);
+
+    let to = dir.path().join("named");
+    let o = lifeboat(&[
+        "failover",
+        "--store",
+        s,
+        "--group",
+        "rg",
+        "--point",
+        points[1].id.as_str(),
+        "--to",
+        to.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(std::fs::read(to.join("r1/os.img")).unwrap(), images[1]);
+
+    let to = dir.path().join("bad");
+    let o = lifeboat(&[
+        "failover",
+        "--store",
+        s,
+        "--group",
+        "rg",
+        "--point",
+        points[0].id.as_str(),
+        "--to",
+        to.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("damaged"), "{}", text(&o));
+    assert!(!to.exists());
+
+    // Retention goes on around it.
+    let pruned = p.prune(RETENTION, T0).await.unwrap();
+    assert_eq!(pruned.damaged.len(), 1, "{pruned:?}");
+}
+
+/// Processing quarantines a cache point it cannot read and still moves the newer ones.
+#[tokio::test]
+async fn processing_quarantines_a_damaged_point_and_moves_newer_ones() {
+    let memory = Arc::new(MemoryBackend::new());
+    let cache: DynBackend = memory.clone();
+    let target: DynBackend = Arc::new(MemoryBackend::new());
+    let p = Processor::new(group(), cache.clone(), target.clone());
+    let mut agent = Agent::new(cache.clone(), 1);
+    let mut points = Vec::new();
+    agent.write(0..BLOCKS).await;
+    for i in 0..3u64 {
+        agent.write([i]).await;
+        points.push(agent.cut(T0 + i * 60_000).await);
+    }
+    let name = Layout::new(group()).point(&points[0].id);
+    let mut raw = points[0].encode().to_vec();
+    raw.push(0);
+    memory.overwrite_for_test(&name, raw.into());
+    let pass = p.pass().await.unwrap();
+    assert_eq!(
+        pass.points,
+        vec![points[1].id.clone(), points[2].id.clone()]
+    );
+    assert_eq!(pass.quarantined.len(), 1);
+    assert_eq!(pass.quarantined[0].0, points[0].id);
+    assert!(
+        pass.quarantined[0].1.contains(name.as_str()),
+        "{:?}",
+        pass.quarantined
+    );
+    assert_eq!(
+        pass.latest_processed.map(|(id, _)| id),
+        Some(points[2].id.clone())
+    );
+}

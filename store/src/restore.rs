@@ -125,10 +125,22 @@ impl StoreReader {
         Ok(p)
     }
 
-    /// All published points of the group, oldest first.
+    /// All readable points of the group, oldest first. Damaged ones are left out (each logged);
+    /// [`StoreReader::scan_points`] reports them.
     pub async fn points(&self) -> Result<Vec<RecoveryPoint>> {
+        let scan = self.scan_points().await?;
+        for d in &scan.damaged {
+            tracing::warn!(point = %d.id, error = %d.reason, "skipping a damaged recovery point");
+        }
+        Ok(scan.points)
+    }
+
+    /// The group's points, oldest first, and those that cannot be read, with why. One damaged
+    /// point costs only itself: the others are listed, chosen and restored as usual. A point
+    /// that vanishes between the listing and its read (a prune running) is left out.
+    pub async fn scan_points(&self) -> Result<PointScan> {
         let list = self.backend.list(&self.layout.points()).await?;
-        let mut out = Vec::with_capacity(list.len());
+        let mut out = PointScan::default();
         for m in list {
             let Some(id) = m
                 .name
@@ -138,9 +150,22 @@ impl StoreReader {
             else {
                 continue;
             };
-            out.push(self.point(&id).await?);
+            match self.point(&id).await {
+                Ok(p) => out.points.push(p),
+                // Deleted since the listing (`point` says "unknown" for a missing object).
+                Err(Error::Invalid(_)) => {}
+                Err(e @ (Error::Manifest(_) | Error::Inconsistent(_))) => {
+                    out.damaged.push(DamagedPoint {
+                        id,
+                        object: m.name.clone(),
+                        reason: e.to_string(),
+                    })
+                }
+                Err(e) => return Err(e),
+            }
         }
-        out.sort_by(|a, b| (a.time, a.id.as_str()).cmp(&(b.time, b.id.as_str())));
+        out.points
+            .sort_by(|a, b| (a.time, a.id.as_str()).cmp(&(b.time, b.id.as_str())));
         Ok(out)
     }
 
@@ -229,6 +254,29 @@ impl StoreReader {
         let index = self.backend.get_range(&name, range).await?;
         Ok(codec::decode_index(name.as_str(), &index, start, &hash)?)
     }
+}
+
+/// The points of a group as listed: the readable ones, oldest first, and the damaged ones.
+#[derive(Debug, Clone, Default)]
+pub struct PointScan {
+    pub points: Vec<RecoveryPoint>,
+    pub damaged: Vec<DamagedPoint>,
+}
+
+impl PointScan {
+    /// Why point `id` cannot be read, if it is damaged.
+    pub fn damage(&self, id: &PointId) -> Option<&DamagedPoint> {
+        self.damaged.iter().find(|d| &d.id == id)
+    }
+}
+
+/// A point object that cannot be read (bad checksum, unparsable, or holding another point).
+#[derive(Debug, Clone)]
+pub struct DamagedPoint {
+    pub id: PointId,
+    pub object: ObjectName,
+    /// The decoder's error, naming the object.
+    pub reason: String,
 }
 
 /// What a restore did.

@@ -422,17 +422,25 @@ async fn run(command: Command) -> Result<()> {
             command: PointsCommand::List { store, target },
         } => {
             let reader = open(&store).await?;
-            let mut points = reader.points().await?;
+            let scan = reader.scan_points().await?;
+            let mut points = scan.points;
+            let mut damaged = scan.damaged;
             let processed: Option<Vec<RecoveryPoint>> = match &target {
-                Some(t) => Some(
-                    open(&StoreArgs {
+                Some(t) => {
+                    let scan = open(&StoreArgs {
                         store: t.clone(),
                         group: store.group.clone(),
                     })
                     .await?
-                    .points()
-                    .await?,
-                ),
+                    .scan_points()
+                    .await?;
+                    for d in scan.damaged {
+                        if !damaged.iter().any(|e| e.id == d.id) {
+                            damaged.push(d);
+                        }
+                    }
+                    Some(scan.points)
+                }
                 None => None,
             };
             if let Some(done) = &processed {
@@ -443,7 +451,7 @@ async fn run(command: Command) -> Result<()> {
                 }
                 points.sort_by_key(|p| (p.time, p.id.to_string()));
             }
-            if points.is_empty() {
+            if points.is_empty() && damaged.is_empty() {
                 println!("no recovery points in group {}", store.group);
             }
             for p in points {
@@ -458,6 +466,10 @@ async fn run(command: Command) -> Result<()> {
                     }
                     None => println!("{}", describe(&p)),
                 }
+            }
+            // Listed, not fatal: one damaged point costs only itself.
+            for d in &damaged {
+                println!("damaged      {}  cannot be read: {}", d.id, d.reason);
             }
             Ok(())
         }
@@ -487,6 +499,9 @@ async fn run(command: Command) -> Result<()> {
                 reader.backend().clone(),
             );
             let r = p.prune(retention, now).await?;
+            for d in &r.damaged {
+                eprintln!("left in place, unreadable (its data may be pruned): {d}");
+            }
             println!(
                 "kept {} point(s); deleted {} expired point(s), {} tag(s), {} tree(s), {} segment(s), {} base(s); compacted {} disk(s)",
                 r.kept,
@@ -684,7 +699,20 @@ async fn run_failover(a: FailoverArgs, drill: bool) -> Result<()> {
         }
     }
     let reader = open(&target).await?;
-    let points = reader.points().await?;
+    let scan = reader.scan_points().await?;
+    if let Selector::Id(id) = &selector
+        && let Some(d) = scan.damage(id)
+    {
+        bail!(
+            "recovery point {id} is damaged and cannot be restored: {}",
+            d.reason
+        );
+    }
+    // Every selector skips damaged points, and says which.
+    for d in &scan.damaged {
+        eprintln!("skipping damaged point {}: {}", d.id, d.reason);
+    }
+    let points = scan.points;
     if points.is_empty() {
         bail!(UsageError(format!(
             "group {group} has no recovery points in the target store"

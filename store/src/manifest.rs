@@ -86,6 +86,12 @@ fn open_envelope<'a>(
     Ok((version, body))
 }
 
+/// Most blocks a disk (or a file of a directory disk) may have: 64 TiB at the smallest block
+/// size. Bounds the work a forged tag or tree can make a restore plan.
+pub const MAX_DISK_BLOCKS: u64 = 1 << 34;
+/// Most segments one tag may read.
+pub const MAX_TAG_SEGMENTS: u64 = 1 << 32;
+
 /// Milliseconds since the Unix epoch.
 pub type UnixMillis = u64;
 
@@ -167,12 +173,28 @@ impl Tag {
             kind: "tag",
             what: e.to_string(),
         })?;
-        if tag.seq == 0 || tag.from_segment == 0 || tag.through_segment + 1 < tag.from_segment {
-            return Err(ManifestError {
-                object: object.into(),
-                kind: "tag",
-                what: "sequence numbers out of range".into(),
-            });
+        let err = |what: String| ManifestError {
+            object: object.into(),
+            kind: "tag",
+            what,
+        };
+        let segments = tag
+            .through_segment
+            .checked_add(1)
+            .and_then(|end| end.checked_sub(tag.from_segment));
+        if tag.seq == 0 || tag.from_segment == 0 || segments.is_none_or(|n| n > MAX_TAG_SEGMENTS) {
+            return Err(err("sequence numbers out of range".into()));
+        }
+        // Readers walk every block of the disk and every segment of the range: a forged block
+        // size or size must not turn that into an endless loop.
+        crate::codec::check_block_size(tag.block_size).map_err(&err)?;
+        if let DiskShape::Image { size } = tag.shape
+            && size.div_ceil(tag.block_size as u64) > MAX_DISK_BLOCKS
+        {
+            return Err(err(format!(
+                "image size {size} is more than {MAX_DISK_BLOCKS} blocks of block size {}",
+                tag.block_size
+            )));
         }
         Ok(tag)
     }
@@ -275,6 +297,7 @@ impl Base {
         if b.from_segment == 0 || b.through_segment < b.from_segment || b.parts == 0 {
             return Err(err("segment or part numbers out of range".into()));
         }
+        crate::codec::check_block_size(b.block_size).map_err(&err)?;
         if let Some(ids) = &b.segments {
             let want = b.through_segment - b.from_segment + 1;
             if ids.len() as u64 != want {
@@ -461,6 +484,24 @@ mod tests {
         assert!(Tag::decode("t", &envelope("tag", extra.as_bytes())).is_err());
         let bad_id = body.replace("\"vm1\"", "\"../vm1\"");
         assert!(Tag::decode("t", &envelope("tag", bad_id.as_bytes())).is_err());
+    }
+
+    #[test]
+    fn tag_refuses_block_sizes_and_sizes_a_restore_cannot_plan() {
+        // A forged block size of 1 would make a planner walk one entry per byte of the disk.
+        for bs in [0u32, 1, 1000, 4095, 65537, 1 << 30] {
+            let mut t = tag();
+            t.block_size = bs;
+            let err = Tag::decode("v1/x.tag", &t.encode()).unwrap_err();
+            assert!(err.to_string().contains("block size"), "{bs}: {err}");
+        }
+        let mut t = tag();
+        t.block_size = 4096;
+        t.shape = DiskShape::Image { size: u64::MAX };
+        assert!(Tag::decode("t", &t.encode()).is_err());
+        let mut t = tag();
+        t.through_segment = u64::MAX;
+        assert!(Tag::decode("t", &t.encode()).is_err());
     }
 
     fn sample_point() -> RecoveryPoint {

@@ -409,6 +409,17 @@ pub async fn plan_blocks(
     files: &[(String, u64)],
 ) -> Result<BlockPlan> {
     let bs = tag.block_size as u64;
+    // A forged tree (or tag) must not make the walk below endless.
+    let blocks: u64 = files
+        .iter()
+        .map(|(_, size)| size.div_ceil(bs.max(1)))
+        .fold(0, u64::saturating_add);
+    if bs == 0 || blocks > crate::manifest::MAX_DISK_BLOCKS {
+        return Err(Error::Inconsistent(format!(
+            "tag {} of {}/{} describes {blocks} blocks of {bs} bytes, more than a disk may have",
+            tag.seq, tag.vm, tag.disk
+        )));
+    }
     let file_of: HashMap<&str, usize> = files
         .iter()
         .enumerate()

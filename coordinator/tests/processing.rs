@@ -42,6 +42,9 @@ struct Agent {
     /// First segment written since the last tag.
     first_unreferenced: u64,
     salt: u64,
+    /// What the tags and points say; `kind` as an agent before point version 2 stored it.
+    consistency: Consistency,
+    kind: PointKind,
 }
 
 impl Agent {
@@ -56,6 +59,8 @@ impl Agent {
             from_segment: 1,
             first_unreferenced: 1,
             salt,
+            consistency: Consistency::Crash,
+            kind: PointKind::Crash,
         }
     }
 
@@ -90,7 +95,7 @@ impl Agent {
             from_segment: self.from_segment,
             through_segment: self.next_segment - 1,
             time,
-            consistency: Consistency::Crash,
+            consistency: self.consistency,
             block_size: BS,
             shape: DiskShape::Image {
                 size: self.image.len() as u64,
@@ -106,7 +111,7 @@ impl Agent {
             id: PointId::new(format!("{}-{time}-t{}", self.vm, tag.seq)).unwrap(),
             group: group(),
             time,
-            kind: PointKind::Crash,
+            kind: self.kind,
             multi_vm: false,
             members: vec![Member {
                 vm: self.vm.clone(),
@@ -114,7 +119,7 @@ impl Agent {
                     disk: self.disk.clone(),
                     tag: tag.seq,
                 }],
-                consistency: Consistency::Crash,
+                consistency: self.consistency,
             }],
             excluded: vec![],
         };
@@ -473,4 +478,48 @@ async fn processing_quarantines_a_damaged_point_and_moves_newer_ones() {
         pass.latest_processed.map(|(id, _)| id),
         Some(points[2].id.clone())
     );
+}
+
+/// Issue 10, item 6: a point whose member was not frozen, stored as agents before point version
+/// 2 did (kind `crash`): `points list`, the failover output and its report all say not-frozen,
+/// in the words the members' consistency uses.
+#[tokio::test]
+async fn every_command_says_not_frozen_for_a_point_that_was_not_frozen() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("target");
+    let target: DynBackend =
+        Arc::new(lifeboat_store::backend::local::LocalBackend::open(&store).unwrap());
+    let cache: DynBackend = Arc::new(MemoryBackend::new());
+    let p = Processor::new(group(), cache.clone(), target.clone());
+    let mut agent = Agent::new(cache.clone(), 1);
+    agent.consistency = Consistency::NotFrozen;
+    agent.write(0..BLOCKS).await;
+    let point = agent.cut(T0).await;
+    p.pass().await.unwrap();
+    let s = store.to_str().unwrap();
+
+    let list = lifeboat(&["points", "list", "--store", s, "--group", "rg"]);
+    assert!(list.status.success(), "{}", text(&list));
+    let line = text(&list);
+    assert!(line.contains("  not-frozen "), "{line}");
+    assert!(line.contains("r1 (not-frozen)"), "{line}");
+
+    let to = dir.path().join("out");
+    let o = lifeboat(&[
+        "failover",
+        "--store",
+        s,
+        "--group",
+        "rg",
+        "--point",
+        point.id.as_str(),
+        "--to",
+        to.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("(not-frozen single-VM"), "{}", text(&o));
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(to.join("failover-report.json")).unwrap()).unwrap();
+    assert_eq!(report["point_kind"], "not-frozen");
+    assert_eq!(report["members"][0]["consistency"], "not-frozen");
 }

@@ -17,12 +17,17 @@ pub const MANIFEST_VERSION: u32 = 1;
 /// Version of bases this code writes: 2 added `segments`, the identity of what a base stands
 /// for. Version-1 bases are still read.
 pub const BASE_VERSION: u32 = 2;
+/// Version of points this code writes: 2 added kind `not_frozen`. Version-1 points are still
+/// read (their `crash` kind may cover members that were not frozen; see
+/// [`RecoveryPoint::effective_kind`]).
+pub const POINT_VERSION: u32 = 2;
 
 /// The version each kind of manifest is written at. Kinds change version independently, so a
 /// format change to one kind does not make older readers refuse the others.
 fn written_version(kind: &str) -> u32 {
     match kind {
         "base" => BASE_VERSION,
+        "point" => POINT_VERSION,
         _ => MANIFEST_VERSION,
     }
 }
@@ -357,12 +362,43 @@ impl Tree {
     }
 }
 
-/// Whether a point captured applications quiesced or just a crash-consistent image.
+/// What a point as a whole can promise: the weakest [`Consistency`] of its members, in the
+/// same words.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PointKind {
+    /// At least one member was not frozen (point version 2; version-1 points said `crash`).
+    NotFrozen,
+    /// Every member was frozen: like a power cut.
     Crash,
+    /// Every member was frozen with its applications quiesced.
     App,
+}
+
+impl PointKind {
+    /// The kind of a point whose weakest member is `weakest`.
+    pub fn of(weakest: Consistency) -> Self {
+        match weakest {
+            Consistency::NotFrozen => PointKind::NotFrozen,
+            Consistency::Crash => PointKind::Crash,
+            Consistency::App => PointKind::App,
+        }
+    }
+
+    fn consistency(self) -> Consistency {
+        match self {
+            PointKind::NotFrozen => Consistency::NotFrozen,
+            PointKind::Crash => Consistency::Crash,
+            PointKind::App => Consistency::App,
+        }
+    }
+}
+
+impl fmt::Display for PointKind {
+    /// The words of [`Consistency`]: every command and report says the same thing the same way.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.consistency().fmt(f)
+    }
 }
 
 /// One disk of a covered VM: which tag of it the point uses.
@@ -432,6 +468,17 @@ impl RecoveryPoint {
             });
         }
         Ok(p)
+    }
+
+    /// What the point can promise: its kind, weakened to its weakest member. A version-1 point
+    /// stored `crash` even when a member was not frozen; this says `not-frozen` for it.
+    pub fn effective_kind(&self) -> PointKind {
+        let weakest = self
+            .members
+            .iter()
+            .map(|m| m.consistency)
+            .fold(self.kind.consistency(), Consistency::min);
+        PointKind::of(weakest)
     }
 
     /// The member entry of `vm`, if the point covers it.
@@ -530,6 +577,38 @@ mod tests {
     fn point_round_trips() {
         let p = sample_point();
         assert_eq!(RecoveryPoint::decode("p", &p.encode()).unwrap(), p);
+    }
+
+    /// Issue 10, item 6: a point with a member that was not frozen is stored as not-frozen and
+    /// said so in the words every command uses; a version-1 point that stored `crash` for one
+    /// is still read, and still says not-frozen.
+    #[test]
+    fn a_point_not_frozen_says_so_and_old_points_still_read() {
+        let mut p = sample_point();
+        p.members[0].consistency = Consistency::NotFrozen;
+        p.kind = PointKind::of(Consistency::NotFrozen);
+        let raw = p.encode();
+        assert!(raw.starts_with(b"lifeboat-point 2 "));
+        assert!(String::from_utf8_lossy(&raw).contains("\"kind\": \"not_frozen\""));
+        assert_eq!(RecoveryPoint::decode("p", &raw).unwrap(), p);
+        assert_eq!(p.effective_kind().to_string(), "not-frozen");
+        assert_eq!(
+            p.effective_kind().to_string(),
+            p.members[0].consistency.to_string()
+        );
+
+        let mut old = p.clone();
+        old.kind = PointKind::Crash;
+        let body = serde_json::to_vec(&old).unwrap();
+        let v1 = format!("lifeboat-point 1 {}\n", blake3::hash(&body).to_hex());
+        let v1 = [v1.as_bytes(), &body].concat();
+        let read = RecoveryPoint::decode("p", &v1).unwrap();
+        assert_eq!(read.kind, PointKind::Crash);
+        assert_eq!(read.effective_kind(), PointKind::NotFrozen);
+        let v3 = String::from_utf8_lossy(&v1).replacen("point 1", "point 3", 1);
+        assert!(RecoveryPoint::decode("p", v3.as_bytes()).is_err());
+        assert_eq!(PointKind::App.to_string(), Consistency::App.to_string());
+        assert_eq!(PointKind::Crash.to_string(), "crash-consistent");
     }
 
     #[test]

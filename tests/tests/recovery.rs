@@ -436,7 +436,7 @@ fn a_group_drill_from_the_target_store_with_the_source_region_gone() {
         &[("--store", &target), ("--to", &drill)],
     ));
     assert!(out.contains(&app), "{out}");
-    assert!(out.contains("app multi-VM"), "{out}");
+    assert!(out.contains("app-consistent multi-VM"), "{out}");
     for vm in ["web", "db"] {
         assert_eq!(
             std::fs::read_to_string(drill.join(vm).join("data/f")).unwrap(),

@@ -12,7 +12,7 @@ use lifeboat_coordinator::process::Processor;
 use lifeboat_proto::pb;
 use lifeboat_proto::pb::admin_client::AdminClient;
 use lifeboat_store::layout::Layout;
-use lifeboat_store::manifest::{PointKind, RecoveryPoint};
+use lifeboat_store::manifest::{Consistency, RecoveryPoint};
 use lifeboat_store::restore::{StoreReader, restore_disk};
 use lifeboat_store::{DiskId, GroupId, PointId, StoreConfig, VmId};
 
@@ -251,16 +251,9 @@ fn fmt_time(ms: u64) -> String {
 }
 
 fn describe(p: &RecoveryPoint) -> String {
-    // Never claim more than the weakest member had: a "crash" point of unfrozen disks says so.
-    let unfrozen = p
-        .members
-        .iter()
-        .any(|m| m.consistency == lifeboat_store::manifest::Consistency::NotFrozen);
-    let kind = match p.kind {
-        PointKind::App if !unfrozen => "app",
-        _ if unfrozen => "unfrozen",
-        _ => "crash",
-    };
+    // Never claim more than the weakest member had (a version-1 "crash" point of disks that
+    // were not frozen says not-frozen), in the words of every other command.
+    let kind = p.effective_kind().to_string();
     let scope = if p.multi_vm { "multi-VM" } else { "single-VM" };
     let members: Vec<String> = p
         .members
@@ -268,7 +261,7 @@ fn describe(p: &RecoveryPoint) -> String {
         .map(|m| format!("{} ({})", m.vm, m.consistency))
         .collect();
     let mut line = format!(
-        "{}  {}  {kind:<8} {scope:<9}  members: {}",
+        "{}  {}  {kind:<16} {scope:<9}  members: {}",
         p.id,
         fmt_time(p.time),
         members.join(", ")
@@ -334,9 +327,9 @@ async fn run(command: Command) -> Result<()> {
                 .map_err(status_error)?
                 .into_inner();
             let label = match pb::Consistency::try_from(r.consistency) {
-                Ok(pb::Consistency::App) => "app-consistent",
-                Ok(pb::Consistency::Crash) => "crash-consistent",
-                _ => "unfrozen",
+                Ok(pb::Consistency::App) => Consistency::App,
+                Ok(pb::Consistency::Crash) => Consistency::Crash,
+                _ => Consistency::NotFrozen,
             };
             println!("{}", r.point_id);
             eprintln!(

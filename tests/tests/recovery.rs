@@ -462,10 +462,13 @@ fn retention_keeps_points_while_none_are_new_and_never_resurrects_pruned_ones() 
     let vm = Vm::new(dir.path());
     let target = vm.target();
     vm.process();
-    // Points 3 h and 30 min older than the newest.
+    // Points 3 h and 30 min older than the newest, in both stores: the cache (not trimmed
+    // here) must hold the same points as the target, or processing refuses them as others.
     let newest = point_time(&target, &vm.points[2]);
-    set_point_time(&target, "g1", &vm.points[0], newest - 3 * 3_600_000);
-    set_point_time(&target, "g1", &vm.points[1], newest - 1_800_000);
+    for store in [&target, &vm.cache] {
+        set_point_time(store, "g1", &vm.points[0], newest - 3 * 3_600_000);
+        set_point_time(store, "g1", &vm.points[1], newest - 1_800_000);
+    }
     let prune = |retention: &str, now: &str| {
         lifeboat(
             &[

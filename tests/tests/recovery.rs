@@ -874,3 +874,54 @@ fn killing_the_coordinator_while_it_processes_and_prunes_loses_and_duplicates_no
         vm.assert_fails_over(&target_toml, i, &out);
     }
 }
+
+/// Issue 10, item 1, with the real agent and CLI: a disk of many segments, and sync, process
+/// with a cache trim, prune, round after round (as the issue's script). The first prune
+/// compacts the image into a base; processing used to copy the segments it stands for again
+/// every round, the trim removed them from the cache and the prune from the target, and the
+/// third round failed on a segment gone from both.
+#[test]
+fn sync_process_trim_and_prune_round_after_round_never_jam() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut vm = Vm::setup(dir.path());
+    let config = dir.path().join("agent.toml");
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    // Small segments: the 3 MiB image is a dozen of them, past the compaction threshold.
+    text.push_str("[replication]\nsegment_size = \"256KiB\"\n");
+    std::fs::write(&config, text).unwrap();
+    let target = vm.target();
+    for round in 0..4u64 {
+        if round > 0 {
+            vm.change(round, round * 300_000, 100_000);
+        }
+        vm.sync(round);
+        let out = ok(lifeboat(
+            &["process", "--group", "g1", "--trim-cache"],
+            &[("--cache", &vm.cache), ("--store", &target)],
+        ));
+        let copied: u64 = out
+            .strip_prefix("processed 1 point(s), ")
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("round {round}: {out}"));
+        if round == 0 {
+            assert!(copied >= 8, "{out}");
+        } else {
+            assert!(
+                copied <= 3,
+                "round {round} copied again what a base holds: {out}"
+            );
+        }
+        let pruned = ok(lifeboat(
+            &["prune", "--group", "g1", "--retention", "24h"],
+            &[("--store", &target)],
+        ));
+        if round == 0 {
+            assert!(!pruned.contains("compacted 0 disk"), "{pruned}");
+        }
+    }
+    for i in 0..4 {
+        let out = dir.path().join(format!("out-{i}"));
+        vm.assert_fails_over(&target, i, &out);
+    }
+}

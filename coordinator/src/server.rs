@@ -564,7 +564,14 @@ pub async fn serve(
                         }
                     }
                 }
-                match p.prune(retention, lifeboat_store::manifest::now_millis()).await {
+                let pruned = p.prune(retention, lifeboat_store::manifest::now_millis()).await;
+                if let Ok(r) = &pruned {
+                    // Retention went on around them; they stay for an operator to look at.
+                    for d in &r.damaged {
+                        tracing::warn!(error = %d, "unreadable point in the target store left in place");
+                    }
+                }
+                match pruned {
                     Ok(r) if !r.points.is_empty() || r.segments > 0 || r.orphan_parts > 0 => tracing::info!(
                         expired = r.points.len(),
                         tags = r.tags,

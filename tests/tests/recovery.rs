@@ -925,3 +925,82 @@ fn sync_process_trim_and_prune_round_after_round_never_jam() {
         vm.assert_fails_over(&target, i, &out);
     }
 }
+
+/// The same rounds with the coordinator's processing loop (pass, trim of the cache, prune with
+/// the default 24 h retention, every second) instead of the CLI.
+#[test]
+fn the_coordinators_processing_loop_never_jams_after_compacting() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("target");
+    std::fs::create_dir_all(&target).unwrap();
+    let mut coordinator = CoordinatorProc::serving(
+        &dir.path().join("c"),
+        "g1",
+        &format!(
+            "processing_interval = \"1s\"\n[target]\nkind = \"local\"\npath = \"{}\"\n",
+            target.display()
+        ),
+    );
+    let mut vm = Vm::setup_with_cache(&dir.path().join("vm"), &coordinator.store);
+    let config = dir.path().join("vm/agent.toml");
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str("[replication]\nsegment_size = \"256KiB\"\n");
+    std::fs::write(&config, text).unwrap();
+    let bases = target.join("v1/g1/vms/vm1/disks/os/base");
+    for round in 0..4u64 {
+        if round > 0 {
+            vm.change(round, round * 300_000, 100_000);
+        }
+        vm.sync(round);
+        let point = target.join(format!("v1/g1/points/{}.point", vm.points[round as usize]));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !point.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: point not processed:\n{}",
+                coordinator.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // Let the loop finish the round (trim and prune) before the agent syncs again.
+        std::thread::sleep(Duration::from_millis(2500));
+        if round == 0 {
+            assert!(
+                std::fs::read_dir(&bases)
+                    .map(|d| d.count())
+                    .unwrap_or_default()
+                    > 0,
+                "no compaction:\n{}",
+                coordinator.log_text()
+            );
+        }
+    }
+    coordinator.kill();
+    let log = coordinator.log_text();
+    for bad in [
+        "processing failed",
+        "pruning failed",
+        "trimming the cache store failed",
+    ] {
+        assert!(!log.contains(bad), "{bad}:\n{log}");
+    }
+    // Each pass after the first copied what changed, not the segments a base holds.
+    let copied: Vec<u64> = log
+        .lines()
+        .filter(|l| l.contains("processed points into the target store"))
+        .filter_map(|l| {
+            l.split("segments=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    assert_eq!(copied.len(), 4, "{log}");
+    assert!(copied[1..].iter().all(|&n| n <= 3), "{copied:?}");
+    for i in 0..4 {
+        let out = dir.path().join(format!("out-{i}"));
+        vm.assert_fails_over(&target, i, &out);
+    }
+}

@@ -335,7 +335,7 @@ impl Processor {
     /// Returns whether the target holds it at all.
     async fn check_identity(
         &self,
-        held: &Held,
+        held: &mut Held,
         vm: &VmId,
         disk: &DiskId,
         seq: u64,
@@ -356,12 +356,21 @@ impl Processor {
                 known = true;
             }
         }
-        for b in held
+        let covering: Vec<Base> = held
             .bases
             .iter()
             .filter(|b| b.from_segment <= seq && seq <= b.through_segment)
-        {
-            match b.segment_id(seq) {
+            .cloned()
+            .collect();
+        for b in covering {
+            // Read once per base, and only when a segment it stands for is met.
+            if let std::collections::btree_map::Entry::Vacant(e) = held.ids.entry(b.tag) {
+                e.insert(self.target.base_segment_ids(&b).await?);
+            }
+            let bid = held.ids[&b.tag]
+                .as_ref()
+                .and_then(|ids| ids.get(usize::try_from(seq - b.from_segment).ok()?));
+            match bid {
                 Some(bid) if bid != id => {
                     return Err(Conflict(format!(
                         "{name} in the cache store is not the segment {seq} that base {} in the target store was compacted from (index {id} vs {bid}): another history of the disk under the same numbers (an agent that lost its state and started again?); not processed",
@@ -452,7 +461,7 @@ impl Processor {
                     out.trees += 1;
                 }
             }
-            let in_target = Held::of(&self.target, &vm, &disk).await?;
+            let mut in_target = Held::of(&self.target, &vm, &disk).await?;
             for m in backend.list(&layout.segments(&vm, &disk)).await? {
                 let Some(seq) = lifeboat_store::layout::parse_seq(&m.name) else {
                     continue;
@@ -466,7 +475,7 @@ impl Processor {
                     continue;
                 };
                 let same = match self
-                    .check_identity(&in_target, &vm, &disk, seq, &m.name, &id)
+                    .check_identity(&mut in_target, &vm, &disk, seq, &m.name, &id)
                     .await
                 {
                     Ok(known) => known,
@@ -613,6 +622,7 @@ impl Processor {
             for b in bases.iter().filter(|b| !need_bases.contains(&b.tag)) {
                 // Manifest first: a base without one is unreferenced leftovers.
                 backend.delete(&layout.base(&vm, &disk, b.tag)).await?;
+                backend.delete(&layout.base_ids(&vm, &disk, b.tag)).await?;
                 for part in 1..=b.parts {
                     backend
                         .delete(&layout.base_part(&vm, &disk, b.tag, part))
@@ -688,6 +698,8 @@ struct Held {
     bases: Vec<Base>,
     in_cache: Option<BTreeSet<u64>>,
     verified: BTreeSet<u64>,
+    /// Per base (by tag), the identities of the segments it stands for, once read.
+    ids: BTreeMap<u64, Option<Vec<String>>>,
 }
 
 impl Held {

@@ -16,6 +16,7 @@ use crate::backend::ErrorKind;
 use crate::codec::{self, SegmentBuilder};
 use crate::error::{Error, Result};
 use crate::manifest::{Base, DiskShape, Tag};
+use crate::name::ObjectName;
 use crate::restore::{StoreReader, files_of, plan_blocks, sources_for};
 
 /// Compacts the disk of `tag` into a base at `tag`, with parts of about `part_size` bytes.
@@ -42,7 +43,7 @@ pub async fn compact(
     // What the new base stands for: the segments of the base it is built on (if that one
     // recorded them), then the identities of the segments after it.
     let mut ids = match &prev {
-        Some(b) => b.segments.clone(),
+        Some(b) => reader.base_segment_ids(b).await?,
         None => Some(Vec::new()),
     };
     if let Some(ids) = ids.as_mut() {
@@ -102,6 +103,23 @@ pub async fn compact(
         parts += 1;
         put(reader, tag, parts, builder.finish()).await?;
     }
+    // Like a part: written before the manifest, its bytes a function of the tag and the bases
+    // before it.
+    let segment_ids = match ids {
+        Some(ids) => {
+            let mut raw = Vec::with_capacity(ids.len() * 32);
+            for h in &ids {
+                let h = blake3::Hash::from_hex(h)
+                    .map_err(|e| Error::Inconsistent(format!("segment identity {h}: {e}")))?;
+                raw.extend_from_slice(h.as_bytes());
+            }
+            let hash = blake3::hash(&raw).to_hex().to_string();
+            let name = layout.base_ids(&tag.vm, &tag.disk, tag.seq);
+            put_object(reader, &name, Bytes::from(raw)).await?;
+            Some(hash)
+        }
+        None => None,
+    };
     let base = Base {
         vm: tag.vm.clone(),
         disk: tag.disk.clone(),
@@ -110,7 +128,7 @@ pub async fn compact(
         through_segment: tag.through_segment,
         parts,
         block_size: tag.block_size,
-        segments: ids,
+        segment_ids,
     };
     match backend.put_new(&manifest, base.encode()).await {
         Ok(()) => Ok(base),
@@ -126,6 +144,12 @@ pub async fn compact(
 /// is accepted, different bytes are an error.
 async fn put(reader: &StoreReader, tag: &Tag, part: u32, data: Bytes) -> Result<()> {
     let name = reader.layout().base_part(&tag.vm, &tag.disk, tag.seq, part);
+    put_object(reader, &name, data).await
+}
+
+/// [`put`] for any object of a base.
+async fn put_object(reader: &StoreReader, name: &ObjectName, data: Bytes) -> Result<()> {
+    let name = name.clone();
     match reader.backend().put_new(&name, data.clone()).await {
         Ok(()) => Ok(()),
         Err(e) if e.kind == ErrorKind::AlreadyExists => {

@@ -5,6 +5,7 @@
 //! v1/<group>/vms/<vm>/disks/<disk>/tag/<seq:020>.tag     tags, gap-free from 1
 //! v1/<group>/vms/<vm>/disks/<disk>/base/<tag:020>.base   a compaction of the disk at a tag
 //! v1/<group>/vms/<vm>/disks/<disk>/base/<tag:020>/<part:06>.seg   its segments
+//! v1/<group>/vms/<vm>/disks/<disk>/base/<tag:020>/segments.ids    what it stands for
 //! v1/<group>/vms/<vm>/disks/<disk>/tree/<blake3>.tree    directory listings, by content
 //! v1/<group>/points/<point-id>.point                     recovery points
 //! ```
@@ -97,6 +98,15 @@ impl Layout {
     pub fn base_part(&self, vm: &VmId, disk: &DiskId, tag: u64, part: u32) -> ObjectName {
         name(format!(
             "{}/base/{tag:020}/{part:06}.seg",
+            self.disk_root(vm, disk)
+        ))
+    }
+
+    /// The identities of the segments the base at `tag` stands for (see `Base::segment_ids`);
+    /// written with its parts, before the manifest.
+    pub fn base_ids(&self, vm: &VmId, disk: &DiskId, tag: u64) -> ObjectName {
+        name(format!(
+            "{}/base/{tag:020}/segments.ids",
             self.disk_root(vm, disk)
         ))
     }

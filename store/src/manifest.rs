@@ -273,12 +273,14 @@ pub struct Base {
     pub through_segment: u64,
     pub parts: u32,
     pub block_size: u32,
-    /// What the base stands for: the index blake3 (hex) of each segment
-    /// `from_segment..=through_segment`, in order, so processing can tell whether a segment of
-    /// that number in a cache store is the one the base was compacted from or another history's
-    /// (`docs/format.md`, identity). Absent in version-1 bases and in bases compacted over one.
+    /// What the base stands for: the blake3 (hex) of its `segments.ids` object, which holds
+    /// the identity (index blake3, 32 bytes) of each segment `from_segment..=through_segment`
+    /// in order, so processing can tell whether a segment of that number in a cache store is
+    /// the one the base was compacted from or another history's (`docs/format.md`, identity).
+    /// A separate object, read only when such a segment is met, so this manifest stays small
+    /// however long the history. Absent in version-1 bases and in bases compacted over one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub segments: Option<Vec<String>>,
+    pub segment_ids: Option<String>,
 }
 
 impl Base {
@@ -303,28 +305,15 @@ impl Base {
             return Err(err("segment or part numbers out of range".into()));
         }
         crate::codec::check_block_size(b.block_size).map_err(&err)?;
-        if let Some(ids) = &b.segments {
-            let want = b.through_segment - b.from_segment + 1;
-            if ids.len() as u64 != want {
-                return Err(err(format!(
-                    "lists {} segment identities for {want} segments",
-                    ids.len()
-                )));
-            }
-            if !ids.iter().all(|h| is_hex_hash(h)) {
-                return Err(err("a segment identity is not a blake3 hash".into()));
-            }
+        if b.segment_ids.as_deref().is_some_and(|h| !is_hex_hash(h)) {
+            return Err(err("segment_ids is not a blake3 hash".into()));
         }
         Ok(b)
     }
 
-    /// The identity (index blake3, hex) of segment `seq` as the base recorded it, if it did.
-    pub fn segment_id(&self, seq: u64) -> Option<&str> {
-        let i = seq.checked_sub(self.from_segment)?;
-        self.segments
-            .as_ref()?
-            .get(usize::try_from(i).ok()?)
-            .map(String::as_str)
+    /// How many segments the base stands for.
+    pub fn segment_count(&self) -> u64 {
+        self.through_segment - self.from_segment + 1
     }
 }
 

@@ -207,6 +207,33 @@ impl StoreReader {
         Ok(out)
     }
 
+    /// The identities (index blake3, hex) of the segments `from_segment..=through_segment` a
+    /// base stands for, checked against the hash its manifest records; `None` for a base that
+    /// did not record them (version 1, or compacted over one).
+    pub async fn base_segment_ids(&self, base: &Base) -> Result<Option<Vec<String>>> {
+        let Some(want) = &base.segment_ids else {
+            return Ok(None);
+        };
+        let name = self.layout.base_ids(&base.vm, &base.disk, base.tag);
+        let data = self.backend.get(&name).await?;
+        if blake3::hash(&data).to_hex().as_str() != want
+            || data.len() as u64 != base.segment_count() * 32
+        {
+            return Err(Error::Inconsistent(format!(
+                "{name} is not the list of segment identities its base records"
+            )));
+        }
+        Ok(Some(
+            data.chunks_exact(32)
+                .map(|h| {
+                    blake3::Hash::from(<[u8; 32]>::try_from(h).expect("32"))
+                        .to_hex()
+                        .to_string()
+                })
+                .collect(),
+        ))
+    }
+
     /// The identity of the segment object `name`: the blake3 (hex) of its index, read from its
     /// footer (one head, one ranged get). Two segments with the same index hash hold the same
     /// blocks, since the index carries every block's blake3 and every block is checked against

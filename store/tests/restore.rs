@@ -495,3 +495,52 @@ async fn listing_points_survives_damage_and_points_vanishing() {
     );
     assert_eq!(reader.points().await.unwrap().len(), 2);
 }
+
+/// Issue 10, item 2: a base records what it stands for — the identity of every segment it was
+/// compacted from, carried over when compacted over an earlier base — in an object of its own,
+/// checked against the manifest when read.
+#[tokio::test]
+async fn a_base_records_the_identities_of_the_segments_it_stands_for() {
+    use lifeboat_store::compact::compact;
+    let f = fixture();
+    let (tag, _) = history(&f).await;
+    let layout = f.reader.layout().clone();
+    let mut ids = Vec::new();
+    for seq in 1..=3 {
+        let name = layout.segment(&f.vm, &f.disk, seq);
+        ids.push(f.reader.segment_id(&name).await.unwrap().unwrap());
+    }
+    let at2 = compact(
+        &f.reader,
+        &f.reader.tag(&f.vm, &f.disk, 2).await.unwrap(),
+        1 << 20,
+        3,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        f.reader.base_segment_ids(&at2).await.unwrap().unwrap(),
+        ids[..2]
+    );
+    // Compacted over the base at tag 2, with segments 1 and 2 gone: carried over.
+    for seq in 1..=2 {
+        f.backend
+            .delete(&layout.segment(&f.vm, &f.disk, seq))
+            .await
+            .unwrap();
+    }
+    let at3 = compact(&f.reader, &tag, 1 << 20, 3).await.unwrap();
+    assert_eq!(f.reader.base_segment_ids(&at3).await.unwrap().unwrap(), ids);
+    // The manifest names them by hash only: its size does not grow with the history.
+    let manifest = f
+        .backend
+        .get(&layout.base(&f.vm, &f.disk, 3))
+        .await
+        .unwrap();
+    assert!(manifest.len() < 1024, "{} bytes", manifest.len());
+    // Other bytes under the list's name are refused, naming it.
+    let list = layout.base_ids(&f.vm, &f.disk, 3);
+    std::fs::write(f.root.join(list.as_str()), [0u8; 96]).unwrap();
+    let e = f.reader.base_segment_ids(&at3).await.unwrap_err();
+    assert!(e.to_string().contains(list.as_str()), "{e}");
+}

@@ -484,6 +484,12 @@ impl Processor {
                         out.conflicts += 1;
                         false
                     }
+                    // Damage in the target (say, a base's identity list) keeps this segment in
+                    // the cache; it does not stop the trim of the others.
+                    Err(e) if quarantines(&e) => {
+                        tracing::warn!(error = %format!("{e:#}"), segment = %m.name, "not trimming a segment whose identity the target cannot show");
+                        false
+                    }
                     Err(e) => return Err(e),
                 };
                 if same {

@@ -43,7 +43,15 @@ pub async fn compact(
     // What the new base stands for: the segments of the base it is built on (if that one
     // recorded them), then the identities of the segments after it.
     let mut ids = match &prev {
-        Some(b) => reader.base_segment_ids(b).await?,
+        // Damage to the earlier base's list costs only the new base's list, not the compaction.
+        Some(b) => match reader.base_segment_ids(b).await {
+            Ok(ids) => ids,
+            Err(e) if is_damage(&e) => {
+                tracing::warn!(error = %e, "compacting without segment identities");
+                None
+            }
+            Err(e) => return Err(e),
+        },
         None => Some(Vec::new()),
     };
     if let Some(ids) = ids.as_mut() {
@@ -137,6 +145,15 @@ pub async fn compact(
             &backend.get(&manifest).await?,
         )?),
         Err(e) => Err(e.into()),
+    }
+}
+
+/// Whether `e` says an object is missing or wrong (rather than the store unreachable).
+fn is_damage(e: &Error) -> bool {
+    match e {
+        Error::Store(s) => s.kind == ErrorKind::NotFound,
+        Error::Inconsistent(_) | Error::Codec(_) | Error::Manifest(_) => true,
+        _ => false,
     }
 }
 

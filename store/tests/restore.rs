@@ -543,4 +543,23 @@ async fn a_base_records_the_identities_of_the_segments_it_stands_for() {
     std::fs::write(f.root.join(list.as_str()), [0u8; 96]).unwrap();
     let e = f.reader.base_segment_ids(&at3).await.unwrap_err();
     assert!(e.to_string().contains(list.as_str()), "{e}");
+
+    // A lost list costs only the next base's list, not the compaction.
+    let g = fixture();
+    let (tag, disk) = history(&g).await;
+    let at2 = compact(
+        &g.reader,
+        &g.reader.tag(&g.vm, &g.disk, 2).await.unwrap(),
+        1 << 20,
+        3,
+    )
+    .await
+    .unwrap();
+    g.backend
+        .delete(&layout.base_ids(&g.vm, &g.disk, at2.tag))
+        .await
+        .unwrap();
+    let at3 = compact(&g.reader, &tag, 1 << 20, 3).await.unwrap();
+    assert_eq!(at3.segment_ids, None);
+    assert!(restore_bytes(&g, &tag, "lost-list.img").await.unwrap() == disk);
 }

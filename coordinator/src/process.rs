@@ -178,6 +178,7 @@ impl Processor {
                 Err(e) => return Err(e.context(format!("processing point {}", p.id))),
             }
         }
+        self.record_quarantines(&pass).await?;
         pass.latest_processed = self
             .target
             .points()
@@ -188,6 +189,60 @@ impl Processor {
         pass.rpo_ms = self.rpo().await?;
         pass.elapsed = started.elapsed();
         Ok(pass)
+    }
+
+    /// Makes the target's quarantine records (`quarantine/<point>.txt`, the reason as text)
+    /// those of this pass: one per point it quarantined, none for any other (processed since,
+    /// superseded, or gone from the cache). They are what `lifeboat points list --target` shows
+    /// for a point that is not moving.
+    async fn record_quarantines(&self, pass: &Pass) -> Result<()> {
+        let backend = self.target.backend();
+        let layout = self.target.layout();
+        let now: BTreeSet<&PointId> = pass.quarantined.iter().map(|(id, _)| id).collect();
+        for (id, _) in self.quarantined().await? {
+            if !now.contains(&id) {
+                backend.delete(&layout.quarantine_record(&id)).await?;
+            }
+        }
+        for (id, why) in &pass.quarantined {
+            let name = layout.quarantine_record(id);
+            match backend.get(&name).await {
+                Ok(b) if b == why.as_bytes() => continue,
+                Ok(_) => backend.delete(&name).await?,
+                Err(e) if e.kind == ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
+            match backend.put_new(&name, why.clone().into()).await {
+                // Another pass recorded it meanwhile: either reason will do.
+                Err(e) if e.kind != ErrorKind::AlreadyExists => return Err(e.into()),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The target's quarantine records: point id → why.
+    pub async fn quarantined(&self) -> Result<BTreeMap<PointId, String>> {
+        let backend = self.target.backend();
+        let mut out = BTreeMap::new();
+        for m in backend.list(&self.target.layout().quarantine()).await? {
+            let Some(id) = m
+                .name
+                .file_name()
+                .strip_suffix(".txt")
+                .and_then(|s| PointId::new(s).ok())
+            else {
+                continue;
+            };
+            match backend.get(&m.name).await {
+                Ok(b) => {
+                    out.insert(id, String::from_utf8_lossy(&b).into_owned());
+                }
+                Err(e) if e.kind == ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(out)
     }
 
     async fn copy_point(

@@ -523,3 +523,55 @@ async fn every_command_says_not_frozen_for_a_point_that_was_not_frozen() {
     assert_eq!(report["point_kind"], "not-frozen");
     assert_eq!(report["members"][0]["consistency"], "not-frozen");
 }
+
+/// Issue 10, item 4: a quarantine is recorded in the target (`quarantine/<point>.txt`), shown
+/// with its reason by `points list --target`, and cleared once the point no longer waits.
+#[tokio::test]
+async fn a_quarantine_is_recorded_listed_and_cleared() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cache_dir, target_dir) = (dir.path().join("cache"), dir.path().join("target"));
+    let local = |p: &Path| -> DynBackend {
+        Arc::new(lifeboat_store::backend::local::LocalBackend::open(p).unwrap())
+    };
+    let (cache, target) = (local(&cache_dir), local(&target_dir));
+    let p = Processor::new(group(), cache.clone(), target.clone());
+    let mut agent = Agent::new(cache.clone(), 1);
+    agent.write(0..BLOCKS).await;
+    let point = agent.cut(T0).await;
+    p.pass().await.unwrap();
+    // Another point under its id in the target.
+    let layout = Layout::new(group());
+    let published = target_dir.join(layout.point(&point.id).as_str());
+    let original = std::fs::read(&published).unwrap();
+    let mut other = point.clone();
+    other.time += 1;
+    std::fs::write(&published, other.encode()).unwrap();
+    let pass = p.pass().await.unwrap();
+    assert_eq!(pass.quarantined.len(), 1);
+    let record = target_dir.join(layout.quarantine_record(&point.id).as_str());
+    assert_eq!(
+        std::fs::read_to_string(&record).unwrap(),
+        pass.quarantined[0].1
+    );
+    let list = lifeboat(&[
+        "points",
+        "list",
+        "--store",
+        cache_dir.to_str().unwrap(),
+        "--group",
+        "rg",
+        "--target",
+        target_dir.to_str().unwrap(),
+    ]);
+    assert!(list.status.success(), "{}", text(&list));
+    let out = text(&list);
+    let line = out.lines().find(|l| l.contains(point.id.as_str())).unwrap();
+    assert!(
+        line.starts_with("quarantined") && line.contains("another point"),
+        "{out}"
+    );
+    // Put right: the point is the target's again, and the next pass clears the record.
+    std::fs::write(&published, original).unwrap();
+    assert!(p.pass().await.unwrap().quarantined.is_empty());
+    assert!(!record.exists());
+}

@@ -8,6 +8,7 @@
 //! v1/<group>/vms/<vm>/disks/<disk>/base/<tag:020>/segments.ids    what it stands for
 //! v1/<group>/vms/<vm>/disks/<disk>/tree/<blake3>.tree    directory listings, by content
 //! v1/<group>/points/<point-id>.point                     recovery points
+//! v1/<group>/quarantine/<point-id>.txt                   why processing refused a point
 //! ```
 //!
 //! Sequence numbers are zero-padded so that name order is numeric order in every backend.
@@ -119,6 +120,16 @@ impl Layout {
     /// One recovery point.
     pub fn point(&self, id: &PointId) -> ObjectName {
         name(format!("{ROOT}/{}/points/{id}.point", self.group))
+    }
+
+    /// Prefix of the records of quarantined points (target store).
+    pub fn quarantine(&self) -> ObjectName {
+        name(format!("{ROOT}/{}/quarantine", self.group))
+    }
+
+    /// Why processing quarantined point `id` (plain text), while it does.
+    pub fn quarantine_record(&self, id: &PointId) -> ObjectName {
+        name(format!("{ROOT}/{}/quarantine/{id}.txt", self.group))
     }
 }
 

@@ -418,15 +418,22 @@ async fn run(command: Command) -> Result<()> {
             let scan = reader.scan_points().await?;
             let mut points = scan.points;
             let mut damaged = scan.damaged;
+            let mut quarantined = std::collections::BTreeMap::new();
             let processed: Option<Vec<RecoveryPoint>> = match &target {
                 Some(t) => {
-                    let scan = open(&StoreArgs {
+                    let target = open(&StoreArgs {
                         store: t.clone(),
                         group: store.group.clone(),
                     })
-                    .await?
-                    .scan_points()
                     .await?;
+                    quarantined = Processor::new(
+                        store.group.clone(),
+                        reader.backend().clone(),
+                        target.backend().clone(),
+                    )
+                    .quarantined()
+                    .await?;
+                    let scan = target.scan_points().await?;
                     for d in scan.damaged {
                         if !damaged.iter().any(|e| e.id == d.id) {
                             damaged.push(d);
@@ -450,12 +457,15 @@ async fn run(command: Command) -> Result<()> {
             for p in points {
                 match &processed {
                     Some(done) => {
-                        let mark = if done.iter().any(|q| q.id == p.id) {
-                            "processed  "
+                        if let Some(why) = quarantined.get(&p.id) {
+                            // Not moving, and why: processing refused it (see the format's rule
+                            // 8); also when the target holds another point under its id.
+                            println!("quarantined  {}  reason: {why}", describe(&p));
+                        } else if done.iter().any(|q| q.id == p.id) {
+                            println!("processed    {}", describe(&p));
                         } else {
-                            "unprocessed"
-                        };
-                        println!("{mark}  {}", describe(&p));
+                            println!("unprocessed  {}", describe(&p));
+                        }
                     }
                     None => println!("{}", describe(&p)),
                 }

@@ -697,6 +697,10 @@ async fn run_failover(a: FailoverArgs, drill: bool) -> Result<()> {
                     "processed {} pending point(s) from the cache store first",
                     pass.points.len()
                 );
+                // Failing over goes on with what is in the target; what could not move is said.
+                for (id, why) in &pass.quarantined {
+                    eprintln!("quarantined point {id} (not processed): {why}");
+                }
             }
             None => println!("no --cache given: `latest` is the latest processed point"),
         }

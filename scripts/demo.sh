@@ -155,7 +155,7 @@ for vm in web db; do
     mounts+=("$DEMO/$vm")
     freeze="mount = \"$DEMO/$vm\""
   else
-    # Without root nothing can be frozen: crash points are labelled unfrozen, app points rely
+    # Without root nothing can be frozen: crash points are labelled not-frozen, app points rely
     # on the hooks alone.
     mkdir -p "$vm"; freeze=""
   fi

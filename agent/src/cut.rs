@@ -152,11 +152,14 @@ pub async fn cut(
         freeze: local_freeze_deadline(&agent.config.disks),
     };
     let mut r = cut_with(agent, app, verify, watchers, &mut local).await?;
-    let kind = if r.tags.iter().all(|t| t.consistency == Consistency::App) {
-        PointKind::App
-    } else {
-        PointKind::Crash
-    };
+    // The point promises what its weakest disk does, in the same words.
+    let weakest = r
+        .tags
+        .iter()
+        .map(|t| t.consistency)
+        .min()
+        .unwrap_or(Consistency::NotFrozen);
+    let kind = PointKind::of(weakest);
     r.point = Some(agent.publish_local_point(&r.tags, kind).await?);
     Ok(r)
 }

@@ -331,8 +331,11 @@ async fn cycle(
         );
     }
     println!(
-        "published recovery point {} ({:?}, {} bytes stored, {:.2?})",
-        point.id, point.kind, r.stored_bytes, r.elapsed
+        "published recovery point {} ({}, {} bytes stored, {:.2?})",
+        point.id,
+        point.effective_kind(),
+        r.stored_bytes,
+        r.elapsed
     );
     Ok(())
 }

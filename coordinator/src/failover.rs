@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use lifeboat_store::manifest::{Consistency, DiskShape, PointKind, RecoveryPoint};
+use lifeboat_store::manifest::{DiskShape, PointKind, RecoveryPoint};
 use lifeboat_store::restore::{StoreReader, restore_disk};
 use lifeboat_store::{PointId, VmId};
 use serde::{Deserialize, Serialize};
@@ -62,7 +62,7 @@ impl std::str::FromStr for Selector {
 }
 
 fn is_app(p: &RecoveryPoint) -> bool {
-    p.kind == PointKind::App && p.members.iter().all(|m| m.consistency == Consistency::App)
+    p.effective_kind() == PointKind::App
 }
 
 /// Every VM the group's points know of (covered or excluded).
@@ -253,7 +253,8 @@ pub async fn restore_point(
             group: point.group.to_string(),
             point: point.id.to_string(),
             point_time: fmt_time(point.time),
-            point_kind: if is_app(point) { "app" } else { "crash" }.into(),
+            // The words of `lifeboat points list` and of the members' `consistency`.
+            point_kind: point.effective_kind().to_string(),
             multi_vm: point.multi_vm,
             members,
             bytes,

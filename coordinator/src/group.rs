@@ -705,11 +705,7 @@ impl Group {
             id: point_id,
             group: self.id.clone(),
             time: cut_time,
-            kind: if consistency == Consistency::App {
-                PointKind::App
-            } else {
-                PointKind::Crash
-            },
+            kind: PointKind::of(consistency),
             multi_vm: true,
             members,
             excluded,

@@ -22,8 +22,8 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use lifeboat_store::layout::Layout;
-use lifeboat_store::manifest::{DiskShape, RecoveryPoint, now_millis};
-use lifeboat_store::restore::StoreReader;
+use lifeboat_store::manifest::{Base, DiskShape, RecoveryPoint, Tag, now_millis};
+use lifeboat_store::restore::{StoreReader, sources_for};
 use lifeboat_store::writer::StoreWriter;
 use lifeboat_store::{DiskId, DynBackend, ErrorKind, GroupId, PointId, VmId};
 
@@ -35,6 +35,8 @@ pub struct Trimmed {
     pub trees: u64,
     pub segments: u64,
     pub bytes: u64,
+    /// Points and segments left in place because the target holds another version of them.
+    pub conflicts: u64,
 }
 
 /// What a prune deleted.
@@ -50,6 +52,8 @@ pub struct Pruned {
     pub bases_deleted: u64,
     /// Parts of bases whose compaction never finished.
     pub orphan_parts: u64,
+    /// Points that cannot be read, with why (each names its object).
+    pub damaged: Vec<String>,
 }
 
 /// Compact once this many segments lie between the oldest kept tag and its current base.
@@ -87,6 +91,11 @@ pub struct Pass {
     pub latest_processed: Option<(PointId, u64)>,
     /// Per VM: now − time of the newest tag of its disks in the cache store (ms).
     pub rpo_ms: BTreeMap<VmId, u64>,
+    /// Points not processed, and why: their data cannot be copied as it is (damaged or
+    /// missing objects, another history under the same names). Newer points were still
+    /// processed; a quarantined point is retried by every pass until a newer published point
+    /// covering its VMs supersedes it.
+    pub quarantined: Vec<(PointId, String)>,
 }
 
 impl Processor {
@@ -126,13 +135,28 @@ impl Processor {
         let started = Instant::now();
         let mut pass = Pass::default();
         let published = self.published().await?;
-        let mut points = self.cache.points().await.context("listing cache points")?;
+        let scan = self
+            .cache
+            .scan_points()
+            .await
+            .context("listing cache points")?;
+        // A point that cannot be read cannot be copied; the others still move.
+        for d in scan.damaged {
+            tracing::error!(point = %d.id, error = %d.reason, "point quarantined: not processed");
+            pass.quarantined.push((d.id, d.reason));
+        }
+        let mut points = scan.points;
         points.sort_by_key(|p| (p.time, p.id.to_string()));
-        // Per disk, the segments the target holds (listed once per pass).
-        let mut have: BTreeMap<(VmId, DiskId), BTreeSet<u64>> = BTreeMap::new();
+        // Per disk, what the target holds (listed once per pass).
+        let mut have: BTreeMap<(VmId, DiskId), Held> = BTreeMap::new();
+        let (processed, conflicts) = self.processed(&points, &published).await?;
+        for (id, why) in conflicts {
+            tracing::error!(point = %id, error = %why, "point quarantined: not processed");
+            pass.quarantined.push((id, why));
+        }
         let done: Vec<&RecoveryPoint> = points
             .iter()
-            .filter(|p| published.contains(p.id.as_str()))
+            .filter(|p| processed.contains(&p.id))
             .collect();
         for p in &points {
             if published.contains(p.id.as_str()) {
@@ -144,11 +168,17 @@ impl Processor {
             if superseded {
                 continue;
             }
-            self.copy_point(p, &mut have, &mut pass)
-                .await
-                .with_context(|| format!("processing point {}", p.id))?;
-            pass.points.push(p.id.clone());
+            match self.copy_point(p, &mut have, &mut pass).await {
+                Ok(()) => pass.points.push(p.id.clone()),
+                Err(e) if quarantines(&e) => {
+                    let why = format!("{e:#}");
+                    tracing::error!(point = %p.id, error = %why, "point quarantined: not processed");
+                    pass.quarantined.push((p.id.clone(), why));
+                }
+                Err(e) => return Err(e.context(format!("processing point {}", p.id))),
+            }
         }
+        self.record_quarantines(&pass).await?;
         pass.latest_processed = self
             .target
             .points()
@@ -161,10 +191,64 @@ impl Processor {
         Ok(pass)
     }
 
+    /// Makes the target's quarantine records (`quarantine/<point>.txt`, the reason as text)
+    /// those of this pass: one per point it quarantined, none for any other (processed since,
+    /// superseded, or gone from the cache). They are what `lifeboat points list --target` shows
+    /// for a point that is not moving.
+    async fn record_quarantines(&self, pass: &Pass) -> Result<()> {
+        let backend = self.target.backend();
+        let layout = self.target.layout();
+        let now: BTreeSet<&PointId> = pass.quarantined.iter().map(|(id, _)| id).collect();
+        for (id, _) in self.quarantined().await? {
+            if !now.contains(&id) {
+                backend.delete(&layout.quarantine_record(&id)).await?;
+            }
+        }
+        for (id, why) in &pass.quarantined {
+            let name = layout.quarantine_record(id);
+            match backend.get(&name).await {
+                Ok(b) if b == why.as_bytes() => continue,
+                Ok(_) => backend.delete(&name).await?,
+                Err(e) if e.kind == ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
+            match backend.put_new(&name, why.clone().into()).await {
+                // Another pass recorded it meanwhile: either reason will do.
+                Err(e) if e.kind != ErrorKind::AlreadyExists => return Err(e.into()),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The target's quarantine records: point id → why.
+    pub async fn quarantined(&self) -> Result<BTreeMap<PointId, String>> {
+        let backend = self.target.backend();
+        let mut out = BTreeMap::new();
+        for m in backend.list(&self.target.layout().quarantine()).await? {
+            let Some(id) = m
+                .name
+                .file_name()
+                .strip_suffix(".txt")
+                .and_then(|s| PointId::new(s).ok())
+            else {
+                continue;
+            };
+            match backend.get(&m.name).await {
+                Ok(b) => {
+                    out.insert(id, String::from_utf8_lossy(&b).into_owned());
+                }
+                Err(e) if e.kind == ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(out)
+    }
+
     async fn copy_point(
         &self,
         p: &RecoveryPoint,
-        have: &mut BTreeMap<(VmId, DiskId), BTreeSet<u64>>,
+        have: &mut BTreeMap<(VmId, DiskId), Held>,
         pass: &mut Pass,
     ) -> Result<()> {
         for m in &p.members {
@@ -172,23 +256,11 @@ impl Processor {
                 let tag = self.cache.tag(&m.vm, &d.disk, d.tag).await?;
                 let key = (m.vm.clone(), d.disk.clone());
                 if !have.contains_key(&key) {
-                    let seqs = self.target.segment_seqs(&m.vm, &d.disk).await?;
-                    have.insert(key.clone(), seqs.into_iter().collect());
+                    let held = Held::of(&self.target, &m.vm, &d.disk).await?;
+                    have.insert(key.clone(), held);
                 }
                 let held = have.get_mut(&key).expect("inserted");
-                for seq in tag.segments() {
-                    if held.contains(&seq) {
-                        continue;
-                    }
-                    let name = self.cache.layout().segment(&m.vm, &d.disk, seq);
-                    let data = self.cache.backend().get(&name).await?;
-                    // Verify before it becomes the only copy that survives the source region.
-                    lifeboat_store::codec::decode(name.as_str(), data.clone())?;
-                    pass.bytes += data.len() as u64;
-                    self.writer.put_segment(&m.vm, &d.disk, seq, data).await?;
-                    held.insert(seq);
-                    pass.segments += 1;
-                }
+                self.copy_segments(&tag, held, pass).await?;
                 if let DiskShape::Directory { tree } = &tag.shape {
                     let t = self.cache.tree(&m.vm, &d.disk, tree).await?;
                     self.writer.put_tree(&m.vm, &d.disk, &t).await?;
@@ -198,10 +270,174 @@ impl Processor {
         }
         match self.writer.put_point(p).await {
             Ok(()) => Ok(()),
-            // Published by an earlier, interrupted pass: once is enough.
-            Err(lifeboat_store::Error::Store(e)) if e.kind == ErrorKind::AlreadyExists => Ok(()),
+            // Published by an earlier, interrupted pass (once is enough) — or another point was
+            // published under this id, which must not count as this one being processed.
+            Err(lifeboat_store::Error::Store(e)) if e.kind == ErrorKind::AlreadyExists => {
+                match self.differs_from_published(p).await? {
+                    None => Ok(()),
+                    Some(why) => Err(Conflict(why).into()),
+                }
+            }
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Whether the target's point under `p`'s id is another point than `p`, and how. Compared
+    /// as bytes, then decoded (the same point re-encoded by another version is the same
+    /// point); an unreadable one differs. One pruned since it was listed was `p`'s.
+    async fn differs_from_published(&self, p: &RecoveryPoint) -> Result<Option<String>> {
+        let name = self.target.layout().point(&p.id);
+        let theirs = match self.target.backend().get(&name).await {
+            Ok(b) => b,
+            Err(e) if e.kind == ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        if theirs == p.encode() {
+            return Ok(None);
+        }
+        Ok(match RecoveryPoint::decode(name.as_str(), &theirs) {
+            Ok(q) if q == *p => None,
+            Ok(_) => Some(format!(
+                "{name} in the target store is another point than the cache store's point of that id; not processed, and kept in the cache store"
+            )),
+            Err(e) => Some(format!(
+                "the target store's point of that id cannot be compared with the cache store's: {e}; not processed, and kept in the cache store"
+            )),
+        })
+    }
+
+    /// Splits the cache's points whose id the target has published into those published as
+    /// they are (processed) and those under whose id the target holds another point, with why.
+    async fn processed(
+        &self,
+        points: &[RecoveryPoint],
+        published: &BTreeSet<String>,
+    ) -> Result<(BTreeSet<PointId>, Vec<(PointId, String)>)> {
+        let mut done = BTreeSet::new();
+        let mut conflicts = Vec::new();
+        for p in points.iter().filter(|p| published.contains(p.id.as_str())) {
+            match self.differs_from_published(p).await? {
+                None => {
+                    done.insert(p.id.clone());
+                }
+                Some(why) => conflicts.push((p.id.clone(), why)),
+            }
+        }
+        Ok((done, conflicts))
+    }
+
+    /// Copies the segments of `tag` that a restore of it reads in the target and the target
+    /// lacks, after checking that every segment of the tag the cache still holds is the one the
+    /// target holds, or a base there stands for, under that number.
+    ///
+    /// Segments folded into a base the tag restores from are not in the target on their own
+    /// any more (compaction let retention delete them) and are not needed: copying them again
+    /// would only have them trimmed from the cache and deleted by the next prune, until a later
+    /// tag needs one that is gone from both stores.
+    ///
+    /// A number alone is no identity: an agent that lost its state and got a new cache store
+    /// starts again at segment 1, and the target may still hold an older history's segment 1
+    /// (or a base standing for it). Taking that for the new one would publish a point that
+    /// restores, verified, the older bytes, so a different identity refuses the point with a
+    /// [`Conflict`] naming both objects. A segment the cache no longer holds was trimmed, which
+    /// [`Processor::trim_cache`] does only after the same check.
+    async fn copy_segments(&self, tag: &Tag, held: &mut Held, pass: &mut Pass) -> Result<()> {
+        let (vm, disk) = (&tag.vm, &tag.disk);
+        let (base, _) = sources_for(self.target.layout(), tag, &held.bases);
+        let first = base.map_or(tag.from_segment, |b| b.through_segment + 1);
+        if held.in_cache.is_none() {
+            let seqs = self.cache.segment_seqs(vm, disk).await?;
+            held.in_cache = Some(seqs.into_iter().collect());
+        }
+        for seq in tag.segments() {
+            if held.verified.contains(&seq) {
+                continue;
+            }
+            let name = self.cache.layout().segment(vm, disk, seq);
+            let needed = seq >= first && !held.segments.contains(&seq);
+            let cached = held.in_cache.as_ref().is_some_and(|c| c.contains(&seq));
+            let id = match cached {
+                true => self.cache.segment_id(&name).await?,
+                false => None,
+            };
+            let Some(id) = id else {
+                if needed {
+                    return Err(lifeboat_store::Error::Inconsistent(format!(
+                        "segment {name} of tag {} of {vm}/{disk} is in neither the cache nor the target store",
+                        tag.seq
+                    ))
+                    .into());
+                }
+                continue;
+            };
+            self.check_identity(held, vm, disk, seq, &name, &id).await?;
+            if needed {
+                let data = self.cache.backend().get(&name).await?;
+                // Verify before it becomes the only copy that survives the source region.
+                lifeboat_store::codec::decode(name.as_str(), data.clone())?;
+                pass.bytes += data.len() as u64;
+                self.writer.put_segment(vm, disk, seq, data).await?;
+                held.segments.insert(seq);
+                pass.segments += 1;
+            }
+            held.verified.insert(seq);
+        }
+        Ok(())
+    }
+
+    /// Checks that the cache's segment `seq` (`name`, identity `id`) is what the target holds
+    /// under that number: the segment object there, and every base that stands for it.
+    /// Returns whether the target holds it at all.
+    async fn check_identity(
+        &self,
+        held: &mut Held,
+        vm: &VmId,
+        disk: &DiskId,
+        seq: u64,
+        name: &lifeboat_store::ObjectName,
+        id: &str,
+    ) -> Result<bool> {
+        let layout = self.target.layout();
+        let mut known = false;
+        if held.segments.contains(&seq) {
+            let theirs = layout.segment(vm, disk, seq);
+            if let Some(tid) = self.target.segment_id(&theirs).await? {
+                if tid != id {
+                    return Err(Conflict(format!(
+                        "{name} in the cache store is not {theirs} in the target store (index {id} vs {tid}): another history of the disk under the same numbers (an agent that lost its state and started again?); not processed"
+                    ))
+                    .into());
+                }
+                known = true;
+            }
+        }
+        let covering: Vec<Base> = held
+            .bases
+            .iter()
+            .filter(|b| b.from_segment <= seq && seq <= b.through_segment)
+            .cloned()
+            .collect();
+        for b in covering {
+            // Read once per base, and only when a segment it stands for is met.
+            if let std::collections::btree_map::Entry::Vacant(e) = held.ids.entry(b.tag) {
+                e.insert(self.target.base_segment_ids(&b).await?);
+            }
+            let bid = held.ids[&b.tag]
+                .as_ref()
+                .and_then(|ids| ids.get(usize::try_from(seq - b.from_segment).ok()?));
+            match bid {
+                Some(bid) if bid != id => {
+                    return Err(Conflict(format!(
+                        "{name} in the cache store is not the segment {seq} that base {} in the target store was compacted from (index {id} vs {bid}): another history of the disk under the same numbers (an agent that lost its state and started again?); not processed",
+                        layout.base(vm, disk, b.tag)
+                    ))
+                    .into());
+                }
+                // A version-1 base did not record what it stands for: nothing to compare.
+                _ => known = true,
+            }
+        }
+        Ok(known)
     }
 
     /// Deletes from the cache store what is durable in the target and no longer needed there:
@@ -218,16 +454,23 @@ impl Processor {
         let layout = cache.layout();
         let published = self.published().await?;
         let points = cache.points().await?;
+        let (processed, conflicts) = self.processed(&points, &published).await?;
+        let conflicting: BTreeSet<&PointId> = conflicts.iter().map(|(id, _)| id).collect();
         let done: Vec<&RecoveryPoint> = points
             .iter()
-            .filter(|p| published.contains(p.id.as_str()))
+            .filter(|p| processed.contains(&p.id))
             .collect();
         let mut live_tags: BTreeMap<(VmId, DiskId), BTreeSet<u64>> = BTreeMap::new();
         for p in &points {
             let superseded = done
                 .iter()
                 .any(|q| q.time > p.time && p.members.iter().all(|m| q.member(&m.vm).is_some()));
-            if published.contains(p.id.as_str()) || superseded {
+            // A point under whose id the target holds another stays, with its data, for an
+            // operator to look at: it is the only copy.
+            if conflicting.contains(&p.id) {
+                out.conflicts += 1;
+            }
+            if !conflicting.contains(&p.id) && (processed.contains(&p.id) || superseded) {
                 backend.delete(&layout.point(&p.id)).await?;
                 out.points += 1;
             } else {
@@ -273,17 +516,38 @@ impl Processor {
                     out.trees += 1;
                 }
             }
-            let in_target: BTreeSet<u64> = self
-                .target
-                .segment_seqs(&vm, &disk)
-                .await?
-                .into_iter()
-                .collect();
+            let mut in_target = Held::of(&self.target, &vm, &disk).await?;
             for m in backend.list(&layout.segments(&vm, &disk)).await? {
                 let Some(seq) = lifeboat_store::layout::parse_seq(&m.name) else {
                     continue;
                 };
-                if seq <= keep_after && in_target.contains(&seq) {
+                if seq > keep_after || !in_target.covers(seq) {
+                    continue;
+                }
+                // Only a segment the target is shown to hold (the same identity) leaves the
+                // cache: processing trusts a trimmed segment to be the target's.
+                let Some(id) = cache.segment_id(&m.name).await? else {
+                    continue;
+                };
+                let same = match self
+                    .check_identity(&mut in_target, &vm, &disk, seq, &m.name, &id)
+                    .await
+                {
+                    Ok(known) => known,
+                    Err(e) if e.is::<Conflict>() => {
+                        tracing::warn!(error = %e, "not trimming a segment the target holds another version of");
+                        out.conflicts += 1;
+                        false
+                    }
+                    // Damage in the target (say, a base's identity list) keeps this segment in
+                    // the cache; it does not stop the trim of the others.
+                    Err(e) if quarantines(&e) => {
+                        tracing::warn!(error = %format!("{e:#}"), segment = %m.name, "not trimming a segment whose identity the target cannot show");
+                        false
+                    }
+                    Err(e) => return Err(e),
+                };
+                if same {
                     backend.delete(&m.name).await?;
                     out.segments += 1;
                     out.bytes += m.size;
@@ -302,7 +566,11 @@ impl Processor {
         let target = &self.target;
         let backend = target.backend();
         let layout = target.layout();
-        let mut points = target.points().await?;
+        let scan = target.scan_points().await?;
+        // An unreadable point is neither kept nor expired: nothing says what it references or
+        // when it was cut. It stays (reported) and does not hold back the others.
+        out.damaged = scan.damaged.iter().map(|d| d.reason.clone()).collect();
+        let mut points = scan.points;
         points.sort_by_key(|p| (p.time, p.id.to_string()));
         let newest_time = points.last().map_or(now, |p| p.time);
         let horizon = now
@@ -415,6 +683,7 @@ impl Processor {
             for b in bases.iter().filter(|b| !need_bases.contains(&b.tag)) {
                 // Manifest first: a base without one is unreferenced leftovers.
                 backend.delete(&layout.base(&vm, &disk, b.tag)).await?;
+                backend.delete(&layout.base_ids(&vm, &disk, b.tag)).await?;
                 for part in 1..=b.parts {
                     backend
                         .delete(&layout.base_part(&vm, &disk, b.tag, part))
@@ -461,6 +730,58 @@ impl Processor {
     }
 }
 
+/// Whether a failure to copy a point is about that point's data (so the point is quarantined
+/// and newer ones still move), rather than about reaching the stores (so the pass stops and
+/// is retried).
+fn quarantines(e: &anyhow::Error) -> bool {
+    if e.is::<Conflict>() {
+        return true;
+    }
+    match e.downcast_ref::<lifeboat_store::Error>() {
+        Some(lifeboat_store::Error::Store(s)) => s.kind == ErrorKind::NotFound,
+        Some(lifeboat_store::Error::Io { .. }) | None => false,
+        Some(_) => true,
+    }
+}
+
+/// A segment in the cache store is not the one the target holds under its number (another
+/// history of the disk); the point is refused, never published over the other history.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Conflict(pub String);
+
+/// What the target store holds of one disk: segments on their own, and bases (each standing
+/// for the segments `from_segment..=through_segment` it was compacted from); for a pass, also
+/// the cache's segment numbers and the segments already checked.
+#[derive(Debug, Default)]
+struct Held {
+    segments: BTreeSet<u64>,
+    bases: Vec<Base>,
+    in_cache: Option<BTreeSet<u64>>,
+    verified: BTreeSet<u64>,
+    /// Per base (by tag), the identities of the segments it stands for, once read.
+    ids: BTreeMap<u64, Option<Vec<String>>>,
+}
+
+impl Held {
+    async fn of(target: &StoreReader, vm: &VmId, disk: &DiskId) -> Result<Self> {
+        Ok(Held {
+            segments: target.segment_seqs(vm, disk).await?.into_iter().collect(),
+            bases: target.bases(vm, disk).await?,
+            ..Held::default()
+        })
+    }
+
+    /// Whether segment `seq` is in the target, on its own or folded into a base.
+    fn covers(&self, seq: u64) -> bool {
+        self.segments.contains(&seq)
+            || self
+                .bases
+                .iter()
+                .any(|b| (b.from_segment..=b.through_segment).contains(&seq))
+    }
+}
+
 /// The (VM, disk) pairs a store holds objects for.
 async fn disks_in(store: &StoreReader) -> Result<BTreeSet<(VmId, DiskId)>> {
     let mut out = BTreeSet::new();
@@ -473,4 +794,77 @@ async fn disks_in(store: &StoreReader) -> Result<BTreeSet<(VmId, DiskId)>> {
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use lifeboat_store::backend::memory::MemoryBackend;
+    use lifeboat_store::codec::SegmentBuilder;
+    use lifeboat_store::manifest::{Consistency, DiskRef, Member, PointKind};
+
+    use super::*;
+
+    /// A target point of the same id with other content is not "already published" (issue 10,
+    /// item 3): copying must fail naming it, not succeed.
+    #[tokio::test]
+    async fn copy_point_compares_an_existing_point() {
+        let group = GroupId::new("g").unwrap();
+        let layout = Layout::new(group.clone());
+        let cache: DynBackend = Arc::new(MemoryBackend::new());
+        let memory = Arc::new(MemoryBackend::new());
+        let (vm, disk) = (VmId::new("vm").unwrap(), DiskId::new("d").unwrap());
+        let w = StoreWriter::new(cache.clone(), layout.clone());
+        let mut b = SegmentBuilder::new(4096, 3);
+        b.add("", 0, &[7u8; 4096]);
+        w.put_segment(&vm, &disk, 1, b.finish()).await.unwrap();
+        let tag = Tag {
+            vm: vm.clone(),
+            disk: disk.clone(),
+            seq: 1,
+            from_segment: 1,
+            through_segment: 1,
+            time: 10,
+            consistency: Consistency::Crash,
+            block_size: 4096,
+            shape: DiskShape::Image { size: 4096 },
+        };
+        w.put_tag(&tag).await.unwrap();
+        let point = RecoveryPoint {
+            id: PointId::new("vm-10-t1").unwrap(),
+            group: group.clone(),
+            time: 10,
+            kind: PointKind::Crash,
+            multi_vm: false,
+            members: vec![Member {
+                vm,
+                disks: vec![DiskRef { disk, tag: 1 }],
+                consistency: Consistency::Crash,
+            }],
+            excluded: vec![],
+        };
+        w.put_point(&point).await.unwrap();
+        let p = Processor::new(group, cache, memory.clone());
+        let mut have = BTreeMap::new();
+        p.copy_point(&point, &mut have, &mut Pass::default())
+            .await
+            .unwrap();
+        // Again, as an interrupted pass would: the same point is fine.
+        p.copy_point(&point, &mut have, &mut Pass::default())
+            .await
+            .unwrap();
+        let mut other = point.clone();
+        other.time = 11;
+        memory.overwrite_for_test(&layout.point(&point.id), other.encode());
+        let err = p
+            .copy_point(&point, &mut have, &mut Pass::default())
+            .await
+            .unwrap_err();
+        assert!(err.is::<Conflict>(), "{err:#}");
+        assert!(
+            err.to_string().contains(layout.point(&point.id).as_str()),
+            "{err:#}"
+        );
+    }
 }

@@ -522,6 +522,13 @@ pub async fn serve(
                 match p.pass().await {
                     Ok(pass) => {
                         status.lock().unwrap().latest_processed = pass.latest_processed.clone();
+                        // Each was logged by the pass; the status shows the first to admins.
+                        if let Some((id, why)) = pass.quarantined.first() {
+                            error = Some(format!(
+                                "processing: {} point(s) quarantined, first {id}: {why}",
+                                pass.quarantined.len()
+                            ));
+                        }
                         let rpo = pass.rpo_ms.values().max().copied().unwrap_or(0);
                         if !pass.points.is_empty() {
                             tracing::info!(
@@ -557,7 +564,14 @@ pub async fn serve(
                         }
                     }
                 }
-                match p.prune(retention, lifeboat_store::manifest::now_millis()).await {
+                let pruned = p.prune(retention, lifeboat_store::manifest::now_millis()).await;
+                if let Ok(r) = &pruned {
+                    // Retention went on around them; they stay for an operator to look at.
+                    for d in &r.damaged {
+                        tracing::warn!(error = %d, "unreadable point in the target store left in place");
+                    }
+                }
+                match pruned {
                     Ok(r) if !r.points.is_empty() || r.segments > 0 || r.orphan_parts > 0 => tracing::info!(
                         expired = r.points.len(),
                         tags = r.tags,

@@ -204,5 +204,5 @@ async fn the_scheduler_cuts_on_the_policy_interval() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let listing = points(&c);
     assert!(listing.contains(&format!("c{:013}", first.0)), "{listing}");
-    assert!(listing.contains("crash    multi-VM"), "{listing}");
+    assert!(listing.contains("crash-consistent multi-VM"), "{listing}");
 }

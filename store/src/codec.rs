@@ -26,6 +26,20 @@ pub const END_MAGIC: &[u8; 8] = b"LBSEGEND";
 pub const VERSION: u16 = 1;
 /// Largest block accepted; bounds memory a hostile object can make a reader allocate.
 pub const MAX_BLOCK: u32 = 16 << 20;
+/// Smallest block size a disk may have: with smaller blocks a forged object or tag makes a
+/// reader walk one entry per few bytes of the disk.
+pub const MIN_BLOCK: u32 = 4 << 10;
+
+/// Checks a disk's block size: a power of two, [`MIN_BLOCK`] to [`MAX_BLOCK`].
+pub fn check_block_size(block_size: u32) -> Result<(), String> {
+    if block_size.is_power_of_two() && (MIN_BLOCK..=MAX_BLOCK).contains(&block_size) {
+        Ok(())
+    } else {
+        Err(format!(
+            "block size {block_size} is not a power of two between {MIN_BLOCK} and {MAX_BLOCK}"
+        ))
+    }
+}
 
 const HEADER_LEN: usize = 16;
 /// Bytes at the end of every segment that locate and checksum its index.
@@ -357,6 +371,17 @@ pub fn decode(object: &str, data: Bytes) -> Result<Segment, CodecError> {
             "object checksum mismatch (damaged or truncated)",
         ));
     }
+    // Checked after the checksum, so accidental damage is reported as such: a sealed header
+    // with flags set was written by a format this build does not know (or forged), and
+    // ignoring a flag could mean reading its bytes wrongly.
+    let flags = u16::from_le_bytes([data[10], data[11]]);
+    if flags != 0 {
+        return Err(corrupt(
+            object,
+            format!("unknown flags {flags:#06x} (format version {VERSION} defines none)"),
+        ));
+    }
+    check_block_size(block_size).map_err(|e| corrupt(object, e))?;
     let index_offset = u64::from_le_bytes(footer[..8].try_into().expect("8"));
     let index_len = u64::from_le_bytes(footer[8..16].try_into().expect("8"));
     let index_end = index_offset
@@ -648,6 +673,37 @@ mod tests {
         let seg = decode("s", Bytes::from(forged)).unwrap();
         let err = seg.verify_all().unwrap_err();
         assert!(err.what.contains(":8192"), "{err}");
+    }
+
+    /// Re-seals `raw` (a valid segment) after its header was changed, so only the header check
+    /// can refuse it.
+    fn reseal(mut raw: Vec<u8>) -> Bytes {
+        let len = raw.len();
+        let h = object_checksum(&raw[..len - 24]);
+        raw[len - 24..len - 8].copy_from_slice(&h);
+        Bytes::from(raw)
+    }
+
+    #[test]
+    fn unknown_flags_are_refused() {
+        // No flag is defined in version 1: a set bit means a format this build cannot read.
+        for flags in [0x8001u16, 1, 0x8000] {
+            let mut raw = sample().to_vec();
+            raw[10..12].copy_from_slice(&flags.to_le_bytes());
+            let err = decode("v1/x.seg", reseal(raw)).unwrap_err();
+            assert!(err.to_string().contains("flags"), "{flags:#x}: {err}");
+        }
+    }
+
+    #[test]
+    fn block_sizes_outside_the_format_are_refused() {
+        for bs in [0u32, 1, 4095, 6000, 2 * MAX_BLOCK] {
+            let mut raw = sample().to_vec();
+            raw[12..16].copy_from_slice(&bs.to_le_bytes());
+            let err = decode("v1/x.seg", reseal(raw)).unwrap_err();
+            assert!(err.to_string().contains("block size"), "{bs}: {err}");
+        }
+        assert!(check_block_size(MIN_BLOCK).is_ok() && check_block_size(MAX_BLOCK).is_ok());
     }
 
     /// A structurally sealed object around arbitrary payload and index bytes: the hashes are

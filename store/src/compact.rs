@@ -16,6 +16,7 @@ use crate::backend::ErrorKind;
 use crate::codec::{self, SegmentBuilder};
 use crate::error::{Error, Result};
 use crate::manifest::{Base, DiskShape, Tag};
+use crate::name::ObjectName;
 use crate::restore::{StoreReader, files_of, plan_blocks, sources_for};
 
 /// Compacts the disk of `tag` into a base at `tag`, with parts of about `part_size` bytes.
@@ -38,7 +39,33 @@ pub async fn compact(
     };
     let files = files_of(tag, tree.as_ref());
     let bases = reader.bases(&tag.vm, &tag.disk).await?;
-    let (_, sources) = sources_for(layout, tag, &bases);
+    let (prev, sources) = sources_for(layout, tag, &bases);
+    // What the new base stands for: the segments of the base it is built on (if that one
+    // recorded them), then the identities of the segments after it.
+    let mut ids = match &prev {
+        // Damage to the earlier base's list costs only the new base's list, not the compaction.
+        Some(b) => match reader.base_segment_ids(b).await {
+            Ok(ids) => ids,
+            Err(e) if is_damage(&e) => {
+                tracing::warn!(error = %e, "compacting without segment identities");
+                None
+            }
+            Err(e) => return Err(e),
+        },
+        None => Some(Vec::new()),
+    };
+    if let Some(ids) = ids.as_mut() {
+        let first = prev
+            .as_ref()
+            .map_or(tag.from_segment, |b| b.through_segment + 1);
+        for seq in first..=tag.through_segment {
+            let name = layout.segment(&tag.vm, &tag.disk, seq);
+            let id = reader.segment_id(&name).await?.ok_or_else(|| {
+                Error::Inconsistent(format!("segment {name} is referenced by a tag but missing"))
+            })?;
+            ids.push(id);
+        }
+    }
     let plan = plan_blocks(reader, tag, &sources, &files).await?;
 
     let mut builder = SegmentBuilder::with_capacity(tag.block_size, level, part_size + (1 << 20));
@@ -84,6 +111,23 @@ pub async fn compact(
         parts += 1;
         put(reader, tag, parts, builder.finish()).await?;
     }
+    // Like a part: written before the manifest, its bytes a function of the tag and the bases
+    // before it.
+    let segment_ids = match ids {
+        Some(ids) => {
+            let mut raw = Vec::with_capacity(ids.len() * 32);
+            for h in &ids {
+                let h = blake3::Hash::from_hex(h)
+                    .map_err(|e| Error::Inconsistent(format!("segment identity {h}: {e}")))?;
+                raw.extend_from_slice(h.as_bytes());
+            }
+            let hash = blake3::hash(&raw).to_hex().to_string();
+            let name = layout.base_ids(&tag.vm, &tag.disk, tag.seq);
+            put_object(reader, &name, Bytes::from(raw)).await?;
+            Some(hash)
+        }
+        None => None,
+    };
     let base = Base {
         vm: tag.vm.clone(),
         disk: tag.disk.clone(),
@@ -92,6 +136,7 @@ pub async fn compact(
         through_segment: tag.through_segment,
         parts,
         block_size: tag.block_size,
+        segment_ids,
     };
     match backend.put_new(&manifest, base.encode()).await {
         Ok(()) => Ok(base),
@@ -103,10 +148,25 @@ pub async fn compact(
     }
 }
 
+/// Whether `e` says an object is missing or wrong (rather than the store unreachable).
+fn is_damage(e: &Error) -> bool {
+    match e {
+        Error::Store(s) => s.kind == ErrorKind::NotFound,
+        Error::Inconsistent(_) | Error::Codec(_) | Error::Manifest(_) => true,
+        _ => false,
+    }
+}
+
 /// Writes a part create-only; an existing part with the same bytes (a killed or concurrent try)
 /// is accepted, different bytes are an error.
 async fn put(reader: &StoreReader, tag: &Tag, part: u32, data: Bytes) -> Result<()> {
     let name = reader.layout().base_part(&tag.vm, &tag.disk, tag.seq, part);
+    put_object(reader, &name, data).await
+}
+
+/// [`put`] for any object of a base.
+async fn put_object(reader: &StoreReader, name: &ObjectName, data: Bytes) -> Result<()> {
+    let name = name.clone();
     match reader.backend().put_new(&name, data.clone()).await {
         Ok(()) => Ok(()),
         Err(e) if e.kind == ErrorKind::AlreadyExists => {

@@ -5,8 +5,10 @@
 //! v1/<group>/vms/<vm>/disks/<disk>/tag/<seq:020>.tag     tags, gap-free from 1
 //! v1/<group>/vms/<vm>/disks/<disk>/base/<tag:020>.base   a compaction of the disk at a tag
 //! v1/<group>/vms/<vm>/disks/<disk>/base/<tag:020>/<part:06>.seg   its segments
+//! v1/<group>/vms/<vm>/disks/<disk>/base/<tag:020>/segments.ids    what it stands for
 //! v1/<group>/vms/<vm>/disks/<disk>/tree/<blake3>.tree    directory listings, by content
 //! v1/<group>/points/<point-id>.point                     recovery points
+//! v1/<group>/quarantine/<point-id>.txt                   why processing refused a point
 //! ```
 //!
 //! Sequence numbers are zero-padded so that name order is numeric order in every backend.
@@ -101,6 +103,15 @@ impl Layout {
         ))
     }
 
+    /// The identities of the segments the base at `tag` stands for (see `Base::segment_ids`);
+    /// written with its parts, before the manifest.
+    pub fn base_ids(&self, vm: &VmId, disk: &DiskId, tag: u64) -> ObjectName {
+        name(format!(
+            "{}/base/{tag:020}/segments.ids",
+            self.disk_root(vm, disk)
+        ))
+    }
+
     /// Prefix of the group's recovery points.
     pub fn points(&self) -> ObjectName {
         name(format!("{ROOT}/{}/points", self.group))
@@ -109,6 +120,16 @@ impl Layout {
     /// One recovery point.
     pub fn point(&self, id: &PointId) -> ObjectName {
         name(format!("{ROOT}/{}/points/{id}.point", self.group))
+    }
+
+    /// Prefix of the records of quarantined points (target store).
+    pub fn quarantine(&self) -> ObjectName {
+        name(format!("{ROOT}/{}/quarantine", self.group))
+    }
+
+    /// Why processing quarantined point `id` (plain text), while it does.
+    pub fn quarantine_record(&self, id: &PointId) -> ObjectName {
+        name(format!("{ROOT}/{}/quarantine/{id}.txt", self.group))
     }
 }
 

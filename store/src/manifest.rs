@@ -12,8 +12,25 @@ use serde::{Deserialize, Serialize};
 
 use crate::name::{DiskId, GroupId, PointId, VmId};
 
-/// Version of the manifest formats this code writes and reads.
+/// Version of tags and trees this code writes; it reads 1 up to it.
 pub const MANIFEST_VERSION: u32 = 1;
+/// Version of bases this code writes: 2 added `segments`, the identity of what a base stands
+/// for. Version-1 bases are still read.
+pub const BASE_VERSION: u32 = 2;
+/// Version of points this code writes: 2 added kind `not_frozen`. Version-1 points are still
+/// read (their `crash` kind may cover members that were not frozen; see
+/// [`RecoveryPoint::effective_kind`]).
+pub const POINT_VERSION: u32 = 2;
+
+/// The version each kind of manifest is written at. Kinds change version independently, so a
+/// format change to one kind does not make older readers refuse the others.
+fn written_version(kind: &str) -> u32 {
+    match kind {
+        "base" => BASE_VERSION,
+        "point" => POINT_VERSION,
+        _ => MANIFEST_VERSION,
+    }
+}
 
 /// Why a manifest was rejected. Always names the object.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -26,7 +43,8 @@ pub struct ManifestError {
 
 fn envelope(kind: &str, body: &[u8]) -> Bytes {
     let mut out = format!(
-        "lifeboat-{kind} {MANIFEST_VERSION} {}\n",
+        "lifeboat-{kind} {} {}\n",
+        written_version(kind),
         blake3::hash(body).to_hex()
     )
     .into_bytes();
@@ -34,11 +52,12 @@ fn envelope(kind: &str, body: &[u8]) -> Bytes {
     Bytes::from(out)
 }
 
+/// Checks the header of a manifest object; returns its version and body.
 fn open_envelope<'a>(
     kind: &'static str,
     object: &str,
     data: &'a [u8],
-) -> Result<&'a [u8], ManifestError> {
+) -> Result<(u32, &'a [u8]), ManifestError> {
     let err = |what: String| ManifestError {
         object: object.to_owned(),
         kind,
@@ -59,17 +78,24 @@ fn open_envelope<'a>(
     if k != format!("lifeboat-{kind}") {
         return Err(err(format!("wrong object type {k:?}")));
     }
-    if v != MANIFEST_VERSION.to_string() {
-        return Err(err(format!(
-            "version {v} is not supported (this build reads {MANIFEST_VERSION})"
-        )));
-    }
+    let newest = written_version(kind);
+    let version = (1..=newest).find(|n| v == n.to_string()).ok_or_else(|| {
+        err(format!(
+            "version {v} is not supported (this build reads 1 to {newest})"
+        ))
+    })?;
     let body = &data[nl + 1..];
     if blake3::hash(body).to_hex().as_str() != h {
         return Err(err("checksum mismatch (damaged or truncated)".into()));
     }
-    Ok(body)
+    Ok((version, body))
 }
+
+/// Most blocks a disk (or a file of a directory disk) may have: 64 TiB at the smallest block
+/// size. Bounds the work a forged tag or tree can make a restore plan.
+pub const MAX_DISK_BLOCKS: u64 = 1 << 34;
+/// Most segments one tag may read.
+pub const MAX_TAG_SEGMENTS: u64 = 1 << 32;
 
 /// Milliseconds since the Unix epoch.
 pub type UnixMillis = u64;
@@ -146,18 +172,34 @@ impl Tag {
 
     /// Parses and verifies a tag object named `object`.
     pub fn decode(object: &str, data: &[u8]) -> Result<Self, ManifestError> {
-        let body = open_envelope("tag", object, data)?;
+        let (_, body) = open_envelope("tag", object, data)?;
         let tag: Tag = serde_json::from_slice(body).map_err(|e| ManifestError {
             object: object.into(),
             kind: "tag",
             what: e.to_string(),
         })?;
-        if tag.seq == 0 || tag.from_segment == 0 || tag.through_segment + 1 < tag.from_segment {
-            return Err(ManifestError {
-                object: object.into(),
-                kind: "tag",
-                what: "sequence numbers out of range".into(),
-            });
+        let err = |what: String| ManifestError {
+            object: object.into(),
+            kind: "tag",
+            what,
+        };
+        let segments = tag
+            .through_segment
+            .checked_add(1)
+            .and_then(|end| end.checked_sub(tag.from_segment));
+        if tag.seq == 0 || tag.from_segment == 0 || segments.is_none_or(|n| n > MAX_TAG_SEGMENTS) {
+            return Err(err("sequence numbers out of range".into()));
+        }
+        // Readers walk every block of the disk and every segment of the range: a forged block
+        // size or size must not turn that into an endless loop.
+        crate::codec::check_block_size(tag.block_size).map_err(&err)?;
+        if let DiskShape::Image { size } = tag.shape
+            && size.div_ceil(tag.block_size as u64) > MAX_DISK_BLOCKS
+        {
+            return Err(err(format!(
+                "image size {size} is more than {MAX_DISK_BLOCKS} blocks of block size {}",
+                tag.block_size
+            )));
         }
         Ok(tag)
     }
@@ -198,6 +240,11 @@ pub struct Tree {
     pub entries: Vec<TreeEntry>,
 }
 
+/// Whether `s` is 64 lowercase hex digits (a blake3 hash as the format writes it).
+fn is_hex_hash(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
 /// Checks a relative path from a tree or a segment target: no escaping the disk's root.
 pub fn check_rel_path(p: &str) -> Result<(), String> {
     if p.is_empty() {
@@ -226,6 +273,14 @@ pub struct Base {
     pub through_segment: u64,
     pub parts: u32,
     pub block_size: u32,
+    /// What the base stands for: the blake3 (hex) of its `segments.ids` object, which holds
+    /// the identity (index blake3, 32 bytes) of each segment `from_segment..=through_segment`
+    /// in order, so processing can tell whether a segment of that number in a cache store is
+    /// the one the base was compacted from or another history's (`docs/format.md`, identity).
+    /// A separate object, read only when such a segment is met, so this manifest stays small
+    /// however long the history. Absent in version-1 bases and in bases compacted over one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub segment_ids: Option<String>,
 }
 
 impl Base {
@@ -239,12 +294,26 @@ impl Base {
 
     /// Parses and verifies a base object named `object`.
     pub fn decode(object: &str, data: &[u8]) -> Result<Self, ManifestError> {
-        let body = open_envelope("base", object, data)?;
-        serde_json::from_slice(body).map_err(|e| ManifestError {
+        let err = |what: String| ManifestError {
             object: object.into(),
             kind: "base",
-            what: e.to_string(),
-        })
+            what,
+        };
+        let (_, body) = open_envelope("base", object, data)?;
+        let b: Base = serde_json::from_slice(body).map_err(|e| err(e.to_string()))?;
+        if b.from_segment == 0 || b.through_segment < b.from_segment || b.parts == 0 {
+            return Err(err("segment or part numbers out of range".into()));
+        }
+        crate::codec::check_block_size(b.block_size).map_err(&err)?;
+        if b.segment_ids.as_deref().is_some_and(|h| !is_hex_hash(h)) {
+            return Err(err("segment_ids is not a blake3 hash".into()));
+        }
+        Ok(b)
+    }
+
+    /// How many segments the base stands for.
+    pub fn segment_count(&self) -> u64 {
+        self.through_segment - self.from_segment + 1
     }
 }
 
@@ -264,7 +333,7 @@ impl Tree {
             kind: "tree",
             what,
         };
-        let body = open_envelope("tree", object, data)?;
+        let (_, body) = open_envelope("tree", object, data)?;
         // Bound decompression so a hostile object cannot exhaust memory.
         let json = zstd::bulk::decompress(body, 1 << 30).map_err(|e| err(e.to_string()))?;
         let tree: Tree = serde_json::from_slice(&json).map_err(|e| err(e.to_string()))?;
@@ -282,12 +351,43 @@ impl Tree {
     }
 }
 
-/// Whether a point captured applications quiesced or just a crash-consistent image.
+/// What a point as a whole can promise: the weakest [`Consistency`] of its members, in the
+/// same words.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PointKind {
+    /// At least one member was not frozen (point version 2; version-1 points said `crash`).
+    NotFrozen,
+    /// Every member was frozen: like a power cut.
     Crash,
+    /// Every member was frozen with its applications quiesced.
     App,
+}
+
+impl PointKind {
+    /// The kind of a point whose weakest member is `weakest`.
+    pub fn of(weakest: Consistency) -> Self {
+        match weakest {
+            Consistency::NotFrozen => PointKind::NotFrozen,
+            Consistency::Crash => PointKind::Crash,
+            Consistency::App => PointKind::App,
+        }
+    }
+
+    fn consistency(self) -> Consistency {
+        match self {
+            PointKind::NotFrozen => Consistency::NotFrozen,
+            PointKind::Crash => Consistency::Crash,
+            PointKind::App => Consistency::App,
+        }
+    }
+}
+
+impl fmt::Display for PointKind {
+    /// The words of [`Consistency`]: every command and report says the same thing the same way.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.consistency().fmt(f)
+    }
 }
 
 /// One disk of a covered VM: which tag of it the point uses.
@@ -343,7 +443,7 @@ impl RecoveryPoint {
 
     /// Parses and verifies a point object.
     pub fn decode(object: &str, data: &[u8]) -> Result<Self, ManifestError> {
-        let body = open_envelope("point", object, data)?;
+        let (_, body) = open_envelope("point", object, data)?;
         let p: RecoveryPoint = serde_json::from_slice(body).map_err(|e| ManifestError {
             object: object.into(),
             kind: "recovery point",
@@ -357,6 +457,17 @@ impl RecoveryPoint {
             });
         }
         Ok(p)
+    }
+
+    /// What the point can promise: its kind, weakened to its weakest member. A version-1 point
+    /// stored `crash` even when a member was not frozen; this says `not-frozen` for it.
+    pub fn effective_kind(&self) -> PointKind {
+        let weakest = self
+            .members
+            .iter()
+            .map(|m| m.consistency)
+            .fold(self.kind.consistency(), Consistency::min);
+        PointKind::of(weakest)
     }
 
     /// The member entry of `vm`, if the point covers it.
@@ -411,6 +522,24 @@ mod tests {
         assert!(Tag::decode("t", &envelope("tag", bad_id.as_bytes())).is_err());
     }
 
+    #[test]
+    fn tag_refuses_block_sizes_and_sizes_a_restore_cannot_plan() {
+        // A forged block size of 1 would make a planner walk one entry per byte of the disk.
+        for bs in [0u32, 1, 1000, 4095, 65537, 1 << 30] {
+            let mut t = tag();
+            t.block_size = bs;
+            let err = Tag::decode("v1/x.tag", &t.encode()).unwrap_err();
+            assert!(err.to_string().contains("block size"), "{bs}: {err}");
+        }
+        let mut t = tag();
+        t.block_size = 4096;
+        t.shape = DiskShape::Image { size: u64::MAX };
+        assert!(Tag::decode("t", &t.encode()).is_err());
+        let mut t = tag();
+        t.through_segment = u64::MAX;
+        assert!(Tag::decode("t", &t.encode()).is_err());
+    }
+
     fn sample_point() -> RecoveryPoint {
         RecoveryPoint {
             id: PointId::new("p-1").unwrap(),
@@ -437,6 +566,38 @@ mod tests {
     fn point_round_trips() {
         let p = sample_point();
         assert_eq!(RecoveryPoint::decode("p", &p.encode()).unwrap(), p);
+    }
+
+    /// Issue 10, item 6: a point with a member that was not frozen is stored as not-frozen and
+    /// said so in the words every command uses; a version-1 point that stored `crash` for one
+    /// is still read, and still says not-frozen.
+    #[test]
+    fn a_point_not_frozen_says_so_and_old_points_still_read() {
+        let mut p = sample_point();
+        p.members[0].consistency = Consistency::NotFrozen;
+        p.kind = PointKind::of(Consistency::NotFrozen);
+        let raw = p.encode();
+        assert!(raw.starts_with(b"lifeboat-point 2 "));
+        assert!(String::from_utf8_lossy(&raw).contains("\"kind\": \"not_frozen\""));
+        assert_eq!(RecoveryPoint::decode("p", &raw).unwrap(), p);
+        assert_eq!(p.effective_kind().to_string(), "not-frozen");
+        assert_eq!(
+            p.effective_kind().to_string(),
+            p.members[0].consistency.to_string()
+        );
+
+        let mut old = p.clone();
+        old.kind = PointKind::Crash;
+        let body = serde_json::to_vec(&old).unwrap();
+        let v1 = format!("lifeboat-point 1 {}\n", blake3::hash(&body).to_hex());
+        let v1 = [v1.as_bytes(), &body].concat();
+        let read = RecoveryPoint::decode("p", &v1).unwrap();
+        assert_eq!(read.kind, PointKind::Crash);
+        assert_eq!(read.effective_kind(), PointKind::NotFrozen);
+        let v3 = String::from_utf8_lossy(&v1).replacen("point 1", "point 3", 1);
+        assert!(RecoveryPoint::decode("p", v3.as_bytes()).is_err());
+        assert_eq!(PointKind::App.to_string(), Consistency::App.to_string());
+        assert_eq!(PointKind::Crash.to_string(), "crash-consistent");
     }
 
     #[test]

@@ -125,10 +125,22 @@ impl StoreReader {
         Ok(p)
     }
 
-    /// All published points of the group, oldest first.
+    /// All readable points of the group, oldest first. Damaged ones are left out (each logged);
+    /// [`StoreReader::scan_points`] reports them.
     pub async fn points(&self) -> Result<Vec<RecoveryPoint>> {
+        let scan = self.scan_points().await?;
+        for d in &scan.damaged {
+            tracing::warn!(point = %d.id, error = %d.reason, "skipping a damaged recovery point");
+        }
+        Ok(scan.points)
+    }
+
+    /// The group's points, oldest first, and those that cannot be read, with why. One damaged
+    /// point costs only itself: the others are listed, chosen and restored as usual. A point
+    /// that vanishes between the listing and its read (a prune running) is left out.
+    pub async fn scan_points(&self) -> Result<PointScan> {
         let list = self.backend.list(&self.layout.points()).await?;
-        let mut out = Vec::with_capacity(list.len());
+        let mut out = PointScan::default();
         for m in list {
             let Some(id) = m
                 .name
@@ -138,9 +150,22 @@ impl StoreReader {
             else {
                 continue;
             };
-            out.push(self.point(&id).await?);
+            match self.point(&id).await {
+                Ok(p) => out.points.push(p),
+                // Deleted since the listing (`point` says "unknown" for a missing object).
+                Err(Error::Invalid(_)) => {}
+                Err(e @ (Error::Manifest(_) | Error::Inconsistent(_))) => {
+                    out.damaged.push(DamagedPoint {
+                        id,
+                        object: m.name.clone(),
+                        reason: e.to_string(),
+                    })
+                }
+                Err(e) => return Err(e),
+            }
         }
-        out.sort_by(|a, b| (a.time, a.id.as_str()).cmp(&(b.time, b.id.as_str())));
+        out.points
+            .sort_by(|a, b| (a.time, a.id.as_str()).cmp(&(b.time, b.id.as_str())));
         Ok(out)
     }
 
@@ -182,6 +207,55 @@ impl StoreReader {
         Ok(out)
     }
 
+    /// The identities (index blake3, hex) of the segments `from_segment..=through_segment` a
+    /// base stands for, checked against the hash its manifest records; `None` for a base that
+    /// did not record them (version 1, or compacted over one).
+    pub async fn base_segment_ids(&self, base: &Base) -> Result<Option<Vec<String>>> {
+        let Some(want) = &base.segment_ids else {
+            return Ok(None);
+        };
+        let name = self.layout.base_ids(&base.vm, &base.disk, base.tag);
+        let data = self.backend.get(&name).await?;
+        if blake3::hash(&data).to_hex().as_str() != want
+            || data.len() as u64 != base.segment_count() * 32
+        {
+            return Err(Error::Inconsistent(format!(
+                "{name} is not the list of segment identities its base records"
+            )));
+        }
+        Ok(Some(
+            data.chunks_exact(32)
+                .map(|h| {
+                    blake3::Hash::from(<[u8; 32]>::try_from(h).expect("32"))
+                        .to_hex()
+                        .to_string()
+                })
+                .collect(),
+        ))
+    }
+
+    /// The identity of the segment object `name`: the blake3 (hex) of its index, read from its
+    /// footer (one head, one ranged get). Two segments with the same index hash hold the same
+    /// blocks, since the index carries every block's blake3 and every block is checked against
+    /// it when read. `None` when there is no such object.
+    pub async fn segment_id(&self, name: &ObjectName) -> Result<Option<String>> {
+        let size = match self.backend.head(name).await {
+            Err(e) if e.kind == ErrorKind::NotFound => return Ok(None),
+            other => other?.size,
+        };
+        let flen = codec::FOOTER_LEN as u64;
+        if size < flen {
+            return Err(codec::CodecError {
+                object: name.to_string(),
+                what: format!("truncated: only {size} bytes"),
+            }
+            .into());
+        }
+        let footer = self.backend.get_range(name, size - flen..size).await?;
+        let (_, hash) = codec::parse_footer(name.as_str(), &footer, size)?;
+        Ok(Some(blake3::Hash::from(hash).to_hex().to_string()))
+    }
+
     /// The verified index of the segment object `name`.
     pub async fn segment_index_of(&self, name: &ObjectName) -> Result<codec::SegmentIndex> {
         let name = name.clone();
@@ -207,6 +281,29 @@ impl StoreReader {
         let index = self.backend.get_range(&name, range).await?;
         Ok(codec::decode_index(name.as_str(), &index, start, &hash)?)
     }
+}
+
+/// The points of a group as listed: the readable ones, oldest first, and the damaged ones.
+#[derive(Debug, Clone, Default)]
+pub struct PointScan {
+    pub points: Vec<RecoveryPoint>,
+    pub damaged: Vec<DamagedPoint>,
+}
+
+impl PointScan {
+    /// Why point `id` cannot be read, if it is damaged.
+    pub fn damage(&self, id: &PointId) -> Option<&DamagedPoint> {
+        self.damaged.iter().find(|d| &d.id == id)
+    }
+}
+
+/// A point object that cannot be read (bad checksum, unparsable, or holding another point).
+#[derive(Debug, Clone)]
+pub struct DamagedPoint {
+    pub id: PointId,
+    pub object: ObjectName,
+    /// The decoder's error, naming the object.
+    pub reason: String,
 }
 
 /// What a restore did.
@@ -339,6 +436,17 @@ pub async fn plan_blocks(
     files: &[(String, u64)],
 ) -> Result<BlockPlan> {
     let bs = tag.block_size as u64;
+    // A forged tree (or tag) must not make the walk below endless.
+    let blocks: u64 = files
+        .iter()
+        .map(|(_, size)| size.div_ceil(bs.max(1)))
+        .fold(0, u64::saturating_add);
+    if bs == 0 || blocks > crate::manifest::MAX_DISK_BLOCKS {
+        return Err(Error::Inconsistent(format!(
+            "tag {} of {}/{} describes {blocks} blocks of {bs} bytes, more than a disk may have",
+            tag.seq, tag.vm, tag.disk
+        )));
+    }
     let file_of: HashMap<&str, usize> = files
         .iter()
         .enumerate()

@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 use crate::layout::{Layout, parse_seq};
 use crate::manifest::{DiskShape, RecoveryPoint, Tag, Tree};
 use crate::name::{DiskId, ObjectName, VmId};
+use crate::restore::{StoreReader, sources_for};
 
 /// Writes one group's objects into a store.
 #[derive(Debug, Clone)]
@@ -83,7 +84,16 @@ impl StoreWriter {
     /// are in the store. An agent passes the first segment it wrote since its previous tag: the
     /// earlier ones were checked when that tag was written and may since have been processed
     /// out of the cache store into the target (`docs/format.md`, write rules 7 and 8).
+    ///
+    /// Segments that a base of the disk holds for this tag (the base a restore of the tag
+    /// reads, [`sources_for`]) are not checked either: in a target store, compaction lets
+    /// retention delete them once they are folded into the base.
     pub async fn put_tag_checking_from(&self, tag: &Tag, first: u64) -> Result<()> {
+        let bases = StoreReader::new(self.backend.clone(), self.layout.clone())
+            .bases(&tag.vm, &tag.disk)
+            .await?;
+        let (base, _) = sources_for(&self.layout, tag, &bases);
+        let first = first.max(base.map_or(0, |b| b.through_segment + 1));
         let range = tag.from_segment.max(first)..=tag.through_segment;
         let present: Vec<u64> = self
             .backend

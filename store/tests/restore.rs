@@ -395,3 +395,171 @@ async fn a_compaction_killed_before_its_manifest_or_racing_another_leaves_a_good
         "no manifest over a foreign part"
     );
 }
+
+/// A store whose listing still shows a point that is gone by the time it is read, as when a
+/// prune deletes it between the two calls.
+#[derive(Debug)]
+struct ListsAGhost(DynBackend, lifeboat_store::ObjectName);
+
+#[async_trait::async_trait]
+impl lifeboat_store::Backend for ListsAGhost {
+    async fn put_new(
+        &self,
+        name: &lifeboat_store::ObjectName,
+        data: bytes::Bytes,
+    ) -> Result<(), lifeboat_store::StoreError> {
+        self.0.put_new(name, data).await
+    }
+    async fn get(
+        &self,
+        name: &lifeboat_store::ObjectName,
+    ) -> Result<bytes::Bytes, lifeboat_store::StoreError> {
+        self.0.get(name).await
+    }
+    async fn get_range(
+        &self,
+        name: &lifeboat_store::ObjectName,
+        range: std::ops::Range<u64>,
+    ) -> Result<bytes::Bytes, lifeboat_store::StoreError> {
+        self.0.get_range(name, range).await
+    }
+    async fn head(
+        &self,
+        name: &lifeboat_store::ObjectName,
+    ) -> Result<lifeboat_store::ObjectMeta, lifeboat_store::StoreError> {
+        self.0.head(name).await
+    }
+    async fn list(
+        &self,
+        prefix: &lifeboat_store::ObjectName,
+    ) -> Result<Vec<lifeboat_store::ObjectMeta>, lifeboat_store::StoreError> {
+        let mut out = self.0.list(prefix).await?;
+        if self.1.as_str().starts_with(prefix.as_str()) {
+            out.push(lifeboat_store::ObjectMeta {
+                name: self.1.clone(),
+                size: 10,
+            });
+        }
+        Ok(out)
+    }
+    async fn delete(
+        &self,
+        name: &lifeboat_store::ObjectName,
+    ) -> Result<(), lifeboat_store::StoreError> {
+        self.0.delete(name).await
+    }
+}
+
+/// Issue 10, item 4: listing points survives a damaged point (reported, with why) and a point
+/// deleted between the listing and its read (left out).
+#[tokio::test]
+async fn listing_points_survives_damage_and_points_vanishing() {
+    let f = fixture();
+    ship(&f, 1, &[1u8; 5000], None).await;
+    f.writer.put_tag(&image_tag(&f, 1, 1, 5000)).await.unwrap();
+    let point = |id: &str, time| RecoveryPoint {
+        id: PointId::new(id).unwrap(),
+        group: GroupId::new("g").unwrap(),
+        time,
+        kind: PointKind::Crash,
+        multi_vm: false,
+        members: vec![Member {
+            vm: f.vm.clone(),
+            disks: vec![DiskRef {
+                disk: f.disk.clone(),
+                tag: 1,
+            }],
+            consistency: Consistency::Crash,
+        }],
+        excluded: vec![],
+    };
+    for (id, time) in [("p1", 1), ("p2", 2), ("p3", 3)] {
+        f.writer.put_point(&point(id, time)).await.unwrap();
+    }
+    let layout = Layout::new(GroupId::new("g").unwrap());
+    let p1 = f.root.join("v1/g/points/p1.point");
+    let mut raw = std::fs::read(&p1).unwrap();
+    raw.push(b' ');
+    std::fs::write(&p1, raw).unwrap();
+    let ghost = layout.point(&PointId::new("p0").unwrap());
+    let reader = StoreReader::new(Arc::new(ListsAGhost(f.backend.clone(), ghost)), layout);
+    let scan = reader.scan_points().await.unwrap();
+    assert_eq!(scan.points, vec![point("p2", 2), point("p3", 3)]);
+    assert_eq!(scan.damaged.len(), 1);
+    assert_eq!(scan.damaged[0].id.as_str(), "p1");
+    assert!(
+        scan.damaged[0].reason.contains("v1/g/points/p1.point")
+            && scan.damaged[0].reason.contains("checksum mismatch"),
+        "{}",
+        scan.damaged[0].reason
+    );
+    assert_eq!(reader.points().await.unwrap().len(), 2);
+}
+
+/// Issue 10, item 2: a base records what it stands for — the identity of every segment it was
+/// compacted from, carried over when compacted over an earlier base — in an object of its own,
+/// checked against the manifest when read.
+#[tokio::test]
+async fn a_base_records_the_identities_of_the_segments_it_stands_for() {
+    use lifeboat_store::compact::compact;
+    let f = fixture();
+    let (tag, _) = history(&f).await;
+    let layout = f.reader.layout().clone();
+    let mut ids = Vec::new();
+    for seq in 1..=3 {
+        let name = layout.segment(&f.vm, &f.disk, seq);
+        ids.push(f.reader.segment_id(&name).await.unwrap().unwrap());
+    }
+    let at2 = compact(
+        &f.reader,
+        &f.reader.tag(&f.vm, &f.disk, 2).await.unwrap(),
+        1 << 20,
+        3,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        f.reader.base_segment_ids(&at2).await.unwrap().unwrap(),
+        ids[..2]
+    );
+    // Compacted over the base at tag 2, with segments 1 and 2 gone: carried over.
+    for seq in 1..=2 {
+        f.backend
+            .delete(&layout.segment(&f.vm, &f.disk, seq))
+            .await
+            .unwrap();
+    }
+    let at3 = compact(&f.reader, &tag, 1 << 20, 3).await.unwrap();
+    assert_eq!(f.reader.base_segment_ids(&at3).await.unwrap().unwrap(), ids);
+    // The manifest names them by hash only: its size does not grow with the history.
+    let manifest = f
+        .backend
+        .get(&layout.base(&f.vm, &f.disk, 3))
+        .await
+        .unwrap();
+    assert!(manifest.len() < 1024, "{} bytes", manifest.len());
+    // Other bytes under the list's name are refused, naming it.
+    let list = layout.base_ids(&f.vm, &f.disk, 3);
+    std::fs::write(f.root.join(list.as_str()), [0u8; 96]).unwrap();
+    let e = f.reader.base_segment_ids(&at3).await.unwrap_err();
+    assert!(e.to_string().contains(list.as_str()), "{e}");
+
+    // A lost list costs only the next base's list, not the compaction.
+    let g = fixture();
+    let (tag, disk) = history(&g).await;
+    let at2 = compact(
+        &g.reader,
+        &g.reader.tag(&g.vm, &g.disk, 2).await.unwrap(),
+        1 << 20,
+        3,
+    )
+    .await
+    .unwrap();
+    g.backend
+        .delete(&layout.base_ids(&g.vm, &g.disk, at2.tag))
+        .await
+        .unwrap();
+    let at3 = compact(&g.reader, &tag, 1 << 20, 3).await.unwrap();
+    assert_eq!(at3.segment_ids, None);
+    assert!(restore_bytes(&g, &tag, "lost-list.img").await.unwrap() == disk);
+}

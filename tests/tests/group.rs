@@ -324,7 +324,7 @@ fn multi_vm_points_are_consistent_cuts_of_a_causal_workload() {
         .arg(&c.store));
     for p in &points {
         let line = listing.lines().find(|l| l.starts_with(p.as_str())).unwrap();
-        assert!(line.contains("crash    multi-VM"), "{line}");
+        assert!(line.contains("crash-consistent multi-VM"), "{line}");
     }
     // Agents say how long they held their freeze.
     assert!(
@@ -431,7 +431,7 @@ fn app_points_run_hooks_and_never_claim_more_than_happened() {
     let l = listing(&c);
     assert!(
         l.lines()
-            .any(|x| x.starts_with(&id) && x.contains("app      multi-VM")),
+            .any(|x| x.starts_with(&id) && x.contains("app-consistent   multi-VM")),
         "{l}"
     );
 
@@ -445,7 +445,7 @@ fn app_points_run_hooks_and_never_claim_more_than_happened() {
         );
         let l = listing(&c);
         let line = l.lines().find(|x| x.starts_with(&id)).unwrap();
-        assert!(!line.contains(" app "), "{flag}: {line}");
+        assert!(!line.contains(" app-consistent "), "{flag}: {line}");
         assert!(line.contains("web (app-consistent)"), "{flag}: {line}");
         assert!(!line.contains("db (app-consistent)"), "{flag}: {line}");
         std::fs::remove_file(flags.join(flag)).unwrap();

@@ -436,7 +436,7 @@ fn a_group_drill_from_the_target_store_with_the_source_region_gone() {
         &[("--store", &target), ("--to", &drill)],
     ));
     assert!(out.contains(&app), "{out}");
-    assert!(out.contains("app multi-VM"), "{out}");
+    assert!(out.contains("app-consistent multi-VM"), "{out}");
     for vm in ["web", "db"] {
         assert_eq!(
             std::fs::read_to_string(drill.join(vm).join("data/f")).unwrap(),
@@ -462,10 +462,13 @@ fn retention_keeps_points_while_none_are_new_and_never_resurrects_pruned_ones() 
     let vm = Vm::new(dir.path());
     let target = vm.target();
     vm.process();
-    // Points 3 h and 30 min older than the newest.
+    // Points 3 h and 30 min older than the newest, in both stores: the cache (not trimmed
+    // here) must hold the same points as the target, or processing refuses them as others.
     let newest = point_time(&target, &vm.points[2]);
-    set_point_time(&target, "g1", &vm.points[0], newest - 3 * 3_600_000);
-    set_point_time(&target, "g1", &vm.points[1], newest - 1_800_000);
+    for store in [&target, &vm.cache] {
+        set_point_time(store, "g1", &vm.points[0], newest - 3 * 3_600_000);
+        set_point_time(store, "g1", &vm.points[1], newest - 1_800_000);
+    }
     let prune = |retention: &str, now: &str| {
         lifeboat(
             &[
@@ -869,5 +872,135 @@ fn killing_the_coordinator_while_it_processes_and_prunes_loses_and_duplicates_no
     for i in 4..vm.points.len() {
         let out = dir.path().join(format!("failover-{i}"));
         vm.assert_fails_over(&target_toml, i, &out);
+    }
+}
+
+/// Issue 10, item 1, with the real agent and CLI: a disk of many segments, and sync, process
+/// with a cache trim, prune, round after round (as the issue's script). The first prune
+/// compacts the image into a base; processing used to copy the segments it stands for again
+/// every round, the trim removed them from the cache and the prune from the target, and the
+/// third round failed on a segment gone from both.
+#[test]
+fn sync_process_trim_and_prune_round_after_round_never_jam() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut vm = Vm::setup(dir.path());
+    let config = dir.path().join("agent.toml");
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    // Small segments: the 3 MiB image is a dozen of them, past the compaction threshold.
+    text.push_str("[replication]\nsegment_size = \"256KiB\"\n");
+    std::fs::write(&config, text).unwrap();
+    let target = vm.target();
+    for round in 0..4u64 {
+        if round > 0 {
+            vm.change(round, round * 300_000, 100_000);
+        }
+        vm.sync(round);
+        let out = ok(lifeboat(
+            &["process", "--group", "g1", "--trim-cache"],
+            &[("--cache", &vm.cache), ("--store", &target)],
+        ));
+        let copied: u64 = out
+            .strip_prefix("processed 1 point(s), ")
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("round {round}: {out}"));
+        if round == 0 {
+            assert!(copied >= 8, "{out}");
+        } else {
+            assert!(
+                copied <= 3,
+                "round {round} copied again what a base holds: {out}"
+            );
+        }
+        let pruned = ok(lifeboat(
+            &["prune", "--group", "g1", "--retention", "24h"],
+            &[("--store", &target)],
+        ));
+        if round == 0 {
+            assert!(!pruned.contains("compacted 0 disk"), "{pruned}");
+        }
+    }
+    for i in 0..4 {
+        let out = dir.path().join(format!("out-{i}"));
+        vm.assert_fails_over(&target, i, &out);
+    }
+}
+
+/// The same rounds with the coordinator's processing loop (pass, trim of the cache, prune with
+/// the default 24 h retention, every second) instead of the CLI.
+#[test]
+fn the_coordinators_processing_loop_never_jams_after_compacting() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("target");
+    std::fs::create_dir_all(&target).unwrap();
+    let mut coordinator = CoordinatorProc::serving(
+        &dir.path().join("c"),
+        "g1",
+        &format!(
+            "processing_interval = \"1s\"\n[target]\nkind = \"local\"\npath = \"{}\"\n",
+            target.display()
+        ),
+    );
+    let mut vm = Vm::setup_with_cache(&dir.path().join("vm"), &coordinator.store);
+    let config = dir.path().join("vm/agent.toml");
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str("[replication]\nsegment_size = \"256KiB\"\n");
+    std::fs::write(&config, text).unwrap();
+    let bases = target.join("v1/g1/vms/vm1/disks/os/base");
+    for round in 0..4u64 {
+        if round > 0 {
+            vm.change(round, round * 300_000, 100_000);
+        }
+        vm.sync(round);
+        let point = target.join(format!("v1/g1/points/{}.point", vm.points[round as usize]));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !point.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: point not processed:\n{}",
+                coordinator.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // Let the loop finish the round (trim and prune) before the agent syncs again.
+        std::thread::sleep(Duration::from_millis(2500));
+        if round == 0 {
+            assert!(
+                std::fs::read_dir(&bases)
+                    .map(|d| d.count())
+                    .unwrap_or_default()
+                    > 0,
+                "no compaction:\n{}",
+                coordinator.log_text()
+            );
+        }
+    }
+    coordinator.kill();
+    let log = coordinator.log_text();
+    for bad in [
+        "processing failed",
+        "pruning failed",
+        "trimming the cache store failed",
+    ] {
+        assert!(!log.contains(bad), "{bad}:\n{log}");
+    }
+    // Each pass after the first copied what changed, not the segments a base holds.
+    let copied: Vec<u64> = log
+        .lines()
+        .filter(|l| l.contains("processed points into the target store"))
+        .filter_map(|l| {
+            l.split("segments=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    assert_eq!(copied.len(), 4, "{log}");
+    assert!(copied[1..].iter().all(|&n| n <= 3), "{copied:?}");
+    for i in 0..4 {
+        let out = dir.path().join(format!("out-{i}"));
+        vm.assert_fails_over(&target, i, &out);
     }
 }

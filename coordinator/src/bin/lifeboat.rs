@@ -12,7 +12,7 @@ use lifeboat_coordinator::process::Processor;
 use lifeboat_proto::pb;
 use lifeboat_proto::pb::admin_client::AdminClient;
 use lifeboat_store::layout::Layout;
-use lifeboat_store::manifest::{PointKind, RecoveryPoint};
+use lifeboat_store::manifest::{Consistency, RecoveryPoint};
 use lifeboat_store::restore::{StoreReader, restore_disk};
 use lifeboat_store::{DiskId, GroupId, PointId, StoreConfig, VmId};
 
@@ -251,16 +251,9 @@ fn fmt_time(ms: u64) -> String {
 }
 
 fn describe(p: &RecoveryPoint) -> String {
-    // Never claim more than the weakest member had: a "crash" point of unfrozen disks says so.
-    let unfrozen = p
-        .members
-        .iter()
-        .any(|m| m.consistency == lifeboat_store::manifest::Consistency::NotFrozen);
-    let kind = match p.kind {
-        PointKind::App if !unfrozen => "app",
-        _ if unfrozen => "unfrozen",
-        _ => "crash",
-    };
+    // Never claim more than the weakest member had (a version-1 "crash" point of disks that
+    // were not frozen says not-frozen), in the words of every other command.
+    let kind = p.effective_kind().to_string();
     let scope = if p.multi_vm { "multi-VM" } else { "single-VM" };
     let members: Vec<String> = p
         .members
@@ -268,7 +261,7 @@ fn describe(p: &RecoveryPoint) -> String {
         .map(|m| format!("{} ({})", m.vm, m.consistency))
         .collect();
     let mut line = format!(
-        "{}  {}  {kind:<8} {scope:<9}  members: {}",
+        "{}  {}  {kind:<16} {scope:<9}  members: {}",
         p.id,
         fmt_time(p.time),
         members.join(", ")
@@ -334,9 +327,9 @@ async fn run(command: Command) -> Result<()> {
                 .map_err(status_error)?
                 .into_inner();
             let label = match pb::Consistency::try_from(r.consistency) {
-                Ok(pb::Consistency::App) => "app-consistent",
-                Ok(pb::Consistency::Crash) => "crash-consistent",
-                _ => "unfrozen",
+                Ok(pb::Consistency::App) => Consistency::App,
+                Ok(pb::Consistency::Crash) => Consistency::Crash,
+                _ => Consistency::NotFrozen,
             };
             println!("{}", r.point_id);
             eprintln!(
@@ -422,17 +415,32 @@ async fn run(command: Command) -> Result<()> {
             command: PointsCommand::List { store, target },
         } => {
             let reader = open(&store).await?;
-            let mut points = reader.points().await?;
+            let scan = reader.scan_points().await?;
+            let mut points = scan.points;
+            let mut damaged = scan.damaged;
+            let mut quarantined = std::collections::BTreeMap::new();
             let processed: Option<Vec<RecoveryPoint>> = match &target {
-                Some(t) => Some(
-                    open(&StoreArgs {
+                Some(t) => {
+                    let target = open(&StoreArgs {
                         store: t.clone(),
                         group: store.group.clone(),
                     })
-                    .await?
-                    .points()
-                    .await?,
-                ),
+                    .await?;
+                    quarantined = Processor::new(
+                        store.group.clone(),
+                        reader.backend().clone(),
+                        target.backend().clone(),
+                    )
+                    .quarantined()
+                    .await?;
+                    let scan = target.scan_points().await?;
+                    for d in scan.damaged {
+                        if !damaged.iter().any(|e| e.id == d.id) {
+                            damaged.push(d);
+                        }
+                    }
+                    Some(scan.points)
+                }
                 None => None,
             };
             if let Some(done) = &processed {
@@ -443,21 +451,28 @@ async fn run(command: Command) -> Result<()> {
                 }
                 points.sort_by_key(|p| (p.time, p.id.to_string()));
             }
-            if points.is_empty() {
+            if points.is_empty() && damaged.is_empty() {
                 println!("no recovery points in group {}", store.group);
             }
             for p in points {
                 match &processed {
                     Some(done) => {
-                        let mark = if done.iter().any(|q| q.id == p.id) {
-                            "processed  "
+                        if let Some(why) = quarantined.get(&p.id) {
+                            // Not moving, and why: processing refused it (see the format's rule
+                            // 8); also when the target holds another point under its id.
+                            println!("quarantined  {}  reason: {why}", describe(&p));
+                        } else if done.iter().any(|q| q.id == p.id) {
+                            println!("processed    {}", describe(&p));
                         } else {
-                            "unprocessed"
-                        };
-                        println!("{mark}  {}", describe(&p));
+                            println!("unprocessed  {}", describe(&p));
+                        }
                     }
                     None => println!("{}", describe(&p)),
                 }
+            }
+            // Listed, not fatal: one damaged point costs only itself.
+            for d in &damaged {
+                println!("damaged      {}  cannot be read: {}", d.id, d.reason);
             }
             Ok(())
         }
@@ -487,6 +502,9 @@ async fn run(command: Command) -> Result<()> {
                 reader.backend().clone(),
             );
             let r = p.prune(retention, now).await?;
+            for d in &r.damaged {
+                eprintln!("left in place, unreadable (its data may be pruned): {d}");
+            }
             println!(
                 "kept {} point(s); deleted {} expired point(s), {} tag(s), {} tree(s), {} segment(s), {} base(s); compacted {} disk(s)",
                 r.kept,
@@ -518,6 +536,19 @@ async fn run(command: Command) -> Result<()> {
                 println!(
                     "removed from the cache store: {} point(s), {} tag(s), {} tree(s), {} segment(s), {} bytes",
                     t.points, t.tags, t.trees, t.segments, t.bytes
+                );
+                if t.conflicts > 0 {
+                    eprintln!(
+                        "kept {} point(s) and segment(s) in the cache store that the target holds another version of",
+                        t.conflicts
+                    );
+                }
+            }
+            // The rest was processed; the exit status still says something was refused.
+            if !pass.quarantined.is_empty() {
+                bail!(
+                    "{} point(s) quarantined (not processed); see above",
+                    pass.quarantined.len()
                 );
             }
             Ok(())
@@ -628,6 +659,9 @@ fn print_pass(pass: &lifeboat_coordinator::process::Pass) {
         pass.bytes,
         pass.elapsed
     );
+    for (id, why) in &pass.quarantined {
+        eprintln!("quarantined point {id} (not processed): {why}");
+    }
     match &pass.latest_processed {
         Some((id, t)) => println!("latest processed point: {id} ({})", fmt_time(*t)),
         None => println!("latest processed point: none"),
@@ -663,12 +697,29 @@ async fn run_failover(a: FailoverArgs, drill: bool) -> Result<()> {
                     "processed {} pending point(s) from the cache store first",
                     pass.points.len()
                 );
+                // Failing over goes on with what is in the target; what could not move is said.
+                for (id, why) in &pass.quarantined {
+                    eprintln!("quarantined point {id} (not processed): {why}");
+                }
             }
             None => println!("no --cache given: `latest` is the latest processed point"),
         }
     }
     let reader = open(&target).await?;
-    let points = reader.points().await?;
+    let scan = reader.scan_points().await?;
+    if let Selector::Id(id) = &selector
+        && let Some(d) = scan.damage(id)
+    {
+        bail!(
+            "recovery point {id} is damaged and cannot be restored: {}",
+            d.reason
+        );
+    }
+    // Every selector skips damaged points, and says which.
+    for d in &scan.damaged {
+        eprintln!("skipping damaged point {}: {}", d.id, d.reason);
+    }
+    let points = scan.points;
     if points.is_empty() {
         bail!(UsageError(format!(
             "group {group} has no recovery points in the target store"

@@ -226,21 +226,27 @@ pub fn save(state_dir: &Path, state: &DiskState) -> Result<(), StateError> {
         }
         Content::Directory { .. } => (serde_json::to_vec(state).expect("state serialises"), &[]),
     };
-    let mut body = Vec::with_capacity(8 + json.len() + raw.len() * 32);
-    body.extend_from_slice(&(json.len() as u64).to_le_bytes());
-    body.extend_from_slice(&json);
+    // Checksummed, then written, without a second copy of the hashes in memory.
+    let len = (json.len() as u64).to_le_bytes();
+    let mut sum = blake3::Hasher::new();
+    sum.update(&len).update(&json);
     for h in raw {
-        body.extend_from_slice(h);
+        sum.update(h);
     }
     let tmp = path.with_extension("state.tmp");
-    let written = File::create(&tmp).and_then(|mut f| {
+    let written = File::create(&tmp).and_then(|f| {
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
         writeln!(
-            f,
+            w,
             "lifeboat-state {STATE_VERSION} {}",
-            blake3::hash(&body).to_hex()
+            sum.finalize().to_hex()
         )?;
-        f.write_all(&body)?;
-        f.sync_all()
+        w.write_all(&len)?;
+        w.write_all(&json)?;
+        for h in raw {
+            w.write_all(h)?;
+        }
+        w.into_inner().map_err(|e| e.into_error())?.sync_all()
     });
     if let Err(e) = written.and_then(|_| fs::rename(&tmp, &path)) {
         // A full disk must not leave a half-written file behind; the old state stays.

@@ -209,8 +209,14 @@ impl Agent {
         let segs = self.reader.segment_seqs(vm, &disk.id).await?;
         let max_seg = segs.last().copied().unwrap_or(0);
 
+        // The steady state: local state and store agree, and the state file need not be
+        // rewritten (it is as large as the disk's block hashes).
+        let mut unchanged = false;
         let mut st = match (local, &latest) {
-            (Some(s), Some(l)) if s.tag_seq == l.seq && s.block_size == bs => s,
+            (Some(s), Some(l)) if s.tag_seq == l.seq && s.block_size == bs => {
+                unchanged = true;
+                s
+            }
             (Some(s), Some(l)) if s.tag_seq < l.seq && s.block_size == bs => {
                 tracing::info!(disk = %disk.id, from = s.tag_seq, to = l.seq, "state is behind the store (crash after a tag); rolling forward from segment indexes");
                 let through = s.through_segment;
@@ -270,6 +276,7 @@ impl Agent {
         // The content kind must match the disk kind (the config may have changed).
         if matches!(st.content, Content::Directory { .. }) != directory {
             st = self.fresh_copy(disk, st.tag_seq, st.through_segment.max(max_seg));
+            unchanged = false;
         }
         // Segments past the last tag belong to a cycle that never finished: no tag references
         // them, and their blocks will be shipped again, so they go.
@@ -280,7 +287,9 @@ impl Agent {
                 .delete(&self.writer.layout().segment(vm, &disk.id, seq))
                 .await?;
         }
-        state::save(&self.config.state_dir, &st)?;
+        if !unchanged {
+            state::save(&self.config.state_dir, &st)?;
+        }
         Ok(st)
     }
 
@@ -542,7 +551,16 @@ impl Agent {
         let kind = disk.kind;
         // Block devices are read past their page cache (see `scan`'s module docs).
         let direct = kind == DiskKind::BlockDevice;
-        let content = st.content.clone();
+        // Moved, not copied: an image's block hashes are as large as the disk is (32 bytes a
+        // block). A failed pass leaves `st` without them; every caller then drops `st` (the
+        // durable state on disk is untouched) or falls back to its own earlier copy.
+        let content = std::mem::replace(
+            &mut st.content,
+            Content::Image {
+                size: 0,
+                hashes: Hashes::default(),
+            },
+        );
         let threads = r.scan_threads;
         let scan = tokio::task::spawn_blocking(move || -> Result<(Content, Shape, ScanStats)> {
             let started = Instant::now();

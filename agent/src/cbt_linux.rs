@@ -10,16 +10,18 @@
 //!   (partitions report their own `dev` and sectors already remapped to the whole disk);
 //!   `block:block_rq_complete` marks the same range again when a request-based device (virtio,
 //!   NVMe, SCSI, loop) completes it, so a write still in flight while a read-out reads its
-//!   block is seen again after it lands. Bio-based stacks (dm, md) have only the submission
-//!   mark; there a write in flight across a read-out is caught by the freeze (a filesystem
-//!   freeze waits for its writes) or by the verification sweep.
+//!   block is seen again after it lands. Bio-based stacks (dm, md) report no completion, so
+//!   they are not tracked: they are scanned, and `status` says why.
+//! - **Marks only grow.** A mark is a compare-and-swap to the maximum, so a program that
+//!   loaded the epoch before a switch and stores after it can lower nothing.
 //! - **Epochs, not bits.** Each block holds the epoch of its last write (`u32`), each chunk of
 //!   4096 blocks a coarse epoch for writes too long to mark block by block (discards), and a
 //!   counter counts writes too long even for that (the agent then scans). A read-out advances
 //!   the epoch and collects blocks marked since the cursor; nothing is ever cleared, so a
 //!   read-out whose data is thrown away (an abandoned cut) loses nothing: its cursor is simply
-//!   not kept. A store racing the switch can land after the scan with the old epoch, so the
-//!   cursor keeps the old epoch and the blocks it already collected at it ([`Cursor::seen`]).
+//!   not kept. A mark racing the switch can land after the scan with the old epoch, so the
+//!   cursor keeps the old epoch and the blocks it already collected at it ([`Cursor::seen`]):
+//!   a block marked later at that epoch, not among them, is read next time.
 //! - **Generations.** Each set of maps has a random generation; the agent's state records the
 //!   generation and epoch its last tag covers. Any discontinuity — new maps (first start,
 //!   reboot, maps removed), device resized or replaced (`diskseq`), partitions changed,
@@ -52,6 +54,8 @@ const META_NBLOCKS: u32 = 3;
 const META_SHIFT: u32 = 4;
 const META_DISKSEQ: u32 = 5;
 const META_DEV: u32 = 6;
+/// A fingerprint of the set of tracked devs (the disk and its partitions).
+const META_DEVS: u32 = 7;
 const META_SLOTS: u32 = 8;
 
 /// Where the agent is in a tracker's history: blocks marked with an epoch after `since`, or
@@ -80,6 +84,9 @@ pub struct Tracker {
     block_size: u64,
     diskseq: u64,
     devs: BTreeSet<u32>,
+    /// For an image tracked through its loop device: the image and its (dev, inode) when
+    /// tracking began.
+    image: Option<(PathBuf, u64, u64)>,
 }
 
 /// How [`Tracker::open`] found the tracking state.
@@ -111,7 +118,16 @@ impl Tracker {
             shift: (block_size / 512).trailing_zeros() as u64,
             diskseq: id.diskseq,
             dev: id.kdev as u64,
+            devs: fingerprint(&id.devs),
         };
+        if want.nblocks > i32::MAX as u64 {
+            return Err("the device has more blocks than the tracker numbers (2^31); use a larger block_size".into());
+        }
+        if !id.blk_mq {
+            // Bio-based stacks (dm, md) report no request completion: a write in flight across
+            // a read-out would get no second mark. Scanning is slower, not wrong.
+            return Err("a bio-based device (device-mapper, md): the tracker cannot see its writes complete".into());
+        }
         let reason = match Tracker::resume(&pin, device, &id, block_size, &want) {
             Ok(t) => return Ok((t, Opened::Resumed)),
             Err(reason) => reason,
@@ -134,6 +150,11 @@ impl Tracker {
         let get = |name: &str| obj_get(&pin.join(name)).map_err(|e| format!("pinned {name}: {e}"));
         let meta = get("meta")?;
         let chunks = get("chunks")?;
+        // Maps pinned by another version of the agent may have other sizes: reading them
+        // into our buffers would overflow them.
+        if map_info(&meta).ok() != Some((BPF_MAP_TYPE_ARRAY, 4, 8, META_SLOTS)) {
+            return Err("the pinned maps have another layout (another agent version?)".into());
+        }
         // The links keep the programs attached; without them nothing was tracked.
         get("link-queue")?;
         get("link-complete")?;
@@ -141,8 +162,21 @@ impl Tracker {
         if m(META_NBLOCKS)? != want.nblocks || m(META_SHIFT)? != want.shift {
             return Err("the device was resized or the block size changed".into());
         }
+        let nchunks = want.nblocks.div_ceil(CHUNK_BLOCKS).max(1);
+        let chunk_layout = (
+            BPF_MAP_TYPE_ARRAY,
+            4,
+            ((CHUNK_BLOCKS + 1) * 4) as u32,
+            nchunks as u32,
+        );
+        if map_info(&chunks).ok() != Some(chunk_layout) {
+            return Err("the pinned maps have another layout (another agent version?)".into());
+        }
         if m(META_DISKSEQ)? != want.diskseq || m(META_DEV)? != want.dev {
             return Err("the device was replaced (its disk sequence number changed)".into());
+        }
+        if m(META_DEVS)? != want.devs {
+            return Err("the device's partitions changed".into());
         }
         let t = Tracker {
             pin: pin.to_owned(),
@@ -154,6 +188,7 @@ impl Tracker {
             block_size: block_size as u64,
             diskseq: id.diskseq,
             devs: id.devs.clone(),
+            image: None,
         };
         Ok(t)
     }
@@ -191,6 +226,7 @@ impl Tracker {
             (META_SHIFT, want.shift),
             (META_DISKSEQ, want.diskseq),
             (META_DEV, want.dev),
+            (META_DEVS, want.devs),
         ] {
             update(&meta, &slot.to_ne_bytes(), &v.to_ne_bytes())
                 .map_err(|e| fail("initialise the BPF map", e))?;
@@ -231,11 +267,21 @@ impl Tracker {
             block_size: block_size as u64,
             diskseq: id.diskseq,
             devs: id.devs.clone(),
+            image: None,
         })
     }
 
     pub fn generation(&self) -> u64 {
         self.generation
+    }
+
+    /// Ties the tracker to the image file behind its loop device: replacing the file, or
+    /// detaching it, is a discontinuity.
+    pub fn bind_image(&mut self, image: &Path) -> Result<(), String> {
+        let m = std::fs::metadata(image)
+            .map_err(|e| format!("cannot stat {}: {e}", image.display()))?;
+        self.image = Some((image.to_owned(), m.dev(), m.ino()));
+        Ok(())
     }
 
     /// Whether the maps still describe this device as it is now; the reason if not.
@@ -253,7 +299,20 @@ impl Tracker {
         if !self.pin.join("link-queue").exists() || !self.pin.join("link-complete").exists() {
             return Err("the tracking programs were detached (pins removed)".into());
         }
-        match lookup_u64(&self.meta, META_GENERATION) {
+        if let Some((image, dev, ino)) = &self.image {
+            let m = std::fs::metadata(image)
+                .map_err(|e| format!("cannot stat {}: {e}", image.display()))?;
+            if (m.dev(), m.ino()) != (*dev, *ino) {
+                return Err("the image file was replaced".into());
+            }
+            if loop_device_of(image).ok().as_deref() != Some(self.device.as_path()) {
+                return Err("the image was detached from its loop device".into());
+            }
+        }
+        // The pinned maps, not the ones this process holds: someone may have removed the pins
+        // and started tracking anew, detaching the programs that fill ours.
+        let pinned = obj_get(&self.pin.join("meta")).map_err(|e| format!("pinned meta: {e}"))?;
+        match lookup_u64(&pinned, META_GENERATION) {
             Ok(g) if g == self.generation => Ok(()),
             Ok(_) => Err("the tracking maps were reset".into()),
             Err(e) => Err(format!("cannot read the tracking maps: {e}")),
@@ -366,6 +425,11 @@ pub fn loop_device_of(image: &Path) -> Result<PathBuf, String> {
             continue;
         }
         let zero = |a: &str| attr(a).is_none_or(|v| v.trim() == "0");
+        if std::fs::read_to_string(e.path().join("ro")).is_ok_and(|v| v.trim() == "1") {
+            return Err(format!(
+                "/dev/{name} is a read-only loop device: something else writes the image"
+            ));
+        }
         if !zero("offset") || !zero("sizelimit") {
             return Err(format!(
                 "/dev/{name} maps only part of the image (offset or size limit)"
@@ -408,6 +472,15 @@ struct Meta {
     shift: u64,
     diskseq: u64,
     dev: u64,
+    devs: u64,
+}
+
+fn fingerprint(devs: &BTreeSet<u32>) -> u64 {
+    let mut h = blake3::Hasher::new();
+    for d in devs {
+        h.update(&d.to_le_bytes());
+    }
+    u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().expect("8 bytes"))
 }
 
 /// What identifies a device's contents to the tracker.
@@ -418,6 +491,8 @@ struct DeviceId {
     diskseq: u64,
     /// The device and its partitions.
     devs: BTreeSet<u32>,
+    /// A request-based (blk-mq) device: completions are traced.
+    blk_mq: bool,
 }
 
 impl DeviceId {
@@ -461,6 +536,7 @@ impl DeviceId {
             size,
             diskseq,
             devs,
+            blk_mq: sys.join("mq").exists(),
         })
     }
 }
@@ -553,6 +629,7 @@ struct Insn {
 const R0: u8 = 0;
 const R1: u8 = 1;
 const R2: u8 = 2;
+const R3: u8 = 3;
 const R6: u8 = 6;
 const R7: u8 = 7;
 const R8: u8 = 8;
@@ -610,6 +687,21 @@ impl Asm {
     fn atomic_add(&mut self, dst: u8, src: u8, off: i16) {
         self.raw(0x03 | DW | 0xc0, dst, src, off, 0);
     }
+    /// `*(u32 *)slot = max(*slot, r9)`, atomically: marks only ever grow, so a program that
+    /// loaded an older epoch and stores late cannot hide a newer mark. A compare-and-swap,
+    /// retried a few times (each failure means another CPU raised the value), unrolled so the
+    /// verifier sees straight-line code. `slot` is clobbered; r0–r3 are scratch.
+    fn mark_max(&mut self, slot: u8, done: &'static str) {
+        self.mov(R2, slot);
+        for _ in 0..4 {
+            self.ldx(W, R0, R2, 0);
+            self.jmp_reg(JGE, R0, R9, done);
+            self.mov(R3, R0);
+            // BPF_STX | BPF_W | BPF_ATOMIC, imm BPF_CMPXCHG: r0 = cmpxchg(*(u32 *)(r2), r0, r9).
+            self.raw(0x03 | W | 0xc0, R2, R9, 0, 0xf1);
+            self.jmp_reg(JEQ, R0, R3, done);
+        }
+    }
     fn ld_map(&mut self, dst: u8, fd: i32) {
         // BPF_LD | BPF_DW | BPF_IMM with src = BPF_PSEUDO_MAP_FD: the kernel swaps in the map.
         self.raw(0x18, dst, 1, 0, fd);
@@ -657,6 +749,7 @@ const MAP_LOOKUP_ELEM: i32 = 1;
 /// The tracking program for one tracepoint (see the module docs): for a write to a tracked
 /// device, stamp the current epoch on every block it touches.
 fn program(f: &Fields, maps: &Maps, shift: i32, nblocks: u64) -> Vec<Insn> {
+    // Callers refuse devices past this (see `Tracker::open`): block numbers are immediates.
     let nblocks = nblocks.min(i32::MAX as u64) as i32;
     let mut a = Asm::default();
     a.mov(R6, R1);
@@ -712,7 +805,8 @@ fn program(f: &Fields, maps: &Maps, shift: i32, nblocks: u64) -> Vec<Insn> {
     a.alu_imm(ADD, R1, 1);
     a.alu_imm(LSH, R1, 2);
     a.alu(ADD, R0, R1);
-    a.stx(W, R0, R9, 0);
+    a.mark_max(R0, "fine_next");
+    a.label("fine_next");
     a.alu_imm(ADD, R6, 1);
     a.alu_imm(ADD, R7, 1);
     a.jmp_imm(JGE, R6, FINE_LIMIT, "exit");
@@ -733,7 +827,8 @@ fn program(f: &Fields, maps: &Maps, shift: i32, nblocks: u64) -> Vec<Insn> {
     a.alu_imm(ADD, R2, -12);
     a.call(MAP_LOOKUP_ELEM);
     a.jmp_imm(JEQ, R0, 0, "exit");
-    a.stx(W, R0, R9, 0);
+    a.mark_max(R0, "cloop_next");
+    a.label("cloop_next");
     a.alu_imm(ADD, R6, 1);
     a.alu_imm(ADD, R7, 1);
     a.jmp_imm(JGE, R6, COARSE_LIMIT, "exit");
@@ -903,6 +998,28 @@ fn prog_load(insns: &[Insn]) -> io::Result<OwnedFd> {
 }
 
 #[repr(C)]
+struct InfoAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+const BPF_OBJ_GET_INFO_BY_FD: i32 = 15;
+
+/// (type, key size, value size, max entries) of a map.
+fn map_info(map: &OwnedFd) -> io::Result<(u32, u32, u32, u32)> {
+    // struct bpf_map_info starts: type, id, key_size, value_size, max_entries (u32 each).
+    let mut info = [0u32; 20];
+    let mut a = InfoAttr {
+        bpf_fd: map.as_raw_fd() as u32,
+        info_len: std::mem::size_of_val(&info) as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut a)?;
+    Ok((info[0], info[2], info[3], info[4]))
+}
+
+#[repr(C)]
 struct ObjAttr {
     pathname: u64,
     bpf_fd: u32,
@@ -987,7 +1104,7 @@ fn ensure_mounted(at: &str, fstype: &str, magic: i64) -> Result<(), String> {
     // SAFETY: `st` is plain old data the kernel fills; `c` is a valid NUL-terminated path.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
-    if rc == 0 && st.f_type as i64 == magic {
+    if rc == 0 && st.f_type as u32 == magic as u32 {
         return Ok(());
     }
     let t = std::ffi::CString::new(fstype).expect("no NUL");

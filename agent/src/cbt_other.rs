@@ -44,6 +44,9 @@ impl Tracker {
     pub fn generation(&self) -> u64 {
         match self._never {}
     }
+    pub fn bind_image(&mut self, _image: &Path) -> Result<(), String> {
+        match self._never {}
+    }
     pub fn check(&self) -> Result<(), String> {
         match self._never {}
     }

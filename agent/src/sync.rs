@@ -103,7 +103,14 @@ impl Agent {
                     DiskKind::Directory => return Err("directories are walked, not tracked".into()),
                 };
                 let pin = tracking_key(&self.config, disk);
-                match Tracker::open(&device, self.config.replication.block_size.0 as u32, &pin) {
+                let opened = Tracker::open(&device, self.config.replication.block_size.0 as u32, &pin)
+                    .and_then(|(mut t, opened)| {
+                        if disk.kind == DiskKind::Image {
+                            t.bind_image(&disk.path)?;
+                        }
+                        Ok((t, opened))
+                    });
+                match opened {
                     Ok((t, opened)) => {
                         match opened {
                             Opened::Resumed => tracing::info!(disk = %disk.id, generation = t.generation(), "block tracking resumed from pinned state"),
@@ -133,8 +140,16 @@ impl Agent {
                 Ok(()) => Ok(t),
                 Err(why) => {
                     tracing::warn!(disk = %disk.id, reason = %why, "block tracking lost continuity; restarting it and scanning");
-                    // New maps for the device as it is now; the scan below starts their cursor.
+                    // New maps for the device as it is now (never the old pins again); the scan
+                    // below starts their cursor, and says why itself.
+                    if let Err(e) = crate::cbt::forget(&tracking_key(&self.config, disk)) {
+                        tracing::warn!(disk = %disk.id, error = %e, "cannot remove the old tracking state");
+                    }
                     let _ = self.tracker(disk, true);
+                    self.started
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(disk.id.as_str());
                     Err(why)
                 }
             },
@@ -157,7 +172,10 @@ impl Agent {
             .unwrap_or_else(|e| e.into_inner())
             .remove(disk.id.as_str());
         if let Some(why) = started
-            && st.tracking.is_some()
+            && st
+                .tracking
+                .as_ref()
+                .is_some_and(|c| c.generation != t.generation())
         {
             // New maps: the state's position belongs to the old ones. Say why they are new.
             return scan_with(format!("tracking started afresh: {why}"));
@@ -375,6 +393,9 @@ impl Agent {
         st.tag_seq = tag.seq;
         st.from_segment = tag.from_segment;
         st.through_segment = tag.through_segment;
+        // The hashes now describe the tag, which may come from a timeline the tracker's
+        // position never saw (a VM reverted to a snapshot): the next pass scans.
+        st.tracking = None;
         Ok(st)
     }
 

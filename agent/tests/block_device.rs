@@ -140,6 +140,8 @@ fn block_device_restores_what_the_device_held(fs: &str, kind: &str) {
         std::fs::remove_dir_all(&out).unwrap();
     }
     assert_eq!(compared, 6);
+    // Leave no program attached to the block layer behind.
+    agent_ok(&config, &["untrack"]);
 }
 
 #[test]

@@ -86,7 +86,13 @@ fn sqlite_points_are_consistent(fs: &str) {
         .arg(&stop)
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(700));
+    // Cut only once the writer has committed a row: before that the database may not even
+    // hold its table yet (python starts slowly on a loaded machine).
+    let t0 = Instant::now();
+    while std::fs::read_to_string(&log).map_or(true, |l| l.lines().count() < 2) {
+        assert!(t0.elapsed() < Duration::from_secs(60), "the writer never committed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 
     let mut cuts = Vec::new();
     for _ in 0..4 {

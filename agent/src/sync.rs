@@ -467,9 +467,34 @@ impl Agent {
             })
         };
         report(0, 0.0, phase);
+        let plan = match disk.kind {
+            DiskKind::Directory => None,
+            // Reads the tracker's maps and sysfs: blocking, but short (a few ms per TiB).
+            _ => Some(tokio::task::block_in_place(|| {
+                self.plan(disk, st, hints.reread_all)
+            })),
+        };
+        let (listed, next_cursor, how) = match plan {
+            None => (None, None, String::new()),
+            Some(Plan::Scan { cursor, why }) => (None, cursor, format!("scan: {why}")),
+            Some(Plan::Listed { blocks, cursor }) => {
+                let how = format!("ebpf: {} blocks written since the last pass", blocks.len());
+                (Some(blocks), Some(cursor), how)
+            }
+        };
+        if !how.is_empty() {
+            tracing::debug!(disk = %disk.id, tracking = %how, "pass");
+            let key = disk.id.to_string();
+            crate::progress::update(&self.config.state_dir, |s| {
+                s.disks.entry(key).or_default().tracking = how;
+            });
+        }
         // Checkpoints make a long pass resumable: every so often, the state is saved as
         // "segments up to here are shipped, and this is what they hold".
-        let mut checkpoint = collect_cap.is_none().then(|| st.clone());
+        // A checkpoint needs its own copy of the state (the pass takes the block hashes), so
+        // only passes that can be long keep one: a tracked pass reads only what was written
+        // since the last one, and if it dies the last tag's state still stands.
+        let mut checkpoint = (collect_cap.is_none() && listed.is_none()).then(|| st.clone());
         let state_dir_ck = self.config.state_dir.clone();
         let receiver = tokio::spawn(async move {
             let mut seq = first_seq;
@@ -546,28 +571,6 @@ impl Agent {
 
         // Scanner on a blocking thread; hands full segments on, blocking when the receiver
         // lags (backpressure under the memory cap).
-        let plan = match disk.kind {
-            DiskKind::Directory => None,
-            // Reads the tracker's maps and sysfs: blocking, but short (a few ms per TiB).
-            _ => Some(tokio::task::block_in_place(|| {
-                self.plan(disk, st, hints.reread_all)
-            })),
-        };
-        let (listed, next_cursor, how) = match plan {
-            None => (None, None, String::new()),
-            Some(Plan::Scan { cursor, why }) => (None, cursor, format!("scan: {why}")),
-            Some(Plan::Listed { blocks, cursor }) => {
-                let how = format!("ebpf: {} blocks written since the last pass", blocks.len());
-                (Some(blocks), Some(cursor), how)
-            }
-        };
-        if !how.is_empty() {
-            tracing::debug!(disk = %disk.id, tracking = %how, "pass");
-            let key = disk.id.to_string();
-            crate::progress::update(&self.config.state_dir, |s| {
-                s.disks.entry(key).or_default().tracking = how;
-            });
-        }
         let path = disk.path.clone();
         let kind = disk.kind;
         // Block devices are read past their page cache (see `scan`'s module docs).

@@ -598,3 +598,60 @@ fn discontinuities_fall_back_to_a_scan_with_the_reason() {
     assert_latest_equals_device(dir.path(), &dev, "after the device grew");
     agent_ok(&config, &["untrack"]);
 }
+
+/// An image tracked through its loop device, then replaced by another file under the same
+/// name (a restore, a `qemu-img convert`): the loop device still holds the old file, so the
+/// tracker can no longer vouch for the image. The next pass scans and ships the new contents.
+#[test]
+fn an_image_replaced_under_its_loop_device_is_scanned() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !root_or_skip("an_image_replaced_under_its_loop_device_is_scanned") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    std::fs::write(&image, random_bytes(64 << 20, 1)).unwrap();
+    let dev = PathBuf::from(
+        run(Command::new("losetup")
+            .arg("--find")
+            .arg("--show")
+            .arg(&image))
+        .trim(),
+    );
+    let _detach = Detach(dev.clone());
+    let config = write_config(dir.path(), &disk("img", "image", &image));
+    agent_ok(&config, &["untrack"]);
+    agent_ok(&config, &["sync"]);
+    // A write through the loop device: tracked.
+    let mut f = std::fs::OpenOptions::new().write(true).open(&dev).unwrap();
+    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(1 << 20)).unwrap();
+    std::io::Write::write_all(&mut f, &random_bytes(1 << 20, 2)).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    agent_ok(&config, &["sync"]);
+    let status = agent_ok(&config, &["status"]);
+    assert!(status.contains("tracking: ebpf"), "{status}");
+
+    // Replaced under the same name; the loop device keeps the old (now unlinked) file.
+    let new = dir.path().join("disk.img.new");
+    std::fs::write(&new, random_bytes(64 << 20, 3)).unwrap();
+    std::fs::rename(&new, &image).unwrap();
+    agent_ok(&config, &["sync"]);
+    let status = agent_ok(&config, &["status"]);
+    assert!(status.contains("tracking: scan: "), "{status}");
+    let out = dir.path().join("restored");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let reader = reader(&dir.path().join("store"), "g");
+    rt.block_on(async {
+        let p = reader
+            .points()
+            .await
+            .unwrap()
+            .into_iter()
+            .max_by_key(|p| p.time)
+            .unwrap();
+        restore_point(&reader, &p, &out).await;
+    });
+    assert_same_bytes(&out.join("img"), &image, "the replaced image");
+    agent_ok(&config, &["untrack"]);
+}

@@ -90,7 +90,10 @@ fn sqlite_points_are_consistent(fs: &str) {
     // hold its table yet (python starts slowly on a loaded machine).
     let t0 = Instant::now();
     while std::fs::read_to_string(&log).map_or(true, |l| l.lines().count() < 2) {
-        assert!(t0.elapsed() < Duration::from_secs(60), "the writer never committed");
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the writer never committed"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 

@@ -854,4 +854,13 @@ fn group_points_of_block_devices_restore_what_each_device_held() {
         "{} multi-VM points of 2 block-device VMs equal their oracles",
         points.len()
     );
+    // Stop the agents, then leave no program attached to the block layer behind.
+    for a in &mut agents {
+        if let Some(mut child) = a.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let out = a.command().arg("untrack").output().unwrap();
+        assert!(out.status.success(), "untrack failed");
+    }
 }

@@ -720,6 +720,14 @@ impl Asm {
         self.fixups.push((self.insns.len(), to));
         self.raw(0x05, 0, 0, 0, 0);
     }
+    /// `r0 = bpf_map_lookup_elem(map, r10 + key)`, or end the program if there is no entry.
+    fn lookup_or_exit(&mut self, map: i32, key: i16) {
+        self.ld_map(R1, map);
+        self.mov(R2, R10);
+        self.alu_imm(ADD, R2, key as i32);
+        self.call(MAP_LOOKUP_ELEM);
+        self.jmp_imm(JEQ, R0, 0, "exit");
+    }
     fn call(&mut self, helper: i32) {
         self.raw(0x05 | 0x80, 0, 0, 0, helper);
     }
@@ -756,11 +764,7 @@ fn program(f: &Fields, maps: &Maps, shift: i32, nblocks: u64) -> Vec<Insn> {
     // Is the device (or a partition of it) tracked?
     a.ldx(W, R1, R6, f.dev);
     a.stx(W, R10, R1, -4);
-    a.ld_map(R1, maps.devs);
-    a.mov(R2, R10);
-    a.alu_imm(ADD, R2, -4);
-    a.call(MAP_LOOKUP_ELEM);
-    a.jmp_imm(JEQ, R0, 0, "exit");
+    a.lookup_or_exit(maps.devs, -4);
     // Reads change nothing ('R' is the op letter, after an optional 'F' for a preflush).
     a.ldx(B, R1, R6, f.rwbs);
     a.jmp_imm(JEQ, R1, b'R' as i32, "exit");
@@ -780,11 +784,7 @@ fn program(f: &Fields, maps: &Maps, shift: i32, nblocks: u64) -> Vec<Insn> {
     a.label("clamped");
     // The current epoch.
     a.st_imm(W, R10, -8, META_EPOCH as i32);
-    a.ld_map(R1, maps.meta);
-    a.mov(R2, R10);
-    a.alu_imm(ADD, R2, -8);
-    a.call(MAP_LOOKUP_ELEM);
-    a.jmp_imm(JEQ, R0, 0, "exit");
+    a.lookup_or_exit(maps.meta, -8);
     a.ldx(DW, R9, R0, 0);
     a.mov(R1, R8);
     a.alu(SUB, R1, R7);
@@ -795,11 +795,7 @@ fn program(f: &Fields, maps: &Maps, shift: i32, nblocks: u64) -> Vec<Insn> {
     a.mov(R1, R7);
     a.alu_imm(RSH, R1, 12);
     a.stx(W, R10, R1, -12);
-    a.ld_map(R1, maps.chunks);
-    a.mov(R2, R10);
-    a.alu_imm(ADD, R2, -12);
-    a.call(MAP_LOOKUP_ELEM);
-    a.jmp_imm(JEQ, R0, 0, "exit");
+    a.lookup_or_exit(maps.chunks, -12);
     a.mov(R1, R7);
     a.alu_imm(AND, R1, (CHUNK_BLOCKS - 1) as i32);
     a.alu_imm(ADD, R1, 1);
@@ -822,11 +818,7 @@ fn program(f: &Fields, maps: &Maps, shift: i32, nblocks: u64) -> Vec<Insn> {
     a.mov_imm(R6, 0);
     a.label("cloop");
     a.stx(W, R10, R7, -12);
-    a.ld_map(R1, maps.chunks);
-    a.mov(R2, R10);
-    a.alu_imm(ADD, R2, -12);
-    a.call(MAP_LOOKUP_ELEM);
-    a.jmp_imm(JEQ, R0, 0, "exit");
+    a.lookup_or_exit(maps.chunks, -12);
     a.mark_max(R0, "cloop_next");
     a.label("cloop_next");
     a.alu_imm(ADD, R6, 1);
@@ -837,11 +829,7 @@ fn program(f: &Fields, maps: &Maps, shift: i32, nblocks: u64) -> Vec<Insn> {
     // Too long even for chunks: count it; the agent scans.
     a.label("overflow");
     a.st_imm(W, R10, -8, META_OVERFLOWS as i32);
-    a.ld_map(R1, maps.meta);
-    a.mov(R2, R10);
-    a.alu_imm(ADD, R2, -8);
-    a.call(MAP_LOOKUP_ELEM);
-    a.jmp_imm(JEQ, R0, 0, "exit");
+    a.lookup_or_exit(maps.meta, -8);
     a.mov_imm(R1, 1);
     a.atomic_add(R0, R1, 0);
     a.label("exit");

@@ -16,7 +16,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
-use lifeboat_tests::{LiveWriter, assert_same_bytes, check_database, oracle_command};
+use lifeboat_tests::{LiveWriter, assert_same_bytes, attach_loop, check_database, oracle_command};
 
 /// Tests here freeze filesystems and load both cores; one at a time keeps deadlines honest.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -388,13 +388,7 @@ fn raw_loop_device(dir: &Path, size_mib: u64) -> (PathBuf, PathBuf) {
         .unwrap()
         .set_len(size_mib << 20)
         .unwrap();
-    let dev = PathBuf::from(
-        run(Command::new("losetup")
-            .arg("--find")
-            .arg("--show")
-            .arg(&image))
-        .trim(),
-    );
+    let dev = attach_loop(&image);
     (image, dev)
 }
 
@@ -611,13 +605,7 @@ fn an_image_replaced_under_its_loop_device_is_scanned() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.img");
     std::fs::write(&image, random_bytes(64 << 20, 1)).unwrap();
-    let dev = PathBuf::from(
-        run(Command::new("losetup")
-            .arg("--find")
-            .arg("--show")
-            .arg(&image))
-        .trim(),
-    );
+    let dev = attach_loop(&image);
     let _detach = Detach(dev.clone());
     let config = write_config(dir.path(), &disk("img", "image", &image));
     agent_ok(&config, &["untrack"]);

@@ -243,6 +243,16 @@ impl StoreReader {
             Err(e) if e.kind == ErrorKind::NotFound => return Ok(None),
             other => other?.size,
         };
+        let (_, hash) = self.footer(name, size).await?;
+        Ok(Some(blake3::Hash::from(hash).to_hex().to_string()))
+    }
+
+    /// The (index range, index hash) in the footer of segment object `name` of `size` bytes.
+    async fn footer(
+        &self,
+        name: &ObjectName,
+        size: u64,
+    ) -> Result<(std::ops::Range<u64>, codec::Hash)> {
         let flen = codec::FOOTER_LEN as u64;
         if size < flen {
             return Err(codec::CodecError {
@@ -252,8 +262,7 @@ impl StoreReader {
             .into());
         }
         let footer = self.backend.get_range(name, size - flen..size).await?;
-        let (_, hash) = codec::parse_footer(name.as_str(), &footer, size)?;
-        Ok(Some(blake3::Hash::from(hash).to_hex().to_string()))
+        Ok(codec::parse_footer(name.as_str(), &footer, size)?)
     }
 
     /// The verified index of the segment object `name`.
@@ -267,16 +276,7 @@ impl StoreReader {
             }
             other => other?.size,
         };
-        let flen = codec::FOOTER_LEN as u64;
-        if size < flen {
-            return Err(codec::CodecError {
-                object: name.to_string(),
-                what: format!("truncated: only {size} bytes"),
-            }
-            .into());
-        }
-        let footer = self.backend.get_range(&name, size - flen..size).await?;
-        let (range, hash) = codec::parse_footer(name.as_str(), &footer, size)?;
+        let (range, hash) = self.footer(&name, size).await?;
         let start = range.start;
         let index = self.backend.get_range(&name, range).await?;
         Ok(codec::decode_index(name.as_str(), &index, start, &hash)?)

@@ -57,13 +57,7 @@ impl LoopFs {
             cmd.arg("-q").arg("-f");
         }
         run(cmd.arg(&image));
-        let device = PathBuf::from(
-            run(Command::new("losetup")
-                .arg("--find")
-                .arg("--show")
-                .arg(&image))
-            .trim(),
-        );
+        let device = attach_loop(&image);
         run(Command::new("mount").arg(&device).arg(&mount));
         LoopFs {
             mount,
@@ -71,6 +65,17 @@ impl LoopFs {
             device,
         }
     }
+}
+
+/// Attaches `image` to a free loop device (whole file) and returns the device's path.
+pub fn attach_loop(image: &Path) -> PathBuf {
+    PathBuf::from(
+        run(Command::new("losetup")
+            .arg("--find")
+            .arg("--show")
+            .arg(image))
+        .trim(),
+    )
 }
 
 impl Drop for LoopFs {

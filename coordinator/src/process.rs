@@ -603,96 +603,136 @@ impl Processor {
                 .get(&(vm.clone(), disk.clone()))
                 .cloned()
                 .unwrap_or_default();
-            let mut kept_tags = Vec::new();
-            for seq in target.tag_seqs(&vm, &disk).await? {
-                if keep.contains(&seq) {
-                    kept_tags.push(target.tag(&vm, &disk, seq).await?);
-                } else {
-                    backend.delete(&layout.tag(&vm, &disk, seq)).await?;
-                    out.tags += 1;
+            // Damage costs what it damages: a disk whose kept tags, bases or segments cannot be
+            // read keeps all its data this time (deleting less is always safe) and is reported;
+            // the other disks are pruned as usual.
+            if let Err(e) = self.prune_disk(&vm, &disk, &keep, &mut out).await {
+                if !quarantines(&e) {
+                    return Err(e);
                 }
-            }
-            // Compaction: a base at the oldest kept tag once enough segments lie behind it, so
-            // restores stay bounded and the segments it replaces can go.
-            if let Some(oldest) = kept_tags.first() {
-                let bases = target.bases(&vm, &disk).await?;
-                let (base, _) = lifeboat_store::restore::sources_for(layout, oldest, &bases);
-                let covered = base
-                    .as_ref()
-                    .map_or(oldest.from_segment.saturating_sub(1), |b| b.through_segment);
-                if oldest.through_segment.saturating_sub(covered) >= COMPACT_AFTER_SEGMENTS
-                    && base.as_ref().is_none_or(|b| b.tag != oldest.seq)
-                {
-                    lifeboat_store::compact::compact(target, oldest, BASE_PART_BYTES, 3).await?;
-                    out.bases += 1;
-                }
-            }
-            // What the kept tags read: their bases' parts and the segments after them.
-            let bases = target.bases(&vm, &disk).await?;
-            let mut need_segments = BTreeSet::new();
-            let mut need_bases = BTreeSet::new();
-            let mut trees = BTreeSet::new();
-            for t in &kept_tags {
-                let (base, _) = lifeboat_store::restore::sources_for(layout, t, &bases);
-                let first = match &base {
-                    Some(b) => {
-                        need_bases.insert(b.tag);
-                        b.through_segment + 1
-                    }
-                    None => t.from_segment,
-                };
-                need_segments.extend(first..=t.through_segment);
-                if let DiskShape::Directory { tree } = &t.shape {
-                    trees.insert(tree.clone());
-                }
-            }
-            let tree_prefix = layout.disk_root(&vm, &disk).as_str().to_string() + "/tree";
-            let tree_prefix = lifeboat_store::ObjectName::new(tree_prefix)?;
-            for m in backend.list(&tree_prefix).await? {
-                let hash = m.name.file_name().trim_end_matches(".tree").to_string();
-                if !trees.contains(&hash) {
-                    backend.delete(&m.name).await?;
-                    out.trees += 1;
-                }
-            }
-            for seq in target.segment_seqs(&vm, &disk).await? {
-                if !need_segments.contains(&seq) {
-                    backend.delete(&layout.segment(&vm, &disk, seq)).await?;
-                    out.segments += 1;
-                }
-            }
-            // Parts without a manifest are a compaction killed half-way; one at the oldest kept
-            // tag is retried (and cleaned) by `compact`, older ones never will be.
-            let oldest_kept = kept_tags.first().map_or(u64::MAX, |t| t.seq);
-            for m in backend.list(&layout.bases(&vm, &disk)).await? {
-                let file = m.name.as_str();
-                let Some(rest) = file.strip_prefix(layout.bases(&vm, &disk).as_str()) else {
-                    continue;
-                };
-                let Some((tag, _part)) = rest.trim_start_matches('/').split_once('/') else {
-                    continue; // a manifest
-                };
-                let Ok(tag) = tag.parse::<u64>() else {
-                    continue;
-                };
-                if tag < oldest_kept && !bases.iter().any(|b| b.tag == tag) {
-                    backend.delete(&m.name).await?;
-                    out.orphan_parts += 1;
-                }
-            }
-            for b in bases.iter().filter(|b| !need_bases.contains(&b.tag)) {
-                // Manifest first: a base without one is unreferenced leftovers.
-                backend.delete(&layout.base(&vm, &disk, b.tag)).await?;
-                backend.delete(&layout.base_ids(&vm, &disk, b.tag)).await?;
-                for part in 1..=b.parts {
-                    backend
-                        .delete(&layout.base_part(&vm, &disk, b.tag, part))
-                        .await?;
-                }
-                out.bases_deleted += 1;
+                tracing::error!(%vm, %disk, error = %format!("{e:#}"), "retention skipped a damaged disk");
+                out.damaged
+                    .push(format!("{vm}/{disk}: retention skipped this disk: {e:#}"));
             }
         }
         Ok(out)
+    }
+
+    /// Retention of one disk: deletes the tags not in `keep`, compacts at the oldest kept tag,
+    /// and deletes the trees, segments and bases no kept tag reads.
+    async fn prune_disk(
+        &self,
+        vm: &VmId,
+        disk: &DiskId,
+        keep: &BTreeSet<u64>,
+        out: &mut Pruned,
+    ) -> Result<()> {
+        let (vm, disk) = (vm.clone(), disk.clone());
+        let target = &self.target;
+        let backend = target.backend();
+        let layout = target.layout();
+        let mut kept_tags = Vec::new();
+        for seq in target.tag_seqs(&vm, &disk).await? {
+            if keep.contains(&seq) {
+                kept_tags.push(target.tag(&vm, &disk, seq).await?);
+            } else {
+                backend.delete(&layout.tag(&vm, &disk, seq)).await?;
+                out.tags += 1;
+            }
+        }
+        // Compaction: a base at the oldest kept tag once enough segments lie behind it, so
+        // restores stay bounded and the segments it replaces can go.
+        if let Some(oldest) = kept_tags.first() {
+            let bases = target.bases(&vm, &disk).await?;
+            let (base, _) = lifeboat_store::restore::sources_for(layout, oldest, &bases);
+            let covered = base
+                .as_ref()
+                .map_or(oldest.from_segment.saturating_sub(1), |b| b.through_segment);
+            if oldest.through_segment.saturating_sub(covered) >= COMPACT_AFTER_SEGMENTS
+                && base.as_ref().is_none_or(|b| b.tag != oldest.seq)
+            {
+                // A damaged object under the oldest kept tag stops its compaction, not the
+                // rest of retention: the segments a base would replace stay.
+                match lifeboat_store::compact::compact(target, oldest, BASE_PART_BYTES, 3).await {
+                    Ok(_) => out.bases += 1,
+                    Err(e) => {
+                        let e = anyhow::Error::from(e);
+                        if !quarantines(&e) {
+                            return Err(e);
+                        }
+                        out.damaged.push(format!(
+                            "{vm}/{disk}: no compaction at tag {}: {e:#}",
+                            oldest.seq
+                        ));
+                    }
+                }
+            }
+        }
+        // What the kept tags read: their bases' parts and the segments after them.
+        let bases = target.bases(&vm, &disk).await?;
+        let mut need_segments = BTreeSet::new();
+        let mut need_bases = BTreeSet::new();
+        let mut trees = BTreeSet::new();
+        for t in &kept_tags {
+            let (base, _) = lifeboat_store::restore::sources_for(layout, t, &bases);
+            let first = match &base {
+                Some(b) => {
+                    need_bases.insert(b.tag);
+                    b.through_segment + 1
+                }
+                None => t.from_segment,
+            };
+            need_segments.extend(first..=t.through_segment);
+            if let DiskShape::Directory { tree } = &t.shape {
+                trees.insert(tree.clone());
+            }
+        }
+        let tree_prefix = layout.disk_root(&vm, &disk).as_str().to_string() + "/tree";
+        let tree_prefix = lifeboat_store::ObjectName::new(tree_prefix)?;
+        for m in backend.list(&tree_prefix).await? {
+            let hash = m.name.file_name().trim_end_matches(".tree").to_string();
+            if !trees.contains(&hash) {
+                backend.delete(&m.name).await?;
+                out.trees += 1;
+            }
+        }
+        for seq in target.segment_seqs(&vm, &disk).await? {
+            if !need_segments.contains(&seq) {
+                backend.delete(&layout.segment(&vm, &disk, seq)).await?;
+                out.segments += 1;
+            }
+        }
+        // Parts without a manifest are a compaction killed half-way; one at the oldest kept
+        // tag is retried (and cleaned) by `compact`, older ones never will be.
+        let oldest_kept = kept_tags.first().map_or(u64::MAX, |t| t.seq);
+        for m in backend.list(&layout.bases(&vm, &disk)).await? {
+            let file = m.name.as_str();
+            let Some(rest) = file.strip_prefix(layout.bases(&vm, &disk).as_str()) else {
+                continue;
+            };
+            let Some((tag, _part)) = rest.trim_start_matches('/').split_once('/') else {
+                continue; // a manifest
+            };
+            let Ok(tag) = tag.parse::<u64>() else {
+                continue;
+            };
+            if tag < oldest_kept && !bases.iter().any(|b| b.tag == tag) {
+                backend.delete(&m.name).await?;
+                out.orphan_parts += 1;
+            }
+        }
+        for b in bases.iter().filter(|b| !need_bases.contains(&b.tag)) {
+            // Manifest first: a base without one is unreferenced leftovers.
+            backend.delete(&layout.base(&vm, &disk, b.tag)).await?;
+            backend.delete(&layout.base_ids(&vm, &disk, b.tag)).await?;
+            for part in 1..=b.parts {
+                backend
+                    .delete(&layout.base_part(&vm, &disk, b.tag, part))
+                    .await?;
+            }
+            out.bases_deleted += 1;
+        }
+        Ok(())
     }
 
     /// RPO per VM from the cache store's newest tags.
@@ -734,7 +774,8 @@ impl Processor {
 /// and newer ones still move), rather than about reaching the stores (so the pass stops and
 /// is retried).
 fn quarantines(e: &anyhow::Error) -> bool {
-    if e.is::<Conflict>() {
+    // A segment that fails its checksums is that point's data, like a damaged manifest.
+    if e.is::<Conflict>() || e.is::<lifeboat_store::codec::CodecError>() {
         return true;
     }
     match e.downcast_ref::<lifeboat_store::Error>() {

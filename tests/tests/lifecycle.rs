@@ -894,6 +894,22 @@ impl World {
                 for src in sources {
                     let src = src.to_string();
                     if self.exists(s, &src) {
+                        // Processing compares a cache segment that a target base stands for
+                        // with the identity the base recorded (`segments.ids`): the point needs
+                        // that list too, and a damaged one quarantines it.
+                        if s == Store::Cache {
+                            let seq = lifeboat_store::layout::parse_seq(
+                                &lifeboat_store::ObjectName::new(src.clone()).unwrap(),
+                            );
+                            for b in target_bases.iter().filter(|b| {
+                                seq.is_some_and(|q| b.from_segment <= q && q <= b.through_segment)
+                            }) {
+                                n.used.push((
+                                    Store::Target,
+                                    self.layout.base_ids(&m.vm, &d.disk, b.tag).to_string(),
+                                ));
+                            }
+                        }
                         n.used.push((s, src));
                         continue;
                     }

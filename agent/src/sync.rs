@@ -289,7 +289,16 @@ impl Agent {
                     self.fresh_copy(disk, l.seq, max_seg.max(l.through_segment))
                 }
             }
-            (_, None) => DiskState::fresh(vm.clone(), disk.id.clone(), bs, directory, max_seg + 1),
+            // A new history: its numbers start from the time, so they never meet those of an
+            // earlier history of this disk that the target store may still hold (a VM that lost
+            // its state and got a new cache store).
+            (_, None) => DiskState::fresh(
+                vm.clone(),
+                disk.id.clone(),
+                bs,
+                directory,
+                history_start(now_millis(), max_seg),
+            ),
         };
         // The content kind must match the disk kind (the config may have changed).
         if matches!(st.content, Content::Directory { .. }) != directory {
@@ -736,7 +745,12 @@ impl Agent {
         let tag = Tag {
             vm: self.config.vm.clone(),
             disk: disk.id.clone(),
-            seq: st.tag_seq + 1,
+            // The first tag of a history takes the number of its first segment (see
+            // [`history_start`]); later ones count up from the previous tag.
+            seq: match st.tag_seq {
+                0 => st.from_segment,
+                prev => prev + 1,
+            },
             from_segment: st.from_segment,
             through_segment: st.through_segment,
             time,
@@ -838,6 +852,22 @@ pub struct Shipped {
     pub kept: Vec<Bytes>,
 }
 
+/// Bits of a history's first number below its start time: a history may write 2^20 segments
+/// per millisecond that passed before the next history of the disk began without meeting it.
+const HISTORY_SHIFT: u32 = 20;
+
+/// First segment (and tag) number of a new history of a disk begun at `now` (Unix ms): the time
+/// in the high bits, so a history begun later, by a VM that lost its state and its cache store,
+/// never reuses a number an earlier one published to the target. Past `max_seg` (segments
+/// already in this cache store) in any case. Overflows in the year 2527; saturates there.
+pub fn history_start(now: u64, max_seg: u64) -> u64 {
+    now.checked_shl(HISTORY_SHIFT)
+        .filter(|n| n >> HISTORY_SHIFT == now)
+        .unwrap_or(u64::MAX / 2)
+        .max(max_seg)
+        + 1
+}
+
 /// Checks that a disk's path is there and of the configured kind, with an actionable message.
 pub fn check_disk_path(disk: &DiskConfig) -> Result<()> {
     let p: &Path = &disk.path;
@@ -871,4 +901,22 @@ pub fn check_disk_path(disk: &DiskConfig) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::history_start;
+
+    #[test]
+    fn histories_begun_later_start_past_any_number_an_earlier_one_could_reach() {
+        let t = 1_796_000_000_000; // December 2026, in ms
+        let a = history_start(t, 0);
+        let b = history_start(t + 1, 0);
+        assert!(b > a + (1 << 19), "{a} {b}");
+        // Segments already in the cache store are never reused.
+        assert_eq!(history_start(0, 41), 42);
+        assert_eq!(history_start(t, u64::MAX / 2 + 5), u64::MAX / 2 + 6);
+        // A clock far in the future saturates instead of wrapping.
+        assert!(history_start(u64::MAX / 4, 0) > a);
+    }
 }

@@ -1004,3 +1004,82 @@ fn the_coordinators_processing_loop_never_jams_after_compacting() {
         vm.assert_fails_over(&target, i, &out);
     }
 }
+
+/// Issue finding: a VM that lost its agent state and got a new cache store started again at
+/// segment 1 / tag 1, and processing took the target's old segment 1 for the new one (or, after
+/// identity checks, quarantined every new point). New histories now number from the time, so
+/// the new history flows to the target beside the old one and restores its own bytes.
+#[test]
+fn a_reprotected_vm_with_a_new_cache_store_restores_its_new_bytes_from_the_target() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut vm = Vm::setup(dir.path());
+    let target = vm.target();
+    vm.sync(0);
+    vm.change(1, 100_000, 300_000);
+    vm.sync(1);
+    vm.process();
+    // Re-protection: the agent's state and its cache store are gone; the target keeps the old
+    // history (its newest point is within retention).
+    std::fs::remove_dir_all(dir.path().join("state")).unwrap();
+    std::fs::remove_dir_all(&vm.cache).unwrap();
+    std::fs::create_dir_all(&vm.cache).unwrap();
+    vm.change(2, 0, 500_000);
+    vm.sync(2);
+    vm.change(3, 2_000_000, 100_000);
+    vm.sync(3);
+    let out = vm.process();
+    assert!(out.starts_with("processed 2 point(s)"), "{out}");
+    let list = ok(lifeboat(
+        &["points", "list", "--group", "g1"],
+        &[("--store", &target)],
+    ));
+    assert!(!list.contains("quarantine"), "{list}");
+    let latest = dir.path().join("latest");
+    ok(failover(
+        &target,
+        &["--vm", "vm1", "--point", "latest-processed"],
+        &latest,
+    ));
+    vm.assert_restored(3, &latest);
+    // Both histories stay restorable, each to its own bytes.
+    for i in 0..4 {
+        vm.assert_fails_over(&target, i, &dir.path().join(format!("out-{i}")));
+    }
+}
+
+/// Issue finding: the point id `<vm>-<ms>-t<tag>` had to fit in 64 characters, so a long VM id
+/// failed at its first point, after its segments and tag were written. Every valid VM id now
+/// names points for any tag number.
+#[test]
+fn the_longest_vm_id_publishes_points_and_they_restore() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut vm = Vm::setup(dir.path());
+    let long = "v".repeat(64);
+    let config = dir.path().join("agent.toml");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("vm = \"vm1\"", &format!("vm = \"{long}\""));
+    std::fs::write(&config, text).unwrap();
+    ok(Command::new(bin("lifeboat-agent"))
+        .arg("--config")
+        .arg(&config)
+        .arg("check-config")
+        .output()
+        .unwrap());
+    vm.sync(0);
+    vm.change(1, 0, 100_000);
+    vm.sync(1);
+    assert!(vm.points[1].starts_with(&long), "{:?}", vm.points);
+    assert!(vm.points[1].len() > 90, "{:?}", vm.points);
+    vm.process();
+    let out = dir.path().join("out");
+    ok(failover(
+        &vm.target(),
+        &["--vm", &long, "--point", &vm.points[1]],
+        &out,
+    ));
+    assert_eq!(
+        std::fs::read(vm.copies[1].join("os.img")).unwrap(),
+        std::fs::read(out.join(&long).join("os.img")).unwrap()
+    );
+}

@@ -1083,3 +1083,56 @@ fn the_longest_vm_id_publishes_points_and_they_restore() {
         std::fs::read(out.join(&long).join("os.img")).unwrap()
     );
 }
+
+/// Issue finding: after the agent's newest tag was deleted from the cache store the agent made
+/// a correct new copy, but processing stalled on the old point that named the lost tag (exit 2,
+/// `no tag … for disk`) and newer good points never reached the target. A flipped byte in a
+/// cache segment did the same. Processing now quarantines the point and moves on.
+#[test]
+fn damage_in_the_cache_costs_its_points_and_newer_points_reach_the_target() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut vm = Vm::new(dir.path());
+    let disk = vm.cache.join("v1/g1/vms/vm1/disks/os");
+    let newest = |kind: &str| {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(disk.join(kind))
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        v.sort();
+        v.pop().unwrap()
+    };
+    // Point 2's tag is lost.
+    std::fs::remove_file(newest("tag")).unwrap();
+    vm.change(3, 900_000, 50_000);
+    vm.sync(3);
+    let out = lifeboat(
+        &["process", "--group", "g1"],
+        &[("--cache", &vm.cache), ("--store", &vm.target())],
+    );
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    // The exit status says a point was refused; the newer one went through all the same.
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(stderr.contains("no tag"), "{stderr}");
+    assert!(
+        stdout.contains(&format!("latest processed point: {}", vm.points[3])),
+        "{stdout}"
+    );
+    let list = ok(lifeboat(
+        &["points", "list", "--group", "g1"],
+        &[("--store", &vm.cache), ("--target", &vm.target())],
+    ));
+    assert!(list.contains(&vm.points[3]), "{list}");
+    assert!(list.contains("quarantine"), "{list}");
+    let out = dir.path().join("latest");
+    ok(failover(
+        &vm.target(),
+        &["--vm", "vm1", "--point", "latest-processed"],
+        &out,
+    ));
+    vm.assert_restored(3, &out);
+    vm.assert_fails_over(&vm.target(), 0, &dir.path().join("zero"));
+}

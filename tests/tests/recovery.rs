@@ -1136,3 +1136,49 @@ fn damage_in_the_cache_costs_its_points_and_newer_points_reach_the_target() {
     vm.assert_restored(3, &out);
     vm.assert_fails_over(&vm.target(), 0, &dir.path().join("zero"));
 }
+
+/// Issue finding: `lifeboat restore` left the disks it had restored when a later one failed,
+/// and a failed failover deleted the user's own empty `--to` directory. Both now leave the
+/// location as they found it.
+#[test]
+fn failed_restores_and_failovers_leave_the_output_as_they_found_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let vm = Vm::new(dir.path());
+    vm.process();
+    // Damage every segment of the directory disk (restored after the image) in both stores.
+    for store in [&vm.cache, &vm.target()] {
+        let segs = store.join("v1/g1/vms/vm1/disks/data/seg");
+        for e in std::fs::read_dir(&segs).unwrap().flatten() {
+            let mut b = std::fs::read(e.path()).unwrap();
+            let at = b.len() / 3;
+            b[at] ^= 1;
+            std::fs::write(e.path(), b).unwrap();
+        }
+    }
+    let point = vm.points[2].as_str();
+    for (mine, what) in [(false, "new"), (true, "existing empty")] {
+        let out = dir.path().join(format!("restore-{mine}"));
+        if mine {
+            std::fs::create_dir(&out).unwrap();
+        }
+        let r = lifeboat(
+            &["restore", "--group", "g1", "--vm", "vm1", "--point", point],
+            &[("--store", &vm.cache), ("--out", &out)],
+        );
+        assert!(!r.status.success(), "restore of damaged data succeeded");
+        assert_eq!(out.exists(), mine, "{what} output directory");
+        if mine {
+            assert_eq!(std::fs::read_dir(&out).unwrap().count(), 0, "leftovers");
+        }
+        let to = dir.path().join(format!("failover-{mine}"));
+        if mine {
+            std::fs::create_dir(&to).unwrap();
+        }
+        let r = failover(&vm.target(), &["--vm", "vm1", "--point", point], &to);
+        assert!(!r.status.success(), "failover of damaged data succeeded");
+        assert_eq!(to.exists(), mine, "{what} --to directory");
+        if mine {
+            assert_eq!(std::fs::read_dir(&to).unwrap().count(), 0, "leftovers");
+        }
+    }
+}

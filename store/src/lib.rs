@@ -5,7 +5,8 @@
 //! - [`codec`]: the segment format (changed blocks of one disk, zstd + blake3, verified on read);
 //! - [`manifest`]: tags, directory trees and recovery-point manifests;
 //! - [`layout`]: where each object lives in the cache and target stores;
-//! - [`restore`]: materialising a disk at a tag, verifying every byte.
+//! - [`restore`]: materialising a disk at a tag, verifying every byte;
+//! - [`durable`]: replacing a small local file atomically and durably.
 //!
 //! The format is specified in `docs/format.md`; this crate is its reference implementation.
 
@@ -14,6 +15,7 @@ pub mod codec;
 pub mod compact;
 #[cfg(any(test, feature = "testing"))]
 pub mod conformance;
+pub mod durable;
 pub mod error;
 pub mod layout;
 pub mod manifest;

@@ -1348,9 +1348,8 @@ fn a_corrupt_cache_segment_costs_its_point_and_newer_points_still_move() {
     };
     let first = sync("vma");
     // One byte of vma's segment payload flipped: its object checksum no longer matches.
-    let seg = cache.join(format!(
-        "v1/{GROUP}/vms/vma/disks/os/seg/00000000000000000001.seg"
-    ));
+    // Numbers are the first (time-derived) of the disk's history: take what is there.
+    let seg = first_file(&cache.join(format!("v1/{GROUP}/vms/vma/disks/os/seg")));
     let mut data = std::fs::read(&seg).unwrap();
     data[100] ^= 0x40;
     std::fs::write(&seg, data).unwrap();
@@ -1399,11 +1398,21 @@ fn a_damaged_kept_tag_does_not_stop_retention() {
     w.churn();
     w.sync(None).unwrap();
     assert!(w.process(None, true).unwrap());
-    let tag = w.target.join(format!(
-        "v1/{GROUP}/vms/{VM}/disks/os/tag/00000000000000000001.tag"
-    ));
+    let tag = first_file(&w.target.join(format!("v1/{GROUP}/vms/{VM}/disks/os/tag")));
     let mut data = std::fs::read(&tag).unwrap();
     data[20] ^= 1;
     std::fs::write(&tag, data).unwrap();
     w.prune(None).unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// The first file (by name) in `dir`.
+fn first_file(dir: &Path) -> PathBuf {
+    let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_file())
+        .collect();
+    names.sort();
+    names.into_iter().next().expect("a file")
 }

@@ -37,16 +37,21 @@ struct Opts {
     seed: u64,
     steps: usize,
     /// `LIFEBOAT_LIFECYCLE_EXPECT_RESYNC=1` — the agent notices damage in its own cache store
-    /// (issue 10 finding 3, gap (a)): a sync after cache damage must succeed and its point must
-    /// not rely on a damaged object. Off: such syncs may fail and such points may be broken.
+    /// (issue 10 finding 3, gap (a)): a sync after cache damage must succeed, and a point cut by
+    /// `sync --verify` (the sweep) must not rely on a damaged object. Off: such syncs may fail
+    /// and such points may be broken.
     expect_resync: bool,
     /// `LIFEBOAT_LIFECYCLE_STRICT_CLOCK=1` — after a clock step back, points cut at earlier
     /// times than the latest processed one are still processed (finding 6, gap (b)). Off: the
     /// model accepts that processing skips them as if pruned.
     strict_clock: bool,
-    /// `LIFEBOAT_LIFECYCLE_REPROTECT=1` — adds the re-protection step (lost agent state and a
-    /// new, empty cache store) and expects processing to carry on (gap (c)). Off: no such step.
+    /// Re-protection (lost agent state and a new, empty cache store), expecting processing to
+    /// carry on (gap (c), fixed on main by time-derived history numbers): on unless
+    /// `LIFEBOAT_LIFECYCLE_REPROTECT=0`.
     reprotect: bool,
+    /// `LIFEBOAT_LIFECYCLE_STRICT_BASES=1` — a damaged base manifest costs only the points
+    /// that could restore from it. Off: it may cost every point of its disk (today).
+    strict_bases: bool,
     /// `LIFEBOAT_LIFECYCLE_DAMAGE=0` turns damage off (to look at steady state alone).
     damage: bool,
 }
@@ -60,13 +65,14 @@ impl Opts {
             .unwrap_or(0x11FE_B0A7);
         let steps = var("LIFEBOAT_LIFECYCLE_STEPS")
             .map(|s| s.parse().expect("LIFEBOAT_LIFECYCLE_STEPS is a number"))
-            .unwrap_or(70);
+            .unwrap_or(200);
         Opts {
             seed,
             steps,
             expect_resync: flag("LIFEBOAT_LIFECYCLE_EXPECT_RESYNC"),
             strict_clock: flag("LIFEBOAT_LIFECYCLE_STRICT_CLOCK"),
-            reprotect: flag("LIFEBOAT_LIFECYCLE_REPROTECT"),
+            reprotect: var("LIFEBOAT_LIFECYCLE_REPROTECT").is_none_or(|v| v != "0"),
+            strict_bases: flag("LIFEBOAT_LIFECYCLE_STRICT_BASES"),
             damage: var("LIFEBOAT_LIFECYCLE_DAMAGE").is_none_or(|v| v != "0"),
         }
     }
@@ -105,6 +111,8 @@ struct PointRec {
     stepped_back: bool,
     /// Cut while some damage to the cache store was in effect.
     after_cache_damage: bool,
+    /// Cut by `sync --verify` (the verification sweep, which reads the cache's segments back).
+    verified: bool,
 }
 
 /// What a restore of a point reads, resolved to the store holding each object.
@@ -183,7 +191,7 @@ fn lifecycle_randomised_model_based() {
             eprintln!("stores kept in {}", kept.display());
         }
         panic!(
-            "lifecycle invariant broken: {why}\nreplay: LIFEBOAT_LIFECYCLE_SEED={} LIFEBOAT_LIFECYCLE_STEPS={steps}{}{}{}{}",
+            "lifecycle invariant broken: {why}\nreplay: LIFEBOAT_LIFECYCLE_SEED={} LIFEBOAT_LIFECYCLE_STEPS={steps}{}{}{}{}{}",
             opts.seed,
             if opts.expect_resync {
                 " LIFEBOAT_LIFECYCLE_EXPECT_RESYNC=1"
@@ -196,7 +204,12 @@ fn lifecycle_randomised_model_based() {
                 ""
             },
             if opts.reprotect {
-                " LIFEBOAT_LIFECYCLE_REPROTECT=1"
+                ""
+            } else {
+                " LIFEBOAT_LIFECYCLE_REPROTECT=0"
+            },
+            if opts.strict_bases {
+                " LIFEBOAT_LIFECYCLE_STRICT_BASES=1"
             } else {
                 ""
             },
@@ -369,7 +382,7 @@ impl World {
 
     fn step(&mut self) -> Check {
         let damage = if self.opts.damage { 4 } else { 0 };
-        let reprotect = if self.opts.reprotect { 1 } else { 0 };
+        let reprotect = if self.opts.reprotect { 2 } else { 0 };
         let weights = [
             ("sync", 30),
             ("sync-killed", 5),
@@ -579,8 +592,12 @@ impl World {
     /// gets the model's time and a reference copy of the disks (which did not change meanwhile).
     fn sync(&mut self, kill_ms: Option<u64>) -> Check {
         let before = self.cache_point_ids();
+        let verified = self.rng.random_bool(0.25);
         let mut cmd = Command::new(bin("lifeboat-agent"));
         cmd.arg("--config").arg(&self.config).arg("sync");
+        if verified {
+            cmd.arg("--verify");
+        }
         let outcome = match kill_ms {
             None => {
                 let o = cmd.output().unwrap();
@@ -619,6 +636,7 @@ impl World {
                     full: self.full_pending,
                     stepped_back,
                     after_cache_damage: self.cache_damage_in_effect(),
+                    verified,
                 },
             );
             self.newest_time = self.newest_time.max(self.now);
@@ -626,7 +644,8 @@ impl World {
         }
         let failed_plain = kill_ms.is_none() && outcome != "ok";
         self.note(format!(
-            "sync{}: {outcome}; new point(s) {new:?} at t+{} min",
+            "sync{}{}: {outcome}; new point(s) {new:?} at t+{} min",
+            if verified { " --verify" } else { "" },
             if kill_ms.is_some() { "-killed" } else { "" },
             self.now / MINUTE % 100_000
         ));
@@ -880,14 +899,25 @@ impl World {
                         .push((s, self.layout.base(&m.vm, &d.disk, b.tag).to_string()));
                 }
                 // A base that does not decode, newer than the one chosen and not after the
-                // tag, may be the one a restore would have used.
+                // tag, may be the one a restore would have used. Today every reader of bases
+                // (`StoreReader::bases`: restore, processing, retention) refuses the disk's
+                // whole list on one damaged base, so any damaged base of the disk costs the
+                // disk's points; LIFEBOAT_LIFECYCLE_STRICT_BASES=1 expects only those that
+                // could use it to suffer.
+                let strict = self.opts.strict_bases;
                 n.used.extend(
                     bad.into_iter()
-                        .filter(|(t, _)| *t > chosen && *t <= tag.seq)
+                        .filter(|(t, _)| !strict || (*t > chosen && *t <= tag.seq))
                         .map(|(_, name)| (s, name)),
                 );
                 let target_bases = if s == Store::Cache {
-                    self.bases(Store::Target, &m.vm, &d.disk).0
+                    let (good, bad) = self.bases(Store::Target, &m.vm, &d.disk);
+                    // Processing reads the target's bases to know what it holds, and a segment
+                    // the cache trimmed may live only in one of them: a damaged one may be what
+                    // this point needed.
+                    n.used
+                        .extend(bad.into_iter().map(|(_, name)| (Store::Target, name)));
+                    good
                 } else {
                     Vec::new()
                 };
@@ -942,6 +972,10 @@ impl World {
                             }));
                             continue;
                         }
+                    }
+                    if s == Store::Cache {
+                        // Trimmed from the cache: the target was where it had to be.
+                        n.missing.push((Store::Target, src.clone()));
                     }
                     n.missing.push((s, src));
                 }
@@ -1183,9 +1217,15 @@ impl World {
             }
         }
         if self.opts.expect_resync {
-            // A point cut after cache damage must not rely on the damaged objects.
+            // A point cut by the verification sweep after cache damage must not rely on the
+            // damaged objects (a plain sync checks only what its next tag relies on: the newest
+            // tag and that segments exist; a damaged segment's bytes wait for the sweep).
             for (_, id) in &cache_points {
-                if self.points.get(id).is_some_and(|r| r.after_cache_damage) {
+                if self
+                    .points
+                    .get(id)
+                    .is_some_and(|r| r.after_cache_damage && r.verified)
+                {
                     let n = self.needs(Store::Cache, id);
                     let hit: Vec<_> = n
                         .used
@@ -1387,6 +1427,7 @@ fn a_damaged_kept_tag_does_not_stop_retention() {
         expect_resync: false,
         strict_clock: false,
         reprotect: false,
+        strict_bases: false,
         damage: false,
     };
     let mut w = World::new(dir.path(), opts);

@@ -33,6 +33,7 @@ fn io_err(op: &'static str, name: impl std::fmt::Display, e: io::Error) -> Store
     let kind = match e.kind() {
         io::ErrorKind::NotFound => ErrorKind::NotFound,
         io::ErrorKind::AlreadyExists => ErrorKind::AlreadyExists,
+        io::ErrorKind::PermissionDenied => ErrorKind::Denied,
         io::ErrorKind::Interrupted | io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => {
             ErrorKind::Transient
         }
@@ -59,6 +60,19 @@ impl LocalBackend {
                     let _ = fs::remove_file(entry.path());
                 }
             }
+        }
+        Ok(Self {
+            root: Arc::new(root),
+        })
+    }
+
+    /// Opens an existing store for reading: creates nothing and sweeps nothing, so it works on
+    /// a read-only copy, and a mistyped path is an error rather than a new, empty store.
+    pub fn open_existing(root: impl Into<PathBuf>) -> Result<Self, StoreError> {
+        let root: PathBuf = root.into();
+        if !root.is_dir() {
+            return Err(StoreError::new(ErrorKind::NotFound, "open", root.display())
+                .with_detail("no store directory there"));
         }
         Ok(Self {
             root: Arc::new(root),

@@ -668,3 +668,78 @@ fn azure_code(body: &str) -> &str {
         .map(|(code, _)| code)
         .unwrap_or("")
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+
+    use crate::StoreConfig;
+
+    const SAS: &str = "sv=2023-11-03&se=2099-01-01T00%3A00%3A00Z&sr=c&sp=rwl&sig=c2VjcmV0";
+
+    /// Parses and validates a store description (JSON here; configs use TOML, same serde).
+    fn parse(account: &str, container: &str, credential: Value) -> Result<StoreConfig, String> {
+        let v = json!({
+            "kind": "azure",
+            "account": account,
+            "container": container,
+            "credential": credential,
+        });
+        let config: StoreConfig = serde_json::from_value(v).map_err(|e| e.to_string())?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn sas(token: &str) -> Value {
+        json!({ "kind": "sas", "token": token })
+    }
+
+    /// A SAS token is read from the config, never shown by `Debug`, and its shape is checked
+    /// before any request, in messages that do not repeat it; unknown fields are refused.
+    #[test]
+    fn sas_tokens_are_validated_and_never_printed() {
+        let config = parse("contosodr", "lifeboat-cache", sas(&format!("?{SAS}"))).unwrap();
+        let shown = format!("{config:?}");
+        assert!(
+            !shown.contains("c2VjcmV0") && !shown.contains("sig="),
+            "{shown}"
+        );
+        let StoreConfig::Azure(azure) = &config else {
+            panic!("not azure")
+        };
+        assert_eq!(azure.sas_permissions().as_deref(), Some("rwl"));
+
+        for bad in ["not a token", "sv=2023-11-03&sp=rl", "sig=abc"] {
+            let err = parse("contosodr", "lifeboat-cache", sas(bad)).unwrap_err();
+            assert!(err.contains("store.credential.token"), "{err}");
+            assert!(!err.contains(bad), "{err}");
+        }
+        let extra = json!({ "kind": "sas", "token": SAS, "permissions": "rl" });
+        let err = parse("contosodr", "lifeboat-cache", extra).unwrap_err();
+        assert!(err.contains("unknown field"), "{err}");
+        let key = json!({ "kind": "shared_key", "key": "not base64!" });
+        let err = parse("contosodr", "lifeboat-cache", key).unwrap_err();
+        assert!(err.contains("store.credential.key"), "{err}");
+    }
+
+    #[test]
+    fn names_are_checked_at_the_edge() {
+        let with = |account: &str, container: &str| {
+            parse(account, container, json!({ "kind": "managed_identity" }))
+        };
+        assert!(with("contosodr", "lifeboat-cache").is_ok());
+        assert!(
+            with("Contoso", "lifeboat")
+                .unwrap_err()
+                .contains("store.account")
+        );
+        for c in ["Lifeboat", "ab", "-x-y", "a--b", "a_b"] {
+            assert!(
+                with("contosodr", c)
+                    .unwrap_err()
+                    .contains("store.container"),
+                "{c}"
+            );
+        }
+    }
+}

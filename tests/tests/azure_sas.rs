@@ -65,6 +65,44 @@ fn sas(container: &str, perms: &str) -> String {
     )
 }
 
+/// An account SAS for the blob service granting `perms` on resource types `srt` (`c`:
+/// containers, `o`: objects): what may create containers.
+fn account_sas(perms: &str, srt: &str) -> String {
+    let expiry = "2099-01-01T00:00:00Z";
+    // account, sp, ss, srt, st, se, sip, spr, sv, ses, and a final newline
+    let fields = [
+        EMULATOR_ACCOUNT,
+        perms,
+        "b",
+        srt,
+        "",
+        expiry,
+        "",
+        "",
+        SV,
+        "",
+        "",
+    ];
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(EMULATOR_KEY)
+        .unwrap();
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(&key).unwrap();
+    mac.update(fields.join("\n").as_bytes());
+    let sig = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
+    let enc = |s: &str| {
+        s.replace('%', "%25")
+            .replace('+', "%2B")
+            .replace('/', "%2F")
+            .replace('=', "%3D")
+            .replace(':', "%3A")
+    };
+    format!(
+        "sv={SV}&ss=b&srt={srt}&sp={perms}&se={}&sig={}",
+        enc(expiry),
+        enc(&sig)
+    )
+}
+
 fn config(endpoint: &str, container: &str, perms: Option<&str>) -> AzureConfig {
     let mut cfg = AzureConfig::azurite(endpoint, container);
     if let Some(p) = perms {
@@ -181,6 +219,32 @@ fn store_operations_need_exactly_their_rights() {
         assert_eq!(store(None).init().await.unwrap(), Init::Created);
         assert_eq!(store(None).init().await.unwrap(), Init::Existed);
         assert_eq!(store(Some("rl")).init().await.unwrap(), Init::Existed);
+
+        // A writer whose credential may create containers (an account SAS with container
+        // rights) creates a missing one itself; one without them is refused.
+        let other = unique("sasacct");
+        let with_account_sas = |perms: &str| {
+            let mut cfg = config(&endpoint, &other, None);
+            cfg.credential = AzureCredential::Sas {
+                token: Secret::new(account_sas(perms, "co")),
+            };
+            StoreConfig::Azure(cfg)
+        };
+        let err = with_account_sas("rdl").open().await.unwrap_err();
+        assert!(err.to_string().contains("lifeboat store init"), "{err}");
+        let opened = with_account_sas("rwdlc").open().await.unwrap();
+        // Nothing shows the token: not the opened store's `Debug`.
+        let sig = account_sas("rwdlc", "co");
+        let sig = sig.rsplit("sig=").next().unwrap();
+        let shown = format!("{opened:?}");
+        assert!(!shown.contains(sig) && !shown.contains("sig"), "{shown}");
+        assert_eq!(
+            StoreConfig::Azure(config(&endpoint, &other, None))
+                .init()
+                .await
+                .unwrap(),
+            Init::Existed
+        );
 
         // Read-only: opens and lists; a put is refused, naming the right, and writes nothing.
         let ro = store(Some("rl")).open_read_only().await.unwrap();

@@ -107,6 +107,8 @@ fn put_new_blocking(root: &Path, name: &ObjectName, data: &[u8]) -> Result<(), S
     }
     let parent = path.parent().expect("object path has a parent");
     create_dirs_durably(root, parent).map_err(|e| io_err("put", name, e))?;
+    // A store opened with `open_existing` (which creates nothing) may lack it.
+    create_dirs_durably(root, &root.join(TMP_DIR)).map_err(|e| io_err("put", name, e))?;
 
     let tmp = root.join(TMP_DIR).join(format!(
         "{}-{:016x}",
@@ -253,5 +255,27 @@ impl Backend for LocalBackend {
             Err(e) => Err(io_err("delete", &name, e)),
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A read-only open creates nothing (a mistyped path is an error, not a new store), and a
+    /// store opened so still takes writes (prune compacts) although it has no `.tmp` yet.
+    #[tokio::test]
+    async fn open_existing_creates_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nope");
+        let err = LocalBackend::open_existing(&missing).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::NotFound, "{err}");
+        assert!(!missing.exists());
+
+        let b = LocalBackend::open_existing(dir.path()).unwrap();
+        assert!(!dir.path().join(TMP_DIR).exists());
+        let name = ObjectName::new("v1/x").unwrap();
+        b.put_new(&name, Bytes::from_static(b"x")).await.unwrap();
+        assert_eq!(b.get(&name).await.unwrap(), Bytes::from_static(b"x"));
     }
 }

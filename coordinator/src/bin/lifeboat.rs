@@ -11,6 +11,7 @@ use lifeboat_coordinator::failover::{self, Selector};
 use lifeboat_coordinator::process::Processor;
 use lifeboat_proto::pb;
 use lifeboat_proto::pb::admin_client::AdminClient;
+use lifeboat_store::backend::{Init, OpenMode};
 use lifeboat_store::layout::Layout;
 use lifeboat_store::manifest::{Consistency, RecoveryPoint};
 use lifeboat_store::restore::{StoreReader, restore_disk};
@@ -119,6 +120,11 @@ enum Command {
         #[command(subcommand)]
         command: PointsCommand,
     },
+    /// The stores themselves.
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
+    },
     /// Restore a VM's disks at a recovery point, verifying every byte.
     Restore {
         #[command(flatten)]
@@ -133,6 +139,18 @@ enum Command {
         /// `<disk>.img`, directory disks `<disk>/`.
         #[arg(long)]
         out: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum StoreCommand {
+    /// Create a store's Azure container (or local directory) if it does not exist: the one
+    /// step that needs a credential allowed to create containers (the account key, or an
+    /// account SAS); agents and the coordinator can then run with container-scoped SAS tokens.
+    Init {
+        /// A local store directory, or a TOML file describing the store (`kind = "azure"`, …).
+        #[arg(long)]
+        store: PathBuf,
     },
 }
 
@@ -224,25 +242,38 @@ fn main() -> ExitCode {
     }
 }
 
-async fn open(args: &StoreArgs) -> Result<StoreReader> {
-    let config = if args.store.extension().is_some_and(|e| e == "toml") {
-        let text = std::fs::read_to_string(&args.store)
-            .with_context(|| format!("cannot read {}", args.store.display()))?;
-        toml::from_str::<StoreConfig>(&text)
-            .map_err(|e| UsageError(format!("{}: {e}", args.store.display())))?
+/// Parses `--store`: a local directory, or a `.toml` store description (validated here).
+fn store_config(store: &Path, must_exist: bool) -> Result<StoreConfig> {
+    if store.extension().is_some_and(|e| e == "toml") {
+        let text = std::fs::read_to_string(store)
+            .with_context(|| format!("cannot read {}", store.display()))?;
+        let config = toml::from_str::<StoreConfig>(&text)
+            .map_err(|e| UsageError(format!("{}: {e}", store.display())))?;
+        config
+            .validate()
+            .map_err(|e| UsageError(format!("{}: {e}", store.display())))?;
+        Ok(config)
     } else {
-        if !args.store.is_dir() {
+        if must_exist && !store.is_dir() {
             return Err(UsageError(format!(
                 "store {} is not a directory (or a .toml store description)",
-                args.store.display()
+                store.display()
             ))
             .into());
         }
-        StoreConfig::Local {
-            path: args.store.clone(),
-        }
-    };
-    let backend = config.open().await?;
+        Ok(StoreConfig::Local {
+            path: store.to_owned(),
+        })
+    }
+}
+
+/// Opens a store. Every command but processing opens [`OpenMode::ReadOnly`]: it needs only
+/// read and list rights, and never creates a container.
+async fn open(args: &StoreArgs, mode: OpenMode) -> Result<StoreReader> {
+    let config = store_config(&args.store, true)?;
+    let backend = config
+        .open_as(mode, lifeboat_store::backend::retry::RetryPolicy::default())
+        .await?;
     Ok(StoreReader::new(backend, Layout::new(args.group.clone())))
 }
 
@@ -414,17 +445,20 @@ async fn run(command: Command) -> Result<()> {
         Command::Points {
             command: PointsCommand::List { store, target },
         } => {
-            let reader = open(&store).await?;
+            let reader = open(&store, OpenMode::ReadOnly).await?;
             let scan = reader.scan_points().await?;
             let mut points = scan.points;
             let mut damaged = scan.damaged;
             let mut quarantined = std::collections::BTreeMap::new();
             let processed: Option<Vec<RecoveryPoint>> = match &target {
                 Some(t) => {
-                    let target = open(&StoreArgs {
-                        store: t.clone(),
-                        group: store.group.clone(),
-                    })
+                    let target = open(
+                        &StoreArgs {
+                            store: t.clone(),
+                            group: store.group.clone(),
+                        },
+                        OpenMode::ReadOnly,
+                    )
                     .await?;
                     quarantined = Processor::new(
                         store.group.clone(),
@@ -495,7 +529,8 @@ async fn run(command: Command) -> Result<()> {
                     .unwrap_or(0),
                 None => lifeboat_store::manifest::now_millis(),
             };
-            let reader = open(&target).await?;
+            // Prune deletes, but never creates the store it prunes.
+            let reader = open(&target, OpenMode::ReadOnly).await?;
             let p = Processor::new(
                 target.group.clone(),
                 reader.backend().clone(),
@@ -576,13 +611,29 @@ async fn run(command: Command) -> Result<()> {
             Ok(())
         }
         Command::TestFailover { action: None, args } => run_failover(args, true).await,
+        Command::Store {
+            command: StoreCommand::Init { store },
+        } => {
+            let config = store_config(&store, false)?;
+            let what = match &config {
+                StoreConfig::Local { path } => format!("store directory {}", path.display()),
+                StoreConfig::Azure(a) => {
+                    format!("container {} in storage account {}", a.container, a.account)
+                }
+            };
+            match config.init().await? {
+                Init::Created => println!("created {what}"),
+                Init::Existed => println!("{what} exists already; nothing to do"),
+            }
+            Ok(())
+        }
         Command::Restore {
             store,
             vm,
             point,
             out,
         } => {
-            let reader = open(&store).await?;
+            let reader = open(&store, OpenMode::ReadOnly).await?;
             let point = if point == "latest" {
                 reader
                     .points()
@@ -644,12 +695,17 @@ fn usage(e: anyhow::Error) -> anyhow::Error {
 }
 
 async fn processor(cache: &Path, target: &StoreArgs) -> Result<Processor> {
-    let cache_reader = open(&StoreArgs {
-        store: cache.to_owned(),
-        group: target.group.clone(),
-    })
+    // The cache is never created here (an empty new cache has nothing to process); the
+    // target is, when missing and the credential may.
+    let cache_reader = open(
+        &StoreArgs {
+            store: cache.to_owned(),
+            group: target.group.clone(),
+        },
+        OpenMode::ReadOnly,
+    )
     .await?;
-    let target_reader = open(target).await?;
+    let target_reader = open(target, OpenMode::ReadWrite).await?;
     Ok(Processor::new(
         target.group.clone(),
         cache_reader.backend().clone(),
@@ -711,7 +767,7 @@ async fn run_failover(a: FailoverArgs, drill: bool) -> Result<()> {
             None => println!("no --cache given: `latest` is the latest processed point"),
         }
     }
-    let reader = open(&target).await?;
+    let reader = open(&target, OpenMode::ReadOnly).await?;
     let scan = reader.scan_points().await?;
     if let Selector::Id(id) = &selector
         && let Some(d) = scan.damage(id)

@@ -5,7 +5,8 @@
 //! - [`codec`]: the segment format (changed blocks of one disk, zstd + blake3, verified on read);
 //! - [`manifest`]: tags, directory trees and recovery-point manifests;
 //! - [`layout`]: where each object lives in the cache and target stores;
-//! - [`restore`]: materialising a disk at a tag, verifying every byte.
+//! - [`restore`]: materialising a disk at a tag, verifying every byte;
+//! - [`verify`]: checking a whole store, naming each damaged object and the points it breaks.
 //!
 //! The format is specified in `docs/format.md`; this crate is its reference implementation.
 
@@ -15,11 +16,14 @@ pub mod compact;
 #[cfg(any(test, feature = "testing"))]
 pub mod conformance;
 pub mod error;
+#[cfg(any(test, feature = "testing"))]
+pub mod example;
 pub mod layout;
 pub mod manifest;
 pub mod name;
 pub mod restore;
 pub mod secret;
+pub mod verify;
 pub mod writer;
 
 #[cfg(unix)]

@@ -162,6 +162,8 @@ struct GroupWalk<'a> {
     damage: BTreeMap<String, Cost>,
     /// Points using each tag.
     users: BTreeMap<TagKey, BTreeSet<PointId>>,
+    /// Segments numbered after their disk's newest tag (by name), for the orphans' reason.
+    after_newest: BTreeSet<String>,
     opts: &'a VerifyOptions,
     checked: Arc<AtomicU64>,
     bytes: Arc<AtomicU64>,
@@ -181,6 +183,7 @@ impl<'a> GroupWalk<'a> {
             used: BTreeSet::new(),
             damage: BTreeMap::new(),
             users: BTreeMap::new(),
+            after_newest: BTreeSet::new(),
             opts,
             checked: Arc::default(),
             bytes: Arc::default(),
@@ -311,8 +314,10 @@ impl<'a> GroupWalk<'a> {
             let rest = &name[prefix.len()..];
             let why = if rest.starts_with("probes/") {
                 "a probe left by `lifeboat-agent check`"
+            } else if self.after_newest.contains(name) {
+                "a segment after the disk's newest tag (left by an interrupted cycle)"
             } else if rest.contains("/seg/") {
-                "a segment no tag reads (numbered after the newest tag: left by an interrupted cycle; else left by an interrupted prune)"
+                "a segment no tag reads (left by an interrupted prune, or trimmed history)"
             } else if rest.contains("/base/") {
                 "part of a base no tag reads, or of a compaction that never wrote its manifest"
             } else if rest.contains("/tree/") {
@@ -407,6 +412,7 @@ impl<'a> GroupWalk<'a> {
         // Bases. A restore reads every base manifest of the disk first, so a damaged one fails
         // every restore of the disk: its cost is every tag.
         let mut bases = Vec::new();
+        let mut unknown_sources = false;
         for seq in base_seqs {
             let name = layout.base(vm, disk, seq);
             self.used.insert(name.to_string());
@@ -428,6 +434,17 @@ impl<'a> GroupWalk<'a> {
                 Err(e) if is_damage(&e) => {
                     let cost = self.damaged(name.as_str(), e.to_string());
                     cost.tags.extend(all_tags.iter().cloned());
+                    // What it held is unknown: its parts are not orphans, and which objects
+                    // the disk's tags would read is unknown too (below).
+                    let parts = format!("{disk_prefix}base/{seq:020}/");
+                    let held: Vec<String> = self
+                        .objects
+                        .keys()
+                        .filter(|n| n.starts_with(&parts))
+                        .cloned()
+                        .collect();
+                    self.used.extend(held);
+                    unknown_sources = true;
                 }
                 Err(e) => return Err(e),
             }
@@ -456,7 +473,8 @@ impl<'a> GroupWalk<'a> {
 
         // Tags, and what a restore of each reads.
         let lowest_segment = segment_seqs.first().copied();
-        let mut needs: Vec<(TagKey, Tag, Vec<ObjectName>)> = Vec::new();
+        let mut newest_through = None;
+        let mut needs: Vec<(TagKey, Tag, Vec<ObjectName>, bool)> = Vec::new();
         let mut trees: HashMap<String, Vec<TagKey>> = HashMap::new();
         for seq in &tag_seqs {
             let key = (vm.clone(), disk.clone(), *seq);
@@ -486,34 +504,41 @@ impl<'a> GroupWalk<'a> {
             if let DiskShape::Directory { tree } = &tag.shape {
                 trees.entry(tree.clone()).or_default().push(key.clone());
             }
+            // Tags come in number order: the last one read is the newest.
+            newest_through = Some(tag.through_segment);
             let (_, sources) = sources_for(&layout, &tag, &bases);
             let mut kept = Vec::with_capacity(sources.len());
-            let mut trimmed = false;
+            let mut partial = false;
             for s in sources {
                 let is_segment = s.as_str().contains("/seg/");
-                if !self.listed(&s)
-                    && self.opts.trimmed_cache
-                    && is_segment
-                    && parse_seq(&s).is_some_and(|n| lowest_segment.is_none_or(|low| n < low))
-                {
-                    report.trimmed += 1;
-                    trimmed = true;
+                // With a base manifest unreadable, which objects a tag reads is unknown (every
+                // restore of the disk fails on that manifest anyway): check what is there.
+                let skip = unknown_sources
+                    || (self.opts.trimmed_cache
+                        && is_segment
+                        && parse_seq(&s).is_some_and(|n| lowest_segment.is_none_or(|low| n < low)));
+                if !self.listed(&s) && skip {
+                    if !unknown_sources {
+                        report.trimmed += 1;
+                    }
+                    partial = true;
                     continue;
                 }
                 kept.push(s);
             }
-            if trimmed {
-                // Part of what it reads lives in the target: check what is here, plan nothing.
-                for s in &kept {
-                    self.used.insert(s.to_string());
-                }
-                needs.push((key, tag, kept));
-                continue;
-            }
             for s in &kept {
                 self.used.insert(s.to_string());
             }
-            needs.push((key, tag, kept));
+            // Part of what it reads is elsewhere or unknown: check what is here, plan nothing.
+            let plan = !partial && !unknown_sources;
+            needs.push((key, tag, kept, plan));
+        }
+
+        if let Some(through) = newest_through {
+            for seq in segment_seqs.range(through.saturating_add(1)..) {
+                self.after_newest
+                    .insert(layout.segment(vm, disk, *seq).to_string());
+            }
         }
 
         // Trees, once each.
@@ -552,7 +577,7 @@ impl<'a> GroupWalk<'a> {
         // Every object a restore reads: its index always, its whole body with `read_data`.
         let wanted: BTreeSet<ObjectName> = needs
             .iter()
-            .flat_map(|(_, _, s)| s.iter().cloned())
+            .flat_map(|(_, _, s, _)| s.iter().cloned())
             .collect();
         let checks: Vec<_> = wanted
             .into_iter()
@@ -593,7 +618,7 @@ impl<'a> GroupWalk<'a> {
 
         // Each tag: fails on each damaged object it reads; with all of them sound, it must
         // still cover every block of its disk (a restore refuses holes).
-        for (key, tag, sources) in needs {
+        for (key, tag, sources, plan) in needs {
             let mut sound = true;
             for s in &sources {
                 if let Some(what) = bad.get(s) {
@@ -613,11 +638,7 @@ impl<'a> GroupWalk<'a> {
                     }
                 },
             };
-            let trimmed = {
-                let (_, all) = sources_for(&layout, &tag, &bases);
-                all.len() != sources.len()
-            };
-            if !sound || trimmed {
+            if !sound || !plan {
                 continue;
             }
             let files = files_of(&tag, tree);

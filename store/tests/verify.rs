@@ -9,6 +9,7 @@ use std::sync::Arc;
 use lifeboat_store::backend::local::LocalBackend;
 use lifeboat_store::example;
 use lifeboat_store::layout::Layout;
+use lifeboat_store::manifest::{DiskShape, Tag};
 use lifeboat_store::restore::{StoreReader, restore_disk};
 use lifeboat_store::verify::{VerifyOptions, VerifyReport, verify};
 use lifeboat_store::{DiskId, DynBackend, GroupId, ObjectName, PointId, VmId};
@@ -219,6 +220,13 @@ async fn scenarios(place: impl Place) {
         ),
         // A missing tree: the tag listing it.
         ("delete-tree", l.tag(&vm(), &data(), 3), vec![2], false),
+        // A sound tag whose segments do not cover its disk (a hole): the tag is what is wrong.
+        ("hole", l.tag(&vm(), &os(), 1), vec![0], false),
+        // A damaged base manifest: a restore reads every base manifest of the disk to choose
+        // one, so it costs every point of that disk, tag 1 included.
+        ("flip", l.base(&vm(), &os(), 2), vec![0, 1, 2], false),
+        // Damaged segment identities: damage, but no restore reads them.
+        ("flip", l.base_ids(&vm(), &os(), 2), vec![], false),
     ];
     for (how, object, broken, read_data) in cases {
         let Some((dir, b)) = place.fresh().await else {
@@ -230,7 +238,7 @@ async fn scenarios(place: impl Place) {
                 // The tree the tag lists, by its name.
                 let r = StoreReader::new(b.clone(), l.clone());
                 let tag = r.tag(&vm(), &data(), 3).await.unwrap();
-                let lifeboat_store::manifest::DiskShape::Directory { tree } = tag.shape else {
+                let DiskShape::Directory { tree } = tag.shape else {
                     panic!("directory disk");
                 };
                 let name = l.tree(&vm(), &data(), &tree).unwrap();
@@ -249,6 +257,16 @@ async fn scenarios(place: impl Place) {
                 damage(&b, &object, |d| {
                     let i = d.len() / 2;
                     d[i] ^= 1
+                })
+                .await;
+                object
+            }
+            "hole" => {
+                // Re-sealed, so it decodes: only the coverage check can see it.
+                damage(&b, &object, |d| {
+                    let mut tag = Tag::decode("t", d).unwrap();
+                    tag.shape = DiskShape::Image { size: 20_000 };
+                    *d = tag.encode().to_vec();
                 })
                 .await;
                 object

@@ -575,10 +575,18 @@ impl<'a> GroupWalk<'a> {
         }
 
         // Every object a restore reads: its index always, its whole body with `read_data`.
-        let wanted: BTreeSet<ObjectName> = needs
+        // The parts of every readable base too, also of one no tag reads any more.
+        let mut wanted: BTreeSet<ObjectName> = needs
             .iter()
             .flat_map(|(_, _, s, _)| s.iter().cloned())
             .collect();
+        for b in &bases {
+            for part in 1..=b.parts {
+                let name = layout.base_part(vm, disk, b.tag, part);
+                self.used.insert(name.to_string());
+                wanted.insert(name);
+            }
+        }
         let checks: Vec<_> = wanted
             .into_iter()
             .map(|name| {
@@ -614,6 +622,11 @@ impl<'a> GroupWalk<'a> {
                 }
                 Err(e) => return Err(e),
             }
+        }
+
+        // Damaged parts of a base no tag reads: damage, costing no point.
+        for (name, what) in &bad {
+            self.damaged(name.as_str(), what.clone());
         }
 
         // Each tag: fails on each damaged object it reads; with all of them sound, it must

@@ -227,6 +227,14 @@ async fn scenarios(place: impl Place) {
         ("flip", l.base(&vm(), &os(), 2), vec![0, 1, 2], false),
         // Damaged segment identities: damage, but no restore reads them.
         ("flip", l.base_ids(&vm(), &os(), 2), vec![], false),
+        // A damaged part of a base no tag reads (tag 2 and 3 deleted, with their points):
+        // damage, costing nothing.
+        (
+            "unread-base",
+            l.base_part(&vm(), &data(), 2, 2),
+            vec![],
+            false,
+        ),
     ];
     for (how, object, broken, read_data) in cases {
         let Some((dir, b)) = place.fresh().await else {
@@ -269,6 +277,18 @@ async fn scenarios(place: impl Place) {
                     *d = tag.encode().to_vec();
                 })
                 .await;
+                object
+            }
+            "unread-base" => {
+                for p in &ids[1..] {
+                    b.delete(&l.point(p)).await.unwrap();
+                }
+                for disk in [os(), data()] {
+                    for seq in 2..=3 {
+                        b.delete(&l.tag(&vm(), &disk, seq)).await.unwrap();
+                    }
+                }
+                damage(&b, &object, |d| d.truncate(d.len() - 1)).await;
                 object
             }
             "flip-body" => {

@@ -449,6 +449,7 @@ impl<'a> GroupWalk<'a> {
                 Err(e) => return Err(e),
             }
         }
+        let mut identities: Vec<(u64, ObjectName, Vec<String>)> = Vec::new();
         for b in &bases {
             // Restores do not read the identities; processing does (segment identity), so
             // damage to them breaks no point but is damage all the same.
@@ -459,7 +460,8 @@ impl<'a> GroupWalk<'a> {
                 self.bytes
                     .fetch_add(b.segment_count() * 32, Ordering::Relaxed);
                 match self.reader.base_segment_ids(b).await {
-                    Ok(_) => {}
+                    Ok(Some(ids)) => identities.push((b.from_segment, name, ids)),
+                    Ok(None) => {}
                     Err(e) if is_damage(&e) => {
                         let what = format!(
                             "{e} (restores do not read it; processing cannot check segment identities against this base)"
@@ -621,6 +623,39 @@ impl<'a> GroupWalk<'a> {
                     bad.insert(name, what);
                 }
                 Err(e) => return Err(e),
+            }
+        }
+
+        // A segment still in the store under a number a base stands for must be the segment
+        // the base was compacted from: another one is another history under the same number
+        // (`docs/format.md`, segment identity), and the tags reading it cannot be trusted.
+        for (first, ids_name, ids) in identities {
+            for (i, want) in ids.iter().enumerate() {
+                let seq = first + i as u64;
+                let name = layout.segment(vm, disk, seq);
+                if !self.listed(&name) || bad.contains_key(&name) {
+                    continue;
+                }
+                self.checked.fetch_add(1, Ordering::Relaxed);
+                self.bytes
+                    .fetch_add(codec::FOOTER_LEN as u64, Ordering::Relaxed);
+                let got = match self.reader.segment_id(&name).await {
+                    Ok(Some(id)) => id,
+                    Ok(None) => continue,
+                    Err(e) if is_damage(&e) => continue, // its own check reports it
+                    Err(e) => return Err(e),
+                };
+                if got != *want {
+                    let readers: Vec<TagKey> = needs
+                        .iter()
+                        .filter(|(_, _, s, _)| s.contains(&name))
+                        .map(|(k, _, _, _)| k.clone())
+                        .collect();
+                    let what = format!(
+                        "is not the segment {seq} that {ids_name} records (identity {got}, recorded {want}): another history of the disk under the same number"
+                    );
+                    self.damaged(name.as_str(), what).tags.extend(readers);
+                }
             }
         }
 

@@ -302,6 +302,35 @@ async fn scenarios(place: impl Place) {
         assert_costs(&b, &r, &object, &broken, dir.path()).await;
     }
 
+    // Another history under a number a base stands for: segment 1 replaced by a sound
+    // segment of other bytes (an agent that started again at 1). A restore of tag 1 would
+    // succeed with the other bytes; verify names the segment and the point reading it.
+    let Some((dir, b)) = place.fresh().await else {
+        return;
+    };
+    example::build(b.clone()).await.unwrap();
+    let seg1 = l.segment(&vm(), &os(), 1);
+    let mut other = lifeboat_store::codec::SegmentBuilder::new(example::BLOCK, 3);
+    for blk in 0..4u64 {
+        let len = if blk == 3 { 14000 - 12288 } else { 4096 };
+        other.add("", blk * 4096, &vec![blk as u8 + 1; len]);
+    }
+    b.delete(&seg1).await.unwrap();
+    b.put_new(&seg1, other.finish()).await.unwrap();
+    let r = run(&b, true).await;
+    assert_eq!(r.damaged.len(), 1, "{:#?}", r.damaged);
+    assert_eq!(r.damaged[0].object, seg1.as_str());
+    assert!(
+        r.damaged[0].what.contains("another history"),
+        "{:?}",
+        r.damaged
+    );
+    assert_eq!(r.broken_points, [format!("{}/{}", example::GROUP, ids[0])]);
+    assert!(
+        unrestorable(&b, &ids, dir.path()).await.is_empty(),
+        "restores trust numbers"
+    );
+
     // A cache store after processing trimmed it: the lowest segments of a disk are in the
     // target. Missing to a plain verify; counted, not reported, with `trimmed_cache`.
     let Some((_dir, b)) = place.fresh().await else {

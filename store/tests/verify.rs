@@ -231,7 +231,7 @@ async fn scenarios(place: impl Place) {
         // damage, costing nothing.
         (
             "unread-base",
-            l.base_part(&vm(), &data(), 2, 2),
+            l.base_part(&vm(), &data(), 2, 1),
             vec![],
             false,
         ),

@@ -230,3 +230,46 @@ async fn regenerate() {
     let _ = std::fs::remove_dir(store.join(".tmp"));
     std::fs::write(vectors().join("expected.txt"), expected).unwrap();
 }
+
+/// `docs/format.md` states the vectors (every restored hash, the walked-through tag's header,
+/// the walked-through segment's size and identity): it must say what the committed bytes are.
+#[test]
+fn format_md_states_these_vectors() {
+    let doc =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/format.md"))
+            .unwrap();
+    let expected = std::fs::read_to_string(vectors().join("expected.txt")).unwrap();
+    for line in expected.lines().filter(|l| l.contains(" file ")) {
+        let hash = line.rsplit(' ').next().unwrap();
+        assert!(doc.contains(hash), "format.md does not state {line}");
+    }
+    let disk = vectors().join("store/v1/vectors/vms/vm1/disks/os");
+    let tag = std::fs::read(disk.join("tag/00000000000000000001.tag")).unwrap();
+    let header = String::from_utf8_lossy(&tag[..tag.iter().position(|&b| b == b'\n').unwrap()]);
+    let hash = header.rsplit(' ').next().unwrap();
+    assert!(
+        doc.contains(&format!("`{}…{}`", &hash[..8], &hash[56..])),
+        "tag header {header}"
+    );
+    assert!(
+        doc.contains(&format!("\n{} bytes. Bytes 0–79", tag.len())),
+        "tag size"
+    );
+    let seg = std::fs::read(disk.join("seg/00000000000000000003.seg")).unwrap();
+    assert!(
+        doc.contains(&format!("{} bytes, holds one", seg.len())),
+        "segment size"
+    );
+    let id = &seg[seg.len() - 56..seg.len() - 24];
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    assert!(
+        doc.contains(&format!(
+            "`{} {} … {} {}`",
+            hex(&id[..2]),
+            hex(&id[2..4]),
+            hex(&id[28..30]),
+            hex(&id[30..])
+        )),
+        "segment identity"
+    );
+}

@@ -333,6 +333,43 @@ impl Config {
                 ));
             }
         }
+        // A restore writes `<id>.img` for an image or block device and `<id>/` for a
+        // directory: two disks must not restore to one name.
+        let mut outputs = HashSet::new();
+        for d in &self.disks {
+            let name = match d.kind {
+                DiskKind::Directory => d.id.to_string(),
+                _ => format!("{}.img", d.id),
+            };
+            if !outputs.insert(name.clone()) {
+                return Err(format!(
+                    "disk {}: restores to {name}, as another disk of this VM does; rename one of them",
+                    d.id
+                ));
+            }
+        }
+        // The store and the state inside a protected directory would be shipped by every cycle
+        // they grow with: a store that copies itself without end.
+        for d in self.disks.iter().filter(|d| d.kind == DiskKind::Directory) {
+            if let StoreConfig::Local { path } = &self.store
+                && inside(path, &d.path)
+            {
+                return Err(format!(
+                    "store.path {} is inside directory disk {} ({}): each cycle would replicate the store into itself; put the cache store outside every protected directory",
+                    path.display(),
+                    d.id,
+                    d.path.display()
+                ));
+            }
+            if inside(&self.state_dir, &d.path) {
+                return Err(format!(
+                    "state_dir {} is inside directory disk {} ({}): each cycle would replicate the agent's own state; move it outside every protected directory",
+                    self.state_dir.display(),
+                    d.id,
+                    d.path.display()
+                ));
+            }
+        }
         if let Some(c) = &self.coordinator
             && !c.contains(':')
         {
@@ -342,6 +379,29 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Whether `path` is `dir` or below it, comparing the resolved paths where they exist (a
+/// symbolic link must not hide a store inside a protected directory).
+fn inside(path: &Path, dir: &Path) -> bool {
+    let resolve = |p: &Path| {
+        // The nearest existing ancestor, resolved, with the rest appended.
+        let mut base = p.to_path_buf();
+        let mut rest = Vec::new();
+        while !base.exists() {
+            match (base.file_name().map(|n| n.to_owned()), base.parent()) {
+                (Some(n), Some(parent)) => {
+                    rest.push(n);
+                    base = parent.to_path_buf();
+                }
+                _ => return p.to_path_buf(),
+            }
+        }
+        let mut out = std::fs::canonicalize(&base).unwrap_or(base);
+        out.extend(rest.into_iter().rev());
+        out
+    };
+    resolve(path).starts_with(resolve(dir))
 }
 
 #[cfg(test)]
@@ -417,11 +477,39 @@ consistency = "fsfreeze"
                 GOOD.replace("[replication]", "[replication]\ninterval = \"1s\""),
                 "between 10s and 60m",
             ),
+            // Issue findings: an image `os` and a directory `os.img` sync but never restore;
+            // a store inside a protected directory grows every cycle.
+            (
+                format!(
+                    "{GOOD}\n[[disk]]\nid = \"os\"\nkind = \"image\"\npath = \"/srv/os\"\n[[disk]]\nid = \"os.img\"\nkind = \"directory\"\npath = \"/srv/x\"\n"
+                ),
+                "disk os.img: restores to os.img, as another disk",
+            ),
+            (
+                GOOD.replace("/srv/lifeboat-cache", "/srv/data/.cache/lifeboat"),
+                "store.path /srv/data/.cache/lifeboat is inside directory disk data",
+            ),
+            (
+                GOOD.replace("/var/lib/lifeboat", "/srv/data/state"),
+                "state_dir /srv/data/state is inside directory disk data",
+            ),
         ];
         for (text, want) in cases {
             let err = parse(&text).unwrap_err().to_string();
             assert!(err.contains(want), "expected {want:?} in {err:?}");
             assert!(err.starts_with("config agent.toml"), "{err}");
         }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_store_reached_through_a_symlink_is_still_inside() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        std::os::unix::fs::symlink(&data, dir.path().join("link")).unwrap();
+        assert!(inside(&dir.path().join("link/cache/new"), &data));
+        assert!(!inside(&dir.path().join("database"), &data));
+        assert!(inside(&data, &data));
     }
 }

@@ -32,6 +32,9 @@ pub struct FreezeWindow {
 pub struct Frozen {
     mounts: Vec<PathBuf>,
     watchdog: Option<Child>,
+    /// Held open while frozen: the watchdog reads end-of-file on it when this process dies,
+    /// and thaws at once instead of at its deadline.
+    _lifeline: Option<std::process::ChildStdin>,
     started: Instant,
     frozen_at: SystemTime,
     deadline: Duration,
@@ -94,11 +97,17 @@ impl Frozen {
             .and_then(|mut stdin| {
                 writeln!(stdin, "{}", deadline.as_millis())
                     .and_then(|_| stdin.flush())
-                    .context("cannot arm the thaw watchdog")
+                    .context("cannot arm the thaw watchdog")?;
+                Ok(stdin)
             });
+        let (armed, lifeline) = match armed {
+            Ok(stdin) => (Ok(()), Some(stdin)),
+            Err(e) => (Err(e), None),
+        };
         let mut frozen = Frozen {
             mounts: Vec::new(),
             watchdog: Some(child),
+            _lifeline: lifeline,
             started: Instant::now(),
             frozen_at: SystemTime::now(),
             deadline,
@@ -200,8 +209,13 @@ pub fn presync(mounts: &[PathBuf]) {
 }
 
 /// The watchdog process's body: wait to be armed (the deadline in milliseconds on a line of
-/// stdin, unless given), sleep until the deadline, then thaw every mount. Never armed (stdin
-/// closed first), it exits without touching anything.
+/// stdin, unless given), then thaw every mount at the deadline — or at once when stdin reaches
+/// end-of-file first, which means the agent died while frozen. Never armed (stdin closed
+/// first), it exits without touching anything.
+///
+/// Thawing at once matters beyond a shorter freeze: a watchdog that outlived its agent would
+/// thaw whatever freeze holds the mount at its deadline, including a restarted agent's, in the
+/// middle of that agent's capture (see also [`thaw_leftovers`], which ends such watchdogs).
 pub fn run_watchdog(deadline: Option<Duration>, mounts: &[PathBuf]) {
     platform::ignore_stop_signals();
     let deadline = match deadline {
@@ -217,7 +231,15 @@ pub fn run_watchdog(deadline: Option<Duration>, mounts: &[PathBuf]) {
             }
         }
     };
-    std::thread::sleep(deadline);
+    let (eof_tx, eof) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        let mut sink = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
+        let _ = eof_tx.send(());
+    });
+    if eof.recv_timeout(deadline).is_ok() {
+        tracing::warn!("the agent is gone while frozen; thawing now");
+    }
     for m in mounts {
         match platform::thaw(m) {
             Ok(true) => {
@@ -229,8 +251,11 @@ pub fn run_watchdog(deadline: Option<Duration>, mounts: &[PathBuf]) {
     }
 }
 
-/// Thaws mounts a previous run may have left frozen; logs any that were.
+/// Thaws mounts a previous run may have left frozen; logs any that were. First ends any thaw
+/// watchdog a killed earlier run left for these mounts: at its deadline it would thaw this
+/// run's own freeze mid-capture.
 pub fn thaw_leftovers(mounts: &[PathBuf]) {
+    platform::end_orphan_watchdogs(mounts);
     for m in mounts {
         match platform::thaw(m) {
             Ok(true) => {

@@ -203,11 +203,11 @@ async fn cut_inner(
     let started = Instant::now();
     let disks = &agent.config.disks;
     let mut states = Vec::new();
-    for d in disks {
+    for (d, h) in disks.iter().zip(hints) {
         sync::check_disk_path(d)?;
         // Never label a point crash-consistent over a freeze of the wrong filesystem.
         consistency::verify_freeze_target(d)?;
-        states.push(agent.reconcile(d).await?);
+        states.push(agent.reconcile(d, h.reread_all).await?);
     }
 
     // 2. Pre-copy, when a freeze follows: it keeps the frozen capture short. Without a freeze

@@ -37,3 +37,6 @@ pub enum MountOf {
     BlockDevice,
     Image,
 }
+
+/// No freeze here, so no watchdog outlives its agent.
+pub fn end_orphan_watchdogs(_mounts: &[std::path::PathBuf]) {}

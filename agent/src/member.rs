@@ -298,7 +298,7 @@ async fn take_part(
 async fn replicate(agent: &Agent, verify: bool, watchers: &Watchers) -> Result<()> {
     for d in &agent.config.disks {
         crate::sync::check_disk_path(d)?;
-        let mut st = agent.reconcile(d).await?;
+        let mut st = agent.reconcile(d, verify).await?;
         let hints = {
             let mut h = watchers.take(d.id.as_str());
             h.reread_all |= verify;

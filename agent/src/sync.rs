@@ -211,8 +211,10 @@ impl Agent {
         }
     }
 
-    /// Brings a disk's local state in line with the store (see the module docs).
-    pub async fn reconcile(&self, disk: &DiskConfig) -> Result<DiskState> {
+    /// Brings a disk's local state in line with the store (see the module docs), and checks
+    /// that the cache store still holds what the next tag relies on (`deep`: every byte of it,
+    /// as the verification sweep does; otherwise that none of it is missing).
+    pub async fn reconcile(&self, disk: &DiskConfig, deep: bool) -> Result<DiskState> {
         let vm = &self.config.vm;
         let bs = self.config.replication.block_size.0 as u32;
         let directory = disk.kind == DiskKind::Directory;
@@ -223,13 +225,39 @@ impl Agent {
                 None
             }
         };
-        let latest = self.reader.latest_tag(vm, &disk.id).await?;
         let segs = self.reader.segment_seqs(vm, &disk.id).await?;
         let max_seg = segs.last().copied().unwrap_or(0);
+        let latest = match self.reader.latest_tag(vm, &disk.id).await {
+            Ok(l) => Ok(l),
+            Err(e) if is_damage(&e) => Err(e),
+            Err(e) => return Err(e.into()),
+        };
 
         // The steady state: local state and store agree, and the state file need not be
         // rewritten (it is as large as the disk's block hashes).
         let mut unchanged = false;
+        let latest = match latest {
+            Ok(l) => l,
+            Err(e) => {
+                // Every later tag would stand on it: start a new full copy numbered after it.
+                let seq = self
+                    .reader
+                    .tag_seqs(vm, &disk.id)
+                    .await?
+                    .last()
+                    .copied()
+                    .unwrap_or(0);
+                let through = local.as_ref().map_or(0, |s| s.through_segment).max(max_seg);
+                tracing::warn!(disk = %disk.id, tag = seq, error = %e, "the newest tag in the cache store is damaged; resynchronising with a new full copy numbered after it");
+                let st = self.fresh_copy(
+                    disk,
+                    seq.max(local.as_ref().map_or(0, |s| s.tag_seq)),
+                    through,
+                );
+                state::save(&self.config.state_dir, &st)?;
+                return Ok(st);
+            }
+        };
         let mut st = match (local, &latest) {
             (Some(s), Some(l)) if s.tag_seq == l.seq && s.block_size == bs => {
                 unchanged = true;
@@ -289,7 +317,16 @@ impl Agent {
                     self.fresh_copy(disk, l.seq, max_seg.max(l.through_segment))
                 }
             }
-            (_, None) => DiskState::fresh(vm.clone(), disk.id.clone(), bs, directory, max_seg + 1),
+            // A new history: its numbers start from the time, so they never meet those of an
+            // earlier history of this disk that the target store may still hold (a VM that lost
+            // its state and got a new cache store).
+            (_, None) => DiskState::fresh(
+                vm.clone(),
+                disk.id.clone(),
+                bs,
+                directory,
+                history_start(now_millis(), max_seg),
+            ),
         };
         // The content kind must match the disk kind (the config may have changed).
         if matches!(st.content, Content::Directory { .. }) != directory {
@@ -305,10 +342,90 @@ impl Agent {
                 .delete(&self.writer.layout().segment(vm, &disk.id, seq))
                 .await?;
         }
+        match self.check_cache(disk, &mut st, &segs, deep).await? {
+            Checked::Intact => {}
+            Checked::Lost(why) => {
+                tracing::warn!(disk = %disk.id, reason = %why, "the cache store lost what the next tag relies on; resynchronising with a new full copy");
+                st = self.fresh_copy(disk, st.tag_seq, st.through_segment.max(max_seg));
+                unchanged = false;
+            }
+            Checked::Forgotten(why) => {
+                tracing::warn!(disk = %disk.id, reason = %why, "the cache store damaged blocks the next tag relies on; resynchronising them by checksum compare");
+                unchanged = false;
+            }
+        }
         if !unchanged {
             state::save(&self.config.state_dir, &st)?;
         }
         Ok(st)
+    }
+
+    /// Checks the segments of the current history that the next tag will reference. Segments
+    /// missing below the lowest one present were processed out of the cache (trim keeps every
+    /// segment after the second-newest tag's, so a gap above that, or a missing newest
+    /// segment, is loss). `deep` reads every present segment whole and checks each block: a
+    /// damaged body whose index still reads costs only its blocks, which are forgotten here so
+    /// the next pass scans and ships them again; a segment that is gone, or whose index is
+    /// unreadable, leaves no way to describe the disk in this history.
+    async fn check_cache(
+        &self,
+        disk: &DiskConfig,
+        st: &mut DiskState,
+        segs: &[u64],
+        deep: bool,
+    ) -> Result<Checked> {
+        let vm = &self.config.vm;
+        let range = st.from_segment..=st.through_segment;
+        let present: Vec<u64> = segs.iter().copied().filter(|s| range.contains(s)).collect();
+        if let Some(&lowest) = present.first() {
+            let expected = st.through_segment - lowest + 1;
+            if present.len() as u64 != expected {
+                let missing = (lowest..=st.through_segment)
+                    .find(|s| present.binary_search(s).is_err())
+                    .unwrap_or(lowest);
+                return Ok(Checked::Lost(format!(
+                    "segment {missing} is missing ({} of segments {lowest}..={} are stored)",
+                    present.len(),
+                    st.through_segment
+                )));
+            }
+        }
+        if !deep {
+            return Ok(Checked::Intact);
+        }
+        let mut forgotten = Vec::new();
+        for seq in present {
+            let name = self.writer.layout().segment(vm, &disk.id, seq);
+            let data = match self.writer.backend().get(&name).await {
+                Ok(d) => d,
+                // Processed out of the cache since the listing.
+                Err(e) if e.kind == lifeboat_store::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e.into()),
+            };
+            let damage = match lifeboat_store::codec::decode(name.as_str(), data) {
+                Ok(seg) => match seg.verify_all() {
+                    Ok(()) => continue,
+                    Err(e) => e.to_string(),
+                },
+                Err(e) => e.to_string(),
+            };
+            match self.reader.segment_index(vm, &disk.id, seq).await {
+                Ok(index) => {
+                    forget_blocks(st, &index);
+                    forgotten.push(format!("segment {seq}: {damage}"));
+                }
+                Err(e) => {
+                    return Ok(Checked::Lost(format!(
+                        "segment {seq} is damaged ({damage}) and its index unreadable ({e})"
+                    )));
+                }
+            }
+        }
+        Ok(if forgotten.is_empty() {
+            Checked::Intact
+        } else {
+            Checked::Forgotten(forgotten.join("; "))
+        })
     }
 
     fn fresh_copy(&self, disk: &DiskConfig, tag_seq: u64, max_seg: u64) -> DiskState {
@@ -736,7 +853,12 @@ impl Agent {
         let tag = Tag {
             vm: self.config.vm.clone(),
             disk: disk.id.clone(),
-            seq: st.tag_seq + 1,
+            // The first tag of a history takes the number of its first segment (see
+            // [`history_start`]); later ones count up from the previous tag.
+            seq: match st.tag_seq {
+                0 => st.from_segment,
+                prev => prev + 1,
+            },
             from_segment: st.from_segment,
             through_segment: st.through_segment,
             time,
@@ -838,6 +960,71 @@ pub struct Shipped {
     pub kept: Vec<Bytes>,
 }
 
+/// What [`Agent::check_cache`] found.
+enum Checked {
+    Intact,
+    /// Gone or unreadable: the history cannot go on.
+    Lost(String),
+    /// Damaged blocks, now unknown in the state (the next pass ships them again).
+    Forgotten(String),
+}
+
+/// Whether a read error is damage in the store (a decoder or consistency check refused what
+/// is there) rather than a failure to reach it (retried by the next cycle).
+fn is_damage(e: &lifeboat_store::Error) -> bool {
+    matches!(
+        e,
+        lifeboat_store::Error::Codec(_)
+            | lifeboat_store::Error::Manifest(_)
+            | lifeboat_store::Error::Inconsistent(_)
+    )
+}
+
+/// Makes the blocks a segment's index lists unknown in `st` (a hash no block has), and drops
+/// the tracking position, so the next pass reads the disk and ships them again; a later
+/// segment then holds every one of them and restores never read the damaged one.
+fn forget_blocks(st: &mut DiskState, index: &lifeboat_store::codec::SegmentIndex) {
+    let (targets, entries) = index;
+    const UNKNOWN: Hash = [0; 32];
+    let bs = st.block_size as u64;
+    match &mut st.content {
+        Content::Image { hashes, .. } => {
+            for e in entries {
+                if let Some(h) = hashes.0.get_mut((e.offset / bs) as usize) {
+                    *h = UNKNOWN;
+                }
+            }
+        }
+        Content::Directory { files } => {
+            for e in entries {
+                if let Some(f) = files.get_mut(&targets[e.target as usize]) {
+                    f.stamp = None;
+                    if let Some(h) = f.hashes.0.get_mut((e.offset / bs) as usize) {
+                        *h = UNKNOWN;
+                    }
+                }
+            }
+        }
+    }
+    st.tracking = None;
+}
+
+/// Bits of a history's first number below its start time: a history may write 2^20 segments
+/// per millisecond that passed before the next history of the disk began without meeting it.
+const HISTORY_SHIFT: u32 = 20;
+
+/// First segment (and tag) number of a new history of a disk begun at `now` (Unix ms): the time
+/// in the high bits, so a history begun later, by a VM that lost its state and its cache store,
+/// never reuses a number an earlier one published to the target. Past `max_seg` (segments
+/// already in this cache store) in any case. Overflows in the year 2527; saturates there.
+pub fn history_start(now: u64, max_seg: u64) -> u64 {
+    now.checked_shl(HISTORY_SHIFT)
+        .filter(|n| n >> HISTORY_SHIFT == now)
+        .unwrap_or(u64::MAX / 2)
+        .max(max_seg)
+        + 1
+}
+
 /// Checks that a disk's path is there and of the configured kind, with an actionable message.
 pub fn check_disk_path(disk: &DiskConfig) -> Result<()> {
     let p: &Path = &disk.path;
@@ -871,4 +1058,22 @@ pub fn check_disk_path(disk: &DiskConfig) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::history_start;
+
+    #[test]
+    fn histories_begun_later_start_past_any_number_an_earlier_one_could_reach() {
+        let t = 1_796_000_000_000; // December 2026, in ms
+        let a = history_start(t, 0);
+        let b = history_start(t + 1, 0);
+        assert!(b > a + (1 << 19), "{a} {b}");
+        // Segments already in the cache store are never reused.
+        assert_eq!(history_start(0, 41), 42);
+        assert_eq!(history_start(t, u64::MAX / 2 + 5), u64::MAX / 2 + 6);
+        // A clock far in the future saturates instead of wrapping.
+        assert!(history_start(u64::MAX / 4, 0) > a);
+    }
 }

@@ -145,13 +145,25 @@ fn a_cache_store_rolled_back_behind_the_agent_never_gets_reused_numbers() {
     std::fs::write(&image, &data).unwrap();
     agent_ok(&config, &["sync"]);
     // The store loses its newest tag (and the point on it), as if restored from an older copy.
+    // (Numbers of a history start from its time: the newest tag is the highest name.)
     let tags = dir.path().join("store/v1/g/vms/vm1/disks/img/tag");
-    std::fs::remove_file(tags.join("00000000000000000002.tag")).unwrap();
+    let mut names: Vec<String> = std::fs::read_dir(&tags)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    let newest = names.pop().unwrap();
+    let n: u64 = newest.trim_end_matches(".tag").parse().unwrap();
+    std::fs::remove_file(tags.join(&newest)).unwrap();
     for p in std::fs::read_dir(dir.path().join("store/v1/g/points"))
         .unwrap()
         .flatten()
     {
-        if p.file_name().to_string_lossy().ends_with("-t2.point") {
+        if p.file_name()
+            .to_string_lossy()
+            .ends_with(&format!("-t{n}.point"))
+        {
             std::fs::remove_file(p.path()).unwrap();
         }
     }
@@ -165,8 +177,8 @@ fn a_cache_store_rolled_back_behind_the_agent_never_gets_reused_numbers() {
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("behind this agent's state"), "{stderr}");
     assert!(
-        stdout.contains("tag 3 "),
-        "tag number 2 was reused: {stdout}"
+        stdout.contains(&format!("tag {} ", n + 1)),
+        "tag number {n} was reused: {stdout}"
     );
     let restored = dir.path().join("restored");
     restore_id(dir.path(), &point_id(&stdout), &restored);

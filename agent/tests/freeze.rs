@@ -327,3 +327,90 @@ fn sigterm_mid_freeze_and_the_thaw_command_never_leave_a_filesystem_frozen() {
         "still frozen after `lifeboat-agent thaw`"
     );
 }
+
+/// Starts `lifeboat-agent thaw-watchdog <mount>` armed with `deadline_ms`, as a killed agent's
+/// watchdog would be; its stdin (the agent's end of the lifeline) is returned held open.
+fn watchdog(mount: &Path, deadline_ms: u64) -> (std::process::Child, std::process::ChildStdin) {
+    let mut child = Command::new(AGENT)
+        .arg("thaw-watchdog")
+        .arg(mount)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    writeln!(stdin, "{deadline_ms}").unwrap();
+    stdin.flush().unwrap();
+    (child, stdin)
+}
+
+/// Found by the block-device oracle tests under load: a watchdog that outlived its SIGKILLed
+/// agent slept on to its deadline and then thawed the *next* run's freeze mid-capture, and
+/// that point was labelled crash-consistent. A watchdog now thaws at once when its agent dies,
+/// and an agent ends any orphaned watchdog of its mounts before it freezes.
+#[test]
+fn a_watchdog_never_thaws_a_freeze_that_is_not_its_own() {
+    let _serial = serial();
+    if !root_or_skip("a_watchdog_never_thaws_a_freeze_that_is_not_its_own") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let lfs = LoopFs::new(dir.path(), "ext4", 64);
+    let writable = |mount: &Path| {
+        Command::new("timeout")
+            .arg("1")
+            .arg("sh")
+            .arg("-c")
+            .arg(format!("echo x > {}/probe", mount.display()))
+            .status()
+            .unwrap()
+            .success()
+    };
+
+    // The agent's end of the lifeline closes (it died): the watchdog thaws now, not in 60 s.
+    let (mut early, lifeline) = watchdog(&lfs.mount, 60_000);
+    run(Command::new("fsfreeze").arg("-f").arg(&lfs.mount));
+    drop(lifeline);
+    let t0 = Instant::now();
+    while !writable(&lfs.mount) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "still frozen 20 s after the watchdog's agent died"
+        );
+    }
+    early.wait().unwrap();
+
+    // An orphaned watchdog (its agent gone, the lifeline held by someone else) armed to fire
+    // in 2.5 s, while the next run holds its own freeze for 4 s and checks it is still frozen.
+    let (mut orphan, _held) = watchdog(&lfs.mount, 2_500);
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "[[disk]]\nid = \"vol\"\nkind = \"image\"\npath = \"{}\"\nconsistency = \"fsfreeze\"\nmount = \"{}\"\nfreeze_timeout = \"20s\"\n",
+            lfs.image.display(),
+            lfs.mount.display()
+        ),
+    );
+    // Still frozen after 4 s: FIFREEZE on a frozen filesystem fails with EBUSY (a probe write
+    // would block uninterruptibly instead). Had it been thawed, undo the test's own freeze.
+    let still_frozen = format!(
+        "sleep 4; if fsfreeze -f {m} 2>/dev/null; then fsfreeze -u {m}; exit 1; fi",
+        m = lfs.mount.display()
+    );
+    let out = Command::new(AGENT)
+        .arg("--config")
+        .arg(&config)
+        .arg("sync")
+        .env("LIFEBOAT_TEST_WHILE_FROZEN", still_frozen)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the freeze was thawed under the agent:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status = orphan.try_wait().unwrap();
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "the orphaned watchdog was left running: {status:?}"
+    );
+}

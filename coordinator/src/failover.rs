@@ -194,7 +194,7 @@ pub fn check_output(to: &Path) -> Result<(), Refused> {
         Ok(mut e) => {
             if e.next().is_some() {
                 return Err(Refused(format!(
-                    "{} exists and is not empty; failover never overwrites",
+                    "{} exists and is not empty; Lifeboat never overwrites",
                     to.display()
                 )));
             }
@@ -202,6 +202,46 @@ pub fn check_output(to: &Path) -> Result<(), Refused> {
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(Refused(format!("cannot use {}: {e}", to.display()))),
+    }
+}
+
+/// An output location being filled by a restore or failover. If the command fails, what it
+/// wrote goes — and the location itself only if the command created it: a user's own empty
+/// directory (a mount point, say) stays.
+#[derive(Debug)]
+pub struct Output {
+    path: PathBuf,
+    created: bool,
+}
+
+impl Output {
+    /// Checks `to` (absent or empty) and creates it if absent.
+    pub fn prepare(to: &Path) -> Result<Self> {
+        check_output(to)?;
+        let created = !to.exists();
+        std::fs::create_dir_all(to).with_context(|| format!("cannot create {}", to.display()))?;
+        Ok(Output {
+            path: to.to_path_buf(),
+            created,
+        })
+    }
+
+    /// Removes what was written (best effort: the command is failing already).
+    pub fn discard(self) {
+        if self.created {
+            let _ = std::fs::remove_dir_all(&self.path);
+            return;
+        }
+        if let Ok(entries) = std::fs::read_dir(&self.path) {
+            for e in entries.flatten() {
+                let p = e.path();
+                let _ = if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    std::fs::remove_dir_all(&p)
+                } else {
+                    std::fs::remove_file(&p)
+                };
+            }
+        }
     }
 }
 
@@ -213,8 +253,7 @@ pub async fn restore_point(
     to: &Path,
     drill: bool,
 ) -> Result<Report> {
-    check_output(to)?;
-    std::fs::create_dir_all(to).with_context(|| format!("cannot create {}", to.display()))?;
+    let output = Output::prepare(to)?;
     let started = Instant::now();
     let result = async {
         if drill {
@@ -266,7 +305,7 @@ pub async fn restore_point(
     }
     .await;
     if result.is_err() {
-        let _ = std::fs::remove_dir_all(to);
+        output.discard();
     }
     result
 }

@@ -109,6 +109,27 @@ fn members_path(config: &Config) -> PathBuf {
     config.state_dir.join("members.json")
 }
 
+/// `cut-floor`: the highest cut id issued, as decimal text.
+fn floor_path(config: &Config) -> PathBuf {
+    config.state_dir.join("cut-floor")
+}
+
+fn read_floor(config: &Config) -> Result<u64> {
+    match std::fs::read_to_string(floor_path(config)) {
+        Ok(t) => t
+            .trim()
+            .parse()
+            .with_context(|| format!("{} is damaged", floor_path(config).display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(e).context("cannot read the cut id floor"),
+    }
+}
+
+fn write_floor(path: &std::path::Path, cut_id: u64) -> Result<()> {
+    lifeboat_store::durable::replace(path, format!("{cut_id}\n").as_bytes())?;
+    Ok(())
+}
+
 /// Cut ids are Unix milliseconds, bumped past every cut id already in the catalog, so they
 /// increase across restarts without extra state.
 fn cut_id_of(point: &PointId) -> Option<u64> {
@@ -137,11 +158,35 @@ impl Group {
             .into_iter()
             .filter(|p| p.multi_vm)
             .collect();
+        // The floor under the next cut id: the highest of the catalog, the floor file (the
+        // cache is trimmed of processed points) and the target's points (the state directory
+        // may be new), so ids stay unique across restarts and clock steps back.
+        let floor = read_floor(&config)?;
+        let in_target = match &config.target {
+            Some(t) => {
+                let target = t.open().await.context("cannot open the target store")?;
+                let names = target
+                    .list(&reader.layout().points())
+                    .await
+                    .context("cannot list the target store's points")?;
+                names
+                    .iter()
+                    .filter_map(|m| {
+                        let id = m.name.file_name().strip_suffix(".point")?;
+                        cut_id_of(&PointId::new(id).ok()?)
+                    })
+                    .max()
+                    .unwrap_or(0)
+            }
+            None => 0,
+        };
         let last_cut = catalog
             .iter()
             .filter_map(|p| cut_id_of(&p.id))
             .max()
-            .unwrap_or(0);
+            .unwrap_or(0)
+            .max(floor)
+            .max(in_target);
         let member_file: MemberFile = match std::fs::read_to_string(members_path(&config)) {
             Ok(t) => serde_json::from_str(&t).context("members.json is damaged")?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => MemberFile::default(),
@@ -174,11 +219,10 @@ impl Group {
     }
 
     fn save_members(&self, f: &MemberFile) -> Result<()> {
-        let path = members_path(&self.config);
-        let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(f)?)?;
-        std::fs::File::open(&tmp)?.sync_all()?;
-        std::fs::rename(&tmp, &path)?;
+        lifeboat_store::durable::replace(
+            &members_path(&self.config),
+            &serde_json::to_vec_pretty(f)?,
+        )?;
         Ok(())
     }
 
@@ -439,6 +483,11 @@ impl Group {
         }
     }
 
+    /// The highest cut id issued or seen; the next cut's id is above it.
+    pub fn cut_floor(&self) -> u64 {
+        self.last_cut.load(Ordering::SeqCst)
+    }
+
     /// Holds off cuts while the guard lives (processing trims the cache store under it, so no
     /// cut's tags can go while its point is being published).
     pub async fn pause_cuts(&self) -> tokio::sync::MutexGuard<'_, ()> {
@@ -455,6 +504,15 @@ impl Group {
             self.last_cut.store(id, Ordering::SeqCst);
             id
         };
+        // Durable before the id is used: a restart after a clock step back must not issue it
+        // again once processing has trimmed its point from the cache.
+        let path = floor_path(&self.config);
+        let written = tokio::task::spawn_blocking(move || write_floor(&path, cut_id)).await;
+        if let Err(e) = written.map_err(anyhow::Error::from).and_then(|r| r) {
+            return Err(CutError::Publish(format!(
+                "cannot record the cut id floor: {e:#}"
+            )));
+        }
         let (ack_tx, mut acks) = mpsc::unbounded_channel();
         *self.current.lock().unwrap() = Some((cut_id, ack_tx));
         let result = self.run_cut(cut_id, kind, &mut acks).await;
@@ -781,3 +839,49 @@ fn summary(excluded: &[Excluded]) -> String {
 
 /// How long to wait before giving up on a session's first message.
 pub const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    /// Issue finding: after a clock step back, the floor under cut ids was rebuilt from the
+    /// cache store alone, which processing had trimmed: a restarted coordinator could issue an
+    /// id the target already held. The floor file and the target's points now count too.
+    #[tokio::test]
+    async fn cut_ids_stay_above_every_id_issued_after_restarts_and_clock_steps() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cache, target, state) = (
+            dir.path().join("cache"),
+            dir.path().join("target"),
+            dir.path().join("state"),
+        );
+        for d in [&cache, &target, &state] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        let text = format!(
+            "group = \"g1\"\nstate_dir = \"{}\"\n[store]\nkind = \"local\"\npath = \"{}\"\n[target]\nkind = \"local\"\npath = \"{}\"\n",
+            state.display(),
+            cache.display(),
+            target.display()
+        );
+        let config = Config::parse(Path::new("c.toml"), &text).unwrap();
+        // An hour ahead of the clock: issued before the clock stepped back.
+        let ahead = now_millis() + 3_600_000;
+        let points = target.join("v1/g1/points");
+        std::fs::create_dir_all(&points).unwrap();
+        std::fs::write(points.join(format!("{}.point", point_id_of(ahead))), b"x").unwrap();
+        let g = Group::open(config.clone()).await.unwrap();
+        assert!(g.cut_floor() >= ahead, "target's points ignored");
+        drop(g);
+        // With the target emptied too, the floor file alone carries the id.
+        std::fs::remove_dir_all(&points).unwrap();
+        write_floor(&floor_path(&config), ahead + 7).unwrap();
+        let g = Group::open(config.clone()).await.unwrap();
+        assert_eq!(g.cut_floor(), ahead + 7);
+        drop(g);
+        // A damaged floor file is an error, not a silent zero.
+        std::fs::write(floor_path(&config), "garbage").unwrap();
+        assert!(Group::open(config).await.is_err());
+    }
+}

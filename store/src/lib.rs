@@ -6,7 +6,8 @@
 //! - [`manifest`]: tags, directory trees and recovery-point manifests;
 //! - [`layout`]: where each object lives in the cache and target stores;
 //! - [`restore`]: materialising a disk at a tag, verifying every byte;
-//! - [`verify`]: checking a whole store, naming each damaged object and the points it breaks.
+//! - [`verify`]: checking a whole store, naming each damaged object and the points it breaks;
+//! - [`durable`]: replacing a small local file atomically and durably.
 //!
 //! The format is specified in `docs/format.md`; this crate is its reference implementation.
 
@@ -15,6 +16,7 @@ pub mod codec;
 pub mod compact;
 #[cfg(any(test, feature = "testing"))]
 pub mod conformance;
+pub mod durable;
 pub mod error;
 #[cfg(any(test, feature = "testing"))]
 pub mod example;

@@ -17,8 +17,12 @@ pub struct NameError {
     why: &'static str,
 }
 
-/// Longest id accepted; keeps object names well under every store's key limit.
+/// Longest group, VM or disk id accepted; keeps object names well under every store's key limit.
 pub const MAX_ID_LEN: usize = 64;
+
+/// Longest point id accepted. A single-VM point is named `<vm>-<unix ms>-t<tag>`, so every
+/// valid VM id must fit with a 20-digit time and a 20-digit tag number: 64 + 1 + 20 + 2 + 20.
+pub const MAX_POINT_ID_LEN: usize = 128;
 
 fn check_component(what: &'static str, s: &str, max: usize) -> Result<(), NameError> {
     let err = |why| NameError {
@@ -50,7 +54,7 @@ fn check_component(what: &'static str, s: &str, max: usize) -> Result<(), NameEr
 }
 
 macro_rules! id_type {
-    ($(#[$doc:meta])* $name:ident, $what:literal) => {
+    ($(#[$doc:meta])* $name:ident, $what:literal, $max:expr) => {
         $(#[$doc])*
         #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
         #[serde(try_from = "String", into = "String")]
@@ -60,7 +64,7 @@ macro_rules! id_type {
             /// Parses and validates an id.
             pub fn new(s: impl Into<String>) -> Result<Self, NameError> {
                 let s = s.into();
-                check_component($what, &s, MAX_ID_LEN)?;
+                check_component($what, &s, $max)?;
                 Ok(Self(s))
             }
             /// The id as text.
@@ -101,22 +105,26 @@ macro_rules! id_type {
 id_type!(
     /// A replication group: the VMs that share recovery points.
     GroupId,
-    "group id"
+    "group id",
+    MAX_ID_LEN
 );
 id_type!(
     /// A protected VM (one agent).
     VmId,
-    "VM id"
+    "VM id",
+    MAX_ID_LEN
 );
 id_type!(
     /// A protected disk of a VM: a block device, a disk image or a directory tree.
     DiskId,
-    "disk id"
+    "disk id",
+    MAX_ID_LEN
 );
 id_type!(
     /// A recovery point.
     PointId,
-    "recovery point id"
+    "recovery point id",
+    MAX_POINT_ID_LEN
 );
 
 /// The name of an object in a store: `/`-separated components, each a valid id-like component.
@@ -206,6 +214,10 @@ mod tests {
             assert_eq!(VmId::new(good).unwrap().as_str(), good);
         }
         assert!(VmId::new("x".repeat(65)).is_err());
+        // The longest VM id with the largest time and tag still names a point.
+        let longest = format!("{}-{}-t{}", "v".repeat(MAX_ID_LEN), u64::MAX, u64::MAX);
+        assert!(PointId::new(longest).is_ok());
+        assert!(PointId::new("p".repeat(MAX_POINT_ID_LEN + 1)).is_err());
     }
 
     #[test]

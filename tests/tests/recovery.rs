@@ -1004,3 +1004,181 @@ fn the_coordinators_processing_loop_never_jams_after_compacting() {
         vm.assert_fails_over(&target, i, &out);
     }
 }
+
+/// Issue finding: a VM that lost its agent state and got a new cache store started again at
+/// segment 1 / tag 1, and processing took the target's old segment 1 for the new one (or, after
+/// identity checks, quarantined every new point). New histories now number from the time, so
+/// the new history flows to the target beside the old one and restores its own bytes.
+#[test]
+fn a_reprotected_vm_with_a_new_cache_store_restores_its_new_bytes_from_the_target() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut vm = Vm::setup(dir.path());
+    let target = vm.target();
+    vm.sync(0);
+    vm.change(1, 100_000, 300_000);
+    vm.sync(1);
+    vm.process();
+    // Re-protection: the agent's state and its cache store are gone; the target keeps the old
+    // history (its newest point is within retention).
+    std::fs::remove_dir_all(dir.path().join("state")).unwrap();
+    std::fs::remove_dir_all(&vm.cache).unwrap();
+    std::fs::create_dir_all(&vm.cache).unwrap();
+    vm.change(2, 0, 500_000);
+    vm.sync(2);
+    vm.change(3, 2_000_000, 100_000);
+    vm.sync(3);
+    let out = vm.process();
+    assert!(out.starts_with("processed 2 point(s)"), "{out}");
+    let list = ok(lifeboat(
+        &["points", "list", "--group", "g1"],
+        &[("--store", &target)],
+    ));
+    assert!(!list.contains("quarantine"), "{list}");
+    let latest = dir.path().join("latest");
+    ok(failover(
+        &target,
+        &["--vm", "vm1", "--point", "latest-processed"],
+        &latest,
+    ));
+    vm.assert_restored(3, &latest);
+    // Both histories stay restorable, each to its own bytes.
+    for i in 0..4 {
+        vm.assert_fails_over(&target, i, &dir.path().join(format!("out-{i}")));
+    }
+}
+
+/// Issue finding: the point id `<vm>-<ms>-t<tag>` had to fit in 64 characters, so a long VM id
+/// failed at its first point, after its segments and tag were written. Every valid VM id now
+/// names points for any tag number.
+#[test]
+fn the_longest_vm_id_publishes_points_and_they_restore() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut vm = Vm::setup(dir.path());
+    let long = "v".repeat(64);
+    let config = dir.path().join("agent.toml");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("vm = \"vm1\"", &format!("vm = \"{long}\""));
+    std::fs::write(&config, text).unwrap();
+    ok(Command::new(bin("lifeboat-agent"))
+        .arg("--config")
+        .arg(&config)
+        .arg("check-config")
+        .output()
+        .unwrap());
+    vm.sync(0);
+    vm.change(1, 0, 100_000);
+    vm.sync(1);
+    assert!(vm.points[1].starts_with(&long), "{:?}", vm.points);
+    assert!(vm.points[1].len() > 90, "{:?}", vm.points);
+    vm.process();
+    let out = dir.path().join("out");
+    ok(failover(
+        &vm.target(),
+        &["--vm", &long, "--point", &vm.points[1]],
+        &out,
+    ));
+    assert_eq!(
+        std::fs::read(vm.copies[1].join("os.img")).unwrap(),
+        std::fs::read(out.join(&long).join("os.img")).unwrap()
+    );
+}
+
+/// Issue finding: after the agent's newest tag was deleted from the cache store the agent made
+/// a correct new copy, but processing stalled on the old point that named the lost tag (exit 2,
+/// `no tag … for disk`) and newer good points never reached the target. A flipped byte in a
+/// cache segment did the same. Processing now quarantines the point and moves on.
+#[test]
+fn damage_in_the_cache_costs_its_points_and_newer_points_reach_the_target() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut vm = Vm::new(dir.path());
+    let disk = vm.cache.join("v1/g1/vms/vm1/disks/os");
+    let newest = |kind: &str| {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(disk.join(kind))
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        v.sort();
+        v.pop().unwrap()
+    };
+    // Point 2's tag is lost.
+    std::fs::remove_file(newest("tag")).unwrap();
+    vm.change(3, 900_000, 50_000);
+    vm.sync(3);
+    let out = lifeboat(
+        &["process", "--group", "g1"],
+        &[("--cache", &vm.cache), ("--store", &vm.target())],
+    );
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    // The exit status says a point was refused; the newer one went through all the same.
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(stderr.contains("no tag"), "{stderr}");
+    assert!(
+        stdout.contains(&format!("latest processed point: {}", vm.points[3])),
+        "{stdout}"
+    );
+    let list = ok(lifeboat(
+        &["points", "list", "--group", "g1"],
+        &[("--store", &vm.cache), ("--target", &vm.target())],
+    ));
+    assert!(list.contains(&vm.points[3]), "{list}");
+    assert!(list.contains("quarantine"), "{list}");
+    let out = dir.path().join("latest");
+    ok(failover(
+        &vm.target(),
+        &["--vm", "vm1", "--point", "latest-processed"],
+        &out,
+    ));
+    vm.assert_restored(3, &out);
+    vm.assert_fails_over(&vm.target(), 0, &dir.path().join("zero"));
+}
+
+/// Issue finding: `lifeboat restore` left the disks it had restored when a later one failed,
+/// and a failed failover deleted the user's own empty `--to` directory. Both now leave the
+/// location as they found it.
+#[test]
+fn failed_restores_and_failovers_leave_the_output_as_they_found_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let vm = Vm::new(dir.path());
+    vm.process();
+    // Damage every segment of the directory disk (restored after the image) in both stores.
+    for store in [&vm.cache, &vm.target()] {
+        let segs = store.join("v1/g1/vms/vm1/disks/data/seg");
+        for e in std::fs::read_dir(&segs).unwrap().flatten() {
+            let mut b = std::fs::read(e.path()).unwrap();
+            let at = b.len() / 3;
+            b[at] ^= 1;
+            std::fs::write(e.path(), b).unwrap();
+        }
+    }
+    let point = vm.points[2].as_str();
+    for (mine, what) in [(false, "new"), (true, "existing empty")] {
+        let out = dir.path().join(format!("restore-{mine}"));
+        if mine {
+            std::fs::create_dir(&out).unwrap();
+        }
+        let r = lifeboat(
+            &["restore", "--group", "g1", "--vm", "vm1", "--point", point],
+            &[("--store", &vm.cache), ("--out", &out)],
+        );
+        assert!(!r.status.success(), "restore of damaged data succeeded");
+        assert_eq!(out.exists(), mine, "{what} output directory");
+        if mine {
+            assert_eq!(std::fs::read_dir(&out).unwrap().count(), 0, "leftovers");
+        }
+        let to = dir.path().join(format!("failover-{mine}"));
+        if mine {
+            std::fs::create_dir(&to).unwrap();
+        }
+        let r = failover(&vm.target(), &["--vm", "vm1", "--point", point], &to);
+        assert!(!r.status.success(), "failover of damaged data succeeded");
+        assert_eq!(to.exists(), mine, "{what} --to directory");
+        if mine {
+            assert_eq!(std::fs::read_dir(&to).unwrap().count(), 0, "leftovers");
+        }
+    }
+}

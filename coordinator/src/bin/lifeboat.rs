@@ -639,25 +639,31 @@ async fn run(command: Command) -> Result<()> {
                     point.id
                 ))
             })?;
-            check_output_dir(&out)?;
-            std::fs::create_dir_all(&out)
-                .with_context(|| format!("cannot create {}", out.display()))?;
+            let output = failover::Output::prepare(&out).map_err(usage)?;
             println!("restoring VM {vm} at {}", describe(&point));
-            for d in &member.disks {
-                let tag = reader.tag(&vm, &d.disk, d.tag).await?;
-                let target = disk_output(&out, &d.disk, &tag.shape);
-                let report = restore_disk(&reader, &tag, &target).await?;
-                println!(
-                    "  disk {} -> {}: {} bytes, {} blocks verified, {} segments read, {:.2?}",
-                    d.disk,
-                    target.display(),
-                    report.bytes,
-                    report.blocks,
-                    report.segments_read,
-                    report.elapsed
-                );
+            // All disks or none: a failure removes the disks already restored (docs/format.md).
+            let restored = async {
+                for d in &member.disks {
+                    let tag = reader.tag(&vm, &d.disk, d.tag).await?;
+                    let target = disk_output(&out, &d.disk, &tag.shape);
+                    let report = restore_disk(&reader, &tag, &target).await?;
+                    println!(
+                        "  disk {} -> {}: {} bytes, {} blocks verified, {} segments read, {:.2?}",
+                        d.disk,
+                        target.display(),
+                        report.bytes,
+                        report.blocks,
+                        report.segments_read,
+                        report.elapsed
+                    );
+                }
+                anyhow::Ok(())
             }
-            Ok(())
+            .await;
+            if restored.is_err() {
+                output.discard();
+            }
+            restored
         }
     }
 }
@@ -896,22 +902,6 @@ async fn run_failover(a: FailoverArgs, drill: bool) -> Result<()> {
         to.join(failover::REPORT).display()
     );
     Ok(())
-}
-
-fn check_output_dir(out: &Path) -> Result<()> {
-    match std::fs::read_dir(out) {
-        Ok(mut entries) => {
-            if entries.next().is_some() {
-                bail!(UsageError(format!(
-                    "{} exists and is not empty; restore never overwrites",
-                    out.display()
-                )));
-            }
-            Ok(())
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e).with_context(|| format!("cannot inspect {}", out.display())),
-    }
 }
 
 fn disk_output(out: &Path, disk: &DiskId, shape: &lifeboat_store::manifest::DiskShape) -> PathBuf {

@@ -1,7 +1,7 @@
 //! The example store behind the format's test vectors (`store/tests/vectors/`, described in
 //! `docs/format.md`): one VM with an image disk and a directory disk, three tags of each, a
-//! base (compaction) of each at tag 2 (segment 2, which it stands for, deleted as retention
-//! would), and three single-VM recovery points — written through
+//! base (compaction) of each at the second tag (the second segment, which it stands for,
+//! deleted as retention would), and three single-VM recovery points — written through
 //! the real writer and compactor, so every object is one the product would write.
 //!
 //! Deterministic: fixed contents, times, modes and zstd level, so rebuilding it gives the same
@@ -34,6 +34,11 @@ pub const BLOCK: u32 = 4096;
 const PART_BYTES: usize = 4096;
 /// Time of the first cut (2026-01-01T00:00:00Z, ms); later cuts follow by a minute.
 const T0: u64 = 1_767_225_600_000;
+/// The number of the first segment and tag of each disk: a history begun at [`T0`] numbers
+/// from `(T0 << 20) + 1` (`history_start` in `agent/src/sync.rs`, `docs/format.md`,
+/// numbering). Round `r` (1..=3) writes segment and tag `FIRST + r - 1`.
+/// lead: numbering — change this (and regenerate) if the rule changes.
+pub const FIRST: u64 = (T0 << 20) + 1;
 
 /// One thing a restored disk must hold: `path` is `""` for an image disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -166,6 +171,7 @@ pub async fn build(backend: DynBackend) -> Result<Vec<Expected>> {
     let mut expected = Vec::new();
     for round in 1..=3u64 {
         let time = T0 + (round - 1) * 60_000;
+        let seq = FIRST + round - 1;
         // What changed this round, in each disk (the first round ships everything).
         let mut img_seg = SegmentBuilder::new(BLOCK, 3);
         let mut dir_seg = SegmentBuilder::new(BLOCK, 3);
@@ -204,20 +210,17 @@ pub async fn build(backend: DynBackend) -> Result<Vec<Expected>> {
         } else {
             Consistency::Crash
         };
+        writer.put_segment(&vm, &os, seq, img_seg.finish()).await?;
         writer
-            .put_segment(&vm, &os, round, img_seg.finish())
-            .await?;
-        writer
-            .put_segment(&vm, &data, round, dir_seg.finish())
+            .put_segment(&vm, &data, seq, dir_seg.finish())
             .await?;
         let tree = writer.put_tree(&vm, &data, &tree_of(&dir, time)).await?;
         let tag = |disk: &DiskId, shape: DiskShape| Tag {
             vm: vm.clone(),
             disk: disk.clone(),
-            seq: round,
-            // lead: numbering — tags and segments of a new history count from 1 here.
-            from_segment: 1,
-            through_segment: round,
+            seq,
+            from_segment: FIRST,
+            through_segment: seq,
             time,
             consistency,
             block_size: BLOCK,
@@ -233,16 +236,16 @@ pub async fn build(backend: DynBackend) -> Result<Vec<Expected>> {
         writer.put_tag(&os_tag).await?;
         writer.put_tag(&data_tag).await?;
         if round == 2 {
-            // As a prune does: compact, then delete what no tag reads any more — segment 2,
-            // which base 2 stands for (tag 1 still reads segment 1 on its own).
+            // As a prune does: compact, then delete what no tag reads any more — the second
+            // segment, which the base stands for (the first tag still reads the first segment).
             for (disk, tag) in [(&os, &os_tag), (&data, &data_tag)] {
                 compact(&reader, tag, PART_BYTES, 3).await?;
-                let seg = reader.layout().segment(&vm, disk, 2);
+                let seg = reader.layout().segment(&vm, disk, seq);
                 reader.backend().delete(&seg).await?;
             }
         }
         // The single-VM point id an agent writes: `<vm>-<time>-t<newest tag>`.
-        let id = PointId::new(format!("{vm}-{time}-t{round}")).expect("valid");
+        let id = PointId::new(format!("{vm}-{time}-t{seq}")).expect("valid");
         writer
             .put_point(&RecoveryPoint {
                 id: id.clone(),
@@ -255,11 +258,11 @@ pub async fn build(backend: DynBackend) -> Result<Vec<Expected>> {
                     disks: vec![
                         DiskRef {
                             disk: os.clone(),
-                            tag: round,
+                            tag: seq,
                         },
                         DiskRef {
                             disk: data.clone(),
-                            tag: round,
+                            tag: seq,
                         },
                     ],
                     consistency,

@@ -244,7 +244,7 @@ fn format_md_states_these_vectors() {
         assert!(doc.contains(hash), "format.md does not state {line}");
     }
     let disk = vectors().join("store/v1/vectors/vms/vm1/disks/os");
-    let tag = std::fs::read(disk.join("tag/00000000000000000001.tag")).unwrap();
+    let tag = std::fs::read(disk.join(format!("tag/{:020}.tag", example::FIRST))).unwrap();
     let header = String::from_utf8_lossy(&tag[..tag.iter().position(|&b| b == b'\n').unwrap()]);
     let hash = header.rsplit(' ').next().unwrap();
     assert!(
@@ -255,7 +255,7 @@ fn format_md_states_these_vectors() {
         doc.contains(&format!("\n{} bytes. Bytes 0–79", tag.len())),
         "tag size"
     );
-    let seg = std::fs::read(disk.join("seg/00000000000000000003.seg")).unwrap();
+    let seg = std::fs::read(disk.join(format!("seg/{:020}.seg", example::FIRST + 2))).unwrap();
     assert!(
         doc.contains(&format!("{} bytes, holds one", seg.len())),
         "segment size"

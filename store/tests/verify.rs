@@ -52,6 +52,11 @@ impl Place for Azurite {
     }
 }
 
+/// The number of the example's `i`-th segment or tag (1-based).
+fn n(i: u64) -> u64 {
+    example::FIRST + i - 1
+}
+
 fn layout() -> Layout {
     Layout::new(GroupId::new(example::GROUP).unwrap())
 }
@@ -183,7 +188,7 @@ async fn scenarios(place: impl Place) {
 
     // A flipped byte in a segment body (a payload, not the index): found only with read_data,
     // and it costs only the point that reads the segment (tag 3 of the image).
-    let seg = l.segment(&vm(), &os(), 3);
+    let seg = l.segment(&vm(), &os(), n(3));
     damage(&b, &seg, |d| d[16] ^= 0x40).await;
     let r = run(&b, false).await;
     assert!(
@@ -199,39 +204,39 @@ async fn scenarios(place: impl Place) {
     // Each of the following on a fresh copy.
     let cases: Vec<(&str, ObjectName, Vec<usize>, bool)> = vec![
         // A truncated tag: costs the point of that tag only.
-        ("truncate", l.tag(&vm(), &data(), 1), vec![0], false),
+        ("truncate", l.tag(&vm(), &data(), n(1)), vec![0], false),
         // A deleted segment: tag 1 of the image reads segment 1 (tags 2, 3 read the base).
-        ("delete", l.segment(&vm(), &os(), 1), vec![0], false),
+        ("delete", l.segment(&vm(), &os(), n(1)), vec![0], false),
         // A damaged point manifest: costs that point only.
         ("flip", l.point(&ids[1]), vec![1], false),
         // A damaged base part: every tag restoring from the base (2 and 3), not tag 1.
         (
             "flip-body",
-            l.base_part(&vm(), &os(), 2, 1),
+            l.base_part(&vm(), &os(), n(2), 1),
             vec![1, 2],
             true,
         ),
         // A truncated base part: seen without reading data (its footer is gone).
         (
             "truncate",
-            l.base_part(&vm(), &data(), 2, 1),
+            l.base_part(&vm(), &data(), n(2), 1),
             vec![1, 2],
             false,
         ),
         // A missing tree: the tag listing it.
-        ("delete-tree", l.tag(&vm(), &data(), 3), vec![2], false),
+        ("delete-tree", l.tag(&vm(), &data(), n(3)), vec![2], false),
         // A sound tag whose segments do not cover its disk (a hole): the tag is what is wrong.
-        ("hole", l.tag(&vm(), &os(), 1), vec![0], false),
+        ("hole", l.tag(&vm(), &os(), n(1)), vec![0], false),
         // A damaged base manifest: a restore reads every base manifest of the disk to choose
         // one, so it costs every point of that disk, tag 1 included.
-        ("flip", l.base(&vm(), &os(), 2), vec![0, 1, 2], false),
+        ("flip", l.base(&vm(), &os(), n(2)), vec![0, 1, 2], false),
         // Damaged segment identities: damage, but no restore reads them.
-        ("flip", l.base_ids(&vm(), &os(), 2), vec![], false),
+        ("flip", l.base_ids(&vm(), &os(), n(2)), vec![], false),
         // A damaged part of a base no tag reads (tag 2 and 3 deleted, with their points):
         // damage, costing nothing.
         (
             "unread-base",
-            l.base_part(&vm(), &data(), 2, 1),
+            l.base_part(&vm(), &data(), n(2), 1),
             vec![],
             false,
         ),
@@ -245,7 +250,7 @@ async fn scenarios(place: impl Place) {
             "delete-tree" => {
                 // The tree the tag lists, by its name.
                 let r = StoreReader::new(b.clone(), l.clone());
-                let tag = r.tag(&vm(), &data(), 3).await.unwrap();
+                let tag = r.tag(&vm(), &data(), n(3)).await.unwrap();
                 let DiskShape::Directory { tree } = tag.shape else {
                     panic!("directory disk");
                 };
@@ -284,7 +289,7 @@ async fn scenarios(place: impl Place) {
                     b.delete(&l.point(p)).await.unwrap();
                 }
                 for disk in [os(), data()] {
-                    for seq in 2..=3 {
+                    for seq in n(2)..=n(3) {
                         b.delete(&l.tag(&vm(), &disk, seq)).await.unwrap();
                     }
                 }
@@ -309,7 +314,7 @@ async fn scenarios(place: impl Place) {
         return;
     };
     example::build(b.clone()).await.unwrap();
-    let seg1 = l.segment(&vm(), &os(), 1);
+    let seg1 = l.segment(&vm(), &os(), n(1));
     let mut other = lifeboat_store::codec::SegmentBuilder::new(example::BLOCK, 3);
     for blk in 0..4u64 {
         let len = if blk == 3 { 14000 - 12288 } else { 4096 };
@@ -337,7 +342,7 @@ async fn scenarios(place: impl Place) {
         return;
     };
     example::build(b.clone()).await.unwrap();
-    let seg1 = l.segment(&vm(), &os(), 1);
+    let seg1 = l.segment(&vm(), &os(), n(1));
     b.delete(&seg1).await.unwrap();
     let r = run(&b, true).await;
     assert_eq!(r.damaged.len(), 1, "{:#?}", r.damaged);
@@ -351,7 +356,7 @@ async fn scenarios(place: impl Place) {
     assert!(r.is_clean(), "{:#?}", r.damaged);
     assert_eq!(r.trimmed, 1);
     // A hole in the middle of what the cache holds is still damage.
-    b.delete(&l.segment(&vm(), &data(), 3)).await.unwrap();
+    b.delete(&l.segment(&vm(), &data(), n(3))).await.unwrap();
     let r = verify(b.clone(), &opts).await.unwrap();
     assert_eq!(r.damaged.len(), 1, "{:#?}", r.damaged);
 
@@ -360,8 +365,8 @@ async fn scenarios(place: impl Place) {
         return;
     };
     example::build(b.clone()).await.unwrap();
-    let extra = l.segment(&vm(), &os(), 9);
-    b.put_new(&extra, b.get(&l.segment(&vm(), &os(), 3)).await.unwrap())
+    let extra = l.segment(&vm(), &os(), n(9));
+    b.put_new(&extra, b.get(&l.segment(&vm(), &os(), n(3))).await.unwrap())
         .await
         .unwrap();
     let r = run(&b, true).await;

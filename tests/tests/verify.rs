@@ -9,8 +9,21 @@ use std::process::{Command, Output};
 use lifeboat_tests::bin;
 
 const GROUP: &str = "vectors";
-/// The image disk's segment 3: read by the third point only.
-const SEGMENT: &str = "v1/vectors/vms/vm1/disks/os/seg/00000000000000000003.seg";
+/// The last name (in name order: numeric and time order) in `dir` of the committed store.
+fn newest(dir: &str) -> String {
+    let mut names: Vec<String> = std::fs::read_dir(vectors().join("v1/vectors").join(dir))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names.pop().expect("vectors committed")
+}
+
+/// The image disk's newest segment (its third): read by the third point only.
+fn segment() -> String {
+    let dir = "vms/vm1/disks/os/seg";
+    format!("v1/vectors/{dir}/{}", newest(dir))
+}
 
 fn vectors() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../store/tests/vectors/store")
@@ -54,7 +67,7 @@ fn verify(store: &Path, extra: &[&str]) -> (i32, String) {
     (out.status.code().expect("exit code"), text)
 }
 
-/// The checks every store goes through; `flip` damages the segment of [`SEGMENT`].
+/// The checks every store goes through; `flip` damages the segment of [`segment`].
 fn check(store: &Path, flip: impl FnOnce()) {
     let (code, text) = verify(store, &["--read-data"]);
     assert_eq!(code, 0, "{text}");
@@ -68,18 +81,17 @@ fn check(store: &Path, flip: impl FnOnce()) {
     assert_eq!(code, 0, "a payload flip seen without --read-data:\n{text}");
     let (code, text) = verify(store, &["--group", GROUP, "--read-data"]);
     assert_eq!(code, 1, "{text}");
-    assert!(text.contains(&format!("damaged  {SEGMENT}")), "{text}");
+    assert!(text.contains(&format!("damaged  {}", segment())), "{text}");
     assert!(text.contains("checksum"), "{text}");
     let broken: Vec<&str> = text
         .lines()
         .filter_map(|l| l.trim().strip_prefix("breaks point(s): "))
         .collect();
     assert_eq!(broken.len(), 1, "{text}");
-    assert!(
-        broken[0].starts_with("vectors/vm1-")
-            && broken[0].ends_with("-t3")
-            && !broken[0].contains(','),
-        "only the third point reads segment 3: {text}"
+    assert_eq!(
+        broken[0],
+        format!("{GROUP}/{}", newest("points").trim_end_matches(".point")),
+        "only the third point reads the third segment: {text}"
     );
     assert!(text.contains("1 damaged, 1 of 3 point(s) broken"), "{text}");
 
@@ -97,7 +109,7 @@ fn verify_a_local_store() {
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
         std::fs::write(p, bytes).unwrap();
     }
-    let seg = store.join(SEGMENT);
+    let seg = store.join(segment());
     check(&store, || {
         let mut b = std::fs::read(&seg).unwrap();
         b[16] ^= 0x40;
@@ -145,7 +157,7 @@ fn verify_an_azure_store() {
     )
     .unwrap();
     check(&toml, || {
-        let name = ObjectName::new(SEGMENT).unwrap();
+        let name = ObjectName::new(segment()).unwrap();
         let mut b = rt.block_on(backend.get(&name)).unwrap().to_vec();
         b[16] ^= 0x40;
         rt.block_on(backend.delete(&name)).unwrap();

@@ -1,10 +1,10 @@
-lifeboat-tag 1 58db54bd52ae5839e86899abb2e4b58d406f2271b2b153d66c8c8520cc79aaf1
+lifeboat-tag 1 1018a7577b95059fa2fdcaecf8370941a22499f39ee11332f132cca09ae16c07
 {
   "vm": "vm1",
   "disk": "data",
-  "seq": 2,
-  "from_segment": 1,
-  "through_segment": 2,
+  "seq": 1853070350745600002,
+  "from_segment": 1853070350745600001,
+  "through_segment": 1853070350745600002,
   "time": 1767225660000,
   "consistency": "crash",
   "block_size": 4096,

@@ -1,10 +1,10 @@
-lifeboat-tag 1 f0bdcf09d9950ad622957719da596b0c6e6bc10755a4b538067c791cecb522ff
+lifeboat-tag 1 25fe65c96a55b33dc4d28592608ed0eb3d86d6c5d0a74237e86b0d6f03cda5a6
 {
   "vm": "vm1",
   "disk": "data",
-  "seq": 1,
-  "from_segment": 1,
-  "through_segment": 1,
+  "seq": 1853070350745600001,
+  "from_segment": 1853070350745600001,
+  "through_segment": 1853070350745600001,
   "time": 1767225600000,
   "consistency": "crash",
   "block_size": 4096,

@@ -1,10 +1,10 @@
-lifeboat-tag 1 68294bc06bd7b024fde9470ff8212dbf041475dbf399a930b543f4e5d43bbf56
+lifeboat-tag 1 9e4134e1f40ea5b55c0d5abe7254dbaa3160c225f79cff6add09e0285d593d5f
 {
   "vm": "vm1",
   "disk": "data",
-  "seq": 3,
-  "from_segment": 1,
-  "through_segment": 3,
+  "seq": 1853070350745600003,
+  "from_segment": 1853070350745600001,
+  "through_segment": 1853070350745600003,
   "time": 1767225720000,
   "consistency": "app",
   "block_size": 4096,

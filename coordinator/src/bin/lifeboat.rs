@@ -745,6 +745,18 @@ async fn run_verify(
         r.points,
         r.orphans.len()
     );
+    if !cache
+        && r.damaged
+            .iter()
+            .any(|d| d.what == "missing" && d.breaks.is_empty() && d.object.contains("/seg/"))
+    {
+        // A cache store that processing trimmed names, in its newest tags, segments only the
+        // target holds now (docs/format.md, write rule 7).
+        eprintln!(
+            "hint: if {} is a cache store that processing trims, its missing older segments are in the target store: run with --cache",
+            store.display()
+        );
+    }
     if !r.is_clean() {
         bail!(
             "{} damaged object(s); {} recovery point(s) cannot be restored",

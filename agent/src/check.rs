@@ -112,17 +112,28 @@ async fn store(config: &Config) -> Check {
     let r = async {
         backend.put_new(&probe, payload.clone()).await?;
         let back = backend.get(&probe).await?;
-        backend.delete(&probe).await?;
-        Ok::<_, lifeboat_store::StoreError>(back == payload)
+        // The agent does not need to delete (docs/azure.md): a refusal is reported, not a
+        // failure, and leaves the tiny probe behind (docs/azure.md says so).
+        let deleted = match backend.delete(&probe).await {
+            Ok(()) => true,
+            Err(e) if e.kind == lifeboat_store::ErrorKind::Denied => false,
+            Err(e) => return Err(e),
+        };
+        Ok::<_, lifeboat_store::StoreError>((back == payload, deleted))
     }
     .await;
     let mut detail = match r {
-        Ok(true) => String::from("reachable, writable, readable"),
-        Ok(false) => return fail("cache store", "read back different bytes than written"),
+        Ok((true, true)) => String::from("reachable, writable, readable"),
+        Ok((true, false)) => format!(
+            "reachable, writable, readable (not allowed to delete, which the agent does not need; probe {probe} left in place)"
+        ),
+        Ok((false, _)) => return fail("cache store", "read back different bytes than written"),
         Err(e) => {
             return fail(
                 "cache store",
-                format!("{e} — the agent needs create, read and delete rights on the store"),
+                format!(
+                    "{e} — the agent needs read, write and list rights on the store (docs/azure.md)"
+                ),
             );
         }
     };

@@ -250,6 +250,7 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), String> {
+        self.store.validate()?;
         let r = &self.replication;
         let bs = r.block_size.0;
         if !(4096..=(4 << 20)).contains(&bs) || !bs.is_power_of_two() {

@@ -230,6 +230,77 @@ fn loop_backing_file(dev: &str) -> Option<PathBuf> {
     Some(PathBuf::from(raw))
 }
 
+/// Ends (SIGKILL) every thaw watchdog for any of `mounts` whose agent is gone: its parent is no
+/// longer a `lifeboat-agent` (a killed agent's children are re-parented to init or a
+/// subreaper). Waits until each has exited, so none can thaw a freeze taken after this returns.
+/// A living agent's watchdog is left alone.
+pub fn end_orphan_watchdogs(mounts: &[std::path::PathBuf]) {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    let argv = |pid: &str| -> Vec<String> {
+        std::fs::read(format!("/proc/{pid}/cmdline"))
+            .map(|b| {
+                b.split(|&c| c == 0)
+                    .filter(|a| !a.is_empty())
+                    .map(|a| String::from_utf8_lossy(a).into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let is_agent = |args: &[String]| {
+        args.first().is_some_and(|a| {
+            Path::new(a)
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("lifeboat-agent"))
+        })
+    };
+    let wanted: Vec<String> = mounts.iter().map(|m| m.display().to_string()).collect();
+    for e in procs.flatten() {
+        let pid = e.file_name().to_string_lossy().into_owned();
+        let Ok(n) = pid.parse::<i32>() else { continue };
+        if n == std::process::id() as i32 {
+            continue;
+        }
+        let args = argv(&pid);
+        if !is_agent(&args)
+            || args.get(1).map(String::as_str) != Some("thaw-watchdog")
+            || !args[2..].iter().any(|a| wanted.contains(a))
+        {
+            continue;
+        }
+        let parent = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                // `pid (comm) state ppid …`; comm may hold spaces, so split after the last ')'.
+                let rest = &s[s.rfind(')')? + 1..];
+                rest.split_whitespace().nth(1).map(str::to_owned)
+            });
+        if parent.as_deref().is_some_and(|p| is_agent(&argv(p))) {
+            continue;
+        }
+        tracing::warn!(
+            pid = n,
+            "ending the thaw watchdog of an agent that died while frozen"
+        );
+        // SAFETY: kill(2) with a pid read from /proc; no memory is involved.
+        unsafe { libc::kill(n, libc::SIGKILL) };
+        let gone = || {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map(|s| {
+                    s.rsplit(')')
+                        .next()
+                        .is_some_and(|r| r.trim_start().starts_with('Z'))
+                })
+                .unwrap_or(true)
+        };
+        let t = std::time::Instant::now();
+        while !gone() && t.elapsed() < std::time::Duration::from_secs(5) {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

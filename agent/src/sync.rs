@@ -23,7 +23,7 @@ use lifeboat_store::manifest::{
 };
 use lifeboat_store::restore::StoreReader;
 use lifeboat_store::writer::StoreWriter;
-use lifeboat_store::{DynBackend, PointId};
+use lifeboat_store::{DynBackend, ErrorKind, PointId};
 use tokio::sync::mpsc;
 
 use crate::cbt::{Cursor, Opened, Tracker};
@@ -334,13 +334,20 @@ impl Agent {
             unchanged = false;
         }
         // Segments past the last tag belong to a cycle that never finished: no tag references
-        // them, and their blocks will be shipped again, so they go.
-        for &seq in segs.iter().filter(|&&s| s > st.through_segment) {
-            tracing::info!(disk = %disk.id, seq, "removing orphan segment of an interrupted cycle");
-            self.writer
-                .backend()
-                .delete(&self.writer.layout().segment(vm, &disk.id, seq))
+        // them, and their blocks will be shipped again, so they go — or, when the credential
+        // may not delete (a container SAS without `d`), they are adopted.
+        let orphans: Vec<u64> = segs
+            .iter()
+            .copied()
+            .filter(|&s| s > st.through_segment)
+            .collect();
+        if !orphans.is_empty() {
+            let before = (st.from_segment, st.through_segment);
+            st = self
+                .drop_orphans(disk, st, latest.as_ref(), &orphans)
                 .await?;
+            // Adopted (or stepped over): the state now says so.
+            unchanged &= before == (st.from_segment, st.through_segment);
         }
         match self.check_cache(disk, &mut st, &segs, deep).await? {
             Checked::Intact => {}
@@ -428,6 +435,69 @@ impl Agent {
         })
     }
 
+    /// Deletes orphan segments, highest first (so an interrupted run leaves a run of orphans
+    /// that still starts right after `st`). If the store refuses the delete as not permitted,
+    /// the orphans are adopted instead, as a checkpointed pass would be: `st` rolls forward
+    /// over their indexes, so it describes exactly what a restore of the range through them
+    /// yields and the next pass ships whatever differs from that; it scans (the tracker's
+    /// position predates the orphans). Orphans it cannot adopt (no tag to take the disk's
+    /// shape from, a gap, a damaged index) are stepped over by a new full copy numbered after
+    /// them: numbers are never reused, and nothing references the orphans.
+    async fn drop_orphans(
+        &self,
+        disk: &DiskConfig,
+        st: DiskState,
+        latest: Option<&Tag>,
+        orphans: &[u64],
+    ) -> Result<DiskState> {
+        let vm = &self.config.vm;
+        let mut denied = None;
+        for (i, &seq) in orphans.iter().enumerate().rev() {
+            tracing::info!(disk = %disk.id, seq, "removing orphan segment of an interrupted cycle");
+            match self
+                .writer
+                .backend()
+                .delete(&self.writer.layout().segment(vm, &disk.id, seq))
+                .await
+            {
+                Ok(()) => {}
+                Err(e) if e.kind == ErrorKind::Denied => {
+                    denied = Some((e, i));
+                    break;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let Some((e, i)) = denied else {
+            return Ok(st);
+        };
+        // Deleting goes highest first, so what is left is `orphans[..=i]`.
+        let remaining = &orphans[..=i];
+        let last = remaining[i];
+        let contiguous = remaining
+            .iter()
+            .enumerate()
+            .all(|(i, &s)| s == st.through_segment + 1 + i as u64);
+        let through = st.through_segment;
+        let tag_seq = st.tag_seq;
+        tracing::info!(disk = %disk.id, error = %e, "the store does not let this agent delete orphan segments; adopting them");
+        let adopted = match latest {
+            Some(tag) if contiguous => self
+                .roll_forward_to(st, tag, last)
+                .await
+                .map_err(|e| e.to_string()),
+            Some(_) => Err("they do not follow the last shipped segment without a gap".into()),
+            None => Err("no tag yet gives the disk's shape".into()),
+        };
+        match adopted {
+            Ok(s) => Ok(s),
+            Err(why) => {
+                tracing::warn!(disk = %disk.id, reason = %why, "cannot adopt orphan segments; starting a new full copy numbered after them");
+                Ok(self.fresh_copy(disk, tag_seq, through.max(last)))
+            }
+        }
+    }
+
     fn fresh_copy(&self, disk: &DiskConfig, tag_seq: u64, max_seg: u64) -> DiskState {
         let mut s = DiskState::fresh(
             self.config.vm.clone(),
@@ -442,13 +512,24 @@ impl Agent {
 
     /// Applies the block hashes of segments `st.through_segment+1 ..= tag.through_segment` (read
     /// from their indexes, no data) so `st` describes the disk as of `tag`.
-    async fn roll_forward(&self, mut st: DiskState, tag: &Tag) -> Result<DiskState> {
+    async fn roll_forward(&self, st: DiskState, tag: &Tag) -> Result<DiskState> {
+        self.roll_forward_to(st, tag, tag.through_segment).await
+    }
+
+    /// [`Agent::roll_forward`] through segment `through`, which may lie past the tag (orphans
+    /// adopted): the disk's shape is the tag's, and the state covers `..=through`.
+    async fn roll_forward_to(
+        &self,
+        mut st: DiskState,
+        tag: &Tag,
+        through: u64,
+    ) -> Result<DiskState> {
         let vm = &self.config.vm;
         let bs = tag.block_size as u64;
         let start = (st.through_segment + 1).max(tag.from_segment);
         let mut image: BTreeMap<u64, [u8; 32]> = BTreeMap::new();
         let mut files: BTreeMap<String, BTreeMap<u64, [u8; 32]>> = BTreeMap::new();
-        for seq in start..=tag.through_segment {
+        for seq in start..=through {
             let (targets, entries) = self.reader.segment_index(vm, &tag.disk, seq).await?;
             for e in entries {
                 let t = &targets[e.target as usize];
@@ -509,7 +590,7 @@ impl Agent {
         }
         st.tag_seq = tag.seq;
         st.from_segment = tag.from_segment;
-        st.through_segment = tag.through_segment;
+        st.through_segment = through;
         // The hashes now describe the tag, which may come from a timeline the tracker's
         // position never saw (a VM reverted to a snapshot): the next pass scans.
         st.tracking = None;

@@ -161,6 +161,11 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), String> {
+        self.store.validate()?;
+        if let Some(t) = &self.target {
+            t.validate()
+                .map_err(|e| e.replacen("store.", "target.", 1))?;
+        }
         let p = &self.policy;
         let range = |name: &str, v: Duration, lo: Duration, hi: Duration| {
             if v < lo || v > hi {

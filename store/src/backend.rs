@@ -29,8 +29,12 @@ pub enum ErrorKind {
     AlreadyExists,
     /// Worth retrying: throttling (429/503), timeouts, dropped connections.
     Transient,
-    /// Retrying will not help: bad credentials, missing container, permission denied.
+    /// Retrying will not help: bad credentials, missing container, malformed configuration.
     Permanent,
+    /// The credential may not do this (HTTP 403, `EACCES`): a least-privilege credential
+    /// without the right, or a wrong key. Callers that can do without the operation (an agent
+    /// that may not delete) branch on this; retrying will not help.
+    Denied,
     /// The request itself is wrong (e.g. a range past the end of the object).
     InvalidInput,
 }
@@ -42,6 +46,7 @@ impl fmt::Display for ErrorKind {
             ErrorKind::AlreadyExists => "already exists",
             ErrorKind::Transient => "transient failure",
             ErrorKind::Permanent => "failed",
+            ErrorKind::Denied => "permission denied",
             ErrorKind::InvalidInput => "invalid request",
         })
     }
@@ -170,26 +175,99 @@ pub enum StoreConfig {
     Azure(azure::AzureConfig),
 }
 
+/// What an opener may do to the store itself (not its objects).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenMode {
+    /// Admin views, restores, failover: the store must exist and nothing is created, so a
+    /// read-only credential works and a mistyped name is an error rather than a new, empty
+    /// store.
+    ReadOnly,
+    /// Writers (agents, the coordinator): a missing container or directory is created when
+    /// the credential may do so; otherwise the error says how to create it.
+    ReadWrite,
+}
+
+/// What [`StoreConfig::init`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Init {
+    Created,
+    Existed,
+}
+
 impl StoreConfig {
-    /// Opens the store, wrapped in the default retry policy.
+    /// Checks what can be checked without a request (called where configs are parsed).
+    pub fn validate(&self) -> Result<(), String> {
+        match self {
+            StoreConfig::Local { path } if path.as_os_str().is_empty() => {
+                Err("store.path must not be empty".into())
+            }
+            StoreConfig::Local { .. } => Ok(()),
+            StoreConfig::Azure(cfg) => cfg.validate(),
+        }
+    }
+
+    /// Opens the store as a writer, wrapped in the default retry policy.
     pub async fn open(&self) -> Result<DynBackend, StoreError> {
         self.open_with(retry::RetryPolicy::default()).await
     }
 
-    /// Opens the store with a given retry policy.
+    /// Opens an existing store for reading only: creates nothing, needs only read and list.
+    pub async fn open_read_only(&self) -> Result<DynBackend, StoreError> {
+        self.open_as(OpenMode::ReadOnly, retry::RetryPolicy::default())
+            .await
+    }
+
+    /// Opens the store as a writer with a given retry policy.
     pub async fn open_with(&self, policy: retry::RetryPolicy) -> Result<DynBackend, StoreError> {
+        self.open_as(OpenMode::ReadWrite, policy).await
+    }
+
+    /// Opens the store in `mode` with a given retry policy.
+    pub async fn open_as(
+        &self,
+        mode: OpenMode,
+        policy: retry::RetryPolicy,
+    ) -> Result<DynBackend, StoreError> {
         Ok(match self {
-            StoreConfig::Local { path } => Arc::new(retry::Retrying::new(
-                local::LocalBackend::open(path)?,
-                policy,
-            )),
+            StoreConfig::Local { path } => {
+                let backend = match mode {
+                    OpenMode::ReadWrite => local::LocalBackend::open(path)?,
+                    OpenMode::ReadOnly => local::LocalBackend::open_existing(path)?,
+                };
+                Arc::new(retry::Retrying::new(backend, policy))
+            }
             StoreConfig::Azure(cfg) => {
                 let backend = retry::with_retries(&policy, "open", &cfg.container, |_| {
-                    azure::AzureBackend::open(cfg)
+                    azure::AzureBackend::open_as(cfg, mode)
                 })
                 .await?;
                 Arc::new(retry::Retrying::new(backend, policy))
             }
         })
+    }
+
+    /// Creates the store's container (or directory) if it does not exist: the explicit admin
+    /// step for deployments whose agents and coordinator may not create containers.
+    pub async fn init(&self) -> Result<Init, StoreError> {
+        match self {
+            StoreConfig::Local { path } => {
+                let existed = path.is_dir();
+                local::LocalBackend::open(path)?;
+                Ok(if existed {
+                    Init::Existed
+                } else {
+                    Init::Created
+                })
+            }
+            StoreConfig::Azure(cfg) => {
+                retry::with_retries(
+                    &retry::RetryPolicy::default(),
+                    "init",
+                    &cfg.container,
+                    |_| azure::init(cfg),
+                )
+                .await
+            }
+        }
     }
 }

@@ -247,7 +247,7 @@ pub async fn permanent_faults(b: DynBackend) {
         .put_new(&n("p/obj"), Bytes::from_static(b"x"))
         .await
         .unwrap_err();
-    assert_eq!(err.kind, ErrorKind::Permanent);
+    assert_eq!(err.kind, ErrorKind::Denied);
     assert_eq!(faulty.calls(), 1, "a permanent error must not be retried");
     r.put_new(&n("p/obj"), Bytes::from_static(b"x"))
         .await

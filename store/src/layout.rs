@@ -1,8 +1,8 @@
 //! Where objects live. Cache and target stores share one key structure (see `docs/format.md`):
 //!
 //! ```text
-//! v1/<group>/vms/<vm>/disks/<disk>/seg/<seq:020>.seg     segments, gap-free from 1
-//! v1/<group>/vms/<vm>/disks/<disk>/tag/<seq:020>.tag     tags, gap-free from 1
+//! v1/<group>/vms/<vm>/disks/<disk>/seg/<seq:020>.seg     segments, counting up from a history's first number
+//! v1/<group>/vms/<vm>/disks/<disk>/tag/<seq:020>.tag     tags, counting up from a history's first number
 //! v1/<group>/vms/<vm>/disks/<disk>/base/<tag:020>.base   a compaction of the disk at a tag
 //! v1/<group>/vms/<vm>/disks/<disk>/base/<tag:020>/<part:06>.seg   its segments
 //! v1/<group>/vms/<vm>/disks/<disk>/base/<tag:020>/segments.ids    what it stands for

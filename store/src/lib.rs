@@ -6,6 +6,7 @@
 //! - [`manifest`]: tags, directory trees and recovery-point manifests;
 //! - [`layout`]: where each object lives in the cache and target stores;
 //! - [`restore`]: materialising a disk at a tag, verifying every byte;
+//! - [`verify`]: checking a whole store, naming each damaged object and the points it breaks;
 //! - [`durable`]: replacing a small local file atomically and durably.
 //!
 //! The format is specified in `docs/format.md`; this crate is its reference implementation.
@@ -17,11 +18,14 @@ pub mod compact;
 pub mod conformance;
 pub mod durable;
 pub mod error;
+#[cfg(any(test, feature = "testing"))]
+pub mod example;
 pub mod layout;
 pub mod manifest;
 pub mod name;
 pub mod restore;
 pub mod secret;
+pub mod verify;
 pub mod writer;
 
 #[cfg(unix)]

@@ -147,7 +147,8 @@ pub enum DiskShape {
 pub struct Tag {
     pub vm: VmId,
     pub disk: DiskId,
-    /// Tag number within the disk, from 1, gap-free.
+    /// Tag number within the disk: a history's first tag takes its first segment's number
+    /// (time-derived, `docs/format.md`), later ones count up by one.
     pub seq: u64,
     /// First segment a restore needs (the start of the latest full copy).
     pub from_segment: u64,

@@ -435,8 +435,24 @@ pub async fn plan_blocks(
     sources: &[ObjectName],
     files: &[(String, u64)],
 ) -> Result<BlockPlan> {
+    check_disk_blocks(tag, files)?;
+    let futs: Vec<_> = sources
+        .iter()
+        .cloned()
+        .map(|name| async move { reader.segment_index_of(&name).await })
+        .collect();
+    let indexes: Vec<codec::SegmentIndex> = futures::stream::iter(futs)
+        .buffered(16)
+        .try_collect()
+        .await?;
+    let indexes: Vec<&codec::SegmentIndex> = indexes.iter().collect();
+    plan_from_indexes(tag, sources, &indexes, files)
+}
+
+/// Refuses a tag (or tree) describing more blocks than a disk may have, before anything walks
+/// them: a forged size must not make a plan endless.
+fn check_disk_blocks(tag: &Tag, files: &[(String, u64)]) -> Result<()> {
     let bs = tag.block_size as u64;
-    // A forged tree (or tag) must not make the walk below endless.
     let blocks: u64 = files
         .iter()
         .map(|(_, size)| size.div_ceil(bs.max(1)))
@@ -447,20 +463,24 @@ pub async fn plan_blocks(
             tag.seq, tag.vm, tag.disk
         )));
     }
+    Ok(())
+}
+
+/// The planning half of [`plan_blocks`], over indexes already read (`indexes[i]` is the index
+/// of `sources[i]`): `lifeboat verify` reads each index once and plans every tag from them.
+pub fn plan_from_indexes(
+    tag: &Tag,
+    sources: &[ObjectName],
+    indexes: &[&codec::SegmentIndex],
+    files: &[(String, u64)],
+) -> Result<BlockPlan> {
+    check_disk_blocks(tag, files)?;
+    let bs = tag.block_size as u64;
     let file_of: HashMap<&str, usize> = files
         .iter()
         .enumerate()
         .map(|(i, (p, _))| (p.as_str(), i))
         .collect();
-    let futs: Vec<_> = sources
-        .iter()
-        .cloned()
-        .map(|name| async move { reader.segment_index_of(&name).await })
-        .collect();
-    let indexes: Vec<codec::SegmentIndex> = futures::stream::iter(futs)
-        .buffered(16)
-        .try_collect()
-        .await?;
     let mut winners: HashMap<(usize, u64), (usize, Entry)> = HashMap::new();
     for (src, (targets, entries)) in indexes.iter().enumerate() {
         for e in entries {

@@ -66,7 +66,7 @@ mod azure {
 
     lifeboat_store::conformance_suite!(fresh());
 
-    /// Bad credentials are a permanent error naming the container, not a retry loop.
+    /// Bad credentials are a denial naming the container, not a retry loop.
     #[tokio::test]
     async fn wrong_key_is_refused_clearly() {
         let Ok(endpoint) = std::env::var("LIFEBOAT_AZURITE") else {
@@ -77,12 +77,12 @@ mod azure {
             key: lifeboat_store::Secret::new("AAAA"),
         };
         let err = AzureBackend::open(&cfg).await.unwrap_err();
-        assert_eq!(err.kind, lifeboat_store::ErrorKind::Permanent, "{err}");
+        assert_eq!(err.kind, lifeboat_store::ErrorKind::Denied, "{err}");
         assert!(err.to_string().contains("conformance-badkey"), "{err}");
         assert!(err.to_string().contains("403"), "{err}");
     }
 
-    /// A container that does not exist yet is created on open.
+    /// A container that does not exist yet is created by a writer's open with the account key.
     #[tokio::test]
     async fn missing_container_is_created() {
         let Ok(endpoint) = std::env::var("LIFEBOAT_AZURITE") else {

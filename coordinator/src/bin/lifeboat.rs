@@ -1,5 +1,6 @@
-//! `lifeboat`: the admin CLI. `main` owns exit codes: 0 success, 1 failure, 2 bad usage or
-//! input (unknown point, occupied output, invalid ids).
+//! `lifeboat`: the admin CLI. `main` owns exit codes: 0 success, 1 failure (for `verify`:
+//! damage found), 2 bad usage or input (unknown point, occupied output, invalid ids, a store
+//! that cannot be opened or read through by `verify`).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -11,9 +12,11 @@ use lifeboat_coordinator::failover::{self, Selector};
 use lifeboat_coordinator::process::Processor;
 use lifeboat_proto::pb;
 use lifeboat_proto::pb::admin_client::AdminClient;
+use lifeboat_store::backend::{Init, OpenMode};
 use lifeboat_store::layout::Layout;
 use lifeboat_store::manifest::{Consistency, RecoveryPoint};
 use lifeboat_store::restore::{StoreReader, restore_disk};
+use lifeboat_store::verify::{VerifyOptions, verify};
 use lifeboat_store::{DiskId, GroupId, PointId, StoreConfig, VmId};
 
 /// Lifeboat administration.
@@ -114,10 +117,36 @@ enum Command {
         #[command(flatten)]
         args: FailoverArgs,
     },
+    /// Check a store (cache or target), like restic's `check`: resolve every reference, check
+    /// every checksum (with --read-data every block too), and name each damaged or missing
+    /// object with the recovery points it breaks. Exit 0 clean, 1 damage found, 2 could not
+    /// verify (bad usage, store unreadable).
+    Verify {
+        /// A local store directory, or a TOML file describing the store (`kind = "azure"`, …).
+        #[arg(long)]
+        store: PathBuf,
+        /// Only this replication group (default: every group in the store).
+        #[arg(long)]
+        group: Option<GroupId>,
+        /// Also read every segment and base part whole: object checksum and every block's
+        /// blake3 (reads the whole store; without it, segments are checked by footer and index).
+        #[arg(long)]
+        read_data: bool,
+        /// The store is a cache store that processing trims: a tag's segments below the lowest
+        /// one the cache still holds of that disk were moved to the target store and are not
+        /// reported missing.
+        #[arg(long)]
+        cache: bool,
+    },
     /// Recovery points.
     Points {
         #[command(subcommand)]
         command: PointsCommand,
+    },
+    /// The stores themselves.
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
     },
     /// Restore a VM's disks at a recovery point, verifying every byte.
     Restore {
@@ -133,6 +162,18 @@ enum Command {
         /// `<disk>.img`, directory disks `<disk>/`.
         #[arg(long)]
         out: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum StoreCommand {
+    /// Create a store's Azure container (or local directory) if it does not exist: the one
+    /// step that needs a credential allowed to create containers (the account key, or an
+    /// account SAS); agents and the coordinator can then run with container-scoped SAS tokens.
+    Init {
+        /// A local store directory, or a TOML file describing the store (`kind = "azure"`, …).
+        #[arg(long)]
+        store: PathBuf,
     },
 }
 
@@ -224,25 +265,38 @@ fn main() -> ExitCode {
     }
 }
 
-async fn open(args: &StoreArgs) -> Result<StoreReader> {
-    let config = if args.store.extension().is_some_and(|e| e == "toml") {
-        let text = std::fs::read_to_string(&args.store)
-            .with_context(|| format!("cannot read {}", args.store.display()))?;
-        toml::from_str::<StoreConfig>(&text)
-            .map_err(|e| UsageError(format!("{}: {e}", args.store.display())))?
+/// Parses `--store`: a local directory, or a `.toml` store description (validated here).
+fn store_config(store: &Path, must_exist: bool) -> Result<StoreConfig> {
+    if store.extension().is_some_and(|e| e == "toml") {
+        let text = std::fs::read_to_string(store)
+            .with_context(|| format!("cannot read {}", store.display()))?;
+        let config = toml::from_str::<StoreConfig>(&text)
+            .map_err(|e| UsageError(format!("{}: {e}", store.display())))?;
+        config
+            .validate()
+            .map_err(|e| UsageError(format!("{}: {e}", store.display())))?;
+        Ok(config)
     } else {
-        if !args.store.is_dir() {
+        if must_exist && !store.is_dir() {
             return Err(UsageError(format!(
                 "store {} is not a directory (or a .toml store description)",
-                args.store.display()
+                store.display()
             ))
             .into());
         }
-        StoreConfig::Local {
-            path: args.store.clone(),
-        }
-    };
-    let backend = config.open().await?;
+        Ok(StoreConfig::Local {
+            path: store.to_owned(),
+        })
+    }
+}
+
+/// Opens a store. Every command but processing opens [`OpenMode::ReadOnly`]: it needs only
+/// read and list rights, and never creates a container.
+async fn open(args: &StoreArgs, mode: OpenMode) -> Result<StoreReader> {
+    let config = store_config(&args.store, true)?;
+    let backend = config
+        .open_as(mode, lifeboat_store::backend::retry::RetryPolicy::default())
+        .await?;
     Ok(StoreReader::new(backend, Layout::new(args.group.clone())))
 }
 
@@ -411,20 +465,29 @@ async fn run(command: Command) -> Result<()> {
             println!("removed {vm} from the group");
             Ok(())
         }
+        Command::Verify {
+            store,
+            group,
+            read_data,
+            cache,
+        } => run_verify(&store, group, read_data, cache).await,
         Command::Points {
             command: PointsCommand::List { store, target },
         } => {
-            let reader = open(&store).await?;
+            let reader = open(&store, OpenMode::ReadOnly).await?;
             let scan = reader.scan_points().await?;
             let mut points = scan.points;
             let mut damaged = scan.damaged;
             let mut quarantined = std::collections::BTreeMap::new();
             let processed: Option<Vec<RecoveryPoint>> = match &target {
                 Some(t) => {
-                    let target = open(&StoreArgs {
-                        store: t.clone(),
-                        group: store.group.clone(),
-                    })
+                    let target = open(
+                        &StoreArgs {
+                            store: t.clone(),
+                            group: store.group.clone(),
+                        },
+                        OpenMode::ReadOnly,
+                    )
                     .await?;
                     quarantined = Processor::new(
                         store.group.clone(),
@@ -495,7 +558,8 @@ async fn run(command: Command) -> Result<()> {
                     .unwrap_or(0),
                 None => lifeboat_store::manifest::now_millis(),
             };
-            let reader = open(&target).await?;
+            // Prune deletes, but never creates the store it prunes.
+            let reader = open(&target, OpenMode::ReadOnly).await?;
             let p = Processor::new(
                 target.group.clone(),
                 reader.backend().clone(),
@@ -576,13 +640,29 @@ async fn run(command: Command) -> Result<()> {
             Ok(())
         }
         Command::TestFailover { action: None, args } => run_failover(args, true).await,
+        Command::Store {
+            command: StoreCommand::Init { store },
+        } => {
+            let config = store_config(&store, false)?;
+            let what = match &config {
+                StoreConfig::Local { path } => format!("store directory {}", path.display()),
+                StoreConfig::Azure(a) => {
+                    format!("container {} in storage account {}", a.container, a.account)
+                }
+            };
+            match config.init().await? {
+                Init::Created => println!("created {what}"),
+                Init::Existed => println!("{what} exists already; nothing to do"),
+            }
+            Ok(())
+        }
         Command::Restore {
             store,
             vm,
             point,
             out,
         } => {
-            let reader = open(&store).await?;
+            let reader = open(&store, OpenMode::ReadOnly).await?;
             let point = if point == "latest" {
                 reader
                     .points()
@@ -635,6 +715,109 @@ async fn run(command: Command) -> Result<()> {
     }
 }
 
+/// `lifeboat verify`: prints every damaged object with the points it breaks, orphans as
+/// warnings, and a summary; damage is exit 1, a walk that could not finish exit 2.
+async fn run_verify(
+    store: &Path,
+    group: Option<GroupId>,
+    read_data: bool,
+    cache: bool,
+) -> Result<()> {
+    let config = store_config(store, true)?;
+    // A store that cannot be opened cannot be verified: that is not damage found. Verifying
+    // reads and lists only, so a read-only SAS is enough.
+    let backend = config
+        .open_as(
+            OpenMode::ReadOnly,
+            lifeboat_store::backend::retry::RetryPolicy::default(),
+        )
+        .await
+        .map_err(|e| UsageError(format!("cannot open store {}: {e}", store.display())))?;
+    let opts = VerifyOptions {
+        group: group.clone(),
+        read_data,
+        trimmed_cache: cache,
+    };
+    let r = verify(backend, &opts)
+        .await
+        .map_err(|e| UsageError(format!("could not verify {}: {e}", store.display())))?;
+    if r.groups.is_empty() {
+        bail!(UsageError(format!(
+            "store {} holds no Lifeboat objects (nothing under v1/)",
+            store.display()
+        )));
+    }
+    if let Some(g) = &group
+        && r.objects_checked == 0
+        && r.orphans.is_empty()
+    {
+        bail!(UsageError(format!(
+            "store {} holds nothing of group {g}",
+            store.display()
+        )));
+    }
+    for d in &r.damaged {
+        println!("damaged  {}: {}", d.object, d.what);
+        if d.breaks.is_empty() {
+            println!("         breaks no recovery point");
+        } else {
+            println!("         breaks point(s): {}", d.breaks.join(", "));
+        }
+        if !d.tags.is_empty() {
+            println!(
+                "         and tag(s) no point uses yet: {}",
+                d.tags.join(", ")
+            );
+        }
+    }
+    for o in &r.orphans {
+        println!("warning  orphan {}: {}", o.object, o.why);
+    }
+    if r.trimmed > 0 {
+        println!(
+            "{} segment reference(s) resolved as trimmed to the target store (--cache)",
+            r.trimmed
+        );
+    }
+    let groups: Vec<String> = r.groups.iter().map(|g| g.to_string()).collect();
+    println!(
+        "verified {} group(s) [{}]: {} object(s) checked, {} bytes read{}, {} damaged, {} of {} point(s) broken, {} orphan(s)",
+        r.groups.len(),
+        groups.join(", "),
+        r.objects_checked,
+        r.bytes_read,
+        if read_data {
+            ""
+        } else {
+            " (indexes only; --read-data reads every block)"
+        },
+        r.damaged.len(),
+        r.broken_points.len(),
+        r.points,
+        r.orphans.len()
+    );
+    if !cache
+        && r.damaged
+            .iter()
+            .any(|d| d.what == "missing" && d.breaks.is_empty() && d.object.contains("/seg/"))
+    {
+        // A cache store that processing trimmed names, in its newest tags, segments only the
+        // target holds now (docs/format.md, write rule 7).
+        eprintln!(
+            "hint: if {} is a cache store that processing trims, its missing older segments are in the target store: run with --cache",
+            store.display()
+        );
+    }
+    if !r.is_clean() {
+        bail!(
+            "{} damaged object(s); {} recovery point(s) cannot be restored",
+            r.damaged.len(),
+            r.broken_points.len()
+        );
+    }
+    Ok(())
+}
+
 /// Turns the library's "refused" errors into usage errors (exit 2).
 fn usage(e: anyhow::Error) -> anyhow::Error {
     match e.downcast_ref::<failover::Refused>() {
@@ -644,12 +827,17 @@ fn usage(e: anyhow::Error) -> anyhow::Error {
 }
 
 async fn processor(cache: &Path, target: &StoreArgs) -> Result<Processor> {
-    let cache_reader = open(&StoreArgs {
-        store: cache.to_owned(),
-        group: target.group.clone(),
-    })
+    // The cache is never created here (an empty new cache has nothing to process); the
+    // target is, when missing and the credential may.
+    let cache_reader = open(
+        &StoreArgs {
+            store: cache.to_owned(),
+            group: target.group.clone(),
+        },
+        OpenMode::ReadOnly,
+    )
     .await?;
-    let target_reader = open(target).await?;
+    let target_reader = open(target, OpenMode::ReadWrite).await?;
     Ok(Processor::new(
         target.group.clone(),
         cache_reader.backend().clone(),
@@ -711,7 +899,7 @@ async fn run_failover(a: FailoverArgs, drill: bool) -> Result<()> {
             None => println!("no --cache given: `latest` is the latest processed point"),
         }
     }
-    let reader = open(&target).await?;
+    let reader = open(&target, OpenMode::ReadOnly).await?;
     let scan = reader.scan_points().await?;
     if let Selector::Id(id) = &selector
         && let Some(d) = scan.damage(id)

@@ -94,8 +94,10 @@ impl<B: Backend> Faulty<B> {
                 tokio::time::sleep(d).await;
                 f.await
             }
-            Some(Fault::Denied) => Err(StoreError::new(ErrorKind::Permanent, op, name)
-                .with_detail("injected: 403 Forbidden")),
+            Some(Fault::Denied) => {
+                Err(StoreError::new(ErrorKind::Denied, op, name)
+                    .with_detail("injected: 403 Forbidden"))
+            }
             Some(Fault::LoseAnswer) => {
                 f.await?;
                 Err(StoreError::new(ErrorKind::Transient, op, name)

@@ -33,6 +33,7 @@ fn io_err(op: &'static str, name: impl std::fmt::Display, e: io::Error) -> Store
     let kind = match e.kind() {
         io::ErrorKind::NotFound => ErrorKind::NotFound,
         io::ErrorKind::AlreadyExists => ErrorKind::AlreadyExists,
+        io::ErrorKind::PermissionDenied => ErrorKind::Denied,
         io::ErrorKind::Interrupted | io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => {
             ErrorKind::Transient
         }
@@ -59,6 +60,19 @@ impl LocalBackend {
                     let _ = fs::remove_file(entry.path());
                 }
             }
+        }
+        Ok(Self {
+            root: Arc::new(root),
+        })
+    }
+
+    /// Opens an existing store for reading: creates nothing and sweeps nothing, so it works on
+    /// a read-only copy, and a mistyped path is an error rather than a new, empty store.
+    pub fn open_existing(root: impl Into<PathBuf>) -> Result<Self, StoreError> {
+        let root: PathBuf = root.into();
+        if !root.is_dir() {
+            return Err(StoreError::new(ErrorKind::NotFound, "open", root.display())
+                .with_detail("no store directory there"));
         }
         Ok(Self {
             root: Arc::new(root),
@@ -93,6 +107,8 @@ fn put_new_blocking(root: &Path, name: &ObjectName, data: &[u8]) -> Result<(), S
     }
     let parent = path.parent().expect("object path has a parent");
     create_dirs_durably(root, parent).map_err(|e| io_err("put", name, e))?;
+    // A store opened with `open_existing` (which creates nothing) may lack it.
+    create_dirs_durably(root, &root.join(TMP_DIR)).map_err(|e| io_err("put", name, e))?;
 
     let tmp = root.join(TMP_DIR).join(format!(
         "{}-{:016x}",
@@ -239,5 +255,27 @@ impl Backend for LocalBackend {
             Err(e) => Err(io_err("delete", &name, e)),
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A read-only open creates nothing (a mistyped path is an error, not a new store), and a
+    /// store opened so still takes writes (prune compacts) although it has no `.tmp` yet.
+    #[tokio::test]
+    async fn open_existing_creates_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nope");
+        let err = LocalBackend::open_existing(&missing).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::NotFound, "{err}");
+        assert!(!missing.exists());
+
+        let b = LocalBackend::open_existing(dir.path()).unwrap();
+        assert!(!dir.path().join(TMP_DIR).exists());
+        let name = ObjectName::new("v1/x").unwrap();
+        b.put_new(&name, Bytes::from_static(b"x")).await.unwrap();
+        assert_eq!(b.get(&name).await.unwrap(), Bytes::from_static(b"x"));
     }
 }

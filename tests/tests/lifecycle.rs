@@ -1242,6 +1242,33 @@ impl World {
             }
         }
 
+        // `lifeboat verify` agrees: clean where the test did no damage (opt-in until it has
+        // run in CI for a while: LIFEBOAT_LIFECYCLE_VERIFY=1).
+        if std::env::var_os("LIFEBOAT_LIFECYCLE_VERIFY").is_some() {
+            for s in [Store::Target, Store::Cache] {
+                // (An empty store is "nothing of the group" to verify: nothing to check yet.)
+                if self.damaged.keys().any(|(d, _)| *d == s)
+                    || !self.root(s).join(format!("v1/{GROUP}/points")).is_dir()
+                {
+                    continue;
+                }
+                let mut args = vec!["verify"];
+                if s == Store::Cache {
+                    args.push("--cache");
+                }
+                let o = self
+                    .lifeboat(&args, &[("--store", self.root(s))])
+                    .output()
+                    .unwrap();
+                if !o.status.success() {
+                    return Err(format!(
+                        "`lifeboat verify` of the {s:?} store (no damage done to it) failed: {}",
+                        short(&out_text(&o))
+                    ));
+                }
+            }
+        }
+
         // Bounded stores under steady churn.
         if pruned && !self.damaged.keys().any(|(s, _)| *s == Store::Target) {
             self.check_bounds(&target_ids)?;

@@ -891,6 +891,24 @@ impl World {
                         n.missing.push((s, name));
                     }
                 }
+                // A base the test deleted may be the one a restore would have used (its
+                // segments are gone): count every damaged base of the disk as possibly needed.
+                let prefix = format!("{}/", self.layout.bases(&m.vm, &d.disk));
+                let stores: &[Store] = if s == Store::Cache {
+                    &[Store::Cache, Store::Target]
+                } else {
+                    &[Store::Target]
+                };
+                n.used.extend(
+                    self.damaged
+                        .keys()
+                        .filter(|(ds, name)| {
+                            stores.contains(ds)
+                                && name.starts_with(&prefix)
+                                && name.ends_with(".base")
+                        })
+                        .cloned(),
+                );
                 let (bases, bad) = self.bases(s, &m.vm, &d.disk);
                 let (base, sources) = sources_for(&self.layout, &tag, &bases);
                 let chosen = base.as_ref().map(|b| b.tag).unwrap_or(0);
@@ -1314,6 +1332,14 @@ impl World {
                     .collect();
                 let mut used = vec![(Store::Target, name.clone())];
                 used.extend(bad.iter().map(|(_, b)| (Store::Target, b.clone())));
+                // A base the test deleted may be what this tag read.
+                let prefix = format!("{}/", self.layout.bases(&vm, &disk));
+                used.extend(
+                    self.damaged
+                        .keys()
+                        .filter(|(s, n)| *s == Store::Target && n.starts_with(&prefix))
+                        .cloned(),
+                );
                 let n = Needs {
                     used,
                     missing: missing.clone(),

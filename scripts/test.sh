@@ -5,7 +5,7 @@ set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
 
-need_debs xfsprogs e2fsprogs util-linux sqlite3 python3 python3-grpcio iproute2
+need_debs xfsprogs e2fsprogs util-linux sqlite3 python3 python3-grpcio iproute2 faketime
 start_azurite
 trap stop_azurite EXIT
 # Tests that need Azurite fail rather than skip from here on.

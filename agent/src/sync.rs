@@ -349,6 +349,9 @@ impl Agent {
             // Adopted (or stepped over): the state now says so.
             unchanged &= before == (st.from_segment, st.through_segment);
         }
+        if deep && let Some(tag) = latest.as_ref().filter(|l| l.seq == st.tag_seq) {
+            self.check_tree(tag).await?;
+        }
         match self.check_cache(disk, &mut st, &segs, deep).await? {
             Checked::Intact => {}
             Checked::Lost(why) => {
@@ -365,6 +368,37 @@ impl Agent {
             state::save(&self.config.state_dir, &st)?;
         }
         Ok(st)
+    }
+
+    /// The verification sweep's check of the listing the next tag of an unchanged directory
+    /// reuses (trees are content-addressed, so the writer takes an existing name as the same
+    /// bytes): a damaged one is deleted, and the next tag writes it again.
+    async fn check_tree(&self, tag: &Tag) -> Result<()> {
+        let DiskShape::Directory { tree } = &tag.shape else {
+            return Ok(());
+        };
+        match self.reader.tree(&tag.vm, &tag.disk, tree).await {
+            Ok(_) => Ok(()),
+            // Gone: the next tag writes it again.
+            Err(lifeboat_store::Error::Store(e))
+                if e.kind == lifeboat_store::ErrorKind::NotFound =>
+            {
+                Ok(())
+            }
+            Err(e) if is_damage(&e) => {
+                tracing::warn!(disk = %tag.disk, error = %e, "the directory listing in the cache store is damaged; writing it again");
+                let name = self
+                    .writer
+                    .layout()
+                    .tree(&tag.vm, &tag.disk, tree)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                self.writer.backend().delete(&name).await.with_context(|| {
+                    format!("cannot replace the damaged directory listing {name}")
+                })?;
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Checks the segments of the current history that the next tag will reference. Segments
@@ -949,13 +983,23 @@ impl Agent {
         };
         // Segments up to the previous tag's were checked when it was written (and processing
         // may have moved them to the target since); check what this tag adds.
-        let first = match st.tag_seq {
-            0 => 0,
-            prev => match self.reader.tag(&self.config.vm, &disk.id, prev).await {
-                Ok(p) if p.from_segment == tag.from_segment => p.through_segment + 1,
-                _ => 0,
-            },
+        let previous = match st.tag_seq {
+            0 => None,
+            prev => self.reader.tag(&self.config.vm, &disk.id, prev).await.ok(),
         };
+        let first = match &previous {
+            Some(p) if p.from_segment == tag.from_segment => p.through_segment + 1,
+            _ => 0,
+        };
+        // Times only grow within a disk's history: after a clock step back, a point timed
+        // before the latest processed one would be taken for a pruned one and never processed.
+        let mut tag = tag;
+        if let Some(p) = &previous
+            && tag.time <= p.time
+        {
+            tracing::warn!(disk = %disk.id, clock = tag.time, previous = p.time, "the clock is behind the previous tag's time (stepped back?); timing this tag just after it");
+            tag.time = p.time + 1;
+        }
         self.writer.put_tag_checking_from(&tag, first).await?;
         st.tag_seq = tag.seq;
         state::save(&self.config.state_dir, st)?;

@@ -149,3 +149,32 @@ fn a_lost_segment_of_the_current_history_starts_a_new_copy() {
     let (_, stderr) = vm.sync_and_restore(3, &["--verify"]);
     assert!(!stderr.contains("resynchronising"), "{stderr}");
 }
+
+/// Found by the lifecycle test: an unchanged directory's next tag reuses its listing by name
+/// (content-addressed), so a damaged listing broke every later point, `--verify` or not. The
+/// verification sweep now checks it and writes it again.
+#[test]
+fn a_damaged_listing_of_an_unchanged_directory_is_written_again_by_the_sweep() {
+    let vm = Vm::new();
+    let trees = vm.path().join("store/v1/g/vms/vm1/disks/files/tree");
+    for e in std::fs::read_dir(&trees).unwrap().flatten() {
+        let mut b = std::fs::read(e.path()).unwrap();
+        let at = b.len() - 3;
+        b[at] ^= 0x10;
+        std::fs::write(e.path(), b).unwrap();
+    }
+    // The directory is unchanged: the next tag names the same listing.
+    let out = agent(&vm.config, &["sync", "--verify"]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("directory listing in the cache store is damaged"),
+        "{stderr}"
+    );
+    let restored = vm.path().join("restored");
+    restore_id(vm.path(), &point_id(&stdout), &restored);
+    assert_same_tree(&vm.path().join("data"), &restored.join("files"));
+}

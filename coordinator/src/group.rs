@@ -697,8 +697,11 @@ impl Group {
                 &mut excluded,
             )
             .await;
-        // The consistent instant: every member in `frozen` is frozen now.
-        let cut_time = now_millis();
+        // The consistent instant: every member in `frozen` is frozen now. Never before the cut
+        // id (itself above every earlier cut): after a clock step back, a point timed before
+        // the latest processed one would be taken for a pruned one and never processed.
+        let cut_time = now_millis().max(cut_id);
+        self.last_cut.fetch_max(cut_time, Ordering::SeqCst);
         let late: Vec<VmId> = asked
             .iter()
             .filter(|v| !frozen.contains_key(*v))

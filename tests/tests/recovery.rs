@@ -1182,3 +1182,45 @@ fn failed_restores_and_failovers_leave_the_output_as_they_found_it() {
         }
     }
 }
+
+/// Issue finding (found again by the lifecycle test): after the clock stepped back, a new point
+/// was timed before the latest processed one, taken for a pruned one, and silently never
+/// processed. The agent now times a tag after its disk's previous one. The clock step is real
+/// for the agent: `faketime` (installed by scripts/test.sh) sets its clock an hour back.
+#[test]
+fn a_point_cut_after_the_clock_stepped_back_is_processed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut vm = Vm::setup(dir.path());
+    vm.sync(0);
+    vm.process();
+    vm.change(1, 0, 100_000);
+    let out = ok(Command::new("faketime")
+        .args(["-f", "-1h"])
+        .arg(bin("lifeboat-agent"))
+        .arg("--config")
+        .arg(dir.path().join("agent.toml"))
+        .arg("sync")
+        .output()
+        .expect("faketime (Debian package faketime; scripts/test.sh installs it)"));
+    let id = out
+        .lines()
+        .find_map(|l| l.strip_prefix("published recovery point "))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap()
+        .to_string();
+    let processed = vm.process();
+    assert!(
+        processed.contains(&format!("latest processed point: {id}")),
+        "{processed}"
+    );
+    let out = dir.path().join("latest");
+    ok(failover(
+        &vm.target(),
+        &["--vm", "vm1", "--point", "latest-processed"],
+        &out,
+    ));
+    assert_eq!(
+        std::fs::read(dir.path().join("disk.img")).unwrap(),
+        std::fs::read(out.join("vm1/os.img")).unwrap()
+    );
+}

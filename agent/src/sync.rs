@@ -43,6 +43,9 @@ pub struct Agent {
     trackers: std::sync::Mutex<BTreeMap<String, Result<Arc<Tracker>, String>>>,
     /// Why a tracker was started afresh (not resumed), until a pass has reported it.
     started: std::sync::Mutex<BTreeMap<String, String>>,
+    /// Directory listings the verification sweep found damaged in the cache store, by hash:
+    /// a tag that names one again replaces it.
+    damaged_trees: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 /// The name under which a disk's tracking state is pinned (unique per group, VM and disk).
@@ -80,6 +83,7 @@ impl Agent {
             config,
             trackers: Default::default(),
             started: Default::default(),
+            damaged_trees: Default::default(),
         })
     }
 
@@ -355,12 +359,8 @@ impl Agent {
         match self.check_cache(disk, &mut st, &segs, deep).await? {
             Checked::Intact => {}
             Checked::Lost(why) => {
-                tracing::warn!(disk = %disk.id, reason = %why, "the cache store lost what the next tag relies on; resynchronising with a new full copy");
+                tracing::warn!(disk = %disk.id, reason = %why, "the cache store lost or damaged what the next tag relies on; resynchronising with a new full copy");
                 st = self.fresh_copy(disk, st.tag_seq, st.through_segment.max(max_seg));
-                unchanged = false;
-            }
-            Checked::Forgotten(why) => {
-                tracing::warn!(disk = %disk.id, reason = %why, "the cache store damaged blocks the next tag relies on; resynchronising them by checksum compare");
                 unchanged = false;
             }
         }
@@ -372,7 +372,8 @@ impl Agent {
 
     /// The verification sweep's check of the listing the next tag of an unchanged directory
     /// reuses (trees are content-addressed, so the writer takes an existing name as the same
-    /// bytes): a damaged one is deleted, and the next tag writes it again.
+    /// bytes): a damaged one is noted, and a tag that names it again replaces it first (one
+    /// not named again stays as it is, with the points that named it).
     async fn check_tree(&self, tag: &Tag) -> Result<()> {
         let DiskShape::Directory { tree } = &tag.shape else {
             return Ok(());
@@ -386,15 +387,11 @@ impl Agent {
                 Ok(())
             }
             Err(e) if is_damage(&e) => {
-                tracing::warn!(disk = %tag.disk, error = %e, "the directory listing in the cache store is damaged; writing it again");
-                let name = self
-                    .writer
-                    .layout()
-                    .tree(&tag.vm, &tag.disk, tree)
-                    .map_err(|e| anyhow::anyhow!("{e}"))?;
-                self.writer.backend().delete(&name).await.with_context(|| {
-                    format!("cannot replace the damaged directory listing {name}")
-                })?;
+                tracing::warn!(disk = %tag.disk, error = %e, "the directory listing in the cache store is damaged; the next tag that names it writes it again");
+                self.damaged_trees
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(tree.clone());
                 Ok(())
             }
             Err(e) => Err(e.into()),
@@ -404,10 +401,8 @@ impl Agent {
     /// Checks the segments of the current history that the next tag will reference. Segments
     /// missing below the lowest one present were processed out of the cache (trim keeps every
     /// segment after the second-newest tag's, so a gap above that, or a missing newest
-    /// segment, is loss). `deep` reads every present segment whole and checks each block: a
-    /// damaged body whose index still reads costs only its blocks, which are forgotten here so
-    /// the next pass scans and ships them again; a segment that is gone, or whose index is
-    /// unreadable, leaves no way to describe the disk in this history.
+    /// segment, is loss). `deep` reads every present segment whole and checks each block. A
+    /// segment gone or damaged leaves no way to go on in this history.
     async fn check_cache(
         &self,
         disk: &DiskConfig,
@@ -434,7 +429,6 @@ impl Agent {
         if !deep {
             return Ok(Checked::Intact);
         }
-        let mut forgotten = Vec::new();
         for seq in present {
             let name = self.writer.layout().segment(vm, &disk.id, seq);
             let data = match self.writer.backend().get(&name).await {
@@ -450,23 +444,13 @@ impl Agent {
                 },
                 Err(e) => e.to_string(),
             };
-            match self.reader.segment_index(vm, &disk.id, seq).await {
-                Ok(index) => {
-                    forget_blocks(st, &index);
-                    forgotten.push(format!("segment {seq}: {damage}"));
-                }
-                Err(e) => {
-                    return Ok(Checked::Lost(format!(
-                        "segment {seq} is damaged ({damage}) and its index unreadable ({e})"
-                    )));
-                }
-            }
+            // Even with every block it holds shipped again, a tag over its range would still
+            // name it, and processing verifies every segment it copies: the history ends here.
+            return Ok(Checked::Lost(format!(
+                "segment {seq} is damaged ({damage})"
+            )));
         }
-        Ok(if forgotten.is_empty() {
-            Checked::Intact
-        } else {
-            Checked::Forgotten(forgotten.join("; "))
-        })
+        Ok(Checked::Intact)
     }
 
     /// Deletes orphan segments, highest first (so an interrupted run leaves a run of orphans
@@ -958,12 +942,25 @@ impl Agent {
     ) -> Result<Tag> {
         let shape = match shape {
             Shape::Size(size) => DiskShape::Image { size },
-            Shape::Tree(tree) => DiskShape::Directory {
-                tree: self
-                    .writer
-                    .put_tree(&self.config.vm, &disk.id, &tree)
-                    .await?,
-            },
+            Shape::Tree(tree) => {
+                let hash = tree.encode().0;
+                let damaged = self
+                    .damaged_trees
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&hash);
+                DiskShape::Directory {
+                    tree: if damaged {
+                        self.writer
+                            .replace_tree(&self.config.vm, &disk.id, &tree)
+                            .await?
+                    } else {
+                        self.writer
+                            .put_tree(&self.config.vm, &disk.id, &tree)
+                            .await?
+                    },
+                }
+            }
         };
         let tag = Tag {
             vm: self.config.vm.clone(),
@@ -1088,10 +1085,8 @@ pub struct Shipped {
 /// What [`Agent::check_cache`] found.
 enum Checked {
     Intact,
-    /// Gone or unreadable: the history cannot go on.
+    /// Gone or damaged: the history cannot go on.
     Lost(String),
-    /// Damaged blocks, now unknown in the state (the next pass ships them again).
-    Forgotten(String),
 }
 
 /// Whether a read error is damage in the store (a decoder or consistency check refused what
@@ -1103,35 +1098,6 @@ fn is_damage(e: &lifeboat_store::Error) -> bool {
             | lifeboat_store::Error::Manifest(_)
             | lifeboat_store::Error::Inconsistent(_)
     )
-}
-
-/// Makes the blocks a segment's index lists unknown in `st` (a hash no block has), and drops
-/// the tracking position, so the next pass reads the disk and ships them again; a later
-/// segment then holds every one of them and restores never read the damaged one.
-fn forget_blocks(st: &mut DiskState, index: &lifeboat_store::codec::SegmentIndex) {
-    let (targets, entries) = index;
-    const UNKNOWN: Hash = [0; 32];
-    let bs = st.block_size as u64;
-    match &mut st.content {
-        Content::Image { hashes, .. } => {
-            for e in entries {
-                if let Some(h) = hashes.0.get_mut((e.offset / bs) as usize) {
-                    *h = UNKNOWN;
-                }
-            }
-        }
-        Content::Directory { files } => {
-            for e in entries {
-                if let Some(f) = files.get_mut(&targets[e.target as usize]) {
-                    f.stamp = None;
-                    if let Some(h) = f.hashes.0.get_mut((e.offset / bs) as usize) {
-                        *h = UNKNOWN;
-                    }
-                }
-            }
-        }
-    }
-    st.tracking = None;
 }
 
 /// Bits of a history's first number below its start time: a history may write 2^20 segments

@@ -75,6 +75,26 @@ impl StoreWriter {
         }
     }
 
+    /// [`StoreWriter::put_tree`] over an object under that name known to be damaged: if the
+    /// stored bytes differ, they are deleted and written again (the one replacement in a
+    /// create-only store: the name is the content's hash, so the new bytes are the only right
+    /// ones).
+    pub async fn replace_tree(&self, vm: &VmId, disk: &DiskId, tree: &Tree) -> Result<String> {
+        let (hash, data) = tree.encode();
+        let name = self
+            .layout
+            .tree(vm, disk, &hash)
+            .map_err(|e| Error::Invalid(e.to_string()))?;
+        match self.backend.get(&name).await {
+            Ok(stored) if stored == data => return Ok(hash),
+            Ok(_) => self.backend.delete(&name).await?,
+            Err(e) if e.kind == ErrorKind::NotFound => {}
+            Err(e) => return Err(e.into()),
+        }
+        self.put_idempotent(&name, data).await?;
+        Ok(hash)
+    }
+
     /// Writes a tag after checking that its segments and tree are in the store.
     pub async fn put_tag(&self, tag: &Tag) -> Result<()> {
         self.put_tag_checking_from(tag, 0).await

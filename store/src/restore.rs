@@ -207,6 +207,41 @@ impl StoreReader {
         Ok(out)
     }
 
+    /// [`StoreReader::bases`] without the ones whose manifest is damaged (each logged): a
+    /// restore chooses among the readable ones, so a damaged base costs only the restores that
+    /// cannot do without it, never every restore of its disk.
+    pub async fn readable_bases(&self, vm: &VmId, disk: &DiskId) -> Result<Vec<Base>> {
+        let list = self.backend.list(&self.layout.bases(vm, disk)).await?;
+        let mut out = Vec::new();
+        for m in list {
+            let Some(tag) = m
+                .name
+                .file_name()
+                .strip_suffix(".base")
+                .and_then(|d| d.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            let data = match self.backend.get(&m.name).await {
+                Ok(d) => d,
+                // Removed by retention since the listing.
+                Err(e) if e.kind == ErrorKind::NotFound => continue,
+                Err(e) => return Err(e.into()),
+            };
+            match Base::decode(m.name.as_str(), &data) {
+                Ok(b) if b.vm == *vm && b.disk == *disk && b.tag == tag => out.push(b),
+                Ok(b) => {
+                    tracing::warn!(base = %m.name, holds = %format!("{}/{} at tag {}", b.vm, b.disk, b.tag), "skipping a base manifest that holds another base")
+                }
+                Err(e) => {
+                    tracing::warn!(base = %m.name, error = %e, "skipping a damaged base manifest")
+                }
+            }
+        }
+        out.sort_by_key(|b| b.tag);
+        Ok(out)
+    }
+
     /// The identities (index blake3, hex) of the segments `from_segment..=through_segment` a
     /// base stands for, checked against the hash its manifest records; `None` for a base that
     /// did not record them (version 1, or compacted over one).
@@ -349,7 +384,7 @@ pub async fn restore_disk(reader: &StoreReader, tag: &Tag, out: &Path) -> Result
     };
     let files = files_of(tag, tree.as_ref());
 
-    let bases = reader.bases(&tag.vm, &tag.disk).await?;
+    let bases = reader.readable_bases(&tag.vm, &tag.disk).await?;
     let (_, sources) = sources_for(reader.layout(), tag, &bases);
     let by_source = plan_blocks(reader, tag, &sources, &files).await?;
     let total: u64 = files.iter().map(|(_, size)| size).sum();

@@ -404,15 +404,13 @@ impl<'a> GroupWalk<'a> {
                     .insert(key.clone());
             }
         }
-        let all_tags: BTreeSet<TagKey> = tag_seqs
-            .iter()
-            .map(|s| (vm.clone(), disk.clone(), *s))
-            .collect();
-
-        // Bases. A restore reads every base manifest of the disk first, so a damaged one fails
-        // every restore of the disk: its cost is every tag.
+        // Bases. A restore chooses among the readable manifests of the disk
+        // (`StoreReader::readable_bases`), so a damaged one costs the restores that cannot do
+        // without it: those whose segments it stood for are gone, which the plans below find.
         let mut bases = Vec::new();
-        let mut unknown_sources = false;
+        // Damaged manifests by tag: a restore at or after one that misses a segment misses
+        // it because the base that stood for it cannot be read.
+        let mut damaged_bases: Vec<(u64, String)> = Vec::new();
         for seq in base_seqs {
             let name = layout.base(vm, disk, seq);
             self.used.insert(name.to_string());
@@ -432,10 +430,9 @@ impl<'a> GroupWalk<'a> {
             match base {
                 Ok(b) => bases.push(b),
                 Err(e) if is_damage(&e) => {
-                    let cost = self.damaged(name.as_str(), e.to_string());
-                    cost.tags.extend(all_tags.iter().cloned());
-                    // What it held is unknown: its parts are not orphans, and which objects
-                    // the disk's tags would read is unknown too (below).
+                    self.damaged(name.as_str(), e.to_string());
+                    damaged_bases.push((seq, name.to_string()));
+                    // Its parts are not orphans: a repaired manifest would read them.
                     let parts = format!("{disk_prefix}base/{seq:020}/");
                     let held: Vec<String> = self
                         .objects
@@ -444,7 +441,6 @@ impl<'a> GroupWalk<'a> {
                         .cloned()
                         .collect();
                     self.used.extend(held);
-                    unknown_sources = true;
                 }
                 Err(e) => return Err(e),
             }
@@ -513,16 +509,24 @@ impl<'a> GroupWalk<'a> {
             let mut partial = false;
             for s in sources {
                 let is_segment = s.as_str().contains("/seg/");
-                // With a base manifest unreadable, which objects a tag reads is unknown (every
-                // restore of the disk fails on that manifest anyway): check what is there.
-                let skip = unknown_sources
-                    || (self.opts.trimmed_cache
-                        && is_segment
-                        && parse_seq(&s).is_some_and(|n| lowest_segment.is_none_or(|low| n < low)));
+                let skip = self.opts.trimmed_cache
+                    && is_segment
+                    && parse_seq(&s).is_some_and(|n| lowest_segment.is_none_or(|low| n < low));
                 if !self.listed(&s) && skip {
-                    if !unknown_sources {
-                        report.trimmed += 1;
-                    }
+                    report.trimmed += 1;
+                    partial = true;
+                    continue;
+                }
+                if is_segment
+                    && !self.listed(&s)
+                    && let Some((_, base)) = damaged_bases.iter().rev().find(|(b, _)| *b <= tag.seq)
+                {
+                    // The cost is the damaged base's, not a missing segment's.
+                    self.damage
+                        .entry(base.clone())
+                        .or_default()
+                        .tags
+                        .insert(key.clone());
                     partial = true;
                     continue;
                 }
@@ -531,8 +535,8 @@ impl<'a> GroupWalk<'a> {
             for s in &kept {
                 self.used.insert(s.to_string());
             }
-            // Part of what it reads is elsewhere or unknown: check what is here, plan nothing.
-            let plan = !partial && !unknown_sources;
+            // Part of what it reads is elsewhere: check what is here, plan nothing.
+            let plan = !partial;
             needs.push((key, tag, kept, plan));
         }
 

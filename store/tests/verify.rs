@@ -227,9 +227,10 @@ async fn scenarios(place: impl Place) {
         ("delete-tree", l.tag(&vm(), &data(), n(3)), vec![2], false),
         // A sound tag whose segments do not cover its disk (a hole): the tag is what is wrong.
         ("hole", l.tag(&vm(), &os(), n(1)), vec![0], false),
-        // A damaged base manifest: a restore reads every base manifest of the disk to choose
-        // one, so it costs every point of that disk, tag 1 included.
-        ("flip", l.base(&vm(), &os(), n(2)), vec![0, 1, 2], false),
+        // A damaged base manifest: restores choose among the readable ones, so it costs the
+        // points that cannot do without it (the segments it stood for are pruned), and no
+        // longer tag 1's point, which reads segments only.
+        ("flip", l.base(&vm(), &os(), n(2)), vec![1, 2], false),
         // Damaged segment identities: damage, but no restore reads them.
         ("flip", l.base_ids(&vm(), &os(), n(2)), vec![], false),
         // A damaged part of a base no tag reads (tag 2 and 3 deleted, with their points):

@@ -478,7 +478,7 @@ consistency = "fsfreeze"
                 GOOD.replace("[replication]", "[replication]\ninterval = \"1s\""),
                 "between 10s and 60m",
             ),
-            // Issue findings: an image `os` and a directory `os.img` sync but never restore;
+            // Regressions: an image `os` and a directory `os.img` sync but never restore;
             // a store inside a protected directory grows every cycle.
             (
                 format!(

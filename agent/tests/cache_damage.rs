@@ -86,7 +86,7 @@ impl Vm {
     }
 }
 
-/// Issue finding: a flipped byte in a segment went unnoticed; every later point was
+/// Regression: a flipped byte in a segment went unnoticed; every later point was
 /// unrestorable and unprocessable. The verification sweep now reads the segments back and,
 /// finding one damaged, starts a new copy that no longer names it (processing verifies every
 /// segment it copies, so a history naming it could never reach the target again).
@@ -129,7 +129,7 @@ fn a_flipped_byte_in_a_cache_segment_is_found_and_the_history_starts_again() {
     assert!(!stderr.contains("resynchronising"), "{stderr}");
 }
 
-/// Issue finding: a damaged newest tag made every later sync fail with no resync.
+/// Regression: a damaged newest tag made every later sync fail with no resync.
 #[test]
 fn a_damaged_newest_tag_starts_a_new_copy_numbered_after_it() {
     let mut vm = Vm::new();

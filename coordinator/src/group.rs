@@ -848,7 +848,7 @@ mod tests {
     use super::*;
     use std::path::Path;
 
-    /// Issue finding: after a clock step back, the floor under cut ids was rebuilt from the
+    /// Regression: after a clock step back, the floor under cut ids was rebuilt from the
     /// cache store alone, which processing had trimmed: a restarted coordinator could issue an
     /// id the target already held. The floor file and the target's points now count too.
     #[tokio::test]

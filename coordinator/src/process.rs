@@ -847,8 +847,8 @@ mod tests {
 
     use super::*;
 
-    /// A target point of the same id with other content is not "already published" (issue 10,
-    /// item 3): copying must fail naming it, not succeed.
+    /// A target point of the same id with other content is not "already published"
+    /// (identity, not number): copying must fail naming it, not succeed.
     #[tokio::test]
     async fn copy_point_compares_an_existing_point() {
         let group = GroupId::new("g").unwrap();

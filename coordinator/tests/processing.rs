@@ -142,7 +142,7 @@ async fn restored(target: &DynBackend, point: &RecoveryPoint, dir: &Path) -> Vec
     std::fs::read(&out).unwrap()
 }
 
-/// The repro of issue 10: a disk with many segments, process + trim + prune rounds with
+/// The reported repro: a disk with many segments, process + trim + prune rounds with
 /// retention expiring all but the newest point each round, so the disk is compacted again and
 /// again. Every round copies only the segments written since the last one, and every newest
 /// point restores exactly.
@@ -202,7 +202,7 @@ async fn round(p: &Processor, time: u64) -> lifeboat_coordinator::process::Pass 
     pass
 }
 
-/// Issue 10, item 2: a VM that lost its agent state and got a new cache store starts again at
+/// Regression: a VM that lost its agent state and got a new cache store starts again at
 /// segment 1 and tag 1. The target still holds old segment 1 (kept by the newest old point) but
 /// no longer old tag 1: processing must not take the old segment for the new one.
 #[tokio::test]
@@ -300,7 +300,7 @@ async fn a_new_history_never_reuses_an_old_base() {
     assert_eq!(restored(&target, &old_point, dir.path()).await, old.image);
 }
 
-/// Issue 10, item 3: the target holds another point under a cache point's id (foreign, forged
+/// Regression: the target holds another point under a cache point's id (foreign, forged
 /// or damaged). The cache's point is not taken as processed: it is reported and kept.
 #[tokio::test]
 async fn another_point_under_the_same_id_is_refused_and_kept_in_the_cache() {
@@ -349,7 +349,7 @@ fn text(o: &std::process::Output) -> String {
     )
 }
 
-/// Issue 10, item 4: one byte appended to the oldest point in the target. It is listed as
+/// Regression: one byte appended to the oldest point in the target. It is listed as
 /// damaged with its reason, selectors skip it and say so, every intact point still fails over,
 /// and naming the damaged one is a clear error.
 #[tokio::test]
@@ -480,7 +480,7 @@ async fn processing_quarantines_a_damaged_point_and_moves_newer_ones() {
     );
 }
 
-/// Issue 10, item 6: a point whose member was not frozen, stored as agents before point version
+/// Regression: a point whose member was not frozen, stored as agents before point version
 /// 2 did (kind `crash`): `points list`, the failover output and its report all say not-frozen,
 /// in the words the members' consistency uses.
 #[tokio::test]
@@ -524,7 +524,7 @@ async fn every_command_says_not_frozen_for_a_point_that_was_not_frozen() {
     assert_eq!(report["members"][0]["consistency"], "not-frozen");
 }
 
-/// Issue 10, item 4: a quarantine is recorded in the target (`quarantine/<point>.txt`), shown
+/// Regression: a quarantine is recorded in the target (`quarantine/<point>.txt`), shown
 /// with its reason by `points list --target`, and cleared once the point no longer waits.
 #[tokio::test]
 async fn a_quarantine_is_recorded_listed_and_cleared() {

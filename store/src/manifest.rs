@@ -569,7 +569,7 @@ mod tests {
         assert_eq!(RecoveryPoint::decode("p", &p.encode()).unwrap(), p);
     }
 
-    /// Issue 10, item 6: a point with a member that was not frozen is stored as not-frozen and
+    /// Regression: a point with a member that was not frozen is stored as not-frozen and
     /// said so in the words every command uses; a version-1 point that stored `crash` for one
     /// is still read, and still says not-frozen.
     #[test]

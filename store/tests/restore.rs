@@ -450,7 +450,7 @@ impl lifeboat_store::Backend for ListsAGhost {
     }
 }
 
-/// Issue 10, item 4: listing points survives a damaged point (reported, with why) and a point
+/// Regression: listing points survives a damaged point (reported, with why) and a point
 /// deleted between the listing and its read (left out).
 #[tokio::test]
 async fn listing_points_survives_damage_and_points_vanishing() {
@@ -496,7 +496,7 @@ async fn listing_points_survives_damage_and_points_vanishing() {
     assert_eq!(reader.points().await.unwrap().len(), 2);
 }
 
-/// Issue 10, item 2: a base records what it stands for — the identity of every segment it was
+/// Regression: a base records what it stands for — the identity of every segment it was
 /// compacted from, carried over when compacted over an earlier base — in an object of its own,
 /// checked against the manifest when read.
 #[tokio::test]

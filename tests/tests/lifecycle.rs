@@ -1,4 +1,4 @@
-//! The randomised, model-based lifecycle test (issue 10): real `lifeboat-agent sync` and
+//! The randomised, model-based lifecycle test: real `lifeboat-agent sync` and
 //! `lifeboat process|prune|restore|points` processes over an image disk and a directory disk with
 //! random churn, cache trims, retention with time moving (point times, never the wall clock),
 //! SIGKILLs, lost agent state, clock steps and damaged objects, with the invariants checked
@@ -37,7 +37,7 @@ struct Opts {
     seed: u64,
     steps: usize,
     /// `LIFEBOAT_LIFECYCLE_EXPECT_RESYNC=1` — the agent notices damage in its own cache store
-    /// (issue 10 finding 3, gap (a)): a sync after cache damage must succeed, and a point cut by
+    /// (damage in the agent's own cache store): a sync after cache damage must succeed, and a point cut by
     /// `sync --verify` (the sweep) must not rely on a damaged object. Off: such syncs may fail
     /// and such points may be broken.
     expect_resync: bool,

@@ -875,8 +875,8 @@ fn killing_the_coordinator_while_it_processes_and_prunes_loses_and_duplicates_no
     }
 }
 
-/// Issue 10, item 1, with the real agent and CLI: a disk of many segments, and sync, process
-/// with a cache trim, prune, round after round (as the issue's script). The first prune
+/// The jam after compaction, with the real agent and CLI: a disk of many segments, and sync, process
+/// with a cache trim, prune, round after round (as a user's script would). The first prune
 /// compacts the image into a base; processing used to copy the segments it stands for again
 /// every round, the trim removed them from the cache and the prune from the target, and the
 /// third round failed on a segment gone from both.
@@ -1005,7 +1005,7 @@ fn the_coordinators_processing_loop_never_jams_after_compacting() {
     }
 }
 
-/// Issue finding: a VM that lost its agent state and got a new cache store started again at
+/// Regression: a VM that lost its agent state and got a new cache store started again at
 /// segment 1 / tag 1, and processing took the target's old segment 1 for the new one (or, after
 /// identity checks, quarantined every new point). New histories now number from the time, so
 /// the new history flows to the target beside the old one and restores its own bytes.
@@ -1047,7 +1047,7 @@ fn a_reprotected_vm_with_a_new_cache_store_restores_its_new_bytes_from_the_targe
     }
 }
 
-/// Issue finding: the point id `<vm>-<ms>-t<tag>` had to fit in 64 characters, so a long VM id
+/// Regression: the point id `<vm>-<ms>-t<tag>` had to fit in 64 characters, so a long VM id
 /// failed at its first point, after its segments and tag were written. Every valid VM id now
 /// names points for any tag number.
 #[test]
@@ -1084,7 +1084,7 @@ fn the_longest_vm_id_publishes_points_and_they_restore() {
     );
 }
 
-/// Issue finding: after the agent's newest tag was deleted from the cache store the agent made
+/// Regression: after the agent's newest tag was deleted from the cache store the agent made
 /// a correct new copy, but processing stalled on the old point that named the lost tag (exit 2,
 /// `no tag … for disk`) and newer good points never reached the target. A flipped byte in a
 /// cache segment did the same. Processing now quarantines the point and moves on.
@@ -1137,7 +1137,7 @@ fn damage_in_the_cache_costs_its_points_and_newer_points_reach_the_target() {
     vm.assert_fails_over(&vm.target(), 0, &dir.path().join("zero"));
 }
 
-/// Issue finding: `lifeboat restore` left the disks it had restored when a later one failed,
+/// Regression: `lifeboat restore` left the disks it had restored when a later one failed,
 /// and a failed failover deleted the user's own empty `--to` directory. Both now leave the
 /// location as they found it.
 #[test]
@@ -1183,7 +1183,7 @@ fn failed_restores_and_failovers_leave_the_output_as_they_found_it() {
     }
 }
 
-/// Issue finding (found again by the lifecycle test): after the clock stepped back, a new point
+/// Regression (found again by the lifecycle test): after the clock stepped back, a new point
 /// was timed before the latest processed one, taken for a pruned one, and silently never
 /// processed. The agent now times a tag after its disk's previous one. The clock step is real
 /// for the agent: `faketime` (installed by scripts/test.sh) sets its clock an hour back.

@@ -22,8 +22,16 @@ pub fn sync(_mount: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// No process groups to signal here: the hook's own process is killed by the caller.
-pub fn kill_process_group(_pgid: u32) {}
+/// Sends SIGKILL to every process of group `pgid` where there are process groups (a hook's:
+/// it runs in a group of its own); elsewhere the caller kills the hook's own process.
+pub fn kill_process_group(pgid: u32) {
+    #[cfg(unix)]
+    let _ = std::process::Command::new("kill")
+        .args(["-KILL", "--", &format!("-{pgid}")])
+        .status();
+    #[cfg(not(unix))]
+    let _ = pgid;
+}
 
 /// Nothing is ever frozen here, so the watchdog has nothing to protect.
 pub fn ignore_stop_signals() {}

@@ -366,9 +366,12 @@ impl Agent {
             .find(|(from, _)| *from >= st.from_segment);
         if let Some((from, why)) = asked {
             tracing::warn!(disk = %disk.id, history = from, reason = %why, "processing cannot complete this history in the target store; resynchronising with a new full copy");
-            // Numbered after the request too, so the new history is never the one it names.
+            // Numbered from the time, like a history begun afresh (and after the request and
+            // every number known here): a store written before time-derived numbering may
+            // still hold an older history's higher numbers, which a count from here could meet.
             let through = st.through_segment.max(max_seg).max(from);
-            st = self.fresh_copy(disk, st.tag_seq, through);
+            let start = history_start(now_millis(), through);
+            st = self.fresh_copy(disk, st.tag_seq, start - 1);
             state::save(&self.config.state_dir, &st)?;
             return Ok(st);
         }
@@ -980,9 +983,23 @@ impl Agent {
                 let damaged = noted || reused;
                 DiskShape::Directory {
                     tree: if damaged {
-                        self.writer
+                        match self
+                            .writer
                             .replace_tree(&self.config.vm, &disk.id, &tree)
-                            .await?
+                            .await
+                        {
+                            Ok(hash) => hash,
+                            // May not delete (a container SAS without `d`): the damaged copy
+                            // stays; processing, which may, removes it when it meets it, and a
+                            // later tag writes it whole.
+                            Err(lifeboat_store::Error::Store(e))
+                                if e.kind == lifeboat_store::ErrorKind::Denied =>
+                            {
+                                tracing::warn!(disk = %disk.id, error = %e, "cannot replace a damaged directory listing in the cache store (no delete permission); processing will");
+                                hash
+                            }
+                            Err(e) => return Err(e.into()),
+                        }
                     } else {
                         self.writer
                             .put_tree(&self.config.vm, &disk.id, &tree)
@@ -1115,12 +1132,7 @@ enum Checked {
 /// Whether a read error is damage in the store (a decoder or consistency check refused what
 /// is there) rather than a failure to reach it (retried by the next cycle).
 fn is_damage(e: &lifeboat_store::Error) -> bool {
-    matches!(
-        e,
-        lifeboat_store::Error::Codec(_)
-            | lifeboat_store::Error::Manifest(_)
-            | lifeboat_store::Error::Inconsistent(_)
-    )
+    e.is_damage()
 }
 
 /// Bits of a history's first number below its start time: a history may write 2^20 segments

@@ -201,21 +201,6 @@ impl Processor {
                 Err(e) => return Err(e.context(format!("processing point {}", p.id))),
             }
         }
-        // A point quarantined before a newer one covering its VMs was published in this very
-        // pass is superseded, like one skipped above: not refused, just no longer needed.
-        let now_done: Vec<&RecoveryPoint> = points
-            .iter()
-            .filter(|p| pass.points.contains(&p.id))
-            .chain(done.iter().copied())
-            .collect();
-        pass.quarantined.retain(|(id, _)| {
-            let Some(p) = points.iter().find(|p| &p.id == id) else {
-                return true;
-            };
-            !now_done
-                .iter()
-                .any(|q| q.time > p.time && p.members.iter().all(|m| q.member(&m.vm).is_some()))
-        });
         self.record_quarantines(&pass).await?;
         let disks: BTreeSet<(VmId, DiskId)> = points
             .iter()
@@ -277,6 +262,13 @@ impl Processor {
         if !self.asks {
             return false;
         }
+        // Already answered: the agent's newest tag is of a later history (the old one's points
+        // are still kept, and retention meets its damage again on every prune).
+        if let Ok(Some(t)) = self.cache.latest_tag(&b.vm, &b.disk).await
+            && t.from_segment > b.from
+        {
+            return false;
+        }
         let name = self.cache.layout().resync(&b.vm, &b.disk, b.from);
         match self
             .cache
@@ -319,10 +311,12 @@ impl Processor {
             };
             for (from, _) in requests.into_iter().filter(|(from, _)| newest > *from) {
                 tracing::info!(%vm, %disk, history = from, new_history = newest, "resync answered");
-                self.cache
-                    .backend()
-                    .delete(&self.cache.layout().resync(vm, disk, from))
-                    .await?;
+                let name = self.cache.layout().resync(vm, disk, from);
+                // An answered request left in place costs nothing (the agent ignores requests
+                // older than its history); a credential without delete must not stop the pass.
+                if let Err(e) = self.cache.backend().delete(&name).await {
+                    tracing::warn!(request = %name, error = %e, "cannot withdraw an answered resync request");
+                }
             }
         }
         Ok(())
@@ -371,7 +365,19 @@ impl Processor {
                     .await
                     .map_err(|e| broken(&tag, e))?;
                 if let DiskShape::Directory { tree } = &tag.shape {
-                    let t = self.cache.tree(&m.vm, &d.disk, tree).await?;
+                    let t = match self.cache.tree(&m.vm, &d.disk, tree).await {
+                        Ok(t) => t,
+                        Err(e) if e.is_damage() => {
+                            // The agent may not delete (a container SAS without `d`), and an
+                            // unchanged directory's next tag names this listing again: removing
+                            // it lets that tag write it whole (trees are create-only).
+                            let name = self.cache.layout().tree(&m.vm, &d.disk, tree)?;
+                            tracing::warn!(tree = %name, error = %e, "removing a damaged listing from the cache store so the agent writes it again");
+                            self.cache.backend().delete(&name).await?;
+                            return Err(e.into());
+                        }
+                        Err(e) => return Err(e.into()),
+                    };
                     // An unchanged directory's tags all name one listing: a damaged copy in
                     // the target would break every later point, so what is there is compared
                     // and replaced, never taken on its name.
@@ -780,14 +786,19 @@ impl Processor {
                             oldest.seq
                         ));
                         // What the oldest kept tag reads is damaged or gone, and every later
-                        // tag of its history reads the same: only a new history mends it.
+                        // tag of its history reads the same: only a new history mends it. (A
+                        // leftover part under the base's name puts no data at stake.)
+                        let occupied = matches!(
+                            e.downcast_ref::<lifeboat_store::Error>(),
+                            Some(lifeboat_store::Error::Occupied(_))
+                        );
                         let b = Broken {
                             vm: vm.clone(),
                             disk: disk.clone(),
                             from: oldest.from_segment,
                             why: format!("no compaction at tag {}: {e:#}", oldest.seq),
                         };
-                        if self.request_resync(&b).await {
+                        if !occupied && self.request_resync(&b).await {
                             out.resyncs.push((vm.clone(), disk.clone(), b.from));
                         }
                     }
@@ -842,30 +853,41 @@ impl Processor {
                         .is_some_and(|b| b.tag > t)
             })
         };
-        for m in backend.list(&layout.bases(&vm, &disk)).await? {
-            let file = m.name.as_str();
-            let Some(rest) = file.strip_prefix(layout.bases(&vm, &disk).as_str()) else {
+        let listed = backend.list(&layout.bases(&vm, &disk)).await?;
+        let prefix = format!("{}/", layout.bases(&vm, &disk));
+        // Manifests that stay (readable or not): their parts are not leftovers.
+        let mut manifests = BTreeSet::new();
+        for m in &listed {
+            let Some(t) = m
+                .name
+                .as_str()
+                .strip_prefix(&prefix)
+                .and_then(|f| f.strip_suffix(".base"))
+                .and_then(|t| t.parse::<u64>().ok())
+            else {
                 continue;
             };
-            let Some((tag, _part)) = rest.trim_start_matches('/').split_once('/') else {
-                let unreadable = rest
-                    .trim_start_matches('/')
-                    .strip_suffix(".base")
-                    .and_then(|t| t.parse::<u64>().ok())
-                    .filter(|t| !bases.iter().any(|b| b.tag == *t));
-                if let Some(t) = unreadable
-                    && unusable(t)
-                {
-                    tracing::warn!(base = %m.name, "removing an unreadable base manifest no kept tag's history can use");
-                    backend.delete(&m.name).await?;
-                    out.bases_deleted += 1;
-                }
-                continue;
+            if !bases.iter().any(|b| b.tag == t) && unusable(t) {
+                tracing::warn!(base = %m.name, "removing an unreadable base manifest no kept tag could restore from");
+                backend.delete(&m.name).await?;
+                out.bases_deleted += 1;
+            } else {
+                manifests.insert(t);
+            }
+        }
+        for m in &listed {
+            let Some((tag, _part)) = m
+                .name
+                .as_str()
+                .strip_prefix(&prefix)
+                .and_then(|f| f.split_once('/'))
+            else {
+                continue; // a manifest
             };
             let Ok(tag) = tag.parse::<u64>() else {
                 continue;
             };
-            if tag < oldest_kept && !bases.iter().any(|b| b.tag == tag) {
+            if tag < oldest_kept && !manifests.contains(&tag) {
                 backend.delete(&m.name).await?;
                 out.orphan_parts += 1;
             }

@@ -38,7 +38,8 @@ pub async fn compact(
         DiskShape::Directory { tree } => Some(reader.tree(&tag.vm, &tag.disk, tree).await?),
     };
     let files = files_of(tag, tree.as_ref());
-    let bases = reader.bases(&tag.vm, &tag.disk).await?;
+    // A damaged base stands for nothing; the compaction builds on the readable ones.
+    let bases = reader.readable_bases(&tag.vm, &tag.disk).await?;
     let (prev, sources) = sources_for(layout, tag, &bases);
     // What the new base stands for: the segments of the base it is built on (if that one
     // recorded them), then the identities of the segments after it.
@@ -150,11 +151,7 @@ pub async fn compact(
 
 /// Whether `e` says an object is missing or wrong (rather than the store unreachable).
 fn is_damage(e: &Error) -> bool {
-    match e {
-        Error::Store(s) => s.kind == ErrorKind::NotFound,
-        Error::Inconsistent(_) | Error::Codec(_) | Error::Manifest(_) => true,
-        _ => false,
-    }
+    e.is_damage_or_loss()
 }
 
 /// Writes a part create-only; an existing part with the same bytes (a killed or concurrent try)
@@ -173,7 +170,7 @@ async fn put_object(reader: &StoreReader, name: &ObjectName, data: Bytes) -> Res
             if reader.backend().get(&name).await? == data {
                 Ok(())
             } else {
-                Err(Error::Inconsistent(format!(
+                Err(Error::Occupied(format!(
                     "{name} exists with other bytes than this compaction writes"
                 )))
             }

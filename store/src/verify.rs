@@ -129,11 +129,7 @@ pub async fn verify(backend: DynBackend, opts: &VerifyOptions) -> Result<VerifyR
 
 /// Whether `e` says an object is missing or wrong, rather than the store unreachable.
 fn is_damage(e: &Error) -> bool {
-    match e {
-        Error::Store(s) => matches!(s.kind, ErrorKind::NotFound | ErrorKind::InvalidInput),
-        Error::Codec(_) | Error::Manifest(_) | Error::Inconsistent(_) => true,
-        Error::Invalid(_) | Error::Io { .. } => false,
-    }
+    e.is_damage_or_loss()
 }
 
 /// A tag of a disk: `(vm, disk, seq)`.

@@ -1122,7 +1122,16 @@ impl World {
             return Ok(false);
         }
         if !n.missing.is_empty() {
-            if !damaged {
+            // Processed, then expired by retention in the target, and still in the cache
+            // because the trim that would remove it was killed: its data went with retention
+            // (the next trim removes the point); restoring it fails naming what is missing.
+            let expired = s == Store::Cache
+                && self.processed.contains(id)
+                && !self.exists(
+                    Store::Target,
+                    self.layout.point(&PointId::new(id).unwrap()).as_str(),
+                );
+            if !damaged && !expired {
                 return Err(format!(
                     "{s:?} point {id} references missing object(s): {:?}",
                     n.missing

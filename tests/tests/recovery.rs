@@ -1240,15 +1240,20 @@ fn target_damage_a_history_needs_asks_the_agent_for_a_new_copy_and_protection_re
     text.push_str("[replication]\nsegment_size = \"256KiB\"\n");
     std::fs::write(&config, text).unwrap();
     let target = vm.target();
+    // Points two hours apart under a one-hour retention: every prune expires all but the
+    // newest, so the damaged history is soon behind retention and the new one compacts.
+    let start = lifeboat_store::manifest::now_millis() - 30 * 86_400_000;
+    let hours = |r: u64| start + r * 2 * 3_600_000;
     let round = |vm: &mut Vm, r: u64| -> (Output, Output) {
         vm.change(r, r * 300_000, 100_000);
         vm.sync(r);
+        set_point_time(&vm.cache, "g1", vm.points.last().unwrap(), hours(r));
         let processed = lifeboat(
             &["process", "--group", "g1", "--trim-cache"],
             &[("--cache", &vm.cache), ("--store", &target)],
         );
         let pruned = lifeboat(
-            &["prune", "--group", "g1", "--retention", "24h"],
+            &["prune", "--group", "g1", "--retention", "1h"],
             &[("--cache", &vm.cache), ("--store", &target)],
         );
         (processed, pruned)
@@ -1279,7 +1284,12 @@ fn target_damage_a_history_needs_asks_the_agent_for_a_new_copy_and_protection_re
         "{stderr}"
     );
     let requests = vm.cache.join("v1/g1/vms/vm1/disks/os/resync");
-    assert_eq!(std::fs::read_dir(&requests).unwrap().count(), 1);
+    let request: Vec<PathBuf> = std::fs::read_dir(&requests)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(request.len(), 1);
+    let request = request.into_iter().next().unwrap();
 
     // The agent answers with a new history; the pass publishes it and withdraws the request.
     vm.change(3, 3 * 300_000, 100_000);
@@ -1303,6 +1313,7 @@ fn target_damage_a_history_needs_asks_the_agent_for_a_new_copy_and_protection_re
             .unwrap()
             .to_string(),
     );
+    set_point_time(&vm.cache, "g1", &vm.points[3], hours(3));
     let copy = dir.path().join("copy-3");
     std::fs::create_dir_all(&copy).unwrap();
     std::fs::copy(dir.path().join("disk.img"), copy.join("os.img")).unwrap();
@@ -1311,10 +1322,13 @@ fn target_damage_a_history_needs_asks_the_agent_for_a_new_copy_and_protection_re
         .arg(dir.path().join("data"))
         .arg(copy.join("data")));
     vm.copies.push(copy);
-    let out = ok(lifeboat(
+    // The pass still reports the point of the old history it could not copy (exit 1), and
+    // publishes the new one.
+    let out = lifeboat(
         &["process", "--group", "g1", "--trim-cache"],
         &[("--cache", &vm.cache), ("--store", &target)],
-    ));
+    );
+    let out = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.contains(&format!("latest processed point: {}", vm.points[3])),
         "{out}"
@@ -1328,13 +1342,39 @@ fn target_damage_a_history_needs_asks_the_agent_for_a_new_copy_and_protection_re
     ));
     vm.assert_restored(3, &restored);
 
-    // Steady state again: the rounds after it process, prune and compact as usual.
+    // Steady state again: the rounds after it process, prune and compact as usual — the
+    // damaged base of the old history costs the new one nothing, and nobody is asked again.
+    let mut compacted = false;
     for r in 4..7 {
         let (p, q) = round(&mut vm, r);
         ok(p);
+        let stderr = String::from_utf8_lossy(&q.stderr).into_owned();
         let q = ok(q);
         assert!(!q.contains("retention skipped"), "{q}");
+        assert!(!stderr.contains("asked vm1/os"), "round {r}: {stderr}");
+        compacted |= !q.contains("compacted 0 disk");
+        assert!(
+            std::fs::read_dir(&requests).map_or(0, |d| d.count()) == 0,
+            "round {r}: a resync request was written again"
+        );
     }
+    assert!(compacted, "the new history never compacted");
+
+    // A request the agent already answered (left in place, as a cache credential without
+    // delete would leave it) never starts another copy.
+    std::fs::create_dir_all(&requests).unwrap();
+    std::fs::write(&request, "stale").unwrap();
+    vm.change(7, 7 * 300_000, 100_000);
+    let sync = Command::new(bin("lifeboat-agent"))
+        .arg("--config")
+        .arg(&config)
+        .arg("sync")
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&sync.stderr).into_owned();
+    assert!(sync.status.success(), "{log}");
+    assert!(!log.contains("resynchronising"), "{log}");
+    assert!(!manifest.exists(), "the damaged base outlived its history");
     vm.assert_fails_over(&target, 6, &dir.path().join("out-6"));
 }
 

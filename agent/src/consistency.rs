@@ -269,36 +269,71 @@ pub fn thaw_leftovers(mounts: &[PathBuf]) {
     }
 }
 
-/// Runs a hook command with `sh -c`, killing it at `timeout`. Output is logged.
+/// Bytes of each of a hook's output streams kept for the log.
+const HOOK_LOG_BYTES: u64 = 16 << 10;
+
+/// Runs a hook command with `sh -c` in a process group of its own, killing the whole group at
+/// `timeout`. Output is logged, bounded.
+///
+/// The hook is done when its shell exits. Its output goes to unlinked temporary files rather
+/// than pipes, read once it is done: a process the hook leaves behind (a lock holder that its
+/// post hook ends, say) would hold a pipe open and, with it, the cut; and a hook printing more
+/// than a pipe holds would stall on the write until killed as "timed out". A hook that times
+/// out loses every process of its group, so nothing it started outlives the failed cut.
 pub fn run_hook(phase: &str, command: &str, timeout: Duration) -> Result<()> {
     let started = Instant::now();
-    let mut child = Command::new("sh")
-        .arg("-c")
+    let stdout = tempfile::tempfile().context("cannot create a file for a hook's output")?;
+    let stderr = tempfile::tempfile().context("cannot create a file for a hook's output")?;
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
         .arg(command)
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stdout(stdout.try_clone()?)
+        .stderr(stderr.try_clone()?);
+    #[cfg(unix)]
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    let mut child = cmd
         .spawn()
         .with_context(|| format!("{phase} hook {command:?} cannot start"))?;
+    // The command holds its own handles; ours are for reading back.
+    drop(cmd);
     let status = loop {
         if let Some(status) = child.try_wait()? {
             break status;
         }
         if started.elapsed() > timeout {
-            let _ = child.kill();
+            kill_group(&mut child);
             let _ = child.wait();
             bail!("{phase} hook {command:?} timed out after {timeout:?} and was killed");
         }
         std::thread::sleep(Duration::from_millis(5));
     };
-    let out = child.wait_with_output()?;
-    let text = |b: &[u8]| String::from_utf8_lossy(b).trim().to_owned();
-    tracing::info!(phase, command, %status, stdout = %text(&out.stdout), stderr = %text(&out.stderr), took = ?started.elapsed(), "hook finished");
+    let (out, err) = (bounded_text(stdout), bounded_text(stderr));
+    tracing::info!(phase, command, %status, stdout = %out, stderr = %err, took = ?started.elapsed(), "hook finished");
     if !status.success() {
-        bail!(
-            "{phase} hook {command:?} failed ({status}): {}",
-            text(&out.stderr)
-        );
+        bail!("{phase} hook {command:?} failed ({status}): {err}");
     }
     Ok(())
+}
+
+/// Kills every process of a hook's group (its shell and whatever that started).
+fn kill_group(child: &mut Child) {
+    platform::kill_process_group(child.id());
+    let _ = child.kill();
+}
+
+/// The start of what a hook wrote to `file` (at most [`HOOK_LOG_BYTES`]), trimmed, with how
+/// much more there was.
+fn bounded_text(mut file: std::fs::File) -> String {
+    use std::io::{Read, Seek};
+    let total = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut buf = Vec::new();
+    if file.rewind().is_ok() {
+        let _ = (&mut file).take(HOOK_LOG_BYTES).read_to_end(&mut buf);
+    }
+    let mut text = String::from_utf8_lossy(&buf).trim().to_owned();
+    if total > buf.len() as u64 {
+        text.push_str(&format!(" … ({} more bytes)", total - buf.len() as u64));
+    }
+    text
 }

@@ -51,6 +51,14 @@ pub fn sync(mount: &Path) -> io::Result<()> {
     }
 }
 
+/// Sends SIGKILL to every process of group `pgid` (a hook's: it runs in a group of its own).
+pub fn kill_process_group(pgid: u32) {
+    if let Ok(pgid) = libc::pid_t::try_from(pgid) {
+        // SAFETY: killpg only sends a signal.
+        unsafe { libc::killpg(pgid, libc::SIGKILL) };
+    }
+}
+
 /// Makes this process (the thaw watchdog) immune to SIGTERM, SIGINT and SIGHUP, so a service
 /// manager stopping the agent's whole process group cannot take the watchdog down before it has
 /// thawed, and to the job-control stops that can be ignored (SIGTSTP, SIGTTIN, SIGTTOU). SIGKILL

@@ -22,6 +22,9 @@ pub fn sync(_mount: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// No process groups to signal here: the hook's own process is killed by the caller.
+pub fn kill_process_group(_pgid: u32) {}
+
 /// Nothing is ever frozen here, so the watchdog has nothing to protect.
 pub fn ignore_stop_signals() {}
 

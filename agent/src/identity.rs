@@ -156,23 +156,11 @@ pub async fn enroll(
 }
 
 fn write(path: &Path, text: &str, private: bool) -> Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let mut o = std::fs::OpenOptions::new();
-    o.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    if private {
-        std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
-    }
-    #[cfg(not(unix))]
-    let _ = private;
-    let mut f = o
-        .open(&tmp)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    f.write_all(text.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    Ok(())
+    let written = match private {
+        true => lifeboat_store::durable::replace_private(path, text.as_bytes()),
+        false => lifeboat_store::durable::replace(path, text.as_bytes()),
+    };
+    written.with_context(|| format!("cannot write {}", path.display()))
 }
 
 #[cfg(test)]

@@ -52,9 +52,8 @@ pub fn update(state_dir: &Path, f: impl FnOnce(&mut Status)) {
     f(status);
     status.updated = lifeboat_store::manifest::now_millis();
     let path = state_dir.join("status.json");
-    let tmp = state_dir.join("status.json.tmp");
     let body = serde_json::to_vec_pretty(status).expect("status serialises");
-    if let Err(e) = std::fs::write(&tmp, body).and_then(|_| std::fs::rename(&tmp, &path)) {
+    if let Err(e) = lifeboat_store::durable::replace(&path, &body) {
         tracing::debug!(error = %e, "cannot write status.json");
     }
 }

@@ -10,11 +10,11 @@
 //! where format 1 (still read) spent 64 hex characters in JSON.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File};
-use std::io::Write;
+use std::fs;
 use std::path::{Path, PathBuf};
 
 use lifeboat_store::codec::Hash;
+use lifeboat_store::durable::Access;
 use lifeboat_store::{DiskId, VmId};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -233,9 +233,8 @@ pub fn save(state_dir: &Path, state: &DiskState) -> Result<(), StateError> {
     for h in raw {
         sum.update(h);
     }
-    let tmp = path.with_extension("state.tmp");
-    let written = File::create(&tmp).and_then(|f| {
-        let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+    // A full disk leaves the old state and no half-written file behind.
+    lifeboat_store::durable::replace_with(&path, Access::Shared, |w| {
         writeln!(
             w,
             "lifeboat-state {STATE_VERSION} {}",
@@ -246,17 +245,9 @@ pub fn save(state_dir: &Path, state: &DiskState) -> Result<(), StateError> {
         for h in raw {
             w.write_all(h)?;
         }
-        w.into_inner().map_err(|e| e.into_error())?.sync_all()
-    });
-    if let Err(e) = written.and_then(|_| fs::rename(&tmp, &path)) {
-        // A full disk must not leave a half-written file behind; the old state stays.
-        let _ = fs::remove_file(&tmp);
-        return Err(io(e));
-    }
-    File::open(state_dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io)?;
-    Ok(())
+        Ok(())
+    })
+    .map_err(io)
 }
 
 #[cfg(test)]

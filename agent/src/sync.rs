@@ -356,6 +356,22 @@ impl Agent {
         if deep && let Some(tag) = latest.as_ref().filter(|l| l.seq == st.tag_seq) {
             self.check_tree(tag).await?;
         }
+        // Processing asks for a new history when the target store cannot complete this one
+        // (damage there, or data gone from both stores): what it lacks exists only here.
+        let asked = self
+            .reader
+            .resync_requests(vm, &disk.id)
+            .await?
+            .into_iter()
+            .find(|(from, _)| *from >= st.from_segment);
+        if let Some((from, why)) = asked {
+            tracing::warn!(disk = %disk.id, history = from, reason = %why, "processing cannot complete this history in the target store; resynchronising with a new full copy");
+            // Numbered after the request too, so the new history is never the one it names.
+            let through = st.through_segment.max(max_seg).max(from);
+            st = self.fresh_copy(disk, st.tag_seq, through);
+            state::save(&self.config.state_dir, &st)?;
+            return Ok(st);
+        }
         match self.check_cache(disk, &mut st, &segs, deep).await? {
             Checked::Intact => {}
             Checked::Lost(why) => {
@@ -940,15 +956,28 @@ impl Agent {
         time: u64,
         consistency: Consistency,
     ) -> Result<Tag> {
+        // Segments up to the previous tag's were checked when it was written (and processing
+        // may have moved them to the target since); check what this tag adds.
+        let previous = match st.tag_seq {
+            0 => None,
+            prev => self.reader.tag(&self.config.vm, &disk.id, prev).await.ok(),
+        };
         let shape = match shape {
             Shape::Size(size) => DiskShape::Image { size },
             Shape::Tree(tree) => {
                 let hash = tree.encode().0;
-                let damaged = self
+                let noted = self
                     .damaged_trees
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .remove(&hash);
+                // An unchanged directory names the listing its previous tag named: every
+                // point from here on would share a damaged copy, so what is stored is compared
+                // (a read of what a changed directory writes each cycle) and replaced.
+                let reused = previous.as_ref().is_some_and(
+                    |p| matches!(&p.shape, DiskShape::Directory { tree } if *tree == hash),
+                );
+                let damaged = noted || reused;
                 DiskShape::Directory {
                     tree: if damaged {
                         self.writer
@@ -977,12 +1006,6 @@ impl Agent {
             consistency,
             block_size: st.block_size,
             shape,
-        };
-        // Segments up to the previous tag's were checked when it was written (and processing
-        // may have moved them to the target since); check what this tag adds.
-        let previous = match st.tag_seq {
-            0 => None,
-            prev => self.reader.tag(&self.config.vm, &disk.id, prev).await.ok(),
         };
         let first = match &previous {
             Some(p) if p.from_segment == tag.from_segment => p.through_segment + 1,

@@ -71,3 +71,91 @@ fn a_failing_or_hanging_pre_hook_never_yields_an_app_label() {
         assert!(!dir.path().join("marks").exists());
     }
 }
+
+/// Regression: a pre hook that left a process behind (`sleep 40 &`, as a hook that starts a
+/// lock holder for its post hook to end does) held the cut until that process exited: its
+/// output was read to end-of-file after the hook, and the process kept the pipe open. The
+/// hook is done when its shell is, and the process it left is not the agent's to end.
+#[test]
+fn a_hook_that_leaves_a_process_behind_does_not_hold_the_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("holder.pid");
+    let (dir2, config) = setup(&format!(
+        "sleep 60 & echo $! > {}; echo lock taken",
+        pid_file.display()
+    ));
+    let started = std::time::Instant::now();
+    let out = agent_ok(&config, &["snapshot", "--app-consistent"]);
+    let took = started.elapsed();
+    let holder: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let alive = std::path::Path::new(&format!("/proc/{holder}")).exists();
+    let _ = std::process::Command::new("kill")
+        .args(["-9", &holder.to_string()])
+        .status();
+    // 60 s is the holder's life; the 1 s timeout plus a snapshot is far below it.
+    assert!(took < std::time::Duration::from_secs(30), "took {took:?}");
+    assert!(alive, "the process a successful hook left was killed");
+    let p = point_of(dir2.path(), &out);
+    assert_eq!(p.kind, PointKind::App);
+}
+
+/// Regression: a hook printing more than a pipe holds stalled on its write and was killed as
+/// "timed out", downgrading the point.
+#[test]
+fn a_hook_with_a_lot_of_output_succeeds_and_its_log_is_bounded() {
+    let (dir, config) = setup("yes xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx | head -c 300000; echo");
+    let out = agent(&config, &["snapshot", "--app-consistent"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let p = point_of(dir.path(), &String::from_utf8_lossy(&out.stdout));
+    assert_eq!(p.kind, PointKind::App, "{stderr}");
+    assert!(stderr.contains("more bytes)"), "{stderr}");
+    assert!(stderr.len() < 100_000, "hook output logged unbounded");
+}
+
+/// A hook that times out loses every process it started: nothing of a failed cut's
+/// preparation (a lock holder, say) outlives it.
+#[test]
+fn a_hook_that_times_out_is_killed_with_everything_it_started() {
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("child.pid");
+    let (_dir2, config) = setup(&format!(
+        "sleep 60 & echo $! > {}; sleep 60",
+        pid_file.display()
+    ));
+    let out = agent(&config, &["snapshot", "--app-consistent"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("timed out"), "{stderr}");
+    let child: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // Killed: gone, or a zombie waiting for whoever adopted it to reap it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let dead = loop {
+        let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+        let state = stat
+            .rsplit(')')
+            .next()
+            .and_then(|s| s.split_whitespace().next());
+        if stat.is_empty() || state == Some("Z") {
+            break true;
+        }
+        if std::time::Instant::now() > deadline {
+            break false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    if !dead {
+        // So that a failing test leaves nothing behind.
+        let _ = std::process::Command::new("kill")
+            .args(["-9", &child.to_string()])
+            .status();
+    }
+    assert!(dead, "the hook's background process outlived its timeout");
+}

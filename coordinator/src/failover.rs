@@ -300,7 +300,7 @@ pub async fn restore_point(
             duration_ms: started.elapsed().as_millis() as u64,
             committed: false,
         };
-        std::fs::write(to.join(REPORT), serde_json::to_vec_pretty(&report)?)?;
+        lifeboat_store::durable::replace(&to.join(REPORT), &serde_json::to_vec_pretty(&report)?)?;
         anyhow::Ok(report)
     }
     .await;
@@ -340,8 +340,6 @@ pub fn commit(to: &Path) -> Result<Report> {
         )));
     }
     report.committed = true;
-    let tmp = to.join(format!("{REPORT}.tmp"));
-    std::fs::write(&tmp, serde_json::to_vec_pretty(&report)?)?;
-    std::fs::rename(&tmp, &path)?;
+    lifeboat_store::durable::replace(&path, &serde_json::to_vec_pretty(&report)?)?;
     Ok(report)
 }

@@ -50,7 +50,8 @@ pub(crate) fn write_private(path: &Path, text: &str) -> Result<()> {
 }
 
 fn write_public(path: &Path, text: &str) -> Result<()> {
-    std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
+    lifeboat_store::durable::replace(path, text.as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 fn leaf_params(cn: &str, sans: Vec<String>, days: i64) -> Result<CertificateParams> {

@@ -54,6 +54,8 @@ pub struct Pruned {
     pub orphan_parts: u64,
     /// Points that cannot be read, with why (each names its object).
     pub damaged: Vec<String>,
+    /// Disks whose agent was asked for a new history, as in [`Pass::resyncs`].
+    pub resyncs: Vec<(VmId, DiskId, u64)>,
 }
 
 /// Compact once this many segments lie between the oldest kept tag and its current base.
@@ -78,6 +80,9 @@ pub struct Processor {
     cache: StoreReader,
     target: StoreReader,
     writer: StoreWriter,
+    /// Whether `cache` is a real cache store, where resync requests go (not so for a
+    /// retention-only processor, whose "cache" is the target itself).
+    asks: bool,
 }
 
 /// What one pass did, and the figures ASR reports.
@@ -96,6 +101,9 @@ pub struct Pass {
     /// processed; a quarantined point is retried by every pass until a newer published point
     /// covering its VMs supersedes it.
     pub quarantined: Vec<(PointId, String)>,
+    /// Disks whose agent this pass asked for a new history (resync requests written), with
+    /// the first segment of the history the target cannot complete.
+    pub resyncs: Vec<(VmId, DiskId, u64)>,
 }
 
 impl Processor {
@@ -105,6 +113,16 @@ impl Processor {
             cache: StoreReader::new(cache, layout.clone()),
             target: StoreReader::new(target.clone(), layout.clone()),
             writer: StoreWriter::new(target, layout),
+            asks: true,
+        }
+    }
+
+    /// A processor for retention alone ([`Processor::prune`]) when no cache store is at hand:
+    /// it reports a history it cannot keep but cannot ask its agent for a new one.
+    pub fn retention_only(group: GroupId, target: DynBackend) -> Self {
+        Processor {
+            asks: false,
+            ..Processor::new(group, target.clone(), target)
         }
     }
 
@@ -173,12 +191,41 @@ impl Processor {
                 Err(e) if quarantines(&e) => {
                     let why = format!("{e:#}");
                     tracing::error!(point = %p.id, error = %why, "point quarantined: not processed");
+                    if let Some(b) = e.downcast_ref::<Broken>()
+                        && self.request_resync(b).await
+                    {
+                        pass.resyncs.push((b.vm.clone(), b.disk.clone(), b.from));
+                    }
                     pass.quarantined.push((p.id.clone(), why));
                 }
                 Err(e) => return Err(e.context(format!("processing point {}", p.id))),
             }
         }
+        // A point quarantined before a newer one covering its VMs was published in this very
+        // pass is superseded, like one skipped above: not refused, just no longer needed.
+        let now_done: Vec<&RecoveryPoint> = points
+            .iter()
+            .filter(|p| pass.points.contains(&p.id))
+            .chain(done.iter().copied())
+            .collect();
+        pass.quarantined.retain(|(id, _)| {
+            let Some(p) = points.iter().find(|p| &p.id == id) else {
+                return true;
+            };
+            !now_done
+                .iter()
+                .any(|q| q.time > p.time && p.members.iter().all(|m| q.member(&m.vm).is_some()))
+        });
         self.record_quarantines(&pass).await?;
+        let disks: BTreeSet<(VmId, DiskId)> = points
+            .iter()
+            .flat_map(|p| {
+                p.members
+                    .iter()
+                    .flat_map(|m| m.disks.iter().map(|d| (m.vm.clone(), d.disk.clone())))
+            })
+            .collect();
+        self.settle_resyncs(&disks).await?;
         pass.latest_processed = self
             .target
             .points()
@@ -216,6 +263,66 @@ impl Processor {
                 // Another pass recorded it meanwhile: either reason will do.
                 Err(e) if e.kind != ErrorKind::AlreadyExists => return Err(e.into()),
                 _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Asks the agent of a disk, through the cache store, for a new history (a full copy):
+    /// the target cannot complete the one starting at `b.from`, and the data it lacks now
+    /// exists only on the source disk. True when the request is in place. A cache store that
+    /// refuses the write costs the request, never the pass (the point stays quarantined and
+    /// the next pass asks again).
+    async fn request_resync(&self, b: &Broken) -> bool {
+        if !self.asks {
+            return false;
+        }
+        let name = self.cache.layout().resync(&b.vm, &b.disk, b.from);
+        match self
+            .cache
+            .backend()
+            .put_new(&name, b.why.clone().into())
+            .await
+        {
+            Ok(()) => {
+                tracing::warn!(vm = %b.vm, disk = %b.disk, history = b.from, reason = %b.why, "the target store cannot complete this history; asked the agent for a new full copy");
+                true
+            }
+            Err(e) if e.kind == ErrorKind::AlreadyExists => true,
+            Err(e) => {
+                tracing::error!(vm = %b.vm, disk = %b.disk, error = %e, "cannot write a resync request to the cache store");
+                false
+            }
+        }
+    }
+
+    /// Withdraws the resync requests their agents answered: the disk's newest tag in the cache
+    /// belongs to a later history than the one each request names.
+    async fn settle_resyncs(&self, disks: &BTreeSet<(VmId, DiskId)>) -> Result<()> {
+        for (vm, disk) in disks {
+            let requests = self.cache.resync_requests(vm, disk).await?;
+            if requests.is_empty() {
+                continue;
+            }
+            let newest = match self.cache.latest_tag(vm, disk).await {
+                Ok(Some(t)) => t.from_segment,
+                // Nothing newer to judge by (or a damaged newest tag, which the agent answers
+                // with a new history anyway): the request stays.
+                Ok(None) => continue,
+                Err(e) => {
+                    let e = anyhow::Error::from(e);
+                    if quarantines(&e) {
+                        continue;
+                    }
+                    return Err(e);
+                }
+            };
+            for (from, _) in requests.into_iter().filter(|(from, _)| newest > *from) {
+                tracing::info!(%vm, %disk, history = from, new_history = newest, "resync answered");
+                self.cache
+                    .backend()
+                    .delete(&self.cache.layout().resync(vm, disk, from))
+                    .await?;
             }
         }
         Ok(())
@@ -260,12 +367,20 @@ impl Processor {
                     have.insert(key.clone(), held);
                 }
                 let held = have.get_mut(&key).expect("inserted");
-                self.copy_segments(&tag, held, pass).await?;
+                self.copy_segments(&tag, held, pass)
+                    .await
+                    .map_err(|e| broken(&tag, e))?;
                 if let DiskShape::Directory { tree } = &tag.shape {
                     let t = self.cache.tree(&m.vm, &d.disk, tree).await?;
-                    self.writer.put_tree(&m.vm, &d.disk, &t).await?;
+                    // An unchanged directory's tags all name one listing: a damaged copy in
+                    // the target would break every later point, so what is there is compared
+                    // and replaced, never taken on its name.
+                    self.writer.replace_tree(&m.vm, &d.disk, &t).await?;
                 }
-                self.writer.put_tag(&tag).await?;
+                self.writer
+                    .put_tag(&tag)
+                    .await
+                    .map_err(|e| broken(&tag, e.into()))?;
             }
         }
         match self.writer.put_point(p).await {
@@ -643,7 +758,7 @@ impl Processor {
         // Compaction: a base at the oldest kept tag once enough segments lie behind it, so
         // restores stay bounded and the segments it replaces can go.
         if let Some(oldest) = kept_tags.first() {
-            let bases = target.bases(&vm, &disk).await?;
+            let bases = target.readable_bases(&vm, &disk).await?;
             let (base, _) = lifeboat_store::restore::sources_for(layout, oldest, &bases);
             let covered = base
                 .as_ref()
@@ -664,12 +779,23 @@ impl Processor {
                             "{vm}/{disk}: no compaction at tag {}: {e:#}",
                             oldest.seq
                         ));
+                        // What the oldest kept tag reads is damaged or gone, and every later
+                        // tag of its history reads the same: only a new history mends it.
+                        let b = Broken {
+                            vm: vm.clone(),
+                            disk: disk.clone(),
+                            from: oldest.from_segment,
+                            why: format!("no compaction at tag {}: {e:#}", oldest.seq),
+                        };
+                        if self.request_resync(&b).await {
+                            out.resyncs.push((vm.clone(), disk.clone(), b.from));
+                        }
                     }
                 }
             }
         }
         // What the kept tags read: their bases' parts and the segments after them.
-        let bases = target.bases(&vm, &disk).await?;
+        let bases = target.readable_bases(&vm, &disk).await?;
         let mut need_segments = BTreeSet::new();
         let mut need_bases = BTreeSet::new();
         let mut trees = BTreeSet::new();
@@ -705,13 +831,36 @@ impl Processor {
         // Parts without a manifest are a compaction killed half-way; one at the oldest kept
         // tag is retried (and cleaned) by `compact`, older ones never will be.
         let oldest_kept = kept_tags.first().map_or(u64::MAX, |t| t.seq);
+        // A base whose manifest cannot be read stands for nothing. Which history it was of is
+        // unknown, so it goes only once no kept tag could have restored from it: each is older
+        // than it (a base serves tags at or after its own) or restores from a newer base.
+        let unusable = |t: u64| {
+            kept_tags.iter().all(|k| {
+                k.seq < t
+                    || lifeboat_store::restore::sources_for(layout, k, &bases)
+                        .0
+                        .is_some_and(|b| b.tag > t)
+            })
+        };
         for m in backend.list(&layout.bases(&vm, &disk)).await? {
             let file = m.name.as_str();
             let Some(rest) = file.strip_prefix(layout.bases(&vm, &disk).as_str()) else {
                 continue;
             };
             let Some((tag, _part)) = rest.trim_start_matches('/').split_once('/') else {
-                continue; // a manifest
+                let unreadable = rest
+                    .trim_start_matches('/')
+                    .strip_suffix(".base")
+                    .and_then(|t| t.parse::<u64>().ok())
+                    .filter(|t| !bases.iter().any(|b| b.tag == *t));
+                if let Some(t) = unreadable
+                    && unusable(t)
+                {
+                    tracing::warn!(base = %m.name, "removing an unreadable base manifest no kept tag's history can use");
+                    backend.delete(&m.name).await?;
+                    out.bases_deleted += 1;
+                }
+                continue;
             };
             let Ok(tag) = tag.parse::<u64>() else {
                 continue;
@@ -779,6 +928,7 @@ fn quarantines(e: &anyhow::Error) -> bool {
         return true;
     }
     match e.downcast_ref::<lifeboat_store::Error>() {
+        _ if e.is::<Broken>() => true,
         Some(lifeboat_store::Error::Store(s)) => s.kind == ErrorKind::NotFound,
         Some(lifeboat_store::Error::Io { .. }) | None => false,
         Some(_) => true,
@@ -790,6 +940,35 @@ fn quarantines(e: &anyhow::Error) -> bool {
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct Conflict(pub String);
+
+/// A disk's history cannot be completed in the target store: something its tags need there is
+/// damaged or gone from both stores, or is damaged in the cache store and not yet copied. The
+/// point is quarantined and the disk's agent is asked for a new history, which needs nothing
+/// of the old one ([`Processor::pass`]).
+#[derive(Debug, thiserror::Error)]
+#[error("{why}")]
+pub struct Broken {
+    pub vm: VmId,
+    pub disk: DiskId,
+    /// First segment of the history.
+    pub from: u64,
+    pub why: String,
+}
+
+/// `e`, from copying `tag`'s data, as [`Broken`] when it is about that data (damage, loss,
+/// another history under the same numbers) rather than about reaching the stores.
+fn broken(tag: &Tag, e: anyhow::Error) -> anyhow::Error {
+    if e.is::<Broken>() || !quarantines(&e) {
+        return e;
+    }
+    Broken {
+        vm: tag.vm.clone(),
+        disk: tag.disk.clone(),
+        from: tag.from_segment,
+        why: format!("{e:#}"),
+    }
+    .into()
+}
 
 /// What the target store holds of one disk: segments on their own, and bases (each standing
 /// for the segments `from_segment..=through_segment` it was compacted from); for a pass, also
@@ -808,7 +987,9 @@ impl Held {
     async fn of(target: &StoreReader, vm: &VmId, disk: &DiskId) -> Result<Self> {
         Ok(Held {
             segments: target.segment_seqs(vm, disk).await?.into_iter().collect(),
-            bases: target.bases(vm, disk).await?,
+            // A damaged base stands for nothing: what it replaced must come from the cache,
+            // or the history cannot be completed (a resync).
+            bases: target.readable_bases(vm, disk).await?,
             ..Held::default()
         })
     }

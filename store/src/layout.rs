@@ -7,6 +7,7 @@
 //! v1/<group>/vms/<vm>/disks/<disk>/base/<tag:020>/<part:06>.seg   its segments
 //! v1/<group>/vms/<vm>/disks/<disk>/base/<tag:020>/segments.ids    what it stands for
 //! v1/<group>/vms/<vm>/disks/<disk>/tree/<blake3>.tree    directory listings, by content
+//! v1/<group>/vms/<vm>/disks/<disk>/resync/<from:020>.txt  processing asks for a new history (cache)
 //! v1/<group>/points/<point-id>.point                     recovery points
 //! v1/<group>/quarantine/<point-id>.txt                   why processing refused a point
 //! ```
@@ -108,6 +109,20 @@ impl Layout {
     pub fn base_ids(&self, vm: &VmId, disk: &DiskId, tag: u64) -> ObjectName {
         name(format!(
             "{}/base/{tag:020}/segments.ids",
+            self.disk_root(vm, disk)
+        ))
+    }
+
+    /// Prefix of a disk's resync requests (cache store).
+    pub fn resyncs(&self, vm: &VmId, disk: &DiskId) -> ObjectName {
+        name(format!("{}/resync", self.disk_root(vm, disk)))
+    }
+
+    /// Processing's request that the agent start a new history of the disk, because the
+    /// history whose first segment is `from` cannot be completed in the target store.
+    pub fn resync(&self, vm: &VmId, disk: &DiskId, from: u64) -> ObjectName {
+        name(format!(
+            "{}/resync/{from:020}.txt",
             self.disk_root(vm, disk)
         ))
     }

@@ -60,6 +60,30 @@ impl StoreReader {
         Ok(list.iter().filter_map(|m| parse_seq(&m.name)).collect())
     }
 
+    /// Processing's resync requests for a disk (cache store): the first segment of each
+    /// history it cannot complete in the target, with why (text, as written).
+    pub async fn resync_requests(&self, vm: &VmId, disk: &DiskId) -> Result<Vec<(u64, String)>> {
+        let mut out = Vec::new();
+        for m in self.backend.list(&self.layout.resyncs(vm, disk)).await? {
+            let Some(from) = m
+                .name
+                .file_name()
+                .strip_suffix(".txt")
+                .filter(|d| d.len() == 20)
+                .and_then(|d| d.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            match self.backend.get(&m.name).await {
+                Ok(b) => out.push((from, String::from_utf8_lossy(&b).into_owned())),
+                // Withdrawn since the listing.
+                Err(e) if e.kind == ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(out)
+    }
+
     /// One tag; an unknown tag is [`Error::Invalid`] naming it.
     pub async fn tag(&self, vm: &VmId, disk: &DiskId, seq: u64) -> Result<Tag> {
         let name = self.layout.tag(vm, disk, seq);

@@ -377,6 +377,14 @@ impl<'a> GroupWalk<'a> {
             match rest.split_once('/') {
                 Some(("tag", _)) => tag_seqs.extend(parse_seq(&object)),
                 Some(("seg", _)) => segment_seqs.extend(parse_seq(&object)),
+                // Processing's requests for a new history: informational, read by the agent.
+                Some(("resync", file))
+                    if file
+                        .strip_suffix(".txt")
+                        .is_some_and(|d| d.len() == 20 && d.parse::<u64>().is_ok()) =>
+                {
+                    self.used.insert(name.clone());
+                }
                 Some(("base", file)) => {
                     if let Some(seq) = file
                         .strip_suffix(".base")

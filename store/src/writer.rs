@@ -75,7 +75,7 @@ impl StoreWriter {
         }
     }
 
-    /// [`StoreWriter::put_tree`] over an object under that name known to be damaged: if the
+    /// [`StoreWriter::put_tree`] over an object under that name that may be damaged: if the
     /// stored bytes differ, they are deleted and written again (the one replacement in a
     /// create-only store: the name is the content's hash, so the new bytes are the only right
     /// ones).
@@ -109,8 +109,9 @@ impl StoreWriter {
     /// reads, [`sources_for`]) are not checked either: in a target store, compaction lets
     /// retention delete them once they are folded into the base.
     pub async fn put_tag_checking_from(&self, tag: &Tag, first: u64) -> Result<()> {
+        // A damaged base stands for nothing: its segments must then be here on their own.
         let bases = StoreReader::new(self.backend.clone(), self.layout.clone())
-            .bases(&tag.vm, &tag.disk)
+            .readable_bases(&tag.vm, &tag.disk)
             .await?;
         let (base, _) = sources_for(&self.layout, tag, &bases);
         let first = first.max(base.map_or(0, |b| b.through_segment + 1));

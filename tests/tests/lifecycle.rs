@@ -54,7 +54,16 @@ struct Opts {
     strict_bases: bool,
     /// `LIFEBOAT_LIFECYCLE_DAMAGE=0` turns damage off (to look at steady state alone).
     damage: bool,
+    /// Protection resumes after damage: within [`STALL_LIMIT`] complete passes that follow
+    /// new points, the newest point is processed (damage in the target that a disk's history
+    /// needs makes processing ask the agent for a new history). On unless
+    /// `LIFEBOAT_LIFECYCLE_LIVENESS=0`.
+    liveness: bool,
 }
+
+/// Complete passes after new points without the newest one processed, counted from the last
+/// damage, after which protection counts as stopped.
+const STALL_LIMIT: u32 = 3;
 
 impl Opts {
     fn from_env() -> Self {
@@ -74,6 +83,7 @@ impl Opts {
             reprotect: var("LIFEBOAT_LIFECYCLE_REPROTECT").is_none_or(|v| v != "0"),
             strict_bases: flag("LIFEBOAT_LIFECYCLE_STRICT_BASES"),
             damage: var("LIFEBOAT_LIFECYCLE_DAMAGE").is_none_or(|v| v != "0"),
+            liveness: var("LIFEBOAT_LIFECYCLE_LIVENESS").is_none_or(|v| v != "0"),
         }
     }
 }
@@ -146,6 +156,10 @@ struct World {
     restored: HashMap<(Store, String), (Prints, bool)>,
     churn_since_point: u64,
     full_pending: bool,
+    /// Points cut since the last complete processing pass, and how many such passes in a row
+    /// left the newest of them unprocessed (reset by damage and by progress).
+    new_since_pass: Vec<String>,
+    stalled: u32,
     log: Vec<String>,
     // Figures for the report and `scripts/soak`.
     cycles: u64,
@@ -191,7 +205,7 @@ fn lifecycle_randomised_model_based() {
             eprintln!("stores kept in {}", kept.display());
         }
         panic!(
-            "lifecycle invariant broken: {why}\nreplay: LIFEBOAT_LIFECYCLE_SEED={} LIFEBOAT_LIFECYCLE_STEPS={steps}{}{}{}{}{}",
+            "lifecycle invariant broken: {why}\nreplay: LIFEBOAT_LIFECYCLE_SEED={} LIFEBOAT_LIFECYCLE_STEPS={steps}{}{}{}{}{}{}",
             opts.seed,
             if opts.expect_resync {
                 " LIFEBOAT_LIFECYCLE_EXPECT_RESYNC=1"
@@ -217,6 +231,11 @@ fn lifecycle_randomised_model_based() {
                 ""
             } else {
                 " LIFEBOAT_LIFECYCLE_DAMAGE=0"
+            },
+            if opts.liveness {
+                ""
+            } else {
+                " LIFEBOAT_LIFECYCLE_LIVENESS=0"
             },
         );
     }
@@ -339,6 +358,8 @@ impl World {
             restored: HashMap::new(),
             churn_since_point: 0,
             full_pending: true,
+            new_since_pass: Vec::new(),
+            stalled: 0,
             log: Vec::new(),
             cycles: 0,
             processed: BTreeSet::new(),
@@ -642,6 +663,7 @@ impl World {
             self.newest_time = self.newest_time.max(self.now);
             self.cycles += 1;
         }
+        self.new_since_pass.extend(new.iter().cloned());
         let failed_plain = kill_ms.is_none() && outcome != "ok";
         self.note(format!(
             "sync{}{}: {outcome}; new point(s) {new:?} at t+{} min",
@@ -720,7 +742,7 @@ impl World {
         let retention = format!("{}h", RETENTION_MS / 3_600_000);
         let mut cmd = self.lifeboat(
             &["prune", "--retention", &retention, "--now", &now],
-            &[("--store", &self.target)],
+            &[("--store", &self.target), ("--cache", &self.cache)],
         );
         let o = Self::run_or_kill(&mut cmd, kill_ms);
         let text = match &o {
@@ -796,6 +818,7 @@ impl World {
             Harm::Delete => std::fs::remove_file(&path).unwrap(),
         }
         let after = fingerprint(&path);
+        self.stalled = 0;
         self.note(format!("damage {store:?}: {harm:?} {name}"));
         self.damaged.insert((store, name), Damage { harm, after });
     }
@@ -1217,6 +1240,30 @@ impl World {
             .max()
             .unwrap_or(0);
         if processed {
+            // Protection resumes: the newest point cut since the previous complete pass is
+            // processed by this one, or within a few more (the agent answers a resync request
+            // at its next sync). Points cut behind the latest processed one after a clock step
+            // are exempt as above.
+            let fresh = std::mem::take(&mut self.new_since_pass);
+            let newest_fresh = fresh
+                .iter()
+                .filter_map(|id| self.points.get(id))
+                .filter(|r| !r.stepped_back || self.opts.strict_clock)
+                .map(|r| r.time)
+                .max();
+            match newest_fresh {
+                Some(t) if latest_processed < t => {
+                    self.stalled += 1;
+                    if self.opts.liveness && self.stalled >= STALL_LIMIT {
+                        return Err(format!(
+                            "protection stopped: {} complete passes after new points, none processed (latest processed t={latest_processed}, newest t={t})",
+                            self.stalled
+                        ));
+                    }
+                }
+                Some(_) => self.stalled = 0,
+                None => {}
+            }
             self.lag = newest_cache.saturating_sub(latest_processed);
             self.max_lag = self.max_lag.max(self.lag);
             for id in &intact_pending {
@@ -1482,6 +1529,7 @@ fn a_damaged_kept_tag_does_not_stop_retention() {
         reprotect: false,
         strict_bases: false,
         damage: false,
+        liveness: true,
     };
     let mut w = World::new(dir.path(), opts);
     let mut img = vec![0u8; IMAGE_BYTES as usize];

@@ -1224,3 +1224,157 @@ fn a_point_cut_after_the_clock_stepped_back_is_processed() {
         std::fs::read(out.join("vm1/os.img")).unwrap()
     );
 }
+
+/// Regression: damage in the target store to what a disk's history needs there (here the
+/// base that compaction folded its first segments into, which retention then deleted and the
+/// cache trimmed) quarantined every later point of the disk for good: the data existed only
+/// on the source disk, and nothing asked for it. Processing now asks the agent, through the
+/// cache store, for a new history; the next sync is a full copy and the next pass publishes it.
+#[test]
+fn target_damage_a_history_needs_asks_the_agent_for_a_new_copy_and_protection_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut vm = Vm::setup(dir.path());
+    let config = dir.path().join("agent.toml");
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    // Small segments: the 3 MiB image is a dozen of them, past the compaction threshold.
+    text.push_str("[replication]\nsegment_size = \"256KiB\"\n");
+    std::fs::write(&config, text).unwrap();
+    let target = vm.target();
+    let round = |vm: &mut Vm, r: u64| -> (Output, Output) {
+        vm.change(r, r * 300_000, 100_000);
+        vm.sync(r);
+        let processed = lifeboat(
+            &["process", "--group", "g1", "--trim-cache"],
+            &[("--cache", &vm.cache), ("--store", &target)],
+        );
+        let pruned = lifeboat(
+            &["prune", "--group", "g1", "--retention", "24h"],
+            &[("--cache", &vm.cache), ("--store", &target)],
+        );
+        (processed, pruned)
+    };
+    for r in 0..2 {
+        let (p, q) = round(&mut vm, r);
+        ok(p);
+        ok(q);
+    }
+    let bases = target.join("v1/g1/vms/vm1/disks/os/base");
+    let manifest = std::fs::read_dir(&bases)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "base"))
+        .expect("round 0's prune compacted the image into a base");
+    let mut bytes = std::fs::read(&manifest).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x20;
+    std::fs::write(&manifest, bytes).unwrap();
+
+    // The next point cannot be completed in the target: quarantined, and the agent is asked.
+    let (p, _) = round(&mut vm, 2);
+    let stderr = String::from_utf8_lossy(&p.stderr).into_owned();
+    assert_eq!(p.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("asked vm1/os for a new full copy"),
+        "{stderr}"
+    );
+    let requests = vm.cache.join("v1/g1/vms/vm1/disks/os/resync");
+    assert_eq!(std::fs::read_dir(&requests).unwrap().count(), 1);
+
+    // The agent answers with a new history; the pass publishes it and withdraws the request.
+    vm.change(3, 3 * 300_000, 100_000);
+    let sync = Command::new(bin("lifeboat-agent"))
+        .arg("--config")
+        .arg(&config)
+        .arg("sync")
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&sync.stderr).into_owned();
+    assert!(sync.status.success(), "{log}");
+    assert!(
+        log.contains("processing cannot complete this history in the target store"),
+        "{log}"
+    );
+    vm.points.push(
+        String::from_utf8_lossy(&sync.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix("published recovery point "))
+            .and_then(|l| l.split_whitespace().next())
+            .unwrap()
+            .to_string(),
+    );
+    let copy = dir.path().join("copy-3");
+    std::fs::create_dir_all(&copy).unwrap();
+    std::fs::copy(dir.path().join("disk.img"), copy.join("os.img")).unwrap();
+    run(Command::new("cp")
+        .arg("-a")
+        .arg(dir.path().join("data"))
+        .arg(copy.join("data")));
+    vm.copies.push(copy);
+    let out = ok(lifeboat(
+        &["process", "--group", "g1", "--trim-cache"],
+        &[("--cache", &vm.cache), ("--store", &target)],
+    ));
+    assert!(
+        out.contains(&format!("latest processed point: {}", vm.points[3])),
+        "{out}"
+    );
+    assert_eq!(std::fs::read_dir(&requests).unwrap().count(), 0);
+    let restored = dir.path().join("latest");
+    ok(failover(
+        &target,
+        &["--vm", "vm1", "--point", "latest-processed"],
+        &restored,
+    ));
+    vm.assert_restored(3, &restored);
+
+    // Steady state again: the rounds after it process, prune and compact as usual.
+    for r in 4..7 {
+        let (p, q) = round(&mut vm, r);
+        ok(p);
+        let q = ok(q);
+        assert!(!q.contains("retention skipped"), "{q}");
+    }
+    vm.assert_fails_over(&target, 6, &dir.path().join("out-6"));
+}
+
+/// Regression: the listing of an unchanged directory is one object all its tags name, and
+/// processing took the target's copy on its name: a damaged one there broke every later
+/// point of the disk while they were published as restorable. It is now compared and replaced.
+#[test]
+fn a_damaged_directory_listing_in_the_target_is_replaced_by_the_next_point() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut vm = Vm::setup(dir.path());
+    vm.sync(0);
+    vm.process();
+    let trees = vm.target().join("v1/g1/vms/vm1/disks/data/tree");
+    let tree = std::fs::read_dir(&trees)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .next()
+        .unwrap();
+    let mut bytes = std::fs::read(&tree).unwrap();
+    let at = bytes.len() - 1;
+    bytes[at] ^= 0x01;
+    std::fs::write(&tree, bytes).unwrap();
+    // Only the image changes: the directory's next tag names the same listing.
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.path().join("disk.img"))
+            .unwrap();
+        f.seek(SeekFrom::Start(4096)).unwrap();
+        f.write_all(&random_bytes(64 << 10, 77)).unwrap();
+    }
+    vm.sync(1);
+    vm.process();
+    let out = dir.path().join("latest");
+    ok(failover(
+        &vm.target(),
+        &["--vm", "vm1", "--point", "latest-processed"],
+        &out,
+    ));
+    vm.assert_restored(1, &out);
+}

@@ -94,6 +94,11 @@ enum Command {
     Prune {
         #[command(flatten)]
         target: StoreArgs,
+        /// The group's cache store: where a prune that finds a history it can no longer keep
+        /// (damage in the target) asks the disk's agent for a new full copy. Without it, such
+        /// a history is only reported; the next `process` asks.
+        #[arg(long)]
+        cache: Option<PathBuf>,
         /// How long points are kept, 1h to 72h, counted back from the newest point (or from
         /// now, if earlier): while no new points arrive nothing expires.
         #[arg(long, value_parser = humantime::parse_duration)]
@@ -541,6 +546,7 @@ async fn run(command: Command) -> Result<()> {
         }
         Command::Prune {
             target,
+            cache,
             retention,
             now,
         } => {
@@ -559,16 +565,18 @@ async fn run(command: Command) -> Result<()> {
                 None => lifeboat_store::manifest::now_millis(),
             };
             // Prune deletes, but never creates the store it prunes.
-            let reader = open(&target, OpenMode::ReadOnly).await?;
-            let p = Processor::new(
-                target.group.clone(),
-                reader.backend().clone(),
-                reader.backend().clone(),
-            );
+            let p = match &cache {
+                Some(cache) => processor(cache, &target, OpenMode::ReadOnly).await?,
+                None => {
+                    let reader = open(&target, OpenMode::ReadOnly).await?;
+                    Processor::retention_only(target.group.clone(), reader.backend().clone())
+                }
+            };
             let r = p.prune(retention, now).await?;
             for d in &r.damaged {
                 eprintln!("left in place, unreadable (its data may be pruned): {d}");
             }
+            print_resyncs(&r.resyncs);
             println!(
                 "kept {} point(s); deleted {} expired point(s), {} tag(s), {} tree(s), {} segment(s), {} base(s); compacted {} disk(s)",
                 r.kept,
@@ -592,7 +600,7 @@ async fn run(command: Command) -> Result<()> {
             target,
             trim_cache,
         } => {
-            let p = processor(&cache, &target).await?;
+            let p = processor(&cache, &target, OpenMode::ReadWrite).await?;
             let pass = p.pass().await?;
             print_pass(&pass);
             if trim_cache {
@@ -826,9 +834,9 @@ fn usage(e: anyhow::Error) -> anyhow::Error {
     }
 }
 
-async fn processor(cache: &Path, target: &StoreArgs) -> Result<Processor> {
+async fn processor(cache: &Path, target: &StoreArgs, mode: OpenMode) -> Result<Processor> {
     // The cache is never created here (an empty new cache has nothing to process); the
-    // target is, when missing and the credential may.
+    // target is, when missing and the credential may (`mode`).
     let cache_reader = open(
         &StoreArgs {
             store: cache.to_owned(),
@@ -837,12 +845,20 @@ async fn processor(cache: &Path, target: &StoreArgs) -> Result<Processor> {
         OpenMode::ReadOnly,
     )
     .await?;
-    let target_reader = open(target, OpenMode::ReadWrite).await?;
+    let target_reader = open(target, mode).await?;
     Ok(Processor::new(
         target.group.clone(),
         cache_reader.backend().clone(),
         target_reader.backend().clone(),
     ))
+}
+
+fn print_resyncs(resyncs: &[(lifeboat_store::VmId, lifeboat_store::DiskId, u64)]) {
+    for (vm, disk, from) in resyncs {
+        eprintln!(
+            "asked {vm}/{disk} for a new full copy: the target store cannot complete its history from segment {from}"
+        );
+    }
 }
 
 fn print_pass(pass: &lifeboat_coordinator::process::Pass) {
@@ -856,6 +872,7 @@ fn print_pass(pass: &lifeboat_coordinator::process::Pass) {
     for (id, why) in &pass.quarantined {
         eprintln!("quarantined point {id} (not processed): {why}");
     }
+    print_resyncs(&pass.resyncs);
     match &pass.latest_processed {
         Some((id, t)) => println!("latest processed point: {id} ({})", fmt_time(*t)),
         None => println!("latest processed point: none"),
@@ -886,7 +903,10 @@ async fn run_failover(a: FailoverArgs, drill: bool) -> Result<()> {
     if selector == Selector::Latest {
         match &a.cache {
             Some(cache) => {
-                let pass = processor(cache, &target).await?.pass().await?;
+                let pass = processor(cache, &target, OpenMode::ReadWrite)
+                    .await?
+                    .pass()
+                    .await?;
                 println!(
                     "processed {} pending point(s) from the cache store first",
                     pass.points.len()

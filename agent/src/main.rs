@@ -241,8 +241,14 @@ async fn run(command: Command, config: Config) -> Result<()> {
             let agent = open(config).await?;
             let interval = agent.config.replication.interval;
             let watchers = watch::Watchers::start(&agent.config.disks)?;
+            // Ready once the config is valid, leftovers are thawed and the state is reconciled
+            // with the store: what the service manager's start (Type=notify) then vouches for.
+            lifeboat_store::service::ready();
+            lifeboat_store::service::spawn_watchdog();
             if in_group {
-                return member::run(&agent, &watchers, stop).await;
+                let r = member::run(&agent, &watchers, stop).await;
+                lifeboat_store::service::stopping();
+                return r;
             }
             // The first cycle sweeps: what changed while the agent was down is proven by
             // reading, not assumed from stamps.
@@ -263,6 +269,7 @@ async fn run(command: Command, config: Config) -> Result<()> {
                     _ = tokio::time::sleep(interval) => {}
                     _ = &mut stop => {
                         tracing::info!("stopping");
+                        lifeboat_store::service::stopping();
                         return Ok(());
                     }
                 }

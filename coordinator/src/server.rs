@@ -470,7 +470,12 @@ impl pb::admin_server::Admin for Services {
     }
 }
 
-/// Serves until `shutdown` resolves. `ready` receives the bound address (port 0 in tests).
+/// How long a stopping coordinator lets in-flight calls finish before closing the connections
+/// left (agents' session streams never finish by themselves).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
+/// Serves until `shutdown` resolves (then at most [`SHUTDOWN_GRACE`] longer). `ready` receives
+/// the bound address (port 0 in tests).
 pub async fn serve(
     config: crate::config::Config,
     ready: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
@@ -613,7 +618,16 @@ pub async fn serve(
         ca,
         processing: status,
     };
-    let result = tonic::transport::Server::builder()
+    // A graceful shutdown alone would wait for every agent's session stream, which never ends
+    // by itself: a stop would last until the service manager's SIGKILL. In-flight calls get
+    // SHUTDOWN_GRACE after the signal; then the remaining connections are dropped (agents
+    // reconnect; a cut in progress is covered by each member's own freeze watchdog).
+    let (signalled, stop_signalled) = tokio::sync::oneshot::channel::<()>();
+    let shutdown = async move {
+        shutdown.await;
+        let _ = signalled.send(());
+    };
+    let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(2)))
         .http2_keepalive_timeout(Some(Duration::from_secs(4)))
         .tcp_nodelay(true)
@@ -624,8 +638,19 @@ pub async fn serve(
         ))
         .add_service(pb::session_server::SessionServer::new(services.clone()))
         .add_service(pb::admin_server::AdminServer::new(services))
-        .serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), shutdown)
-        .await;
+        .serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), shutdown);
+    let result = tokio::select! {
+        r = server => r,
+        () = async {
+            if stop_signalled.await.is_err() {
+                std::future::pending::<()>().await;
+            }
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => {
+            tracing::info!(grace = ?SHUTDOWN_GRACE, "sessions still open after the grace period: closed");
+            Ok(())
+        }
+    };
     accept.abort();
     health_task.abort();
     schedule_task.abort();

@@ -308,3 +308,36 @@ async fn renewal_replaces_the_certificate_and_the_old_one_stops_working() {
     assert!(log.contains("agent certificate renewed"), "{log}");
     assert!(log.contains("renewal refused"), "{log}");
 }
+
+/// A stop (SIGTERM) ends the coordinator within its grace period even while an agent's session
+/// stream is open — the stream never ends by itself, and a plain graceful shutdown waited for
+/// it until the service manager's SIGKILL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_ends_serve_with_a_session_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = start(dir.path(), "");
+    let t = c.token(Some("vm1"), "1h");
+    let vm1 = enroll::enroll(&c.addr, &t, "vm1").await.unwrap();
+    let _session = SimMember::open(&c.addr, &vm1, register("vm1"))
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let status = tokio::task::spawn_blocking(move || {
+        let s = c.terminate(Duration::from_secs(20));
+        (s, c.log_text())
+    })
+    .await
+    .unwrap();
+    let (status, log) = status;
+    let status = status.unwrap_or_else(|| panic!("still serving 20 s after SIGTERM:\n{log}"));
+    assert!(status.success(), "{status}:\n{log}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        log.contains("sessions still open after the grace period"),
+        "{log}"
+    );
+}

@@ -7,7 +7,8 @@
 //! - [`layout`]: where each object lives in the cache and target stores;
 //! - [`restore`]: materialising a disk at a tag, verifying every byte;
 //! - [`verify`]: checking a whole store, naming each damaged object and the points it breaks;
-//! - [`durable`]: replacing a small local file atomically and durably.
+//! - [`durable`]: replacing a small local file atomically and durably;
+//! - [`service`]: readiness and watchdog notifications to systemd (`sd_notify`).
 //!
 //! The format is specified in `docs/format.md`; this crate is its reference implementation.
 
@@ -25,6 +26,7 @@ pub mod manifest;
 pub mod name;
 pub mod restore;
 pub mod secret;
+pub mod service;
 pub mod verify;
 pub mod writer;
 

@@ -240,6 +240,23 @@ impl CoordinatorProc {
         }
     }
 
+    /// SIGTERM (as a service manager's stop), then waits up to `within` for the exit; `None`
+    /// if it is still running then (it is SIGKILLed, as a service manager would).
+    pub fn terminate(&mut self, within: std::time::Duration) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        run(Command::new("kill").arg("-TERM").arg(c.id().to_string()));
+        let deadline = std::time::Instant::now() + within;
+        while std::time::Instant::now() < deadline {
+            if let Some(status) = c.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+        None
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())
     }

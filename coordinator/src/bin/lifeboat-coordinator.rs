@@ -125,8 +125,17 @@ async fn run(command: Command, config: Config) -> Result<()> {
                     _ = tokio::signal::ctrl_c() => {}
                 }
                 tracing::info!("stopping");
+                lifeboat_store::service::stopping();
             };
-            server::serve(config, None, stop).await
+            // Ready (Type=notify) once listening with the group loaded, not merely started.
+            let (ready, listening) = tokio::sync::oneshot::channel();
+            tokio::spawn(async move {
+                if listening.await.is_ok() {
+                    lifeboat_store::service::ready();
+                    lifeboat_store::service::spawn_watchdog();
+                }
+            });
+            server::serve(config, Some(ready), stop).await
         }
     }
 }

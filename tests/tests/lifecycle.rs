@@ -42,11 +42,11 @@ struct Opts {
     /// and such points may be broken.
     expect_resync: bool,
     /// `LIFEBOAT_LIFECYCLE_STRICT_CLOCK=1` — after a clock step back, points cut at earlier
-    /// times than the latest processed one are still processed (finding 6, gap (b)). Off: the
+    /// times than the latest processed one are still processed. Off: the
     /// model accepts that processing skips them as if pruned.
     strict_clock: bool,
     /// Re-protection (lost agent state and a new, empty cache store), expecting processing to
-    /// carry on (gap (c), fixed on main by time-derived history numbers): on unless
+    /// carry on (time-derived history numbers keep the histories apart): on unless
     /// `LIFEBOAT_LIFECYCLE_REPROTECT=0`.
     reprotect: bool,
     /// `LIFEBOAT_LIFECYCLE_STRICT_BASES=1` — a damaged base manifest costs only the points
@@ -1279,7 +1279,7 @@ impl World {
                 let rec = &self.points[id];
                 // Processed once and pruned since: retention, not a stall. Cut at a time behind
                 // the latest processed point after a clock step: processing takes it for a pruned
-                // point (gap (b)), accepted unless LIFEBOAT_LIFECYCLE_STRICT_CLOCK.
+                // point, accepted unless LIFEBOAT_LIFECYCLE_STRICT_CLOCK.
                 let exempt =
                     self.processed.contains(id) || (rec.stepped_back && !self.opts.strict_clock);
                 if !exempt {

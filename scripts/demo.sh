@@ -104,7 +104,9 @@ cat hooks.log
 
 say "recovery points"
 "$BIN/lifeboat" points list --store cache-store --group demo
-first=$("$BIN/lifeboat" points list --store cache-store --group demo | head -n 1 | cut -d' ' -f1)
+# awk reads the whole listing: a reader that stops early would leave the writer a broken pipe,
+# which pipefail reports.
+first=$("$BIN/lifeboat" points list --store cache-store --group demo | awk 'NR == 1 { print $1 }')
 
 say "restoring the latest point and verifying it against the source"
 "$BIN/lifeboat" restore --store cache-store --group demo --vm demo-vm --point latest --out restored-latest

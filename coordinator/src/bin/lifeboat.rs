@@ -251,6 +251,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    quiet_on_broken_pipe();
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -998,3 +999,18 @@ fn disk_output(out: &Path, disk: &DiskId, shape: &lifeboat_store::manifest::Disk
         lifeboat_store::manifest::DiskShape::Directory { .. } => out.join(disk.as_str()),
     }
 }
+
+/// A reader that stops early (`lifeboat points list | head -n 1`) ends this process the way it
+/// ends `ls` or `grep`: quietly, by SIGPIPE. Rust ignores SIGPIPE by default, which turns the
+/// next write into a panic with a backtrace.
+#[cfg(unix)]
+#[allow(unsafe_code)]
+fn quiet_on_broken_pipe() {
+    // SAFETY: restores the default disposition of one signal before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
+#[cfg(not(unix))]
+fn quiet_on_broken_pipe() {}

@@ -1228,7 +1228,13 @@ impl World {
             if status != "quarantined" {
                 continue;
             }
-            let n = self.needs(Store::Cache, id);
+            let mut n = self.needs(Store::Cache, id);
+            // Published, then damaged in the target while still in the cache (its trim was
+            // killed): processing cannot tell it is the same point, and keeps it.
+            n.used.push((
+                Store::Target,
+                self.layout.point(&PointId::new(id).unwrap()).to_string(),
+            ));
             if !self.attributable(&n, "") {
                 let line = both.lines().find(|l| l.contains(id.as_str())).unwrap_or("");
                 return Err(format!(

@@ -836,6 +836,12 @@ impl World {
             let now = fingerprint(&root.join(name));
             match d.harm {
                 Harm::Delete => now.is_none(),
+                // Processing removes a damaged cache listing so that the agent's next tag
+                // naming it writes it whole: until then it is missing, still the test's doing.
+                _ if now.is_none() && *s == Store::Cache && name.ends_with(".tree") => {
+                    d.harm = Harm::Delete;
+                    true
+                }
                 _ => now.is_some() && now == d.after,
             }
         });

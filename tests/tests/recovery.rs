@@ -335,13 +335,13 @@ fn a_group_drill_from_the_target_store_with_the_source_region_gone() {
         dir.path(),
         "g1",
         &format!("127.0.0.1:{}", free_port()),
-        "processing_interval = \"1s\"\n[target]\nkind = \"local\"\npath = TARGET\n",
+        "processing_interval = \"1s\"\n[target]\nkind = \"local\"\npath = \"TARGET\"\n",
     );
     let target = dir.path().join("target");
     std::fs::create_dir_all(&target).unwrap();
     let text = std::fs::read_to_string(&c.config)
         .unwrap()
-        .replace("TARGET", &format!("{target:?}"));
+        .replace("\"TARGET\"", &format!("{target:?}"));
     std::fs::write(&c.config, text).unwrap();
     c.start();
     let mut agents = Vec::new();

@@ -7,6 +7,17 @@ TOOLS="$ROOT/target/tools"
 say() { printf '==> %s\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
+# What scripts/test-windows needs: Debian's Rust toolchain with its std source (the Windows std
+# is built from it), mingw-w64 to link and compile C for Windows, and wine to run the tests.
+WINDOWS_DEBS="rustc-web cargo-web rust-web-src gcc-mingw-w64-x86-64 wine64"
+
+# Whether every Debian package named is installed.
+have_debs() {
+  for pkg in "$@"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || return 1
+  done
+}
+
 # Installs Debian packages that are missing (needs root, as on CI and the dev machines).
 need_debs() {
   local missing=()

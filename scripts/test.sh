@@ -36,11 +36,28 @@ else
   echo "package test: SKIPPED (needs root: debootstrap, systemd-nspawn, loop mounts)" | tee -a "$log"
   pkg_status=0
 fi
-# One closing line over every test binary and the package test, so the total is not hidden
-# behind the last (often empty) doc-test run.
+# The workspace built for Windows, its tests under wine (scripts/test-windows): root only (it
+# installs the cross toolchain and wine), and not when the arguments select some tests only.
+if [ $# -gt 0 ]; then
+  echo "windows test: SKIPPED (cargo test arguments given: $*)" | tee -a "$log"
+  win_status=0
+# shellcheck disable=SC2086 # a list of names
+elif [ "$(id -u)" -eq 0 ] || have_debs $WINDOWS_DEBS; then
+  say "scripts/test-windows"
+  set +e
+  scripts/test-windows 2>&1 | tee -a "$log"
+  win_status=${PIPESTATUS[0]}
+  set -e
+else
+  echo "windows test: SKIPPED (needs root to install rustc-web, mingw-w64 and wine)" | tee -a "$log"
+  win_status=0
+fi
+# One closing line over every test binary, the package test and the Windows test, so the total
+# is not hidden behind the last (often empty) doc-test run.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed;?$/) p += $(i-1); if ($(i) ~ /^failed;?$/) f += $(i-1); if ($(i) ~ /^ignored;?$/) s += $(i-1) } }
-     /^package test: PASS/ { p++ } /^package test: FAIL/ { f++ } /^package test: SKIPPED/ { s++ }
+     /^(package|windows) test: PASS/ { p++ } /^(package|windows) test: FAIL/ { f++ } /^(package|windows) test: SKIPPED/ { s++ }
      END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"
 rm -f "$log"
 [ "$status" -eq 0 ] || exit "$status"
-exit "$pkg_status"
+[ "$pkg_status" -eq 0 ] || exit "$pkg_status"
+exit "$win_status"

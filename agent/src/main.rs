@@ -36,6 +36,13 @@ use crate::config::Config;
 use crate::sync::Agent;
 
 /// Lifeboat's per-VM replication agent.
+/// Where the config is looked for when neither `--config` nor the environment names one: the
+/// package's location, or on Windows the machine-wide application data directory.
+#[cfg(not(windows))]
+const DEFAULT_CONFIG: &str = "/etc/lifeboat/agent.toml";
+#[cfg(windows)]
+const DEFAULT_CONFIG: &str = r"C:\ProgramData\Lifeboat\agent.toml";
+
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Cli {
@@ -44,7 +51,7 @@ struct Cli {
         long,
         short,
         env = "LIFEBOAT_AGENT_CONFIG",
-        default_value = "/etc/lifeboat/agent.toml"
+        default_value = DEFAULT_CONFIG
     )]
     config: PathBuf,
     #[command(subcommand)]

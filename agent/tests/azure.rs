@@ -36,7 +36,7 @@ fn replicate_to_azurite_and_restore_from_it() {
         format!(
             r#"vm = "vm1"
 group = "g"
-state_dir = "{d}/state"
+state_dir = {state:?}
 
 [store]
 kind = "azure"
@@ -52,11 +52,10 @@ memory_cap = "8MiB"
 [[disk]]
 id = "img"
 kind = "image"
-path = "{img}"
+path = {image:?}
 "#,
-            d = dir.path().display(),
+            state = dir.path().join("state"),
             key = lifeboat_store::backend::azure::EMULATOR_KEY,
-            img = image.display()
         ),
     )
     .unwrap();

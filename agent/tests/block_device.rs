@@ -54,7 +54,7 @@ fn block_device_restores_what_the_device_held(fs: &str, kind: &str) {
     let config = write_config(
         dir.path(),
         &format!(
-            "[[disk]]\nid = \"vol\"\nkind = \"{kind}\"\npath = \"{}\"\nconsistency = \"fsfreeze\"\nmount = \"{}\"\nfreeze_timeout = \"20s\"\n",
+            "[[disk]]\nid = \"vol\"\nkind = \"{kind}\"\npath = {:?}\nconsistency = \"fsfreeze\"\nmount = {:?}\nfreeze_timeout = \"20s\"\n",
             if kind == "image" {
                 &lfs.image
             } else {
@@ -179,7 +179,7 @@ fn a_mount_that_is_not_the_disks_filesystem_is_refused() {
         // block device, mount missing
         (
             format!(
-                "kind = \"block_device\"\npath = \"{}\"\nmount = \"{}/nowhere\"",
+                "kind = \"block_device\"\npath = {:?}\nmount = \"{}/nowhere\"",
                 a.device.display(),
                 dir.path().display()
             ),
@@ -188,7 +188,7 @@ fn a_mount_that_is_not_the_disks_filesystem_is_refused() {
         // block device, mount a plain directory
         (
             format!(
-                "kind = \"block_device\"\npath = \"{}\"\nmount = \"{}\"",
+                "kind = \"block_device\"\npath = {:?}\nmount = {:?}",
                 a.device.display(),
                 plain.display()
             ),
@@ -197,7 +197,7 @@ fn a_mount_that_is_not_the_disks_filesystem_is_refused() {
         // block device, another device's filesystem
         (
             format!(
-                "kind = \"block_device\"\npath = \"{}\"\nmount = \"{}\"",
+                "kind = \"block_device\"\npath = {:?}\nmount = {:?}",
                 a.device.display(),
                 b.mount.display()
             ),
@@ -206,7 +206,7 @@ fn a_mount_that_is_not_the_disks_filesystem_is_refused() {
         // image, the wrong image's filesystem
         (
             format!(
-                "kind = \"image\"\npath = \"{}\"\nmount = \"{}\"",
+                "kind = \"image\"\npath = {:?}\nmount = {:?}",
                 a.image.display(),
                 b.mount.display()
             ),
@@ -245,12 +245,12 @@ fn a_mount_that_is_not_the_disks_filesystem_is_refused() {
     // The right ones pass: the device's own filesystem, and the image's.
     for disk in [
         format!(
-            "kind = \"block_device\"\npath = \"{}\"\nmount = \"{}\"",
+            "kind = \"block_device\"\npath = {:?}\nmount = {:?}",
             a.device.display(),
             a.mount.display()
         ),
         format!(
-            "kind = \"image\"\npath = \"{}\"\nmount = \"{}\"",
+            "kind = \"image\"\npath = {:?}\nmount = {:?}",
             b.image.display(),
             b.mount.display()
         ),
@@ -277,7 +277,7 @@ fn stopping_the_agents_process_group_mid_freeze_still_thaws_at_the_deadline() {
         let config = write_config(
             dir.path(),
             &format!(
-                "[[disk]]\nid = \"vol\"\nkind = \"block_device\"\npath = \"{}\"\nconsistency = \"fsfreeze\"\nmount = \"{}\"\nfreeze_timeout = \"1s\"\n",
+                "[[disk]]\nid = \"vol\"\nkind = \"block_device\"\npath = {:?}\nconsistency = \"fsfreeze\"\nmount = {:?}\nfreeze_timeout = \"1s\"\n",
                 lfs.device.display(),
                 lfs.mount.display()
             ),
@@ -296,6 +296,7 @@ fn stopping_the_agents_process_group_mid_freeze_still_thaws_at_the_deadline() {
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null());
             // Its own process group, as a shell job would be.
+            #[cfg(unix)]
             std::os::unix::process::CommandExt::process_group(&mut c, 0);
             c.spawn().unwrap()
         };
@@ -439,7 +440,7 @@ fn no_write_is_lost_across_read_outs_and_restarts() {
     let config = write_config(
         dir.path(),
         &format!(
-            "[[disk]]\nid = \"raw\"\nkind = \"block_device\"\npath = \"{}\"\n",
+            "[[disk]]\nid = \"raw\"\nkind = \"block_device\"\npath = {:?}\n",
             dev.display()
         ),
     );
@@ -505,7 +506,7 @@ fn discontinuities_fall_back_to_a_scan_with_the_reason() {
     let config = write_config(
         dir.path(),
         &format!(
-            "[[disk]]\nid = \"raw\"\nkind = \"block_device\"\npath = \"{}\"\n",
+            "[[disk]]\nid = \"raw\"\nkind = \"block_device\"\npath = {:?}\n",
             dev.display()
         ),
     );

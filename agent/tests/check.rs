@@ -10,8 +10,8 @@ fn setup() -> (tempfile::TempDir, std::path::PathBuf) {
     let config = write_config(
         dir.path(),
         &format!(
-            "[[disk]]\nid = \"data\"\nkind = \"directory\"\npath = \"{}/data\"\n",
-            dir.path().display()
+            "[[disk]]\nid = \"data\"\nkind = \"directory\"\npath = {:?}\n",
+            dir.path().join("data")
         ),
     );
     (dir, config)

@@ -73,7 +73,7 @@ fn sqlite_points_are_consistent(fs: &str) {
     let config = write_config(
         dir.path(),
         &format!(
-            "[[disk]]\nid = \"db\"\nkind = \"directory\"\npath = \"{}\"\nconsistency = \"fsfreeze\"\nfreeze_timeout = \"5s\"\n",
+            "[[disk]]\nid = \"db\"\nkind = \"directory\"\npath = {:?}\nconsistency = \"fsfreeze\"\nfreeze_timeout = \"5s\"\n",
             lfs.mount.display()
         ),
     );
@@ -218,7 +218,7 @@ fn a_capture_past_its_deadline_is_abandoned_and_thawed_in_time() {
     let config = write_config(
         dir.path(),
         &format!(
-            "[[disk]]\nid = \"big\"\nkind = \"image\"\npath = \"{}\"\nconsistency = \"fsfreeze\"\nmount = \"{}\"\nfreeze_timeout = \"150ms\"\ntracking = \"scan\"\n",
+            "[[disk]]\nid = \"big\"\nkind = \"image\"\npath = {:?}\nconsistency = \"fsfreeze\"\nmount = {:?}\nfreeze_timeout = \"150ms\"\ntracking = \"scan\"\n",
             image.display(),
             lfs.mount.display()
         ),
@@ -255,7 +255,7 @@ fn stop_agent_mid_freeze(
     let config = write_config(
         dir,
         &format!(
-            "[[disk]]\nid = \"big\"\nkind = \"image\"\npath = \"{}\"\nconsistency = \"fsfreeze\"\nmount = \"{}\"\nfreeze_timeout = \"1500ms\"\ntracking = \"scan\"\n",
+            "[[disk]]\nid = \"big\"\nkind = \"image\"\npath = {:?}\nconsistency = \"fsfreeze\"\nmount = {:?}\nfreeze_timeout = \"1500ms\"\ntracking = \"scan\"\n",
             image.display(),
             lfs.mount.display()
         ),
@@ -385,7 +385,7 @@ fn a_watchdog_never_thaws_a_freeze_that_is_not_its_own() {
     let config = write_config(
         dir.path(),
         &format!(
-            "[[disk]]\nid = \"vol\"\nkind = \"image\"\npath = \"{}\"\nconsistency = \"fsfreeze\"\nmount = \"{}\"\nfreeze_timeout = \"20s\"\n",
+            "[[disk]]\nid = \"vol\"\nkind = \"image\"\npath = {:?}\nconsistency = \"fsfreeze\"\nmount = {:?}\nfreeze_timeout = \"20s\"\n",
             lfs.image.display(),
             lfs.mount.display()
         ),

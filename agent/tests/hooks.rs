@@ -33,6 +33,7 @@ fn point_of(dir: &std::path::Path, out: &str) -> lifeboat_store::manifest::Recov
 }
 
 #[test]
+#[cfg_attr(windows, ignore = "hooks run through `sh -c`, which Windows lacks")]
 fn successful_hooks_make_an_app_consistent_point() {
     let (dir, config) = setup("echo pre > /dev/null");
     let out = agent_ok(&config, &["snapshot", "--app-consistent"]);
@@ -53,6 +54,7 @@ fn successful_hooks_make_an_app_consistent_point() {
 }
 
 #[test]
+#[cfg_attr(windows, ignore = "hooks run through `sh -c`, which Windows lacks")]
 fn a_failing_or_hanging_pre_hook_never_yields_an_app_label() {
     for pre in ["echo cannot quiesce >&2; exit 3", "sleep 5"] {
         let (dir, config) = setup(pre);
@@ -77,6 +79,7 @@ fn a_failing_or_hanging_pre_hook_never_yields_an_app_label() {
 /// output was read to end-of-file after the hook, and the process kept the pipe open. The
 /// hook is done when its shell is, and the process it left is not the agent's to end.
 #[test]
+#[cfg_attr(windows, ignore = "hooks run through `sh -c`, which Windows lacks")]
 fn a_hook_that_leaves_a_process_behind_does_not_hold_the_cut() {
     let dir = tempfile::tempdir().unwrap();
     let pid_file = dir.path().join("holder.pid");
@@ -106,6 +109,7 @@ fn a_hook_that_leaves_a_process_behind_does_not_hold_the_cut() {
 /// Regression: a hook printing more than a pipe holds stalled on its write and was killed as
 /// "timed out", downgrading the point.
 #[test]
+#[cfg_attr(windows, ignore = "hooks run through `sh -c`, which Windows lacks")]
 fn a_hook_with_a_lot_of_output_succeeds_and_its_log_is_bounded() {
     let (dir, config) = setup("yes xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx | head -c 300000; echo");
     let out = agent(&config, &["snapshot", "--app-consistent"]);
@@ -120,6 +124,7 @@ fn a_hook_with_a_lot_of_output_succeeds_and_its_log_is_bounded() {
 /// A hook that times out loses every process it started: nothing of a failed cut's
 /// preparation (a lock holder, say) outlives it.
 #[test]
+#[cfg_attr(windows, ignore = "hooks run through `sh -c`, which Windows lacks")]
 fn a_hook_that_times_out_is_killed_with_everything_it_started() {
     let dir = tempfile::tempdir().unwrap();
     let pid_file = dir.path().join("child.pid");

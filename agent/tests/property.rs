@@ -120,7 +120,7 @@ proptest! {
             let out = agent_ok(&config, &["sync"]);
             // What the disks held at this cut (nothing writes during the cut here).
             let expect = dir.path().join(format!("expect-{r}"));
-            run(std::process::Command::new("cp").arg("-a").arg(&tree).arg(&expect));
+            copy_tree(&tree, &expect);
             cuts.push((point_id(&out), std::fs::read(&image).unwrap(), expect));
         }
         for (i, (id, img, expect)) in cuts.iter().enumerate() {

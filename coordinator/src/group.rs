@@ -863,7 +863,7 @@ mod tests {
             std::fs::create_dir_all(d).unwrap();
         }
         let text = format!(
-            "group = \"g1\"\nstate_dir = \"{}\"\n[store]\nkind = \"local\"\npath = \"{}\"\n[target]\nkind = \"local\"\npath = \"{}\"\n",
+            "group = \"g1\"\nstate_dir = {:?}\n[store]\nkind = \"local\"\npath = {:?}\n[target]\nkind = \"local\"\npath = {:?}\n",
             state.display(),
             cache.display(),
             target.display()

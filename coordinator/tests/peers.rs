@@ -313,6 +313,7 @@ async fn renewal_replaces_the_certificate_and_the_old_one_stops_working() {
 /// stream is open — the stream never ends by itself, and a plain graceful shutdown waited for
 /// it until the service manager's SIGKILL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(windows, ignore = "sends SIGTERM, which Windows lacks")]
 async fn sigterm_ends_serve_with_a_session_open() {
     let dir = tempfile::tempdir().unwrap();
     let mut c = start(dir.path(), "");

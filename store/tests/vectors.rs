@@ -148,6 +148,10 @@ fn restored(point: &RecoveryPoint, disk: &str, out: &Path, image: bool) -> Vec<E
 }
 
 #[tokio::test]
+#[cfg_attr(
+    windows,
+    ignore = "the vectors hold symbolic links, and wine's CreateSymbolicLink is a stub"
+)]
 async fn every_point_restores_to_the_expected_bytes() {
     let (dir, backend) = committed();
     let r = reader(backend);

@@ -2,12 +2,18 @@
 //! skip is a failure), loop-mounted filesystems, deterministic data, finding the built binaries.
 //! The multi-process group tests (coordinator plus agents) live in `tests/tests/`.
 
+use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 
 /// Whether the test runs as root; prints why it skips otherwise. CI runs as root, and there a
-/// skip is a failure.
+/// skip is a failure — except on Windows (`scripts/test-windows`), which has none of these.
 pub fn root_or_skip(test: &str) -> bool {
+    if cfg!(windows) {
+        eprintln!("SKIPPED {test}: loop-mounted filesystems and fsfreeze are Linux only");
+        return false;
+    }
     let root = Command::new("id")
         .arg("-u")
         .output()
@@ -99,19 +105,86 @@ pub fn run(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Asserts two directory trees are identical (`diff -r`).
+/// Asserts two directory trees are identical (see [`tree_difference`]).
 pub fn assert_same_tree(a: &Path, b: &Path) {
-    let diff = Command::new("diff")
-        .arg("-r")
-        .arg(a)
-        .arg(b)
-        .output()
-        .unwrap();
-    assert!(
-        diff.status.success(),
-        "{}",
-        String::from_utf8_lossy(&diff.stdout)
-    );
+    if let Some(d) = tree_difference(a, b) {
+        panic!("{d}");
+    }
+}
+
+/// The first difference between two directory trees, if any: names, the kind of each entry
+/// (directory, file, symbolic link), files' bytes, links' targets. Compared here rather than
+/// by `diff -r`, which Windows lacks.
+pub fn tree_difference(a: &Path, b: &Path) -> Option<String> {
+    fn entries(dir: &Path) -> Result<BTreeMap<OsString, std::fs::FileType>, String> {
+        let fail = |e: std::io::Error| format!("cannot list {}: {e}", dir.display());
+        let mut out = BTreeMap::new();
+        for e in std::fs::read_dir(dir).map_err(fail)? {
+            let e = e.map_err(fail)?;
+            out.insert(e.file_name(), e.file_type().map_err(fail)?);
+        }
+        Ok(out)
+    }
+    let (ea, eb) = match (entries(a), entries(b)) {
+        (Ok(ea), Ok(eb)) => (ea, eb),
+        (Err(e), _) | (_, Err(e)) => return Some(e),
+    };
+    if !ea.keys().eq(eb.keys()) {
+        return Some(format!(
+            "{} holds {:?}, {} holds {:?}",
+            a.display(),
+            ea.keys().collect::<Vec<_>>(),
+            b.display(),
+            eb.keys().collect::<Vec<_>>()
+        ));
+    }
+    for (name, ta) in &ea {
+        let tb = eb[name];
+        let (pa, pb) = (a.join(name), b.join(name));
+        let differ = || Some(format!("{} and {} differ", pa.display(), pb.display()));
+        if ta.is_symlink() || tb.is_symlink() {
+            if !(ta.is_symlink() && tb.is_symlink())
+                || std::fs::read_link(&pa).ok() != std::fs::read_link(&pb).ok()
+            {
+                return differ();
+            }
+        } else if ta.is_dir() || tb.is_dir() {
+            if !(ta.is_dir() && tb.is_dir()) {
+                return differ();
+            }
+            if let Some(d) = tree_difference(&pa, &pb) {
+                return Some(d);
+            }
+        } else {
+            match (std::fs::read(&pa), std::fs::read(&pb)) {
+                (Ok(x), Ok(y)) if x == y => {}
+                _ => return differ(),
+            }
+        }
+    }
+    None
+}
+
+/// Copies the directory tree `from` to `to` (which must not exist), as `cp -a` would the
+/// names, kinds and bytes; not modes or times.
+pub fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir(to).unwrap_or_else(|e| panic!("cannot create {}: {e}", to.display()));
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let (src, dst) = (e.path(), to.join(e.file_name()));
+        let ty = e.file_type().unwrap();
+        if ty.is_symlink() {
+            let target = std::fs::read_link(&src).unwrap();
+            #[cfg(unix)]
+            std::os::unix::fs::symlink(target, &dst).unwrap();
+            #[cfg(windows)]
+            std::os::windows::fs::symlink_file(target, &dst).unwrap();
+        } else if ty.is_dir() {
+            copy_tree(&src, &dst);
+        } else {
+            std::fs::copy(&src, &dst).unwrap();
+        }
+    }
 }
 
 /// Deterministic incompressible bytes.
@@ -133,7 +206,7 @@ pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable");
     let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let p = dir.join(name);
+    let p = dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
     assert!(
         p.exists(),
         "{} is not built; run the tests with `cargo test --workspace` (scripts/test.sh)",
@@ -175,7 +248,7 @@ impl CoordinatorProc {
         std::fs::write(
             &config,
             format!(
-                "group = \"{group}\"\nstate_dir = \"{}\"\nlisten = \"{listen}\"\nheartbeat_interval = \"1s\"\n{extra}\n[store]\nkind = \"local\"\npath = \"{}\"\n",
+                "group = \"{group}\"\nstate_dir = {:?}\nlisten = \"{listen}\"\nheartbeat_interval = \"1s\"\n{extra}\n[store]\nkind = \"local\"\npath = {:?}\n",
                 state_dir.display(),
                 store.display()
             ),

@@ -117,7 +117,7 @@ fn config(endpoint: &str, container: &str, perms: Option<&str>) -> AzureConfig {
 fn toml_for(endpoint: &str, container: &str, perms: Option<&str>) -> String {
     let credential = match perms {
         None => format!("{{ kind = \"shared_key\", key = \"{EMULATOR_KEY}\" }}"),
-        Some(p) => format!("{{ kind = \"sas\", token = \"{}\" }}", sas(container, p)),
+        Some(p) => format!("{{ kind = \"sas\", token = {:?} }}", sas(container, p)),
     };
     format!(
         "kind = \"azure\"\naccount = \"{EMULATOR_ACCOUNT}\"\ncontainer = \"{container}\"\nendpoint = \"{endpoint}\"\ncredential = {credential}\n"
@@ -326,8 +326,9 @@ fn agent_config(dir: &Path, name: &str, store_toml: &str) -> PathBuf {
         dir,
         name,
         &format!(
-            "vm = \"vm1\"\ngroup = \"g\"\nstate_dir = \"{d}/state\"\n[replication]\nsegment_size = \"256KiB\"\n[[disk]]\nid = \"os\"\nkind = \"image\"\npath = \"{d}/disk.img\"\n[store]\n{store_toml}",
-            d = dir.display()
+            "vm = \"vm1\"\ngroup = \"g\"\nstate_dir = {:?}\n[replication]\nsegment_size = \"256KiB\"\n[[disk]]\nid = \"os\"\nkind = \"image\"\npath = {:?}\n[store]\n{store_toml}",
+            dir.join("state"),
+            dir.join("disk.img")
         ),
     )
 }

@@ -62,7 +62,7 @@ impl AgentProc {
         std::fs::write(
             &config,
             format!(
-                "vm = \"{vm}\"\ngroup = \"g1\"\nstate_dir = \"{}\"\n\n[store]\nkind = \"local\"\npath = \"{}\"\n\n[replication]\ninterval = \"10s\"\n\n{disk_toml}",
+                "vm = \"{vm}\"\ngroup = \"g1\"\nstate_dir = {:?}\n\n[store]\nkind = \"local\"\npath = {:?}\n\n[replication]\ninterval = \"10s\"\n\n{disk_toml}",
                 vdir.join("state").display(),
                 c.store.display()
             ),
@@ -141,7 +141,7 @@ impl Drop for AgentProc {
 
 fn fsfreeze_disk(mount: &Path) -> String {
     format!(
-        "[[disk]]\nid = \"data\"\nkind = \"directory\"\npath = \"{}\"\nconsistency = \"fsfreeze\"\nfreeze_timeout = \"5s\"\n",
+        "[[disk]]\nid = \"data\"\nkind = \"directory\"\npath = {:?}\nconsistency = \"fsfreeze\"\nfreeze_timeout = \"5s\"\n",
         mount.display()
     )
 }
@@ -383,6 +383,7 @@ fn multi_vm_points_are_consistent_cuts_of_a_causal_workload() {
 }
 
 #[test]
+#[cfg_attr(windows, ignore = "hooks run through `sh -c`, which Windows lacks")]
 fn app_points_run_hooks_and_never_claim_more_than_happened() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
@@ -401,7 +402,7 @@ fn app_points_run_hooks_and_never_claim_more_than_happened() {
             m = marker.display()
         );
         let disk = format!(
-            "[[disk]]\nid = \"data\"\nkind = \"directory\"\npath = \"{}\"\nconsistency = \"hooks\"\n\n[disk.hooks]\npre = [{pre:?}]\npost = [\"echo post >> {}\"]\ntimeout = \"1s\"\n",
+            "[[disk]]\nid = \"data\"\nkind = \"directory\"\npath = {:?}\nconsistency = \"hooks\"\n\n[disk.hooks]\npre = [{pre:?}]\npost = [\"echo post >> {}\"]\ntimeout = \"1s\"\n",
             data.display(),
             marker.display()
         );
@@ -690,7 +691,7 @@ fn a_running_agent_carries_on_after_its_certificate_is_renewed() {
     std::fs::create_dir_all(&data).unwrap();
     std::fs::write(data.join("f"), "before").unwrap();
     let disk = format!(
-        "[[disk]]\nid = \"data\"\nkind = \"directory\"\npath = \"{}\"\nconsistency = \"none\"\n",
+        "[[disk]]\nid = \"data\"\nkind = \"directory\"\npath = {:?}\nconsistency = \"none\"\n",
         data.display()
     );
     let mut a = AgentProc::new(dir.path(), &c, "web", &disk, None);
@@ -772,7 +773,7 @@ fn group_points_of_block_devices_restore_what_each_device_held() {
         .map(|(((v, _), fs), o)| {
             std::fs::create_dir_all(o).unwrap();
             let disk = format!(
-                "[[disk]]\nid = \"vol\"\nkind = \"block_device\"\npath = \"{}\"\nconsistency = \"fsfreeze\"\nmount = \"{}\"\nfreeze_timeout = \"30s\"\n",
+                "[[disk]]\nid = \"vol\"\nkind = \"block_device\"\npath = {:?}\nconsistency = \"fsfreeze\"\nmount = {:?}\nfreeze_timeout = \"30s\"\n",
                 fs.device.display(),
                 fs.mount.display()
             );

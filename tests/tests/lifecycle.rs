@@ -326,7 +326,7 @@ impl World {
         std::fs::write(
             &config,
             format!(
-                "vm = \"{VM}\"\ngroup = \"{GROUP}\"\nstate_dir = \"{}\"\n[store]\nkind = \"local\"\npath = \"{}\"\n[replication]\nblock_size = \"{}KiB\"\nsegment_size = \"{}KiB\"\n[[disk]]\nid = \"os\"\nkind = \"image\"\npath = \"{}\"\n[[disk]]\nid = \"data\"\nkind = \"directory\"\npath = \"{}\"\n",
+                "vm = \"{VM}\"\ngroup = \"{GROUP}\"\nstate_dir = {:?}\n[store]\nkind = \"local\"\npath = {:?}\n[replication]\nblock_size = \"{}KiB\"\nsegment_size = \"{}KiB\"\n[[disk]]\nid = \"os\"\nkind = \"image\"\npath = {:?}\n[[disk]]\nid = \"data\"\nkind = \"directory\"\npath = {:?}\n",
                 state.display(),
                 cache.display(),
                 BLOCK >> 10,
@@ -489,8 +489,7 @@ impl World {
         let mut changed = 0;
         let writes = self.rng.random_range(0..6);
         if writes > 0 {
-            use std::os::unix::fs::FileExt;
-            let f = std::fs::OpenOptions::new()
+            let mut f = std::fs::OpenOptions::new()
                 .write(true)
                 .open(&self.image)
                 .unwrap();
@@ -501,7 +500,7 @@ impl World {
                 if self.rng.random_bool(0.8) {
                     self.rng.fill_bytes(&mut buf);
                 }
-                f.write_all_at(&buf, at).unwrap();
+                write_all_at(&mut f, &buf, at);
                 changed += len as u64;
             }
         }
@@ -531,15 +530,14 @@ impl World {
         match (kind, files.is_empty()) {
             (1, false) => {
                 // Overwrite a range of an existing file.
-                use std::os::unix::fs::FileExt;
                 let f = &files[self.rng.random_range(0..files.len())];
                 let len = std::fs::metadata(f).unwrap().len();
                 let n = self.rng.random_range(1..(64 << 10)) as usize;
                 let at = self.rng.random_range(0..=len);
                 let mut buf = vec![0u8; n];
                 self.rng.fill_bytes(&mut buf);
-                let file = std::fs::OpenOptions::new().write(true).open(f).unwrap();
-                file.write_all_at(&buf, at).unwrap();
+                let mut file = std::fs::OpenOptions::new().write(true).open(f).unwrap();
+                write_all_at(&mut file, &buf, at);
                 n as u64
             }
             (2, false) => {
@@ -582,12 +580,7 @@ impl World {
         let r = self.refs.join(id);
         std::fs::create_dir_all(&r).unwrap();
         std::fs::copy(&self.image, r.join("os.img")).unwrap();
-        lifeboat_tests::run(
-            Command::new("cp")
-                .arg("-a")
-                .arg(&self.data)
-                .arg(r.join("data")),
-        );
+        lifeboat_tests::copy_tree(&self.data, &r.join("data"));
     }
 
     fn cache_point_ids(&self) -> BTreeSet<String> {
@@ -1089,19 +1082,12 @@ impl World {
                 first * 4096
             ))
         } else {
-            let diff = Command::new("diff")
-                .arg("-r")
-                .arg(reference.join("data"))
-                .arg(out.join("data"))
-                .output()
-                .unwrap();
-            if diff.status.success() {
-                Ok(())
-            } else {
-                Err(format!(
+            match lifeboat_tests::tree_difference(&reference.join("data"), &out.join("data")) {
+                None => Ok(()),
+                Some(d) => Err(format!(
                     "WRONG BYTES: directory restored from {s:?} at point {id} differs from the source at its cut: {}",
-                    short(&out_text(&diff))
-                ))
+                    short(&d)
+                )),
             }
         };
         let _ = std::fs::remove_dir_all(&out);
@@ -1488,7 +1474,7 @@ fn a_corrupt_cache_segment_costs_its_point_and_newer_points_still_move() {
         std::fs::write(
             &config,
             format!(
-                "vm = \"{vm}\"\ngroup = \"{GROUP}\"\nstate_dir = \"{}\"\n[store]\nkind = \"local\"\npath = \"{}\"\n[[disk]]\nid = \"os\"\nkind = \"image\"\npath = \"{}\"\n",
+                "vm = \"{vm}\"\ngroup = \"{GROUP}\"\nstate_dir = {:?}\n[store]\nkind = \"local\"\npath = {:?}\n[[disk]]\nid = \"os\"\nkind = \"image\"\npath = {:?}\n",
                 d.join("state").display(),
                 cache.display(),
                 image.display()
@@ -1578,4 +1564,11 @@ fn first_file(dir: &Path) -> PathBuf {
         .collect();
     names.sort();
     names.into_iter().next().expect("a file")
+}
+
+/// Writes `buf` at `at` in `f`, on any platform (a positioned write is Unix-only in std).
+fn write_all_at(f: &mut std::fs::File, buf: &[u8], at: u64) {
+    use std::io::{Seek, SeekFrom, Write};
+    f.seek(SeekFrom::Start(at)).unwrap();
+    f.write_all(buf).unwrap();
 }

@@ -6,7 +6,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use lifeboat_tests::{
-    CoordinatorProc, KillOnDrop, assert_same_tree, bin, free_port, random_bytes, run,
+    CoordinatorProc, KillOnDrop, assert_same_tree, bin, copy_tree, free_port, random_bytes,
     set_point_time,
 };
 
@@ -80,7 +80,7 @@ impl Vm {
         std::fs::write(
             &config,
             format!(
-                "vm = \"vm1\"\ngroup = \"g1\"\nstate_dir = \"{}\"\n[store]\nkind = \"local\"\npath = \"{}\"\n[[disk]]\nid = \"os\"\nkind = \"image\"\npath = \"{}\"\n[[disk]]\nid = \"data\"\nkind = \"directory\"\npath = \"{}\"\n",
+                "vm = \"vm1\"\ngroup = \"g1\"\nstate_dir = {:?}\n[store]\nkind = \"local\"\npath = {:?}\n[[disk]]\nid = \"os\"\nkind = \"image\"\npath = {:?}\n[[disk]]\nid = \"data\"\nkind = \"directory\"\npath = {:?}\n",
                 dir.join("state").display(),
                 cache.display(),
                 image.display(),
@@ -130,10 +130,7 @@ impl Vm {
         let copy = self.dir.join(format!("copy-{round}"));
         std::fs::create_dir_all(&copy).unwrap();
         std::fs::copy(self.dir.join("disk.img"), copy.join("os.img")).unwrap();
-        run(Command::new("cp")
-            .arg("-a")
-            .arg(self.dir.join("data"))
-            .arg(copy.join("data")));
+        copy_tree(&self.dir.join("data"), &copy.join("data"));
         self.points.push(id);
         self.copies.push(copy);
     }
@@ -331,6 +328,7 @@ fn a_corrupt_target_object_is_named_and_spares_points_that_do_not_need_it() {
 }
 
 #[test]
+#[cfg_attr(windows, ignore = "hooks run through `sh -c`, which Windows lacks")]
 fn a_group_drill_from_the_target_store_with_the_source_region_gone() {
     let dir = tempfile::tempdir().unwrap();
     let mut c = CoordinatorProc::init(
@@ -343,7 +341,7 @@ fn a_group_drill_from_the_target_store_with_the_source_region_gone() {
     std::fs::create_dir_all(&target).unwrap();
     let text = std::fs::read_to_string(&c.config)
         .unwrap()
-        .replace("TARGET", &target.display().to_string());
+        .replace("\"TARGET\"", &format!("{target:?}"));
     std::fs::write(&c.config, text).unwrap();
     c.start();
     let mut agents = Vec::new();
@@ -355,7 +353,7 @@ fn a_group_drill_from_the_target_store_with_the_source_region_gone() {
         std::fs::write(
             &config,
             format!(
-                "vm = \"{vm}\"\ngroup = \"g1\"\nstate_dir = \"{}\"\n[store]\nkind = \"local\"\npath = \"{}\"\n[[disk]]\nid = \"data\"\nkind = \"directory\"\npath = \"{}\"\nconsistency = \"hooks\"\n[disk.hooks]\npre = [\"true\"]\npost = [\"true\"]\n",
+                "vm = \"{vm}\"\ngroup = \"g1\"\nstate_dir = {:?}\n[store]\nkind = \"local\"\npath = {:?}\n[[disk]]\nid = \"data\"\nkind = \"directory\"\npath = {:?}\nconsistency = \"hooks\"\n[disk.hooks]\npre = [\"true\"]\npost = [\"true\"]\n",
                 dir.path().join(format!("{vm}-state")).display(),
                 c.store.display(),
                 data.display()
@@ -527,9 +525,20 @@ fn point_time(target: &Path, id: &str) -> u64 {
         .time
 }
 
+/// The bytes of the files under `dir` (what `du -sb` counts, less the directories themselves).
 fn size_of(dir: &Path) -> u64 {
-    let out = run(Command::new("du").arg("-sb").arg(dir));
-    out.split_whitespace().next().unwrap().parse().unwrap()
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let m = std::fs::symlink_metadata(e.path()).unwrap();
+            if m.is_dir() {
+                size_of(&e.path())
+            } else {
+                m.len()
+            }
+        })
+        .sum()
 }
 
 #[test]
@@ -727,7 +736,7 @@ fn killing_the_coordinator_while_it_processes_and_prunes_loses_and_duplicates_no
     // The DR region is Azure Blob: its latency is what makes a pass long enough to interrupt.
     let container = format!("kills{}", std::process::id());
     let target_desc = format!(
-        "kind = \"azure\"\naccount = \"devstoreaccount1\"\ncontainer = \"{container}\"\nendpoint = \"{endpoint}\"\ncredential = {{ kind = \"shared_key\", key = \"{}\" }}\n",
+        "kind = \"azure\"\naccount = \"devstoreaccount1\"\ncontainer = \"{container}\"\nendpoint = \"{endpoint}\"\ncredential = {{ kind = \"shared_key\", key = {:?} }}\n",
         lifeboat_store::backend::azure::EMULATOR_KEY
     );
     let target_toml = dir.path().join("target.toml");
@@ -937,7 +946,7 @@ fn the_coordinators_processing_loop_never_jams_after_compacting() {
         &dir.path().join("c"),
         "g1",
         &format!(
-            "processing_interval = \"1s\"\n[target]\nkind = \"local\"\npath = \"{}\"\n",
+            "processing_interval = \"1s\"\n[target]\nkind = \"local\"\npath = {:?}\n",
             target.display()
         ),
     );
@@ -1188,6 +1197,10 @@ fn failed_restores_and_failovers_leave_the_output_as_they_found_it() {
 /// processed. The agent now times a tag after its disk's previous one. The clock step is real
 /// for the agent: `faketime` (installed by scripts/test.sh) sets its clock an hour back.
 #[test]
+#[cfg_attr(
+    windows,
+    ignore = "steps the clock with faketime (LD_PRELOAD), which Windows lacks"
+)]
 fn a_point_cut_after_the_clock_stepped_back_is_processed() {
     let dir = tempfile::tempdir().unwrap();
     let mut vm = Vm::setup(dir.path());
@@ -1317,10 +1330,7 @@ fn target_damage_a_history_needs_asks_the_agent_for_a_new_copy_and_protection_re
     let copy = dir.path().join("copy-3");
     std::fs::create_dir_all(&copy).unwrap();
     std::fs::copy(dir.path().join("disk.img"), copy.join("os.img")).unwrap();
-    run(Command::new("cp")
-        .arg("-a")
-        .arg(dir.path().join("data"))
-        .arg(copy.join("data")));
+    copy_tree(&dir.path().join("data"), &copy.join("data"));
     vm.copies.push(copy);
     // The pass still reports the point of the old history it could not copy (exit 1), and
     // publishes the new one.

@@ -14,7 +14,7 @@ use lifeboat_store::restore::{StoreReader, restore_disk};
 use lifeboat_store::{DynBackend, GroupId};
 
 #[allow(unused_imports)]
-pub use lifeboat_tests::{LoopFs, assert_same_tree, random_bytes, root_or_skip, run};
+pub use lifeboat_tests::{LoopFs, assert_same_tree, copy_tree, random_bytes, root_or_skip, run};
 
 pub const AGENT: &str = env!("CARGO_BIN_EXE_lifeboat-agent");
 
@@ -68,11 +68,11 @@ pub fn write_config(dir: &Path, disks: &str) -> PathBuf {
         format!(
             r#"vm = "vm1"
 group = "g"
-state_dir = "{dir}/state"
+state_dir = {state:?}
 
 [store]
 kind = "local"
-path = "{dir}/store"
+path = {store:?}
 
 [replication]
 segment_size = "1MiB"
@@ -80,7 +80,8 @@ memory_cap = "64MiB"
 
 {disks}
 "#,
-            dir = dir.display()
+            state = dir.join("state"),
+            store = dir.join("store")
         ),
     )
     .unwrap();
@@ -136,7 +137,7 @@ pub fn restore_id(dir: &Path, id: &str, out: &Path) -> RecoveryPoint {
 /// A `[[disk]]` table for `write_config`, with no consistency provider.
 pub fn disk(id: &str, kind: &str, path: &Path) -> String {
     format!(
-        "[[disk]]\nid = \"{id}\"\nkind = \"{kind}\"\npath = \"{}\"\n\n",
+        "[[disk]]\nid = \"{id}\"\nkind = \"{kind}\"\npath = {:?}\n\n",
         path.display()
     )
 }

@@ -11,6 +11,13 @@ use lifeboat_coordinator::config::Config;
 use lifeboat_coordinator::{pki, server, tokens};
 use lifeboat_store::VmId;
 
+/// Where the config is looked for when neither `--config` nor the environment names one: the
+/// package's location, or on Windows the machine-wide application data directory.
+#[cfg(not(windows))]
+const DEFAULT_CONFIG: &str = "/etc/lifeboat/coordinator.toml";
+#[cfg(windows)]
+const DEFAULT_CONFIG: &str = r"C:\ProgramData\Lifeboat\coordinator.toml";
+
 #[derive(Debug, Parser)]
 #[command(
     version,
@@ -21,7 +28,7 @@ struct Cli {
         long,
         short,
         env = "LIFEBOAT_COORDINATOR_CONFIG",
-        default_value = "/etc/lifeboat/coordinator.toml"
+        default_value = DEFAULT_CONFIG
     )]
     config: PathBuf,
     #[command(subcommand)]
@@ -117,13 +124,19 @@ async fn run(command: Command, config: Config) -> Result<()> {
         }
         Command::Serve => {
             let stop = async {
-                let mut term =
-                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                        .expect("signal handler");
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
+                #[cfg(unix)]
+                {
+                    let mut term =
+                        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                            .expect("signal handler");
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = tokio::signal::ctrl_c() => {}
+                    }
                 }
+                // No SIGTERM on Windows: a console's Ctrl-C (or Ctrl-Break) is the stop request.
+                #[cfg(not(unix))]
+                let _ = tokio::signal::ctrl_c().await;
                 tracing::info!("stopping");
                 lifeboat_store::service::stopping();
             };

@@ -604,8 +604,34 @@ impl World {
 
     /// `lifeboat-agent sync`, SIGKILLed after `kill_ms` when given; every point it published
     /// gets the model's time and a reference copy of the disks (which did not change meanwhile).
+    /// The first segment of each disk's newest history in the cache (a change is a new full
+    /// copy: a resync, or a first copy after lost state).
+    fn histories(&self) -> Vec<Option<u64>> {
+        let vm = VmId::new(VM).unwrap();
+        ["os", "data"]
+            .iter()
+            .map(|d| {
+                let disk = DiskId::new(*d).unwrap();
+                let dir = self.cache.join(self.layout.tags(&vm, &disk).as_str());
+                let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .map(|e| e.path())
+                    .collect();
+                names.sort();
+                let newest = names.pop()?;
+                let data = std::fs::read(&newest).ok()?;
+                Tag::decode(&newest.to_string_lossy(), &data)
+                    .ok()
+                    .map(|t| t.from_segment)
+            })
+            .collect()
+    }
+
     fn sync(&mut self, kill_ms: Option<u64>) -> Check {
         let before = self.cache_point_ids();
+        let histories = self.histories();
         let verified = self.rng.random_bool(0.25);
         let mut cmd = Command::new(bin("lifeboat-agent"));
         cmd.arg("--config").arg(&self.config).arg("sync");
@@ -639,6 +665,8 @@ impl World {
             .cloned()
             .collect();
         let stepped_back = self.now < self.newest_time;
+        // A new history since the last sync (asked for by processing, say) is a full copy.
+        let resynced = self.histories() != histories;
         for id in &new {
             lifeboat_tests::set_point_time(&self.cache, GROUP, id, self.now);
             self.keep_reference(id);
@@ -647,7 +675,7 @@ impl World {
                 PointRec {
                     time: self.now,
                     churn: self.churn_since_point,
-                    full: self.full_pending,
+                    full: self.full_pending || resynced,
                     stepped_back,
                     after_cache_damage: self.cache_damage_in_effect(),
                     verified,

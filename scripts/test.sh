@@ -21,42 +21,52 @@ set +e
 cargo test --locked --workspace "$@" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
+# A suite beyond cargo test (a script printing `<name> test: PASS/FAIL/SKIPPED`): run when
+# `$2` is empty, otherwise its skip line says why. Its exit status lands in `suite_status`.
+suite() {
+  local name=$1 why=$2 script=$3
+  if [ -n "$why" ]; then
+    echo "$name test: SKIPPED ($why)" | tee -a "$log"
+    suite_status=0
+    return
+  fi
+  say "$script"
+  set +e
+  "$script" 2>&1 | tee -a "$log"
+  suite_status=${PIPESTATUS[0]}
+  set -e
+}
+selected=${*:+cargo test arguments given: $*}
+root=$([ "$(id -u)" -eq 0 ] && echo yes || true)
+
 # The Debian package under a booted systemd (a container): root only, a few minutes; not when
 # the arguments select some cargo tests only.
-if [ $# -gt 0 ]; then
-  echo "package test: SKIPPED (cargo test arguments given: $*)" | tee -a "$log"
-  pkg_status=0
-elif [ "$(id -u)" -eq 0 ]; then
-  say "scripts/test-package"
-  set +e
-  scripts/test-package 2>&1 | tee -a "$log"
-  pkg_status=${PIPESTATUS[0]}
-  set -e
+if [ -n "$selected" ]; then
+  why=$selected
+elif [ -z "$root" ]; then
+  why="needs root: debootstrap, systemd-nspawn, loop mounts"
 else
-  echo "package test: SKIPPED (needs root: debootstrap, systemd-nspawn, loop mounts)" | tee -a "$log"
-  pkg_status=0
+  why=
 fi
-# The workspace built for Windows, its tests under wine (scripts/test-windows): root only (it
-# installs the cross toolchain and wine), and not when the arguments select some tests only.
-# Opt-in (LIFEBOAT_WINDOWS=1) until a run from a fresh wine prefix is as green as a warm one:
-# the one such run so far failed two tests a warm prefix passes.
-if [ "${LIFEBOAT_WINDOWS:-0}" != 1 ]; then
-  echo "windows test: SKIPPED (opt-in: LIFEBOAT_WINDOWS=1; a fresh wine prefix is not yet green)" | tee -a "$log"
-  win_status=0
-elif [ $# -gt 0 ]; then
-  echo "windows test: SKIPPED (cargo test arguments given: $*)" | tee -a "$log"
-  win_status=0
+suite package "$why" scripts/test-package
+pkg_status=$suite_status
+# The workspace built for Windows, its tests under wine (scripts/test-windows): root (it
+# installs the cross toolchain and wine) or the packages already there, and not when the
+# arguments select some tests only. Opt-in (LIFEBOAT_WINDOWS=1) until a run from a fresh wine
+# prefix is as green as a warm one: the one such run so far failed two tests a warm prefix
+# passes.
 # shellcheck disable=SC2086 # a list of names
-elif [ "$(id -u)" -eq 0 ] || have_debs $WINDOWS_DEBS; then
-  say "scripts/test-windows"
-  set +e
-  scripts/test-windows 2>&1 | tee -a "$log"
-  win_status=${PIPESTATUS[0]}
-  set -e
+if [ "${LIFEBOAT_WINDOWS:-0}" != 1 ]; then
+  why="opt-in: LIFEBOAT_WINDOWS=1; a fresh wine prefix is not yet green"
+elif [ -n "$selected" ]; then
+  why=$selected
+elif [ -z "$root" ] && ! have_debs $WINDOWS_DEBS; then
+  why="needs root to install rustc-web, mingw-w64 and wine"
 else
-  echo "windows test: SKIPPED (needs root to install rustc-web, mingw-w64 and wine)" | tee -a "$log"
-  win_status=0
+  why=
 fi
+suite windows "$why" scripts/test-windows
+win_status=$suite_status
 # One closing line over every test binary, the package test and the Windows test, so the total
 # is not hidden behind the last (often empty) doc-test run.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed;?$/) p += $(i-1); if ($(i) ~ /^failed;?$/) f += $(i-1); if ($(i) ~ /^ignored;?$/) s += $(i-1) } }

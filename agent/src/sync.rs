@@ -233,7 +233,7 @@ impl Agent {
         let max_seg = segs.last().copied().unwrap_or(0);
         let latest = match self.reader.latest_tag(vm, &disk.id).await {
             Ok(l) => Ok(l),
-            Err(e) if is_damage(&e) => Err(e),
+            Err(e) if e.is_damage() => Err(e),
             Err(e) => return Err(e.into()),
         };
 
@@ -405,7 +405,7 @@ impl Agent {
             {
                 Ok(())
             }
-            Err(e) if is_damage(&e) => {
+            Err(e) if e.is_damage() => {
                 tracing::warn!(disk = %tag.disk, error = %e, "the directory listing in the cache store is damaged; the next tag that names it writes it again");
                 self.damaged_trees
                     .lock()
@@ -1127,12 +1127,6 @@ enum Checked {
     Intact,
     /// Gone or damaged: the history cannot go on.
     Lost(String),
-}
-
-/// Whether a read error is damage in the store (a decoder or consistency check refused what
-/// is there) rather than a failure to reach it (retried by the next cycle).
-fn is_damage(e: &lifeboat_store::Error) -> bool {
-    e.is_damage()
 }
 
 /// Bits of a history's first number below its start time: a history may write 2^20 segments

@@ -90,15 +90,9 @@ fn a_hook_that_leaves_a_process_behind_does_not_hold_the_cut() {
     let started = std::time::Instant::now();
     let out = agent_ok(&config, &["snapshot", "--app-consistent"]);
     let took = started.elapsed();
-    let holder: i32 = std::fs::read_to_string(&pid_file)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let holder = pid_in(&pid_file);
     let alive = std::path::Path::new(&format!("/proc/{holder}")).exists();
-    let _ = std::process::Command::new("kill")
-        .args(["-9", &holder.to_string()])
-        .status();
+    kill(holder);
     // 60 s is the holder's life; the 1 s timeout plus a snapshot is far below it.
     assert!(took < std::time::Duration::from_secs(30), "took {took:?}");
     assert!(alive, "the process a successful hook left was killed");
@@ -135,11 +129,7 @@ fn a_hook_that_times_out_is_killed_with_everything_it_started() {
     let out = agent(&config, &["snapshot", "--app-consistent"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("timed out"), "{stderr}");
-    let child: i32 = std::fs::read_to_string(&pid_file)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let child = pid_in(&pid_file);
     // Killed: gone, or a zombie waiting for whoever adopted it to reap it.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let dead = loop {
@@ -158,9 +148,23 @@ fn a_hook_that_times_out_is_killed_with_everything_it_started() {
     };
     if !dead {
         // So that a failing test leaves nothing behind.
-        let _ = std::process::Command::new("kill")
-            .args(["-9", &child.to_string()])
-            .status();
+        kill(child);
     }
     assert!(dead, "the hook's background process outlived its timeout");
+}
+
+/// The process id a hook wrote to `path`.
+fn pid_in(path: &std::path::Path) -> i32 {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// SIGKILLs `pid`, so that a test leaves nothing behind.
+fn kill(pid: i32) {
+    let _ = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status();
 }

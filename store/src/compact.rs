@@ -47,7 +47,7 @@ pub async fn compact(
         // Damage to the earlier base's list costs only the new base's list, not the compaction.
         Some(b) => match reader.base_segment_ids(b).await {
             Ok(ids) => ids,
-            Err(e) if is_damage(&e) => {
+            Err(e) if e.is_damage_or_loss() => {
                 tracing::warn!(error = %e, "compacting without segment identities");
                 None
             }
@@ -147,11 +147,6 @@ pub async fn compact(
         )?),
         Err(e) => Err(e.into()),
     }
-}
-
-/// Whether `e` says an object is missing or wrong (rather than the store unreachable).
-fn is_damage(e: &Error) -> bool {
-    e.is_damage_or_loss()
 }
 
 /// Writes a part create-only; an existing part with the same bytes (a killed or concurrent try)

@@ -127,11 +127,6 @@ pub async fn verify(backend: DynBackend, opts: &VerifyOptions) -> Result<VerifyR
     Ok(report)
 }
 
-/// Whether `e` says an object is missing or wrong, rather than the store unreachable.
-fn is_damage(e: &Error) -> bool {
-    e.is_damage_or_loss()
-}
-
 /// A tag of a disk: `(vm, disk, seq)`.
 type TagKey = (VmId, DiskId, u64);
 
@@ -266,7 +261,7 @@ impl<'a> GroupWalk<'a> {
                         }
                     }
                 }
-                Err(e) if is_damage(&e) => {
+                Err(e) if e.is_damage_or_loss() => {
                     self.damaged(&name, e.to_string()).points.insert(id);
                 }
                 Err(e) => return Err(e),
@@ -295,7 +290,7 @@ impl<'a> GroupWalk<'a> {
                 Ok(_) => {
                     self.damaged(&name, "quarantine record is not text");
                 }
-                Err(e) if is_damage(&e) => {
+                Err(e) if e.is_damage_or_loss() => {
                     self.damaged(&name, e.to_string());
                 }
                 Err(e) => return Err(e),
@@ -433,7 +428,7 @@ impl<'a> GroupWalk<'a> {
             };
             match base {
                 Ok(b) => bases.push(b),
-                Err(e) if is_damage(&e) => {
+                Err(e) if e.is_damage_or_loss() => {
                     self.damaged(name.as_str(), e.to_string());
                     damaged_bases.push((seq, name.to_string()));
                     // Its parts are not orphans: a repaired manifest would read them.
@@ -462,7 +457,7 @@ impl<'a> GroupWalk<'a> {
                 match self.reader.base_segment_ids(b).await {
                     Ok(Some(ids)) => identities.push((b.from_segment, name, ids)),
                     Ok(None) => {}
-                    Err(e) if is_damage(&e) => {
+                    Err(e) if e.is_damage_or_loss() => {
                         let what = format!(
                             "{e} (restores do not read it; processing cannot check segment identities against this base)"
                         );
@@ -497,7 +492,7 @@ impl<'a> GroupWalk<'a> {
             };
             let tag = match tag {
                 Ok(t) => t,
-                Err(e) if is_damage(&e) => {
+                Err(e) if e.is_damage_or_loss() => {
                     self.damaged(name.as_str(), e.to_string()).tags.insert(key);
                     continue;
                 }
@@ -573,7 +568,7 @@ impl<'a> GroupWalk<'a> {
                 Ok(t) => {
                     good_trees.insert(hash, t);
                 }
-                Err(e) if is_damage(&e) => {
+                Err(e) if e.is_damage_or_loss() => {
                     let what = match &e {
                         Error::Store(s) if s.kind == ErrorKind::NotFound => "missing".to_string(),
                         _ => e.to_string(),
@@ -622,7 +617,7 @@ impl<'a> GroupWalk<'a> {
                 Ok(ix) => {
                     indexes.insert(name, ix);
                 }
-                Err(e) if is_damage(&e) => {
+                Err(e) if e.is_damage_or_loss() => {
                     let what = if self.listed(&name) {
                         e.to_string()
                     } else {
@@ -650,7 +645,7 @@ impl<'a> GroupWalk<'a> {
                 let got = match self.reader.segment_id(&name).await {
                     Ok(Some(id)) => id,
                     Ok(None) => continue,
-                    Err(e) if is_damage(&e) => continue, // its own check reports it
+                    Err(e) if e.is_damage_or_loss() => continue, // its own check reports it
                     Err(e) => return Err(e),
                 };
                 if got != *want {

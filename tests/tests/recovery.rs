@@ -114,14 +114,24 @@ impl Vm {
     }
 
     /// Syncs (a point) and keeps a copy of the disks as they are.
-    fn sync(&mut self, round: u64) {
-        let out = ok(Command::new(bin("lifeboat-agent"))
+    /// Segments of 256 KiB: the 3 MiB image is a dozen of them, past the compaction threshold.
+    fn small_segments(&self) {
+        let config = self.dir.join("agent.toml");
+        let mut text = std::fs::read_to_string(&config).unwrap();
+        text.push_str("[replication]\nsegment_size = \"256KiB\"\n");
+        std::fs::write(&config, text).unwrap();
+    }
+
+    /// Syncs (a point), keeps a copy of the disks as they are, and returns the agent's log.
+    fn sync(&mut self, round: u64) -> String {
+        let out = Command::new(bin("lifeboat-agent"))
             .arg("--config")
             .arg(self.dir.join("agent.toml"))
             .arg("sync")
             .output()
-            .unwrap());
-        let id = out
+            .unwrap();
+        let log = String::from_utf8_lossy(&out.stderr).into_owned();
+        let id = ok(out)
             .lines()
             .find_map(|l| l.strip_prefix("published recovery point "))
             .and_then(|l| l.split_whitespace().next())
@@ -133,6 +143,7 @@ impl Vm {
         copy_tree(&self.dir.join("data"), &copy.join("data"));
         self.points.push(id);
         self.copies.push(copy);
+        log
     }
 
     /// Asserts that `out` (a failover output) holds the disks as they were at point `i`.
@@ -893,11 +904,7 @@ fn killing_the_coordinator_while_it_processes_and_prunes_loses_and_duplicates_no
 fn sync_process_trim_and_prune_round_after_round_never_jam() {
     let dir = tempfile::tempdir().unwrap();
     let mut vm = Vm::setup(dir.path());
-    let config = dir.path().join("agent.toml");
-    let mut text = std::fs::read_to_string(&config).unwrap();
-    // Small segments: the 3 MiB image is a dozen of them, past the compaction threshold.
-    text.push_str("[replication]\nsegment_size = \"256KiB\"\n");
-    std::fs::write(&config, text).unwrap();
+    vm.small_segments();
     let target = vm.target();
     for round in 0..4u64 {
         if round > 0 {
@@ -951,10 +958,7 @@ fn the_coordinators_processing_loop_never_jams_after_compacting() {
         ),
     );
     let mut vm = Vm::setup_with_cache(&dir.path().join("vm"), &coordinator.store);
-    let config = dir.path().join("vm/agent.toml");
-    let mut text = std::fs::read_to_string(&config).unwrap();
-    text.push_str("[replication]\nsegment_size = \"256KiB\"\n");
-    std::fs::write(&config, text).unwrap();
+    vm.small_segments();
     let bases = target.join("v1/g1/vms/vm1/disks/os/base");
     for round in 0..4u64 {
         if round > 0 {
@@ -1247,11 +1251,7 @@ fn a_point_cut_after_the_clock_stepped_back_is_processed() {
 fn target_damage_a_history_needs_asks_the_agent_for_a_new_copy_and_protection_resumes() {
     let dir = tempfile::tempdir().unwrap();
     let mut vm = Vm::setup(dir.path());
-    let config = dir.path().join("agent.toml");
-    let mut text = std::fs::read_to_string(&config).unwrap();
-    // Small segments: the 3 MiB image is a dozen of them, past the compaction threshold.
-    text.push_str("[replication]\nsegment_size = \"256KiB\"\n");
-    std::fs::write(&config, text).unwrap();
+    vm.small_segments();
     let target = vm.target();
     // Points two hours apart under a one-hour retention: every prune expires all but the
     // newest, so the damaged history is soon behind retention and the new one compacts.
@@ -1306,32 +1306,12 @@ fn target_damage_a_history_needs_asks_the_agent_for_a_new_copy_and_protection_re
 
     // The agent answers with a new history; the pass publishes it and withdraws the request.
     vm.change(3, 3 * 300_000, 100_000);
-    let sync = Command::new(bin("lifeboat-agent"))
-        .arg("--config")
-        .arg(&config)
-        .arg("sync")
-        .output()
-        .unwrap();
-    let log = String::from_utf8_lossy(&sync.stderr).into_owned();
-    assert!(sync.status.success(), "{log}");
+    let log = vm.sync(3);
     assert!(
         log.contains("processing cannot complete this history in the target store"),
         "{log}"
     );
-    vm.points.push(
-        String::from_utf8_lossy(&sync.stdout)
-            .lines()
-            .find_map(|l| l.strip_prefix("published recovery point "))
-            .and_then(|l| l.split_whitespace().next())
-            .unwrap()
-            .to_string(),
-    );
     set_point_time(&vm.cache, "g1", &vm.points[3], hours(3));
-    let copy = dir.path().join("copy-3");
-    std::fs::create_dir_all(&copy).unwrap();
-    std::fs::copy(dir.path().join("disk.img"), copy.join("os.img")).unwrap();
-    copy_tree(&dir.path().join("data"), &copy.join("data"));
-    vm.copies.push(copy);
     // The pass still reports the point of the old history it could not copy (exit 1), and
     // publishes the new one.
     let out = lifeboat(
@@ -1375,14 +1355,7 @@ fn target_damage_a_history_needs_asks_the_agent_for_a_new_copy_and_protection_re
     std::fs::create_dir_all(&requests).unwrap();
     std::fs::write(&request, "stale").unwrap();
     vm.change(7, 7 * 300_000, 100_000);
-    let sync = Command::new(bin("lifeboat-agent"))
-        .arg("--config")
-        .arg(&config)
-        .arg("sync")
-        .output()
-        .unwrap();
-    let log = String::from_utf8_lossy(&sync.stderr).into_owned();
-    assert!(sync.status.success(), "{log}");
+    let log = vm.sync(7);
     assert!(!log.contains("resynchronising"), "{log}");
     assert!(!manifest.exists(), "the damaged base outlived its history");
     vm.assert_fails_over(&target, 6, &dir.path().join("out-6"));

@@ -7,6 +7,7 @@ mod cbt;
 #[cfg(not(target_os = "linux"))]
 #[path = "cbt_other.rs"]
 mod cbt;
+mod blocks;
 mod check;
 mod config;
 mod consistency;

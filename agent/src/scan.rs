@@ -21,6 +21,7 @@ use std::time::Instant;
 use lifeboat_store::codec::Hash;
 use lifeboat_store::manifest::{EntryKind, Tree, TreeEntry, UnixMillis};
 
+use crate::blocks::{BlockHashes, NewBase, Pages};
 use crate::state::{FileState, Hashes};
 use crate::watch::Hints;
 
@@ -102,18 +103,20 @@ struct Changed {
 /// Scans an image or block device with `threads` workers, each reading and hashing its own
 /// contiguous share with positioned reads; changed blocks reach `sink` on the calling thread.
 /// `direct` reads past the page cache (block devices; see the module docs). Returns the size
-/// and the hashes of all blocks.
+/// and the hashes of all blocks, written as a new base file in `home` (the state directory and
+/// the disk's name) as they are read: memory does not grow with the disk.
 #[allow(clippy::too_many_arguments)]
 pub fn scan_image(
     path: &Path,
     direct: bool,
     block_size: usize,
-    old: &[Hash],
+    old: &BlockHashes,
+    home: (&Path, &str),
     threads: usize,
     stop_at: Option<Instant>,
     stats: &mut ScanStats,
     sink: &mut Sink<'_>,
-) -> io::Result<(u64, Vec<Hash>)> {
+) -> io::Result<(u64, BlockHashes)> {
     let file = crate::platform::open_disk(path, direct)?;
     let size = (&file).seek(SeekFrom::End(0))?;
     let blocks = size.div_ceil(block_size as u64) as usize;
@@ -123,12 +126,11 @@ pub fn scan_image(
     let chunks = blocks.div_ceil(chunk_blocks).max(1);
     let threads = threads.clamp(1, chunks);
     let per_worker = chunks.div_ceil(threads);
-    let mut hashes = vec![[0u8; 32]; blocks];
+    let out = NewBase::create(home.0, home.1, blocks as u64)?;
     // One chunk of changes queued per worker: bounded memory whatever the churn.
     let (tx, rx) = mpsc::sync_channel::<io::Result<Changed>>(threads);
 
     std::thread::scope(|scope| -> io::Result<()> {
-        let mut rest: &mut [Hash] = &mut hashes;
         for w in 0..threads {
             let first_chunk = w * per_worker;
             let last_chunk = ((w + 1) * per_worker).min(chunks);
@@ -137,12 +139,12 @@ pub fn scan_image(
             }
             let first_block = first_chunk * chunk_blocks;
             let n_blocks = (last_chunk * chunk_blocks).min(blocks) - first_block;
-            let (mine, tail) = rest.split_at_mut(n_blocks);
-            rest = tail;
-            let (tx, file) = (tx.clone(), &file);
+            let (tx, file, out) = (tx.clone(), &file, &out);
             scope.spawn(move || {
                 let mut aligned = AlignedBuf::new(chunk);
                 let buf = aligned.as_mut_slice();
+                let mut pages = Pages::default();
+                let mut mine = Vec::with_capacity(chunk_blocks);
                 let mut done = 0;
                 while done < n_blocks {
                     let offset = ((first_block + done) * block_size) as u64;
@@ -155,13 +157,23 @@ pub fn scan_image(
                         return;
                     }
                     let mut changed = Vec::new();
+                    mine.clear();
                     for (i, block) in buf[..len].chunks(block_size).enumerate() {
                         let h = *blake3::hash(block).as_bytes();
-                        let idx = first_block + done + i;
-                        if old.get(idx) != Some(&h) {
-                            changed.push((i, h));
+                        let idx = (first_block + done + i) as u64;
+                        match pages.get(old, idx) {
+                            Ok(was) if was == h => {}
+                            Ok(_) => changed.push((i, h)),
+                            Err(e) => {
+                                let _ = tx.send(Err(e));
+                                return;
+                            }
                         }
-                        mine[done + i] = h;
+                        mine.push(h);
+                    }
+                    if let Err(e) = out.write_at((first_block + done) as u64, &mine) {
+                        let _ = tx.send(Err(e));
+                        return;
                     }
                     let n = len.div_ceil(block_size);
                     done += n;
@@ -197,12 +209,13 @@ pub fn scan_image(
         Ok(())
     })?;
     stats.bytes_read = size;
-    Ok((size, hashes))
+    Ok((size, out.finish()?))
 }
 
 /// Reads and hashes only `blocks` (sorted block indices, the tracker's read-out) of an image or
 /// block device of `size` bytes, updating `hashes` (one per block of the device) and handing
-/// changed blocks to `sink`. Adjacent blocks are read together, up to a chunk at a time.
+/// changed blocks to `sink`. Adjacent blocks are read together, up to a chunk at a time. An
+/// overlay grown past its cap is merged into a new base file in `home` on the way.
 #[allow(clippy::too_many_arguments)]
 pub fn scan_listed(
     path: &Path,
@@ -210,7 +223,8 @@ pub fn scan_listed(
     block_size: usize,
     size: u64,
     blocks: &[u64],
-    hashes: &mut [Hash],
+    hashes: &mut BlockHashes,
+    home: (&Path, &str),
     stop_at: Option<Instant>,
     stats: &mut ScanStats,
     sink: &mut Sink<'_>,
@@ -219,9 +233,16 @@ pub fn scan_listed(
     let chunk_blocks = (CHUNK / block_size).max(1);
     let mut aligned = AlignedBuf::new(chunk_blocks * block_size);
     let buf = aligned.as_mut_slice();
+    let mut pages = Pages::default();
     let mut i = 0;
     while i < blocks.len() {
         check_deadline(stop_at)?;
+        // Not while frozen: the merge writes 32 bytes per block of the disk; the save after
+        // the thaw does it instead.
+        if stop_at.is_none() && hashes.needs_merge() {
+            hashes.merge(home.0, home.1)?;
+            pages = Pages::default();
+        }
         // A run of consecutive blocks, at most a chunk long.
         let first = blocks[i];
         let mut n = 1;
@@ -230,17 +251,17 @@ pub fn scan_listed(
         }
         i += n;
         let offset = first * block_size as u64;
-        if offset >= size || first as usize >= hashes.len() {
+        if offset >= size || first >= hashes.len() {
             continue;
         }
         let len = ((size - offset) as usize).min(n * block_size);
         crate::platform::read_exact_at(&file, &mut buf[..len], offset)?;
         stats.bytes_read += len as u64;
         for (k, block) in buf[..len].chunks(block_size).enumerate() {
-            let idx = first as usize + k;
+            let idx = first + k as u64;
             let h = *blake3::hash(block).as_bytes();
-            if hashes[idx] != h {
-                hashes[idx] = h;
+            if pages.get(hashes, idx)? != h {
+                hashes.set(idx, h);
                 stats.blocks_changed += 1;
                 stats.bytes_changed += block.len() as u64;
                 sink("", offset + (k * block_size) as u64, block, h)?;
@@ -554,13 +575,16 @@ mod tests {
         let path = dir.path().join("img");
         let mut data: Vec<u8> = (0..(9 * 4096 + 100)).map(|i| (i % 253) as u8).collect();
         std::fs::write(&path, &data).unwrap();
+        let home = tempfile::tempdir().unwrap();
+        let home = (home.path(), "img");
         for threads in [1, 2, 3, 8] {
             let mut stats = ScanStats::default();
             let (size, hashes) = scan_image(
                 &path,
                 false,
                 4096,
-                &[],
+                &BlockHashes::default(),
+                home,
                 threads,
                 None,
                 &mut stats,
@@ -569,6 +593,11 @@ mod tests {
             .unwrap();
             assert_eq!(size, data.len() as u64);
             assert_eq!(hashes.len(), 10);
+            let expect: Vec<Hash> = data
+                .chunks(4096)
+                .map(|b| *blake3::hash(b).as_bytes())
+                .collect();
+            assert_eq!(hashes.to_vec().unwrap(), expect, "threads {threads}");
             data[4096 * 3 + 5] ^= 1;
             data[4096 * 9 + 1] ^= 1;
             std::fs::write(&path, &data).unwrap();
@@ -578,6 +607,7 @@ mod tests {
                 false,
                 4096,
                 &hashes,
+                home,
                 threads,
                 None,
                 &mut stats,

@@ -4,10 +4,14 @@
 //! fsync directory) and checksummed, so after a crash it is either the previous good state or
 //! the new one — and a damaged file is detected, reported and replaced by a resync.
 //!
-//! Format 2 (written now): a line `lifeboat-state 2 <blake3 of the rest, hex>`, then the
+//! Format 3 (written now): a line `lifeboat-state 3 <blake3 of the rest, hex>`, then the
 //! length of a JSON header (u64, little endian), the header (everything but an image's block
-//! hashes), then the image's block hashes raw, 32 bytes each — 32 bytes of state per block,
-//! where format 1 (still read) spent 64 hex characters in JSON.
+//! hashes; for an image, the name, length and id of its base file, see `blocks`), then the
+//! image's overlay: (block number u64 LE, hash) pairs, 40 bytes each, ascending. An image's
+//! hashes live in the base file, 32 bytes per block, written once and never rewritten in place;
+//! a save writes only the hashes changed since (at most `blocks::OVERLAY_CAP` of them).
+//! Formats 2 (the header, then every block hash raw) and 1 (hex in JSON) are still read, and
+//! become format 3 at the next save.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -18,9 +22,12 @@ use lifeboat_store::durable::Access;
 use lifeboat_store::{DiskId, VmId};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-const STATE_VERSION: u32 = 2;
+pub use crate::blocks::BlockHashes;
+use crate::blocks::BaseRef;
 
-/// Block hashes, stored compactly as one hex string.
+const STATE_VERSION: u32 = 3;
+
+/// Block hashes, stored compactly as one hex string (a directory's files; format 1 images).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Hashes(pub Vec<Hash>);
 
@@ -66,15 +73,14 @@ pub struct FileState {
 }
 
 /// What the disk held at the last tag.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Content {
-    Image { size: u64, hashes: Hashes },
+    Image { size: u64, hashes: BlockHashes },
     Directory { files: BTreeMap<String, FileState> },
 }
 
 /// Durable state of one disk.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskState {
     pub version: u32,
     pub vm: VmId,
@@ -89,8 +95,46 @@ pub struct DiskState {
     pub content: Content,
     /// Where the block tracker stood when `content` was read: the next pass reads only blocks
     /// written since. `None`: the next pass scans.
-    #[serde(default)]
     pub tracking: Option<crate::cbt::Cursor>,
+}
+
+/// The state file's JSON part, in every format.
+#[derive(Serialize, Deserialize)]
+struct Header {
+    version: u32,
+    vm: VmId,
+    disk: DiskId,
+    block_size: u32,
+    tag_seq: u64,
+    from_segment: u64,
+    through_segment: u64,
+    content: HeaderContent,
+    #[serde(default)]
+    tracking: Option<crate::cbt::Cursor>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+enum HeaderContent {
+    Image {
+        size: u64,
+        /// Format 1: every hash, hex; format 2: empty (the hashes follow the header raw).
+        #[serde(default, skip_serializing)]
+        hashes: Hashes,
+        /// Format 3: the number of blocks and the base file.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        blocks: Option<BlocksHeader>,
+    },
+    Directory {
+        files: BTreeMap<String, FileState>,
+    },
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BlocksHeader {
+    len: u64,
+    base: Option<BaseRef>,
 }
 
 impl DiskState {
@@ -119,7 +163,7 @@ impl DiskState {
             } else {
                 Content::Image {
                     size: 0,
-                    hashes: Hashes::default(),
+                    hashes: BlockHashes::default(),
                 }
             },
         }
@@ -143,7 +187,8 @@ pub fn path_of(state_dir: &Path, disk: &DiskId) -> PathBuf {
     state_dir.join(format!("{disk}.state"))
 }
 
-/// Loads a disk's state; `Ok(None)` if there is none.
+/// Loads a disk's state; `Ok(None)` if there is none. Reads the header and the overlay; an
+/// image's base file is opened and its page checksums read, its hashes only when used.
 pub fn load(state_dir: &Path, disk: &DiskId) -> Result<Option<DiskState>, StateError> {
     let path = path_of(state_dir, disk);
     let data = match fs::read(&path) {
@@ -159,12 +204,16 @@ pub fn load(state_dir: &Path, disk: &DiskId) -> Result<Option<DiskState>, StateE
         .iter()
         .position(|&b| b == b'\n')
         .ok_or_else(|| damaged("no header"))?;
-    let header = std::str::from_utf8(&data[..nl]).map_err(|_| damaged("bad header"))?;
+    let line = std::str::from_utf8(&data[..nl]).map_err(|_| damaged("bad header"))?;
     let body = &data[nl + 1..];
     let sum = blake3::hash(body).to_hex();
-    let state: DiskState = if header == format!("lifeboat-state 1 {sum}") {
-        serde_json::from_slice(body).map_err(|e| damaged(&e.to_string()))?
-    } else if header == format!("lifeboat-state {STATE_VERSION} {sum}") {
+    let (version, json, raw): (u32, &[u8], &[u8]) = if line == format!("lifeboat-state 1 {sum}")
+    {
+        (1, body, &[])
+    } else if let Some(v @ (2 | 3)) = [2, 3]
+        .into_iter()
+        .find(|v| line == format!("lifeboat-state {v} {sum}"))
+    {
         let len = body
             .get(..8)
             .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize)
@@ -172,66 +221,136 @@ pub fn load(state_dir: &Path, disk: &DiskId) -> Result<Option<DiskState>, StateE
         let json = body
             .get(8..8usize.saturating_add(len))
             .ok_or_else(|| damaged("truncated"))?;
-        let raw = &body[8 + len..];
-        let mut state: DiskState =
-            serde_json::from_slice(json).map_err(|e| damaged(&e.to_string()))?;
-        if raw.len() % 32 != 0 {
-            return Err(damaged("partial block hash"));
-        }
-        match &mut state.content {
-            Content::Image { hashes, .. } => {
-                hashes.0 = raw
-                    .chunks_exact(32)
-                    .map(|c| c.try_into().expect("32 bytes"))
-                    .collect();
-            }
-            Content::Directory { .. } if raw.is_empty() => {}
-            Content::Directory { .. } => return Err(damaged("block hashes for a directory")),
-        }
-        state
+        (v, json, &body[8 + len..])
     } else {
         return Err(damaged("checksum or version mismatch"));
     };
-    if state.disk != *disk {
+    let header: Header = serde_json::from_slice(json).map_err(|e| damaged(&e.to_string()))?;
+    if header.disk != *disk {
         return Err(damaged("belongs to another disk"));
     }
-    Ok(Some(state))
+    let content = match header.content {
+        HeaderContent::Directory { files } if raw.is_empty() => Content::Directory { files },
+        HeaderContent::Directory { .. } => return Err(damaged("block hashes for a directory")),
+        HeaderContent::Image {
+            size,
+            hashes,
+            blocks,
+        } => {
+            let hashes = match (version, blocks) {
+                (3, Some(b)) => {
+                    if raw.len() % 40 != 0 {
+                        return Err(damaged("partial overlay entry"));
+                    }
+                    let mut overlay = BTreeMap::new();
+                    let mut last = None;
+                    for e in raw.chunks_exact(40) {
+                        let i = u64::from_le_bytes(e[..8].try_into().expect("8 bytes"));
+                        if last.is_some_and(|l| l >= i) {
+                            return Err(damaged("overlay out of order"));
+                        }
+                        last = Some(i);
+                        overlay.insert(i, e[8..].try_into().expect("32 bytes"));
+                    }
+                    BlockHashes::open(state_dir, b.len, b.base.as_ref(), overlay)
+                        .map_err(|e| damaged(&e.to_string()))?
+                }
+                (3, None) => return Err(damaged("image without block hashes")),
+                (v, _) => {
+                    let list: Vec<Hash> = if v == 2 {
+                        if raw.len() % 32 != 0 {
+                            return Err(damaged("partial block hash"));
+                        }
+                        raw.chunks_exact(32)
+                            .map(|c| c.try_into().expect("32 bytes"))
+                            .collect()
+                    } else {
+                        hashes.0
+                    };
+                    BlockHashes::from_vec(state_dir, disk.as_str(), &list)
+                        .map_err(|source| StateError::Io {
+                            path: path.clone(),
+                            source,
+                        })?
+                }
+            };
+            Content::Image { size, hashes }
+        }
+    };
+    Ok(Some(DiskState {
+        version: header.version,
+        vm: header.vm,
+        disk: header.disk,
+        block_size: header.block_size,
+        tag_seq: header.tag_seq,
+        from_segment: header.from_segment,
+        through_segment: header.through_segment,
+        content,
+        tracking: header.tracking,
+    }))
 }
 
-/// Replaces a disk's state atomically and durably.
+/// Replaces a disk's state atomically and durably: merges an image's overlay into a new base
+/// first if it outgrew its cap, then writes the header and the overlay, then removes base files
+/// the state no longer names.
 pub fn save(state_dir: &Path, state: &DiskState) -> Result<(), StateError> {
     let path = path_of(state_dir, &state.disk);
     let io = |source| StateError::Io {
         path: path.clone(),
         source,
     };
-    // The header is the state without an image's block hashes, which follow it raw.
-    let (json, raw): (Vec<u8>, &[Hash]) = match &state.content {
+    let disk = state.disk.as_str();
+    let mut merged;
+    let (content, overlay, keep) = match &state.content {
         Content::Image { size, hashes } => {
-            let header = DiskState {
-                version: STATE_VERSION,
-                content: Content::Image {
+            let hashes = if hashes.needs_merge() {
+                merged = hashes.clone();
+                merged.merge(state_dir, disk).map_err(io)?;
+                &merged
+            } else {
+                hashes
+            };
+            let base = hashes.base_ref(state_dir, disk).map_err(io)?;
+            let keep = base.as_ref().map(|b| b.name.clone());
+            (
+                HeaderContent::Image {
                     size: *size,
                     hashes: Hashes::default(),
+                    blocks: Some(BlocksHeader {
+                        len: hashes.len(),
+                        base,
+                    }),
                 },
-                tracking: state.tracking.clone(),
-                vm: state.vm.clone(),
-                disk: state.disk.clone(),
-                ..*state
-            };
-            (
-                serde_json::to_vec(&header).expect("state serialises"),
-                &hashes.0,
+                Some(hashes),
+                keep,
             )
         }
-        Content::Directory { .. } => (serde_json::to_vec(state).expect("state serialises"), &[]),
+        Content::Directory { files } => (
+            HeaderContent::Directory {
+                files: files.clone(),
+            },
+            None,
+            None,
+        ),
     };
-    // Checksummed, then written, without a second copy of the hashes in memory.
+    let header = Header {
+        version: STATE_VERSION,
+        vm: state.vm.clone(),
+        disk: state.disk.clone(),
+        block_size: state.block_size,
+        tag_seq: state.tag_seq,
+        from_segment: state.from_segment,
+        through_segment: state.through_segment,
+        content,
+        tracking: state.tracking.clone(),
+    };
+    let json = serde_json::to_vec(&header).expect("state serialises");
     let len = (json.len() as u64).to_le_bytes();
     let mut sum = blake3::Hasher::new();
     sum.update(&len).update(&json);
-    for h in raw {
-        sum.update(h);
+    let entries: Vec<(u64, Hash)> = overlay.map(|h| h.overlay().collect()).unwrap_or_default();
+    for (i, h) in &entries {
+        sum.update(&i.to_le_bytes()).update(h);
     }
     // A full disk leaves the old state and no half-written file behind.
     lifeboat_store::durable::replace_with(&path, Access::Shared, |w| {
@@ -242,17 +361,29 @@ pub fn save(state_dir: &Path, state: &DiskState) -> Result<(), StateError> {
         )?;
         w.write_all(&len)?;
         w.write_all(&json)?;
-        for h in raw {
+        for (i, h) in &entries {
+            w.write_all(&i.to_le_bytes())?;
             w.write_all(h)?;
         }
         Ok(())
     })
-    .map_err(io)
+    .map_err(io)?;
+    // Bases of earlier states, and of passes that never got saved, are no longer needed (one
+    // still held in memory reads through its open handle, and is written again if saved).
+    BlockHashes::collect_garbage(state_dir, disk, keep.as_deref());
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn image(dir: &Path, hashes: &[Hash]) -> Content {
+        Content::Image {
+            size: hashes.len() as u64 * 4096,
+            hashes: BlockHashes::from_vec(dir, "d", hashes).unwrap(),
+        }
+    }
 
     #[test]
     fn round_trip_and_damage_detection() {
@@ -260,10 +391,7 @@ mod tests {
         let disk = DiskId::new("d").unwrap();
         assert!(load(dir.path(), &disk).unwrap().is_none());
         let mut s = DiskState::fresh(VmId::new("vm").unwrap(), disk.clone(), 4096, false, 1);
-        s.content = Content::Image {
-            size: 8192,
-            hashes: Hashes(vec![[1; 32], [0xab; 32]]),
-        };
+        s.content = image(dir.path(), &[[1; 32], [0xab; 32]]);
         save(dir.path(), &s).unwrap();
         assert_eq!(load(dir.path(), &disk).unwrap().unwrap(), s);
         let p = path_of(dir.path(), &disk);
@@ -276,43 +404,118 @@ mod tests {
     }
 
     #[test]
-    fn image_state_is_binary_and_format_1_still_loads() {
+    fn a_save_writes_the_changes_not_the_disk() {
         let dir = tempfile::tempdir().unwrap();
         let disk = DiskId::new("d").unwrap();
-        let blocks = 16_384; // 1 GiB of 64 KiB blocks
+        let blocks = 16_384u64; // 1 GiB of 64 KiB blocks
         let mut s = DiskState::fresh(VmId::new("vm").unwrap(), disk.clone(), 65536, false, 1);
-        s.content = Content::Image {
-            size: blocks * 65536,
-            hashes: Hashes((0..blocks).map(|i| [(i % 251) as u8; 32]).collect()),
-        };
+        let all: Vec<Hash> = (0..blocks).map(|i| [(i % 251) as u8; 32]).collect();
+        s.content = image(dir.path(), &all);
         s.tag_seq = 7;
         save(dir.path(), &s).unwrap();
         assert_eq!(load(dir.path(), &disk).unwrap().unwrap(), s);
-        let len = fs::metadata(path_of(dir.path(), &disk)).unwrap().len();
+        let on_disk = |dir: &Path| -> u64 {
+            fs::read_dir(dir)
+                .unwrap()
+                .map(|e| e.unwrap().metadata().unwrap().len())
+                .sum()
+        };
         assert!(
-            len <= blocks * 32 + 4096,
-            "{len} bytes of state for {blocks} blocks"
+            on_disk(dir.path()) <= blocks * 33 + 4096,
+            "{} bytes of state for {blocks} blocks",
+            on_disk(dir.path())
         );
-        // A state file of format 1 (hex in JSON), as earlier agents wrote it.
-        let mut v1 = s.clone();
-        v1.version = 1;
-        let body = serde_json::to_vec(&v1).unwrap();
-        let mut file = format!("lifeboat-state 1 {}\n", blake3::hash(&body).to_hex()).into_bytes();
-        file.extend_from_slice(&body);
-        fs::write(path_of(dir.path(), &disk), file).unwrap();
-        let loaded = load(dir.path(), &disk).unwrap().unwrap();
-        assert_eq!(loaded.content, s.content);
-        // Truncated or padded binary sections are damage, not a shorter disk.
+        // A tag changing 3 blocks rewrites a state file of a few hundred bytes; the base file
+        // stays as it was.
+        let Content::Image { hashes, .. } = &mut s.content else {
+            unreachable!()
+        };
+        for i in [0, 5000, blocks - 1] {
+            hashes.set(i, [0xee; 32]);
+        }
         save(dir.path(), &s).unwrap();
+        let len = fs::metadata(path_of(dir.path(), &disk)).unwrap().len();
+        assert!(len < 1024, "state file of {len} bytes after 3 changes");
+        let back = load(dir.path(), &disk).unwrap().unwrap();
+        assert_eq!(back, s);
+        // Past the cap, the save merges the changes into a new base and drops the old one.
+        let Content::Image { hashes, .. } = &mut s.content else {
+            unreachable!()
+        };
+        for i in 0..=crate::blocks::OVERLAY_CAP as u64 {
+            hashes.set(i % blocks, [0x11; 32]);
+            hashes.set(blocks + i, [0x22; 32]);
+        }
+        save(dir.path(), &s).unwrap();
+        let len = fs::metadata(path_of(dir.path(), &disk)).unwrap().len();
+        assert!(len < 1024, "state file of {len} bytes after a merge");
+        let files = fs::read_dir(dir.path()).unwrap().count();
+        assert_eq!(files, 2, "the state and one base file");
+        assert_eq!(load(dir.path(), &disk).unwrap().unwrap(), s);
+    }
+
+    #[test]
+    fn formats_1_and_2_still_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = DiskId::new("d").unwrap();
+        let all: Vec<Hash> = (0..300u32).map(|i| [(i % 251) as u8; 32]).collect();
+        let hex: String = all.iter().map(crate::blocks::hex).collect();
         let p = path_of(dir.path(), &disk);
-        let raw = fs::read(&p).unwrap();
-        let nl = raw.iter().position(|&b| b == b'\n').unwrap();
-        let mut body = raw[nl + 1..].to_vec();
+        // Format 1 (hex in JSON), as earlier agents wrote it.
+        let body = format!(
+            r#"{{"version":1,"vm":"vm","disk":"d","block_size":4096,"tag_seq":7,"from_segment":1,"through_segment":9,"content":{{"kind":"image","size":1228800,"hashes":"{hex}"}}}}"#
+        );
+        let mut file = format!("lifeboat-state 1 {}\n", blake3::hash(body.as_bytes()).to_hex())
+            .into_bytes();
+        file.extend_from_slice(body.as_bytes());
+        fs::write(&p, file).unwrap();
+        let v1 = load(dir.path(), &disk).unwrap().unwrap();
+        assert_eq!(v1.tag_seq, 7);
+        let Content::Image { hashes, size } = &v1.content else {
+            panic!("not an image")
+        };
+        assert_eq!((*size, hashes.to_vec().unwrap()), (1228800, all.clone()));
+        // Format 2: the JSON header, then the hashes raw.
+        let json = br#"{"version":2,"vm":"vm","disk":"d","block_size":4096,"tag_seq":7,"from_segment":1,"through_segment":9,"content":{"kind":"image","size":1228800,"hashes":""}}"#;
+        let mut body = (json.len() as u64).to_le_bytes().to_vec();
+        body.extend_from_slice(json);
+        for h in &all {
+            body.extend_from_slice(h);
+        }
+        let mut file = format!("lifeboat-state 2 {}\n", blake3::hash(&body).to_hex()).into_bytes();
+        file.extend_from_slice(&body);
+        fs::write(&p, &file).unwrap();
+        let v2 = load(dir.path(), &disk).unwrap().unwrap();
+        assert_eq!((v2.tag_seq, v2.content), (v1.tag_seq, v1.content));
+        // Truncated or padded binary sections are damage, not a shorter disk.
         body.extend_from_slice(&[0; 5]);
         let mut bad = format!("lifeboat-state 2 {}\n", blake3::hash(&body).to_hex()).into_bytes();
         bad.extend_from_slice(&body);
         fs::write(&p, bad).unwrap();
         let err = load(dir.path(), &disk).unwrap_err();
         assert!(err.to_string().contains("partial block hash"), "{err}");
+    }
+
+    #[test]
+    fn a_damaged_or_missing_base_makes_the_state_unusable() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = DiskId::new("d").unwrap();
+        let mut s = DiskState::fresh(VmId::new("vm").unwrap(), disk.clone(), 4096, false, 1);
+        s.content = image(dir.path(), &[[3; 32]; 10]);
+        save(dir.path(), &s).unwrap();
+        let base = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.to_string_lossy().contains(".blocks."))
+            .unwrap();
+        let mut raw = fs::read(&base).unwrap();
+        let n = raw.len();
+        raw[n - 1] ^= 1; // the trailer's id
+        fs::write(&base, &raw).unwrap();
+        let err = load(dir.path(), &disk).unwrap_err();
+        assert!(err.to_string().contains("is damaged"), "{err}");
+        fs::remove_file(&base).unwrap();
+        let err = load(dir.path(), &disk).unwrap_err();
+        assert!(err.to_string().contains("is damaged"), "{err}");
     }
 }

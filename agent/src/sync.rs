@@ -29,7 +29,7 @@ use tokio::sync::mpsc;
 use crate::cbt::{Cursor, Opened, Tracker};
 use crate::config::{Config, DiskConfig, DiskKind, Tracking};
 use crate::scan::{self, ScanStats};
-use crate::state::{self, Content, DiskState, FileState, Hashes};
+use crate::state::{BlockHashes, self, Content, DiskState, FileState, Hashes};
 use crate::watch::Hints;
 
 /// The agent's view of its store and config.
@@ -187,7 +187,7 @@ impl Agent {
         let size = scan::device_size(&disk.path).unwrap_or(0);
         let whole = match &st.content {
             Content::Image { size: s, hashes } => {
-                *s == size && hashes.0.len() as u64 == size.div_ceil(st.block_size as u64)
+                *s == size && hashes.len() == size.div_ceil(st.block_size as u64)
             }
             Content::Directory { .. } => false,
         };
@@ -564,14 +564,18 @@ impl Agent {
         let vm = &self.config.vm;
         let bs = tag.block_size as u64;
         let start = (st.through_segment + 1).max(tag.from_segment);
-        let mut image: BTreeMap<u64, [u8; 32]> = BTreeMap::new();
         let mut files: BTreeMap<String, BTreeMap<u64, [u8; 32]>> = BTreeMap::new();
+        let (dir, disk) = (&self.config.state_dir, tag.disk.as_str());
         for seq in start..=through {
             let (targets, entries) = self.reader.segment_index(vm, &tag.disk, seq).await?;
             for e in entries {
                 let t = &targets[e.target as usize];
                 if t.is_empty() {
-                    image.insert(e.offset / bs, e.hash);
+                    // Applied as read (later segments overwrite earlier ones): the hashes of a
+                    // long history need not fit in memory.
+                    if let Content::Image { hashes, .. } = &mut st.content {
+                        hashes.set(e.offset / bs, e.hash);
+                    }
                 } else {
                     files
                         .entry(t.clone())
@@ -579,16 +583,14 @@ impl Agent {
                         .insert(e.offset / bs, e.hash);
                 }
             }
+            if let Content::Image { hashes, .. } = &mut st.content {
+                tokio::task::block_in_place(|| hashes.merge_if_large(dir, disk))?;
+            }
         }
         match (&mut st.content, &tag.shape) {
             (Content::Image { size, hashes }, DiskShape::Image { size: new_size }) => {
-                let n = new_size.div_ceil(bs) as usize;
-                hashes.0.resize(n, [0; 32]);
-                for (i, h) in image {
-                    if (i as usize) < n {
-                        hashes.0[i as usize] = h;
-                    }
-                }
+                // Blocks past the tag's size (written before the disk shrank) go.
+                hashes.resize(new_size.div_ceil(bs));
                 *size = *new_size;
             }
             (Content::Directory { files: known }, DiskShape::Directory { tree }) => {
@@ -762,19 +764,22 @@ impl Agent {
                     match &mut ck.content {
                         Content::Image { hashes, .. } => {
                             for (offset, h) in blocks {
-                                let i = (offset / bs as u64) as usize;
-                                if hashes.0.len() <= i {
-                                    hashes.0.resize(i + 1, [0; 32]);
-                                }
-                                hashes.0[i] = h;
+                                hashes.set(offset / bs as u64, h);
                             }
                         }
                         Content::Directory { files: durable } => durable.extend(files),
                     }
                     ck.through_segment = seq;
+                    // A merge (the overlay outgrew its cap: a long first copy) and a save are
+                    // file writes; keep them off the async workers' queue.
                     if last_checkpoint.elapsed() > CHECKPOINT_EVERY {
                         last_checkpoint = Instant::now();
-                        state::save(&state_dir_ck, ck)?;
+                        tokio::task::block_in_place(|| state::save(&state_dir_ck, ck))?;
+                    } else if let Content::Image { hashes, .. } = &mut ck.content
+                        && hashes.needs_merge()
+                    {
+                        let disk = ck.disk.to_string();
+                        tokio::task::block_in_place(|| hashes.merge(&state_dir_ck, &disk))?;
                     }
                 }
                 seq += 1;
@@ -817,10 +822,11 @@ impl Agent {
             &mut st.content,
             Content::Image {
                 size: 0,
-                hashes: Hashes::default(),
+                hashes: BlockHashes::default(),
             },
         );
         let threads = r.scan_threads;
+        let (home_dir, home_disk) = (self.config.state_dir.clone(), disk.id.to_string());
         let scan = tokio::task::spawn_blocking(move || -> Result<(Content, Shape, ScanStats)> {
             let started = Instant::now();
             let mut stats = ScanStats::default();
@@ -865,8 +871,7 @@ impl Agent {
                             .with_context(|| format!("cannot scan directory {}", path.display()))?;
                     (Content::Directory { files }, Shape::Tree(tree))
                 }
-                (_, Content::Image { hashes, size }) if listed.is_some() => {
-                    let mut hashes = hashes.0;
+                (_, Content::Image { mut hashes, size }) if listed.is_some() => {
                     let blocks = listed.as_deref().unwrap_or_default();
                     scan::scan_listed(
                         &path,
@@ -875,31 +880,28 @@ impl Agent {
                         size,
                         blocks,
                         &mut hashes,
+                        (&home_dir, &home_disk),
                         stop_at,
                         &mut stats,
                         &mut sink,
                     )
                     .with_context(|| format!("cannot read disk {}", path.display()))?;
-                    (
-                        Content::Image {
-                            size,
-                            hashes: Hashes(hashes),
-                        },
-                        Shape::Size(size),
-                    )
+                    (Content::Image { size, hashes }, Shape::Size(size))
                 }
                 (_, Content::Image { hashes, .. }) => {
                     let (size, hashes) = scan::scan_image(
-                        &path, direct, bs, &hashes.0, threads, stop_at, &mut stats, &mut sink,
+                        &path,
+                        direct,
+                        bs,
+                        &hashes,
+                        (&home_dir, &home_disk),
+                        threads,
+                        stop_at,
+                        &mut stats,
+                        &mut sink,
                     )
                     .with_context(|| format!("cannot read disk {}", path.display()))?;
-                    (
-                        Content::Image {
-                            size,
-                            hashes: Hashes(hashes),
-                        },
-                        Shape::Size(size),
-                    )
+                    (Content::Image { size, hashes }, Shape::Size(size))
                 }
                 _ => bail!("disk kind changed under a running agent"),
             };

@@ -184,3 +184,50 @@ fn a_cache_store_rolled_back_behind_the_agent_never_gets_reused_numbers() {
     restore_id(dir.path(), &point_id(&stdout), &restored);
     assert!(std::fs::read(restored.join("img")).unwrap() == data);
 }
+
+#[test]
+fn a_damaged_page_of_block_hashes_costs_its_blocks_and_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    // 4 KiB blocks: 4096 blocks, four pages of 1024 hashes.
+    let mut data = random_bytes(16 << 20, 0x51);
+    std::fs::write(&image, &data).unwrap();
+    let config = write_config(dir.path(), &disk("img", "image", &image));
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("[replication]", "[replication]\nblock_size = \"4KiB\"");
+    std::fs::write(&config, text).unwrap();
+    agent_ok(&config, &["sync"]);
+    let base = std::fs::read_dir(dir.path().join("state"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().contains("img.blocks."))
+        .expect("a block hash file");
+    // One hash of the second page, and one block of the third page changed on the disk.
+    let mut raw = std::fs::read(&base).unwrap();
+    raw[1500 * 32 + 7] ^= 0x40;
+    std::fs::write(&base, &raw).unwrap();
+    data[2500 * 4096 + 9] ^= 1;
+    std::fs::write(&image, &data).unwrap();
+    let out = agent_ok(&config, &["sync"]);
+    assert_eq!(
+        changed(&out),
+        1024 + 1,
+        "the damaged page's blocks and the changed one ship again, nothing else\n{out}"
+    );
+    let restored = dir.path().join("restored");
+    restore_id(dir.path(), &point_id(&out), &restored);
+    assert!(std::fs::read(restored.join("img")).unwrap() == data);
+    // And the state is whole again.
+    let out = agent_ok(&config, &["sync"]);
+    assert_eq!(changed(&out), 0, "{out}");
+}
+
+fn changed(out: &str) -> u64 {
+    out.split("capture read ")
+        .nth(1)
+        .and_then(|r| r.split(" / ").nth(1))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("changed block count")
+}

@@ -69,6 +69,12 @@ pub fn replace_with(
     crate::platform::sync_dir(dir)
 }
 
+/// Flushes a directory's entries (a file created or renamed in it) to stable storage, where
+/// the platform can (a no-op on Windows, whose file system journals names itself).
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    crate::platform::sync_dir(dir)
+}
+
 /// A temporary name beside `path` that no other call of this process uses.
 fn temporary(dir: &Path, path: &Path) -> io::Result<PathBuf> {
     static NEXT: AtomicU64 = AtomicU64::new(0);

@@ -1,0 +1,626 @@
+//! An image's block hashes, kept on disk instead of in memory: an immutable base file read a
+//! page at a time (each page checksummed) plus a bounded overlay of the hashes changed since the
+//! base was written. Memory grows with churn, not with the size of the disk.
+//!
+//! A 1 TiB disk of 64 KiB blocks has 16 Mi blocks: 512 MiB of hashes, which a per-VM agent
+//! must not hold (nor rewrite at every tag). Here the base is written once, sequentially (by a
+//! full scan, or when the overlay outgrows [`OVERLAY_CAP`]), and never modified; a tag's state
+//! save writes only the overlay. Clones share the base and the overlay (copied on write), so a
+//! cut can keep the state as it was after its pre-copy for the price of the changes since.
+//!
+//! Base file `<disk>.blocks.<16 hex>` in the state directory (all integers little endian):
+//! - the hashes, 32 bytes each, `stored` of them;
+//! - one checksum per page of [`PAGE`] hashes: blake3(page number as u64 ‖ the page's bytes);
+//! - a 48-byte trailer: `LBBLOCK1`, `stored` as u64, and blake3(checksums ‖ `stored` as u64),
+//!   the base's id, which the state file records beside the name.
+//!
+//! A page whose checksum does not match reads as "not known" (its blocks are shipped again);
+//! a trailer that does not match makes the state unusable, and the agent resynchronises by
+//! checksum compare with the store, as for any damaged state file.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{self, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use lifeboat_store::codec::Hash;
+
+/// Hashes per checksummed page of a base file (32 KiB).
+pub const PAGE: u64 = 1024;
+
+/// Changed hashes held in memory before they are merged into a new base file. 65,536 entries
+/// are about 4 MiB of memory and 2.5 MiB per state save; a merge rewrites the base (32 bytes a
+/// block), so on a 1 TiB disk one merge (512 MiB written) follows every 4 GiB of distinct blocks
+/// changed, about 1/8 of the data shipped for them.
+pub const OVERLAY_CAP: usize = 65_536;
+
+const MAGIC: &[u8; 8] = b"LBBLOCK1";
+const TRAILER: u64 = 48;
+
+/// The hash of every block of an image: `[0; 32]` (which no block hashes to) for a block not
+/// known yet, so it is read and shipped.
+#[derive(Clone, Default)]
+pub struct BlockHashes {
+    len: u64,
+    base: Option<Arc<Base>>,
+    /// Entries of the base that count (a disk that shrank and grew again must not see the hashes
+    /// of its old tail).
+    base_len: u64,
+    overlay: Arc<BTreeMap<u64, Hash>>,
+}
+
+/// What a state file records to find and check a base.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BaseRef {
+    pub name: String,
+    /// Entries of the base that count.
+    pub len: u64,
+    /// The base's id (its trailer's checksum), hex.
+    pub id: String,
+}
+
+/// An immutable base file, open for positioned reads. Its name may be removed while it is in
+/// use (a newer state saved meanwhile); the open handle still reads it, and a save of a state
+/// that still refers to it writes it out again under a new name.
+struct Base {
+    file: File,
+    path: Mutex<PathBuf>,
+    stored: u64,
+    sums: Vec<Hash>,
+    id: Hash,
+}
+
+/// A base file failed its checks: the state that names it cannot be trusted.
+#[derive(Debug, thiserror::Error)]
+#[error("block hash file {path} is damaged: {what}")]
+pub struct Damaged {
+    path: PathBuf,
+    what: String,
+}
+
+fn damaged(path: &Path, what: impl std::fmt::Display) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        Damaged {
+            path: path.to_owned(),
+            what: what.to_string(),
+        },
+    )
+}
+
+fn page_sum(page: u64, bytes: &[u8]) -> Hash {
+    *blake3::Hasher::new()
+        .update(&page.to_le_bytes())
+        .update(bytes)
+        .finalize()
+        .as_bytes()
+}
+
+fn base_id(sums: &[Hash], stored: u64) -> Hash {
+    let mut h = blake3::Hasher::new();
+    for s in sums {
+        h.update(s);
+    }
+    *h.update(&stored.to_le_bytes()).finalize().as_bytes()
+}
+
+impl Base {
+    fn open(path: &Path, expect: &BaseRef) -> io::Result<Self> {
+        let mut file = File::open(path)?;
+        let size = file.seek(SeekFrom::End(0))?;
+        if size < TRAILER {
+            return Err(damaged(path, "shorter than its trailer"));
+        }
+        let mut t = [0u8; TRAILER as usize];
+        crate::platform::read_exact_at(&file, &mut t, size - TRAILER)?;
+        if &t[..8] != MAGIC {
+            return Err(damaged(path, "no trailer"));
+        }
+        let stored = u64::from_le_bytes(t[8..16].try_into().expect("8 bytes"));
+        let id: Hash = t[16..48].try_into().expect("32 bytes");
+        let pages = stored.div_ceil(PAGE);
+        if stored.checked_mul(32).and_then(|n| n.checked_add(pages * 32 + TRAILER)) != Some(size)
+        {
+            return Err(damaged(path, "size does not match its trailer"));
+        }
+        if expect.len > stored {
+            return Err(damaged(path, "fewer hashes than the state says"));
+        }
+        if hex(&id) != expect.id {
+            return Err(damaged(path, "not the base the state names"));
+        }
+        let mut raw = vec![0u8; (pages * 32) as usize];
+        crate::platform::read_exact_at(&file, &mut raw, stored * 32)?;
+        let sums: Vec<Hash> = raw
+            .chunks_exact(32)
+            .map(|c| c.try_into().expect("32 bytes"))
+            .collect();
+        if base_id(&sums, stored) != id {
+            return Err(damaged(path, "page checksums do not match its id"));
+        }
+        Ok(Self {
+            file,
+            path: Mutex::new(path.to_owned()),
+            stored,
+            sums,
+            id,
+        })
+    }
+
+    fn path(&self) -> PathBuf {
+        self.path.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Reads and checks page `p` into `out`.
+    fn read_page(&self, p: u64, out: &mut Vec<Hash>) -> io::Result<()> {
+        let first = p * PAGE;
+        let n = (self.stored - first).min(PAGE) as usize;
+        let mut raw = vec![0u8; n * 32];
+        crate::platform::read_exact_at(&self.file, &mut raw, first * 32)?;
+        out.clear();
+        if page_sum(p, &raw) != self.sums[p as usize] {
+            // Damage costs what it damaged: these blocks become "not known", so they are read
+            // and shipped again, as on a first copy. Safe, because a zero hash never matches a
+            // block; no hash that could wrongly match is ever believed.
+            tracing::warn!(file = %self.path().display(), page = p, blocks = n, "a page of block hashes fails its checksum; its blocks will be shipped again");
+            out.resize(n, [0; 32]);
+            return Ok(());
+        }
+        out.extend(
+            raw.chunks_exact(32)
+                .map(|c| <Hash>::try_from(c).expect("32 bytes")),
+        );
+        Ok(())
+    }
+}
+
+pub fn hex(h: &Hash) -> String {
+    h.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A reader's cache of one page of a base: sequential reads cost one read per [`PAGE`] blocks.
+/// Each thread reading a [`BlockHashes`] keeps its own.
+#[derive(Default)]
+pub struct Pages {
+    page: Option<u64>,
+    data: Vec<Hash>,
+}
+
+impl Pages {
+    /// The hash of block `i` of `h` (`[0; 32]` past its end).
+    pub fn get(&mut self, h: &BlockHashes, i: u64) -> io::Result<Hash> {
+        if i >= h.len {
+            return Ok([0; 32]);
+        }
+        if let Some(v) = h.overlay.get(&i) {
+            return Ok(*v);
+        }
+        let Some(base) = h.base.as_ref().filter(|_| i < h.base_len) else {
+            return Ok([0; 32]);
+        };
+        let p = i / PAGE;
+        if self.page != Some(p) {
+            self.page = None;
+            base.read_page(p, &mut self.data)?;
+            self.page = Some(p);
+        }
+        Ok(self.data[(i % PAGE) as usize])
+    }
+}
+
+impl BlockHashes {
+    /// Number of blocks.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    #[cfg(test)]
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Changed hashes held in memory.
+    #[cfg(test)]
+    pub fn overlay_len(&self) -> usize {
+        self.overlay.len()
+    }
+
+    /// The hash of block `i` (one page read; use [`Pages`] for many).
+    #[cfg(test)]
+    pub fn get(&self, i: u64) -> io::Result<Hash> {
+        Pages::default().get(self, i)
+    }
+
+    /// Grows (new blocks unknown) or shrinks the disk.
+    pub fn resize(&mut self, n: u64) {
+        if n < self.len {
+            self.base_len = self.base_len.min(n);
+            if self.overlay.range(n..).next().is_some() {
+                Arc::make_mut(&mut self.overlay).split_off(&n);
+            }
+        }
+        self.len = n;
+    }
+
+    /// Sets block `i`'s hash, growing the disk to hold it.
+    pub fn set(&mut self, i: u64, h: Hash) {
+        if i >= self.len {
+            self.len = i + 1;
+        }
+        Arc::make_mut(&mut self.overlay).insert(i, h);
+    }
+
+    /// Whether the overlay has outgrown [`OVERLAY_CAP`] and should be merged ([`Self::merge`]).
+    pub fn needs_merge(&self) -> bool {
+        self.overlay.len() > OVERLAY_CAP
+    }
+
+    /// Merges the overlay into a new base file in `dir` if it outgrew [`OVERLAY_CAP`].
+    pub fn merge_if_large(&mut self, dir: &Path, disk: &str) -> io::Result<()> {
+        if self.needs_merge() {
+            self.merge(dir, disk)?;
+        }
+        Ok(())
+    }
+
+    /// Writes every hash to a new base file in `dir`, emptying the overlay. Memory: one page.
+    pub fn merge(&mut self, dir: &Path, disk: &str) -> io::Result<()> {
+        let out = NewBase::create(dir, disk, self.len)?;
+        let mut pages = Pages::default();
+        let mut buf = Vec::with_capacity(PAGE as usize);
+        let mut i = 0;
+        while i < self.len {
+            buf.clear();
+            let end = (i + PAGE).min(self.len);
+            for j in i..end {
+                buf.push(pages.get(self, j)?);
+            }
+            out.write_at(i, &buf)?;
+            i = end;
+        }
+        *self = out.finish()?;
+        Ok(())
+    }
+
+    /// Block hashes from a list (tests, and state files of earlier formats).
+    pub fn from_vec(dir: &Path, disk: &str, hashes: &[Hash]) -> io::Result<Self> {
+        let out = NewBase::create(dir, disk, hashes.len() as u64)?;
+        for (k, chunk) in hashes.chunks(PAGE as usize).enumerate() {
+            out.write_at(k as u64 * PAGE, chunk)?;
+        }
+        out.finish()
+    }
+
+    /// Every hash, in memory (tests and small disks only).
+    pub fn to_vec(&self) -> io::Result<Vec<Hash>> {
+        let mut pages = Pages::default();
+        (0..self.len).map(|i| pages.get(self, i)).collect()
+    }
+
+    /// The overlay, in block order.
+    pub fn overlay(&self) -> impl Iterator<Item = (u64, Hash)> + '_ {
+        self.overlay.iter().map(|(&i, &h)| (i, h))
+    }
+
+    /// What a state file records of the base, writing it out again if its name was removed
+    /// (a newer state saved meanwhile while this one was kept in memory).
+    pub fn base_ref(&self, dir: &Path, disk: &str) -> io::Result<Option<BaseRef>> {
+        let Some(base) = &self.base else {
+            return Ok(None);
+        };
+        let path = base.path();
+        if !path.exists() {
+            let out = NewBase::create(dir, disk, base.stored)?;
+            let mut data = Vec::new();
+            for p in 0..base.stored.div_ceil(PAGE) {
+                base.read_page(p, &mut data)?;
+                out.write_at(p * PAGE, &data)?;
+            }
+            let again = out.finish()?;
+            let new = again.base.as_ref().expect("a written base").path();
+            *base.path.lock().unwrap_or_else(|e| e.into_inner()) = new;
+        }
+        let path = base.path();
+        Ok(Some(BaseRef {
+            name: path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            len: self.base_len,
+            id: hex(&base.id),
+        }))
+    }
+
+    /// Block hashes as a state file records them: `len` blocks, a base, and an overlay.
+    pub fn open(
+        dir: &Path,
+        len: u64,
+        base: Option<&BaseRef>,
+        overlay: BTreeMap<u64, Hash>,
+    ) -> io::Result<Self> {
+        let (base, base_len) = match base {
+            None => (None, 0),
+            Some(r) => {
+                if !is_base_name(&r.name) {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("state names a block hash file {:?} of no known form", r.name),
+                    ));
+                }
+                let b = Base::open(&dir.join(&r.name), r)?;
+                (Some(Arc::new(b)), r.len)
+            }
+        };
+        if overlay.range(len..).next().is_some() || base_len > len {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "state holds block hashes past the end of its disk",
+            ));
+        }
+        Ok(Self {
+            len,
+            base,
+            base_len,
+            overlay: Arc::new(overlay),
+        })
+    }
+
+    /// Removes the base files of `disk` in `dir` other than `keep`, and temporaries other
+    /// processes left behind (a crash while writing one).
+    pub fn collect_garbage(dir: &Path, disk: &str, keep: Option<&str>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        let prefix = format!("{disk}.blocks.");
+        let tmp_prefix = format!(".{disk}.blocks.");
+        let mine = format!(".{}.tmp", std::process::id());
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let stale = match name.strip_prefix(&prefix) {
+                Some(rest) => is_hex16(rest) && Some(name.as_str()) != keep,
+                None => name.strip_prefix(&tmp_prefix).is_some_and(|rest| {
+                    rest.len() > 16 && is_hex16(&rest[..16]) && !rest[16..].ends_with(&mine)
+                }),
+            };
+            if stale && let Err(err) = std::fs::remove_file(e.path()) {
+                tracing::warn!(file = %e.path().display(), error = %err, "cannot remove an old block hash file");
+            }
+        }
+    }
+}
+
+fn is_hex16(s: &str) -> bool {
+    s.len() == 16 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Whether `name` is a base file's name (`<disk>.blocks.<16 hex>`), never a path.
+fn is_base_name(name: &str) -> bool {
+    name.rsplit_once(".blocks.")
+        .is_some_and(|(disk, suffix)| !disk.is_empty() && is_hex16(suffix))
+        && !name.contains(['/', '\\'])
+        && !name.starts_with('.')
+}
+
+/// Equal when every block's hash is (reads both; for tests).
+impl PartialEq for BlockHashes {
+    fn eq(&self, other: &Self) -> bool {
+        self.len == other.len
+            && match (self.to_vec(), other.to_vec()) {
+                (Ok(a), Ok(b)) => a == b,
+                _ => false,
+            }
+    }
+}
+
+impl Eq for BlockHashes {}
+
+impl std::fmt::Debug for BlockHashes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlockHashes")
+            .field("len", &self.len)
+            .field("base", &self.base.as_ref().map(|b| b.path()))
+            .field("base_len", &self.base_len)
+            .field("overlay", &self.overlay.len())
+            .finish()
+    }
+}
+
+/// A base file being written: hashes land at their positions (from several threads at once),
+/// then [`NewBase::finish`] adds the checksums and makes it durable under its final name.
+/// Dropped unfinished, it is removed.
+pub struct NewBase {
+    file: File,
+    tmp: PathBuf,
+    path: PathBuf,
+    len: u64,
+    done: bool,
+}
+
+impl NewBase {
+    /// A base of `len` hashes for `disk` in `dir`, all `[0; 32]` until written.
+    pub fn create(dir: &Path, disk: &str, len: u64) -> io::Result<Self> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let seed = format!(
+            "{}-{}-{:?}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed),
+            std::time::SystemTime::now()
+        );
+        let tag = &blake3::hash(seed.as_bytes()).to_hex()[..16];
+        let path = dir.join(format!("{disk}.blocks.{tag}"));
+        let tmp = dir.join(format!(".{disk}.blocks.{tag}.{}.tmp", std::process::id()));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&tmp)?;
+        let new = Self {
+            file,
+            tmp,
+            path,
+            len,
+            done: false,
+        };
+        // Unwritten hashes read as zeros: "not known".
+        new.file.set_len(len * 32)?;
+        Ok(new)
+    }
+
+    /// Writes `hashes` from block `first` on.
+    pub fn write_at(&self, first: u64, hashes: &[Hash]) -> io::Result<()> {
+        debug_assert!(first + hashes.len() as u64 <= self.len);
+        let raw: Vec<u8> = hashes.iter().flatten().copied().collect();
+        crate::platform::write_all_at(&self.file, &raw, first * 32)
+    }
+
+    /// Adds the page checksums and the trailer, and makes the file durable under its name.
+    pub fn finish(mut self) -> io::Result<BlockHashes> {
+        let pages = self.len.div_ceil(PAGE);
+        let mut sums = Vec::with_capacity(pages as usize);
+        let mut raw = vec![0u8; (PAGE * 32) as usize];
+        for p in 0..pages {
+            let n = ((self.len - p * PAGE).min(PAGE) * 32) as usize;
+            crate::platform::read_exact_at(&self.file, &mut raw[..n], p * PAGE * 32)?;
+            sums.push(page_sum(p, &raw[..n]));
+        }
+        let id = base_id(&sums, self.len);
+        let mut tail = Vec::with_capacity(sums.len() * 32 + TRAILER as usize);
+        for s in &sums {
+            tail.extend_from_slice(s);
+        }
+        tail.extend_from_slice(MAGIC);
+        tail.extend_from_slice(&self.len.to_le_bytes());
+        tail.extend_from_slice(&id);
+        crate::platform::write_all_at(&self.file, &tail, self.len * 32)?;
+        self.file.sync_all()?;
+        std::fs::rename(&self.tmp, &self.path)?;
+        self.done = true;
+        if let Some(dir) = self.path.parent() {
+            lifeboat_store::durable::sync_dir(dir)?;
+        }
+        let file = self.file.try_clone()?;
+        let base = Base {
+            file,
+            path: Mutex::new(self.path.clone()),
+            stored: self.len,
+            sums,
+            id,
+        };
+        Ok(BlockHashes {
+            len: self.len,
+            base: Some(Arc::new(base)),
+            base_len: self.len,
+            overlay: Arc::default(),
+        })
+    }
+}
+
+impl Drop for NewBase {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(i: u64) -> Hash {
+        *blake3::hash(&i.to_le_bytes()).as_bytes()
+    }
+
+    #[test]
+    fn base_and_overlay_read_back_through_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = 3 * PAGE + 17;
+        let v: Vec<Hash> = (0..n).map(h).collect();
+        assert!(BlockHashes::default().is_empty());
+        let mut b = BlockHashes::from_vec(dir.path(), "d", &v).unwrap();
+        assert_eq!(b.to_vec().unwrap(), v);
+        b.set(5, [7; 32]);
+        b.set(n + 2, [9; 32]); // grows
+        assert_eq!(b.len(), n + 3);
+        assert_eq!(b.get(5).unwrap(), [7; 32]);
+        assert_eq!(b.get(n).unwrap(), [0; 32]);
+        assert_eq!(b.get(n + 2).unwrap(), [9; 32]);
+        // A clone keeps its view while the original changes.
+        let before = b.clone();
+        b.set(6, [1; 32]);
+        assert_eq!(before.get(6).unwrap(), h(6));
+        // Shrinking hides the tail of the base, and growing again does not bring it back.
+        b.resize(10);
+        b.resize(20);
+        assert_eq!(b.get(12).unwrap(), [0; 32]);
+        assert_eq!(b.get(9).unwrap(), h(9));
+        let mut m = b.clone();
+        m.merge(dir.path(), "d").unwrap();
+        assert_eq!(m.overlay_len(), 0);
+        assert_eq!(m.to_vec().unwrap(), b.to_vec().unwrap());
+    }
+
+    #[test]
+    fn a_damaged_page_reads_as_unknown_and_a_damaged_trailer_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let v: Vec<Hash> = (0..2 * PAGE).map(h).collect();
+        let b = BlockHashes::from_vec(dir.path(), "d", &v).unwrap();
+        let r = b.base_ref(dir.path(), "d").unwrap().unwrap();
+        let path = dir.path().join(&r.name);
+        let mut raw = std::fs::read(&path).unwrap();
+        raw[(PAGE * 32 + 40) as usize] ^= 1;
+        std::fs::write(&path, &raw).unwrap();
+        let again = BlockHashes::open(dir.path(), 2 * PAGE, Some(&r), BTreeMap::new()).unwrap();
+        assert_eq!(again.get(3).unwrap(), h(3));
+        // The damaged page's blocks are "not known"; the other page is intact.
+        for i in PAGE..2 * PAGE {
+            assert_eq!(again.get(i).unwrap(), [0; 32]);
+        }
+        assert_eq!(again.get(PAGE - 1).unwrap(), h(PAGE - 1));
+        // The trailer's id must be the one the state names.
+        let wrong = BaseRef {
+            id: hex(&[0; 32]),
+            ..r.clone()
+        };
+        let err = BlockHashes::open(dir.path(), 2 * PAGE, Some(&wrong), BTreeMap::new())
+            .unwrap_err();
+        assert!(err.to_string().contains("not the base the state names"), "{err}");
+        // A name that is a path is refused before anything is opened.
+        let evil = BaseRef {
+            name: "../etc.blocks.0123456789abcdef".into(),
+            ..r
+        };
+        assert!(BlockHashes::open(dir.path(), 2 * PAGE, Some(&evil), BTreeMap::new()).is_err());
+    }
+
+    #[test]
+    fn a_base_removed_while_in_use_is_written_again_when_saved() {
+        let dir = tempfile::tempdir().unwrap();
+        let v: Vec<Hash> = (0..100).map(h).collect();
+        let b = BlockHashes::from_vec(dir.path(), "d", &v).unwrap();
+        BlockHashes::collect_garbage(dir.path(), "d", None);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        assert_eq!(b.get(42).unwrap(), h(42), "the open handle still reads");
+        let r = b.base_ref(dir.path(), "d").unwrap().unwrap();
+        let again = BlockHashes::open(dir.path(), 100, Some(&r), BTreeMap::new()).unwrap();
+        assert_eq!(again.to_vec().unwrap(), v);
+        // Garbage collection keeps the named base and other disks' files.
+        let other = BlockHashes::from_vec(dir.path(), "d.blocks.x", &v).unwrap();
+        BlockHashes::collect_garbage(dir.path(), "d", Some(&r.name));
+        assert_eq!(again.get(1).unwrap(), h(1));
+        let kept = other.base_ref(dir.path(), "d.blocks.x").unwrap().unwrap();
+        assert!(dir.path().join(kept.name).exists());
+    }
+
+    #[test]
+    fn an_unfinished_base_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = NewBase::create(dir.path(), "d", 10).unwrap();
+        w.write_at(0, &[[1; 32]]).unwrap();
+        drop(w);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+}

@@ -122,7 +122,10 @@ impl Base {
         let stored = u64::from_le_bytes(t[8..16].try_into().expect("8 bytes"));
         let id: Hash = t[16..48].try_into().expect("32 bytes");
         let pages = stored.div_ceil(PAGE);
-        if stored.checked_mul(32).and_then(|n| n.checked_add(pages * 32 + TRAILER)) != Some(size)
+        if stored
+            .checked_mul(32)
+            .and_then(|n| n.checked_add(pages * 32 + TRAILER))
+            != Some(size)
         {
             return Err(damaged(path, "size does not match its trailer"));
         }
@@ -347,7 +350,10 @@ impl BlockHashes {
                 if !is_base_name(&r.name) {
                     return Err(io::Error::new(
                         io::ErrorKind::InvalidData,
-                        format!("state names a block hash file {:?} of no known form", r.name),
+                        format!(
+                            "state names a block hash file {:?} of no known form",
+                            r.name
+                        ),
                     ));
                 }
                 let b = Base::open(&dir.join(&r.name), r)?;
@@ -585,9 +591,12 @@ mod tests {
             id: hex(&[0; 32]),
             ..r.clone()
         };
-        let err = BlockHashes::open(dir.path(), 2 * PAGE, Some(&wrong), BTreeMap::new())
-            .unwrap_err();
-        assert!(err.to_string().contains("not the base the state names"), "{err}");
+        let err =
+            BlockHashes::open(dir.path(), 2 * PAGE, Some(&wrong), BTreeMap::new()).unwrap_err();
+        assert!(
+            err.to_string().contains("not the base the state names"),
+            "{err}"
+        );
         // A name that is a path is refused before anything is opened.
         let evil = BaseRef {
             name: "../etc.blocks.0123456789abcdef".into(),

@@ -113,6 +113,8 @@ impl Frozen {
             deadline,
         };
         armed?;
+        // Nothing the agent writes may block on a frozen filesystem (see `progress`).
+        crate::progress::hold_writes(true);
         for m in &mounts {
             let t = Instant::now();
             platform::freeze(m).with_context(|| format!("cannot freeze {}", m.display()))?;
@@ -167,6 +169,7 @@ impl Frozen {
             let _ = w.kill();
             let _ = w.wait();
         }
+        crate::progress::hold_writes(false);
         first_err.map_or(Ok(()), Err)
     }
 }

@@ -6,7 +6,9 @@
 //! 2. pre-copy: ship every disk's changes while the VM runs (the bulk of the data);
 //! 3. app points: run the pre hooks; a failure downgrades the point, never mislabels it;
 //! 4. freeze the mounts of `fsfreeze` / `hooks` disks (deadline = the shortest `freeze_timeout`);
-//! 5. capture: scan every disk again and keep what changed since step 2 in memory;
+//! 5. capture: scan every disk again and keep what changed since step 2 in memory — for block
+//!    devices, the blocks the tracker saw written; for directories, the paths events named
+//!    (see `dirdelta`), unless something says they may be incomplete;
 //! 6. thaw (the watchdog process thaws at the deadline regardless), then the post hooks;
 //! 7. upload the captured segments, write tags, save state, publish the point.
 //!
@@ -21,11 +23,26 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::Result;
 use lifeboat_store::manifest::{Consistency, PointKind, RecoveryPoint, Tag};
 
-use crate::config::{ConsistencyKind, DiskConfig};
+use crate::config::{ConsistencyKind, DiskConfig, DiskKind, Tracking};
 use crate::consistency::{self, FreezeWindow, Frozen};
 use crate::scan::ScanStats;
-use crate::sync::{self, Agent, ShipMode};
-use crate::watch::{Hints, Watchers};
+use crate::sync::{self, Agent, Shape, ShipMode};
+use crate::watch::{Hints, Since, Watchers};
+
+/// How long a frozen capture waits for its event barrier before walking the disk instead.
+const BARRIER_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Whether a directory disk's frozen capture may read only what events named: it is frozen,
+/// and tracking is not turned off.
+fn captures_from_events(d: &DiskConfig) -> bool {
+    d.kind == DiskKind::Directory
+        && d.tracking == Tracking::Auto
+        && match d.consistency {
+            ConsistencyKind::Fsfreeze => true,
+            ConsistencyKind::Hooks => d.mount.is_some(),
+            ConsistencyKind::None => false,
+        }
+}
 
 /// What a cut did, per disk and overall. `point` is set when the agent published one itself.
 #[derive(Debug)]
@@ -108,6 +125,47 @@ pub fn freeze_mounts(disks: &[DiskConfig]) -> Vec<PathBuf> {
     set.into_iter().collect()
 }
 
+/// A frozen directory disk's capture hints: every event since the pre-copy (drained through a
+/// barrier) plus the files mapped shared-writable, with the pre-copy's listing to apply them to
+/// — or, when either cannot be vouched for, the events alone, and the capture walks every file.
+fn from_events(
+    w: &Watchers,
+    d: &DiskConfig,
+    since: Since,
+    frozen: &[u64],
+    state_dir: &std::path::Path,
+) -> Hints {
+    let how = match w.drain(d.id.as_str(), frozen, BARRIER_TIMEOUT) {
+        Ok(h) if h.reread_all => Err((h, "events were lost".to_owned())),
+        Ok(h) => match crate::dirdelta::shared_writable_under(&d.path) {
+            Ok(mapped) => Ok((h, mapped)),
+            Err(e) => Err((h, format!("cannot list shared-writable mappings: {e}"))),
+        },
+        Err(why) => Err((w.take(d.id.as_str()), why)),
+    };
+    let (hints, note) = match how {
+        Ok((mut h, mapped)) => {
+            let note = format!(
+                "events: {} paths changed since the pre-copy, {} mapped shared-writable",
+                h.dirty.len(),
+                mapped.len()
+            );
+            h.dirty.extend(mapped);
+            h.since = Some(since);
+            (h, note)
+        }
+        Err((h, why)) => {
+            tracing::info!(disk = %d.id, reason = %why, "frozen capture walks every file");
+            (h, format!("walk: {why}"))
+        }
+    };
+    let key = d.id.to_string();
+    crate::progress::update(state_dir, |s| {
+        s.disks.entry(key).or_default().tracking = note;
+    });
+    hints
+}
+
 /// Environment variable naming a command to run while every disk is frozen, after the capture.
 /// It exists for tests: their oracle reads the devices itself (O_DIRECT) at the cut, so a
 /// restore can be compared with bytes the agent never touched. The command sees the cut's time
@@ -172,6 +230,32 @@ pub async fn cut_with(
     watchers: Option<&Watchers>,
     driver: &mut impl Driver,
 ) -> Result<CutReport> {
+    // A one-off cut (`sync`) watches its frozen directory disks from here on, so the capture
+    // can read only what changed since the pre-copy.
+    let local = match watchers {
+        Some(_) => None,
+        None => {
+            let disks: Vec<DiskConfig> = agent
+                .config
+                .disks
+                .iter()
+                .filter(|d| captures_from_events(d))
+                .cloned()
+                .collect();
+            if disks.is_empty() {
+                None
+            } else {
+                match Watchers::start(&disks) {
+                    Ok(w) => Some(w),
+                    Err(e) => {
+                        tracing::info!(error = %format!("{e:#}"), "cannot watch directory disks for changes; their frozen capture walks every file");
+                        None
+                    }
+                }
+            }
+        }
+    };
+    let watchers = watchers.or(local.as_ref());
     let taken: Vec<Hints> = agent
         .config
         .disks
@@ -216,6 +300,7 @@ async fn cut_inner(
     let collect = !mounts.is_empty() || driver.always_collect();
     let mut precopy = Vec::new();
     let mut precopy_shapes = Vec::new();
+    let mut since: Vec<Option<Since>> = Vec::new();
     let mut stored = 0;
     for ((d, st), h) in disks.iter().zip(states.iter_mut()).zip(hints) {
         if !collect {
@@ -225,6 +310,14 @@ async fn cut_inner(
         let shipped = agent.ship(d, st, ShipMode::Upload, h.clone()).await?;
         stored += shipped.stored_bytes;
         precopy.push(shipped.stats);
+        // Copied now, not while frozen: what a capture from events applies its changes to.
+        since.push(match &shipped.shape {
+            Shape::Tree(tree) if captures_from_events(d) && !h.reread_all => Some(Since {
+                tree: tree.clone(),
+                linked: shipped.linked,
+            }),
+            _ => None,
+        });
         precopy_shapes.push(shipped.shape);
     }
     // What was shipped so far, should the frozen capture fail.
@@ -270,6 +363,11 @@ async fn cut_inner(
             tokio::task::spawn_blocking(move || consistency::presync(&m)).await?;
             Some(consistency::Watchdog::spawn(&mounts)?)
         };
+        // Devices about to be frozen: no event barrier may be made on them.
+        let frozen_devs: Vec<u64> = mounts
+            .iter()
+            .filter_map(|m| crate::watch::device(m))
+            .collect();
         let budget = driver.prepared(quiesced).await?;
         let frozen = match watchdog {
             Some(w) => Some(Frozen::freeze(w, budget.freeze)?),
@@ -278,7 +376,9 @@ async fn cut_inner(
         let cut_time = SystemTime::now();
         let stop = Instant::now() + budget.capture;
         let mut captured = Vec::new();
-        for ((d, st), h) in disks.iter().zip(states.iter_mut()).zip(hints) {
+        let mut since = since;
+        since.resize(disks.len(), None);
+        for (((d, st), h), since) in disks.iter().zip(states.iter_mut()).zip(hints).zip(since) {
             let mode = if collect {
                 ShipMode::Collect {
                     cap,
@@ -291,7 +391,12 @@ async fn cut_inner(
             // pre-copy took them, and the capture takes what events said since.
             let pass_hints = match (collect, watchers) {
                 (false, _) => h.clone(),
-                (true, Some(w)) => w.take(d.id.as_str()),
+                (true, Some(w)) => match since {
+                    Some(since) if frozen.is_some() => {
+                        from_events(w, d, since, &frozen_devs, &agent.config.state_dir)
+                    }
+                    _ => w.take(d.id.as_str()),
+                },
                 (true, None) => Hints::default(),
             };
             captured.push(agent.ship(d, st, mode, pass_hints).await?);

@@ -1,17 +1,18 @@
 //! `lifeboat-agent`: the per-VM agent's command line. `main` owns exit codes:
 //! 0 success, 1 runtime failure, 2 bad usage or config.
 
+mod blocks;
 #[cfg(target_os = "linux")]
 #[path = "cbt_linux.rs"]
 mod cbt;
 #[cfg(not(target_os = "linux"))]
 #[path = "cbt_other.rs"]
 mod cbt;
-mod blocks;
 mod check;
 mod config;
 mod consistency;
 mod cut;
+mod dirdelta;
 mod identity;
 mod member;
 #[cfg(unix)]

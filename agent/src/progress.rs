@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde::{Deserialize, Serialize};
 
@@ -44,6 +45,16 @@ pub struct Status {
 
 static CURRENT: Mutex<Option<Status>> = Mutex::new(None);
 
+/// Set while a filesystem is frozen: `status.json` may live on it, and a write there would
+/// block until the thaw (the watchdog's, at the deadline). Updates stay in memory meanwhile;
+/// the first one after the thaw writes them all.
+static HELD: AtomicBool = AtomicBool::new(false);
+
+/// Holds (`true`) or releases writes of `status.json` (see [`HELD`]).
+pub fn hold_writes(on: bool) {
+    HELD.store(on, Ordering::SeqCst);
+}
+
 /// Applies `f` to the in-memory status and rewrites `status.json` (errors are logged only:
 /// status must never stop replication).
 pub fn update(state_dir: &Path, f: impl FnOnce(&mut Status)) {
@@ -51,6 +62,9 @@ pub fn update(state_dir: &Path, f: impl FnOnce(&mut Status)) {
     let status = guard.get_or_insert_with(|| load(state_dir).unwrap_or_default());
     f(status);
     status.updated = lifeboat_store::manifest::now_millis();
+    if HELD.load(Ordering::SeqCst) {
+        return;
+    }
     let path = state_dir.join("status.json");
     let body = serde_json::to_vec_pretty(status).expect("status serialises");
     if let Err(e) = lifeboat_store::durable::replace(&path, &body) {

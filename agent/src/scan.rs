@@ -51,7 +51,7 @@ pub struct ScanStats {
 }
 
 /// Fails with `TimedOut` once `stop_at` has passed (a frozen capture out of time).
-fn check_deadline(stop_at: Option<Instant>) -> io::Result<()> {
+pub(crate) fn check_deadline(stop_at: Option<Instant>) -> io::Result<()> {
     match stop_at {
         Some(t) if Instant::now() >= t => Err(io::Error::new(
             io::ErrorKind::TimedOut,
@@ -104,14 +104,16 @@ struct Changed {
 /// contiguous share with positioned reads; changed blocks reach `sink` on the calling thread.
 /// `direct` reads past the page cache (block devices; see the module docs). Returns the size
 /// and the hashes of all blocks, written as a new base file in `home` (the state directory and
-/// the disk's name) as they are read: memory does not grow with the disk.
+/// the disk's name) as they are read: memory does not grow with the disk. Without `home` (a
+/// frozen capture: the state directory may be on a frozen filesystem, where a write would
+/// block), the changed hashes go to an overlay over `old` instead, bounded as the capture is.
 #[allow(clippy::too_many_arguments)]
 pub fn scan_image(
     path: &Path,
     direct: bool,
     block_size: usize,
     old: &BlockHashes,
-    home: (&Path, &str),
+    home: Option<(&Path, &str)>,
     threads: usize,
     stop_at: Option<Instant>,
     stats: &mut ScanStats,
@@ -126,7 +128,15 @@ pub fn scan_image(
     let chunks = blocks.div_ceil(chunk_blocks).max(1);
     let threads = threads.clamp(1, chunks);
     let per_worker = chunks.div_ceil(threads);
-    let out = NewBase::create(home.0, home.1, blocks as u64)?;
+    let out = match home {
+        Some((dir, disk)) => Some(NewBase::create(dir, disk, blocks as u64)?),
+        None => None,
+    };
+    let mut overlay = out.is_none().then(|| {
+        let mut o = old.clone();
+        o.resize(blocks as u64);
+        o
+    });
     // One chunk of changes queued per worker: bounded memory whatever the churn.
     let (tx, rx) = mpsc::sync_channel::<io::Result<Changed>>(threads);
 
@@ -139,7 +149,7 @@ pub fn scan_image(
             }
             let first_block = first_chunk * chunk_blocks;
             let n_blocks = (last_chunk * chunk_blocks).min(blocks) - first_block;
-            let (tx, file, out) = (tx.clone(), &file, &out);
+            let (tx, file, out) = (tx.clone(), &file, out.as_ref());
             scope.spawn(move || {
                 let mut aligned = AlignedBuf::new(chunk);
                 let buf = aligned.as_mut_slice();
@@ -171,7 +181,9 @@ pub fn scan_image(
                         }
                         mine.push(h);
                     }
-                    if let Err(e) = out.write_at((first_block + done) as u64, &mine) {
+                    if let Some(out) = out
+                        && let Err(e) = out.write_at((first_block + done) as u64, &mine)
+                    {
                         let _ = tx.send(Err(e));
                         return;
                     }
@@ -204,12 +216,20 @@ pub fn scan_image(
                 stats.blocks_changed += 1;
                 stats.bytes_changed += block.len() as u64;
                 sink("", c.offset + start as u64, block, h)?;
+                if let Some(o) = overlay.as_mut() {
+                    o.set((c.offset + start as u64) / block_size as u64, h);
+                }
             }
         }
         Ok(())
     })?;
     stats.bytes_read = size;
-    Ok((size, out.finish()?))
+    let hashes = match (out, overlay) {
+        (Some(out), _) => out.finish()?,
+        (None, Some(o)) => o,
+        (None, None) => unreachable!("one of the two is always made"),
+    };
+    Ok((size, hashes))
 }
 
 /// Reads and hashes only `blocks` (sorted block indices, the tracker's read-out) of an image or
@@ -322,6 +342,15 @@ fn mtime_ms(m: &fs::Metadata) -> UnixMillis {
         .unwrap_or(0)
 }
 
+/// What a directory pass found.
+pub struct DirScan {
+    pub tree: Tree,
+    pub files: BTreeMap<String, FileState>,
+    /// Files with more than one hard link: a write through a link outside the disk raises no
+    /// event here, so a capture that trusts events stats these.
+    pub linked: Vec<String>,
+}
+
 /// Scans a directory tree. Files whose change stamp is unchanged are not read unless an event
 /// named them or `hints.reread_all` is set (the verification sweep). Returns the tree and the new
 /// per-file state.
@@ -332,7 +361,7 @@ pub fn scan_directory(
     pass: &mut DirPass<'_>,
     stats: &mut ScanStats,
     sink: &mut Sink<'_>,
-) -> io::Result<(Tree, BTreeMap<String, FileState>)> {
+) -> io::Result<DirScan> {
     let (hints, stop_at) = (pass.hints, pass.stop_at);
     let meta = fs::metadata(root)?;
     if !meta.is_dir() {
@@ -343,87 +372,159 @@ pub fn scan_directory(
     }
     let mut entries = Vec::new();
     let mut files = BTreeMap::new();
+    let mut linked = Vec::new();
     let mut buf = vec![0u8; block_size];
     walk(root, "", &mut |rel, m| {
         check_deadline(stop_at)?;
-        let ty = m.file_type();
-        if ty.is_dir() {
-            entries.push(TreeEntry {
+        let force = if hints.dirty.contains(rel) {
+            Force::Named
+        } else if hints.reread_all {
+            Force::Sweep
+        } else {
+            Force::No
+        };
+        let Some((entry, state)) = visit(root, rel, m, old.get(rel), force, &mut buf, stats, sink)?
+        else {
+            return Ok(());
+        };
+        if let Some(state) = state {
+            (pass.file_done)(rel, &state);
+            if links(m) > 1 {
+                linked.push(rel.to_owned());
+            }
+            files.insert(rel.to_owned(), state);
+        }
+        entries.push(entry);
+        Ok(())
+    })?;
+    entries.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(DirScan {
+        tree: Tree { entries },
+        files,
+        linked,
+    })
+}
+
+#[cfg(unix)]
+pub(crate) fn links(m: &fs::Metadata) -> u64 {
+    std::os::unix::fs::MetadataExt::nlink(m)
+}
+
+#[cfg(not(unix))]
+pub(crate) fn links(_m: &fs::Metadata) -> u64 {
+    1
+}
+
+/// Why a file is read whatever its stamps say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Force {
+    /// It is not: read only if its stamps moved.
+    No,
+    /// An event or a shared-writable mapping named it.
+    Named,
+    /// The verification sweep reads everything.
+    Sweep,
+}
+
+/// One entry of a directory pass: its listing entry and, for a file, its state — read (and its
+/// changed blocks handed to `sink`) if forced or its stamp moved since `prev`. `None`: not
+/// replicated (special files, names that are not UTF-8) or gone since it was listed.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn visit(
+    root: &Path,
+    rel: &str,
+    m: &fs::Metadata,
+    prev: Option<&FileState>,
+    force: Force,
+    buf: &mut [u8],
+    stats: &mut ScanStats,
+    sink: &mut Sink<'_>,
+) -> io::Result<Option<(TreeEntry, Option<FileState>)>> {
+    let ty = m.file_type();
+    if ty.is_dir() {
+        return Ok(Some((
+            TreeEntry {
                 path: rel.to_owned(),
                 kind: EntryKind::Dir,
                 mode: mode(m),
                 mtime: mtime_ms(m),
-            });
-        } else if ty.is_symlink() {
-            let target = fs::read_link(root.join(rel))?;
-            let Some(target) = target.to_str() else {
-                tracing::warn!(path = rel, "symlink target is not UTF-8; not replicated");
-                return Ok(());
-            };
-            entries.push(TreeEntry {
+            },
+            None,
+        )));
+    }
+    if ty.is_symlink() {
+        let target = match fs::read_link(root.join(rel)) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let Some(target) = target.to_str() else {
+            tracing::warn!(path = rel, "symlink target is not UTF-8; not replicated");
+            return Ok(None);
+        };
+        return Ok(Some((
+            TreeEntry {
                 path: rel.to_owned(),
                 kind: EntryKind::Symlink {
                     target: target.to_owned(),
                 },
                 mode: 0,
                 mtime: mtime_ms(m),
-            });
-        } else if ty.is_file() {
-            let st = stamp(m);
-            let prev = old.get(rel);
-            let unchanged = prev.is_some_and(|p| p.stamp == Some(st) && p.size == m.len());
-            let named_by_event = hints.dirty.contains(rel);
-            let state = if unchanged && !hints.reread_all && !named_by_event {
-                stats.files_skipped += 1;
-                prev.cloned().expect("checked above")
+            },
+            None,
+        )));
+    }
+    if !ty.is_file() {
+        tracing::debug!(
+            path = rel,
+            "special file (socket, fifo, device) not replicated"
+        );
+        return Ok(None);
+    }
+    let st = stamp(m);
+    let unchanged = prev.is_some_and(|p| p.stamp == Some(st) && p.size == m.len());
+    let state = if unchanged && force == Force::No {
+        stats.files_skipped += 1;
+        prev.cloned().expect("checked above")
+    } else {
+        stats.files_read += 1;
+        let old_hashes = prev.map(|p| &p.hashes.0[..]).unwrap_or(&[]);
+        let (size, hashes) = match hash_file(&root.join(rel), rel, buf, old_hashes, stats, sink) {
+            Ok(r) => r,
+            // Deleted between listing and reading: not part of this cut.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        if unchanged && prev.is_some_and(|p| p.hashes.0 != hashes) {
+            if force == Force::Named {
+                tracing::info!(
+                    path = rel,
+                    "a filesystem event or a shared-writable mapping caught a change its stamps \
+                     did not show"
+                );
             } else {
-                stats.files_read += 1;
-                let old_hashes = prev.map(|p| &p.hashes.0[..]).unwrap_or(&[]);
-                let (size, hashes) =
-                    match hash_file(&root.join(rel), rel, &mut buf, old_hashes, stats, sink) {
-                        Ok(r) => r,
-                        // Deleted between listing and reading: not part of this cut.
-                        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-                        Err(e) => return Err(e),
-                    };
-                if unchanged && prev.is_some_and(|p| p.hashes.0 != hashes) {
-                    if named_by_event {
-                        tracing::info!(
-                            path = rel,
-                            "a filesystem event caught a change its stamps did not show"
-                        );
-                    } else {
-                        tracing::warn!(
-                            path = rel,
-                            "verification sweep found changed contents that neither stamps nor \
-                             events reported (e.g. writes through mmap); shipping them now"
-                        );
-                    }
-                }
-                FileState {
-                    size,
-                    stamp: Some(st),
-                    hashes: Hashes(hashes),
-                }
-            };
-            (pass.file_done)(rel, &state);
-            entries.push(TreeEntry {
-                path: rel.to_owned(),
-                kind: EntryKind::File { size: state.size },
-                mode: mode(m),
-                mtime: mtime_ms(m),
-            });
-            files.insert(rel.to_owned(), state);
-        } else {
-            tracing::debug!(
-                path = rel,
-                "special file (socket, fifo, device) not replicated"
-            );
+                tracing::warn!(
+                    path = rel,
+                    "verification sweep found changed contents that neither stamps nor \
+                     events reported (e.g. writes through mmap); shipping them now"
+                );
+            }
         }
-        Ok(())
-    })?;
-    entries.sort_by(|a, b| a.path.cmp(&b.path));
-    Ok((Tree { entries }, files))
+        FileState {
+            size,
+            stamp: Some(st),
+            hashes: Hashes(hashes),
+        }
+    };
+    Ok(Some((
+        TreeEntry {
+            path: rel.to_owned(),
+            kind: EntryKind::File { size: state.size },
+            mode: mode(m),
+            mtime: mtime_ms(m),
+        },
+        Some(state),
+    )))
 }
 
 fn hash_file(
@@ -467,7 +568,7 @@ fn hash_file(
 }
 
 /// Depth-first walk in name order, giving each entry's `/`-separated relative path.
-fn walk(
+pub(crate) fn walk(
     dir: &Path,
     rel: &str,
     f: &mut dyn FnMut(&str, &fs::Metadata) -> io::Result<()>,
@@ -528,18 +629,19 @@ mod tests {
         let hints = Hints {
             dirty: dirty.clone(),
             reread_all: verify,
+            since: None,
         };
         let mut pass = DirPass {
             hints: &hints,
             stop_at: None,
             file_done: &mut |_, _| {},
         };
-        let (_, files) =
-            scan_directory(root, 4096, old, &mut pass, &mut stats, &mut |t, o, _, _| {
-                seen.push(format!("{t}@{o}"));
-                Ok(())
-            })
-            .unwrap();
+        let files = scan_directory(root, 4096, old, &mut pass, &mut stats, &mut |t, o, _, _| {
+            seen.push(format!("{t}@{o}"));
+            Ok(())
+        })
+        .unwrap()
+        .files;
         (seen, files)
     }
 
@@ -584,7 +686,7 @@ mod tests {
                 false,
                 4096,
                 &BlockHashes::default(),
-                home,
+                Some(home),
                 threads,
                 None,
                 &mut stats,
@@ -607,7 +709,7 @@ mod tests {
                 false,
                 4096,
                 &hashes,
-                home,
+                Some(home),
                 threads,
                 None,
                 &mut stats,

@@ -22,8 +22,8 @@ use lifeboat_store::durable::Access;
 use lifeboat_store::{DiskId, VmId};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-pub use crate::blocks::BlockHashes;
 use crate::blocks::BaseRef;
+pub use crate::blocks::BlockHashes;
 
 const STATE_VERSION: u32 = 3;
 
@@ -207,8 +207,7 @@ pub fn load(state_dir: &Path, disk: &DiskId) -> Result<Option<DiskState>, StateE
     let line = std::str::from_utf8(&data[..nl]).map_err(|_| damaged("bad header"))?;
     let body = &data[nl + 1..];
     let sum = blake3::hash(body).to_hex();
-    let (version, json, raw): (u32, &[u8], &[u8]) = if line == format!("lifeboat-state 1 {sum}")
-    {
+    let (version, json, raw): (u32, &[u8], &[u8]) = if line == format!("lifeboat-state 1 {sum}") {
         (1, body, &[])
     } else if let Some(v @ (2 | 3)) = [2, 3]
         .into_iter()
@@ -267,11 +266,12 @@ pub fn load(state_dir: &Path, disk: &DiskId) -> Result<Option<DiskState>, StateE
                     } else {
                         hashes.0
                     };
-                    BlockHashes::from_vec(state_dir, disk.as_str(), &list)
-                        .map_err(|source| StateError::Io {
+                    BlockHashes::from_vec(state_dir, disk.as_str(), &list).map_err(|source| {
+                        StateError::Io {
                             path: path.clone(),
                             source,
-                        })?
+                        }
+                    })?
                 }
             };
             Content::Image { size, hashes }
@@ -465,8 +465,11 @@ mod tests {
         let body = format!(
             r#"{{"version":1,"vm":"vm","disk":"d","block_size":4096,"tag_seq":7,"from_segment":1,"through_segment":9,"content":{{"kind":"image","size":1228800,"hashes":"{hex}"}}}}"#
         );
-        let mut file = format!("lifeboat-state 1 {}\n", blake3::hash(body.as_bytes()).to_hex())
-            .into_bytes();
+        let mut file = format!(
+            "lifeboat-state 1 {}\n",
+            blake3::hash(body.as_bytes()).to_hex()
+        )
+        .into_bytes();
         file.extend_from_slice(body.as_bytes());
         fs::write(&p, file).unwrap();
         let v1 = load(dir.path(), &disk).unwrap().unwrap();

@@ -29,7 +29,7 @@ use tokio::sync::mpsc;
 use crate::cbt::{Cursor, Opened, Tracker};
 use crate::config::{Config, DiskConfig, DiskKind, Tracking};
 use crate::scan::{self, ScanStats};
-use crate::state::{BlockHashes, self, Content, DiskState, FileState, Hashes};
+use crate::state::{self, BlockHashes, Content, DiskState, FileState, Hashes};
 use crate::watch::Hints;
 
 /// The agent's view of its store and config.
@@ -827,101 +827,127 @@ impl Agent {
         );
         let threads = r.scan_threads;
         let (home_dir, home_disk) = (self.config.state_dir.clone(), disk.id.to_string());
-        let scan = tokio::task::spawn_blocking(move || -> Result<(Content, Shape, ScanStats)> {
-            let started = Instant::now();
-            let mut stats = ScanStats::default();
-            let mut builder = SegmentBuilder::with_capacity(bs as u32, level, seg_capacity);
-            let mut blocks = Vec::new();
-            // Files whose every changed block is in the segment being built (or an earlier one):
-            // durable once that segment is.
-            let done_files = std::cell::RefCell::new(Vec::new());
-            let mut file_done = |rel: &str, f: &FileState| {
-                done_files.borrow_mut().push((rel.to_owned(), f.clone()));
-            };
-            let mut sink = |target: &str, offset: u64, data: &[u8], h| -> io::Result<()> {
-                builder.add_hashed(target, offset, data, h);
-                found_by_scan.fetch_add(data.len() as u64, Ordering::Relaxed);
-                if target.is_empty() {
-                    blocks.push((offset, h));
-                }
-                if builder.encoded_len() >= seg_target {
-                    let full = std::mem::replace(
-                        &mut builder,
-                        SegmentBuilder::with_capacity(bs as u32, level, seg_capacity),
-                    );
+        let scan = tokio::task::spawn_blocking(
+            move || -> Result<(Content, Shape, ScanStats, Vec<String>)> {
+                let started = Instant::now();
+                let mut stats = ScanStats::default();
+                let mut builder = SegmentBuilder::with_capacity(bs as u32, level, seg_capacity);
+                let mut blocks = Vec::new();
+                // Files whose every changed block is in the segment being built (or an earlier one):
+                // durable once that segment is.
+                let done_files = std::cell::RefCell::new(Vec::new());
+                let mut file_done = |rel: &str, f: &FileState| {
+                    done_files.borrow_mut().push((rel.to_owned(), f.clone()));
+                };
+                let mut sink = |target: &str, offset: u64, data: &[u8], h| -> io::Result<()> {
+                    builder.add_hashed(target, offset, data, h);
+                    found_by_scan.fetch_add(data.len() as u64, Ordering::Relaxed);
+                    if target.is_empty() {
+                        blocks.push((offset, h));
+                    }
+                    if builder.encoded_len() >= seg_target {
+                        let full = std::mem::replace(
+                            &mut builder,
+                            SegmentBuilder::with_capacity(bs as u32, level, seg_capacity),
+                        );
+                        tx.blocking_send(Outgoing {
+                            plain: full.plain_bytes(),
+                            data: full.finish(),
+                            blocks: std::mem::take(&mut blocks),
+                            files: std::mem::take(&mut *done_files.borrow_mut()),
+                        })
+                        .map_err(|_| io::Error::other("segment receiver stopped"))?;
+                    }
+                    Ok(())
+                };
+                let mut linked = Vec::new();
+                let (content, shape) = match (kind, content) {
+                    (DiskKind::Directory, Content::Directory { files }) => {
+                        let mut hints = hints;
+                        let since = hints.since.take();
+                        let mut pass = scan::DirPass {
+                            hints: &hints,
+                            stop_at,
+                            file_done: &mut file_done,
+                        };
+                        let found = match since {
+                            // A frozen capture whose events are complete: only what changed.
+                            Some(since) => {
+                                let changes = crate::dirdelta::Changes {
+                                    reread: hints.dirty.iter().cloned().collect(),
+                                    restat: since.linked.into_iter().collect(),
+                                };
+                                crate::dirdelta::capture(
+                                    &path, bs, since.tree, files, &changes, &mut pass, &mut stats,
+                                    &mut sink,
+                                )
+                            }
+                            None => scan::scan_directory(
+                                &path, bs, &files, &mut pass, &mut stats, &mut sink,
+                            ),
+                        }
+                        .with_context(|| format!("cannot scan directory {}", path.display()))?;
+                        linked = found.linked;
+                        (
+                            Content::Directory { files: found.files },
+                            Shape::Tree(found.tree),
+                        )
+                    }
+                    (_, Content::Image { mut hashes, size }) if listed.is_some() => {
+                        let blocks = listed.as_deref().unwrap_or_default();
+                        scan::scan_listed(
+                            &path,
+                            direct,
+                            bs,
+                            size,
+                            blocks,
+                            &mut hashes,
+                            (&home_dir, &home_disk),
+                            stop_at,
+                            &mut stats,
+                            &mut sink,
+                        )
+                        .with_context(|| format!("cannot read disk {}", path.display()))?;
+                        (Content::Image { size, hashes }, Shape::Size(size))
+                    }
+                    (_, Content::Image { hashes, .. }) => {
+                        let (size, hashes) = scan::scan_image(
+                            &path,
+                            direct,
+                            bs,
+                            &hashes,
+                            // Frozen: no file may be written (see `scan_image`).
+                            stop_at
+                                .is_none()
+                                .then_some((home_dir.as_path(), home_disk.as_str())),
+                            threads,
+                            stop_at,
+                            &mut stats,
+                            &mut sink,
+                        )
+                        .with_context(|| format!("cannot read disk {}", path.display()))?;
+                        (Content::Image { size, hashes }, Shape::Size(size))
+                    }
+                    _ => bail!("disk kind changed under a running agent"),
+                };
+                if !builder.is_empty() {
                     tx.blocking_send(Outgoing {
-                        plain: full.plain_bytes(),
-                        data: full.finish(),
-                        blocks: std::mem::take(&mut blocks),
-                        files: std::mem::take(&mut *done_files.borrow_mut()),
-                    })
-                    .map_err(|_| io::Error::other("segment receiver stopped"))?;
-                }
-                Ok(())
-            };
-            let (content, shape) = match (kind, content) {
-                (DiskKind::Directory, Content::Directory { files }) => {
-                    let mut pass = scan::DirPass {
-                        hints: &hints,
-                        stop_at,
-                        file_done: &mut file_done,
-                    };
-                    let (tree, files) =
-                        scan::scan_directory(&path, bs, &files, &mut pass, &mut stats, &mut sink)
-                            .with_context(|| format!("cannot scan directory {}", path.display()))?;
-                    (Content::Directory { files }, Shape::Tree(tree))
-                }
-                (_, Content::Image { mut hashes, size }) if listed.is_some() => {
-                    let blocks = listed.as_deref().unwrap_or_default();
-                    scan::scan_listed(
-                        &path,
-                        direct,
-                        bs,
-                        size,
+                        plain: builder.plain_bytes(),
+                        data: builder.finish(),
                         blocks,
-                        &mut hashes,
-                        (&home_dir, &home_disk),
-                        stop_at,
-                        &mut stats,
-                        &mut sink,
-                    )
-                    .with_context(|| format!("cannot read disk {}", path.display()))?;
-                    (Content::Image { size, hashes }, Shape::Size(size))
+                        files: done_files.into_inner(),
+                    })
+                    .map_err(|_| anyhow::anyhow!("segment receiver stopped"))?;
                 }
-                (_, Content::Image { hashes, .. }) => {
-                    let (size, hashes) = scan::scan_image(
-                        &path,
-                        direct,
-                        bs,
-                        &hashes,
-                        (&home_dir, &home_disk),
-                        threads,
-                        stop_at,
-                        &mut stats,
-                        &mut sink,
-                    )
-                    .with_context(|| format!("cannot read disk {}", path.display()))?;
-                    (Content::Image { size, hashes }, Shape::Size(size))
-                }
-                _ => bail!("disk kind changed under a running agent"),
-            };
-            if !builder.is_empty() {
-                tx.blocking_send(Outgoing {
-                    plain: builder.plain_bytes(),
-                    data: builder.finish(),
-                    blocks,
-                    files: done_files.into_inner(),
-                })
-                .map_err(|_| anyhow::anyhow!("segment receiver stopped"))?;
-            }
-            stats.elapsed = started.elapsed();
-            Ok((content, shape, stats))
-        });
+                stats.elapsed = started.elapsed();
+                Ok((content, shape, stats, linked))
+            },
+        );
         let scan_result = scan.await.context("scanner thread failed")?;
         let received = receiver.await.context("segment receiver failed")?;
         // The receiver's error (upload failure, cap) explains a scanner's "receiver stopped".
         let (uploaded, stored_bytes, kept) = received?;
-        let (content, shape, stats) = scan_result?;
+        let (content, shape, stats, linked) = scan_result?;
         st.content = content;
         if disk.kind != DiskKind::Directory {
             st.tracking = next_cursor;
@@ -932,6 +958,7 @@ impl Agent {
             stats,
             stored_bytes,
             kept,
+            linked,
         })
     }
 
@@ -1122,6 +1149,8 @@ pub struct Shipped {
     pub stats: ScanStats,
     pub stored_bytes: u64,
     pub kept: Vec<Bytes>,
+    /// A directory's files with more than one hard link (see `watch::Since`).
+    pub linked: Vec<String>,
 }
 
 /// What [`Agent::check_cache`] found.

@@ -1,14 +1,20 @@
 //! Filesystem events for directory disks (`notify`: inotify on Linux, ReadDirectoryChangesW on
 //! Windows): every path an event names is re-read at the next pass even if its change stamp
-//! looks unchanged. Events add to the stamp check, never replace it — their delivery is
-//! asynchronous and cannot be ordered against a freeze, so a pass still stats every file. An
-//! overflowed queue makes the next pass a full verification sweep, and says so.
+//! looks unchanged. An unfrozen pass still stats every file (events add to the stamp check). A
+//! frozen capture may trust events instead (see `dirdelta`), once [`Watchers::drain`] has
+//! passed a barrier: a file created in a directory that is never frozen, whose event is
+//! delivered after every event queued before it — so after the freeze, every write before it
+//! has been seen. An overflowed queue makes the next pass a full verification sweep, and says so.
 
 use std::collections::{BTreeMap, HashSet};
-use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use lifeboat_store::manifest::Tree;
+use notify::event::{AccessKind, AccessMode, EventKind};
 use notify::{RecommendedWatcher, RecursiveMode, Watcher};
 
 use crate::config::{DiskConfig, DiskKind};
@@ -17,6 +23,14 @@ use crate::config::{DiskConfig, DiskKind};
 struct Dirty {
     paths: HashSet<String>,
     overflow: bool,
+    /// The highest barrier mark this disk's watcher has delivered.
+    marks: u64,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    dirty: Mutex<Dirty>,
+    marked: Condvar,
 }
 
 /// What events said about one disk since the last [`Watchers::take`].
@@ -26,12 +40,76 @@ pub struct Hints {
     pub dirty: HashSet<String>,
     /// Every file must be re-read (events were lost, or a verification sweep is due).
     pub reread_all: bool,
+    /// Set when `dirty` is complete since a pre-copy began (drained through a barrier while
+    /// frozen): that pre-copy's listing and linked files, which a capture updates instead of
+    /// walking the disk.
+    pub since: Option<Since>,
+}
+
+/// A pre-copy's result, for a capture that applies events to it.
+#[derive(Debug, Clone)]
+pub struct Since {
+    pub tree: Tree,
+    /// Files with more than one hard link (stat'ed by the capture: writes through a link
+    /// outside the disk raise no event here).
+    pub linked: Vec<String>,
+}
+
+/// A directory no filesystem we freeze holds (tmpfs, normally), where a barrier creates its
+/// marks. Removed with the watchers.
+struct Barrier {
+    dir: tempfile::TempDir,
+    dev: u64,
+    next: AtomicU64,
 }
 
 /// Watchers of every directory disk.
 pub struct Watchers {
     _watchers: Vec<RecommendedWatcher>,
-    dirty: BTreeMap<String, Arc<Mutex<Dirty>>>,
+    dirty: BTreeMap<String, Arc<Shared>>,
+    barrier: Option<Barrier>,
+}
+
+#[cfg(unix)]
+fn device_of(p: &Path) -> std::io::Result<u64> {
+    Ok(std::os::unix::fs::MetadataExt::dev(&std::fs::metadata(p)?))
+}
+
+#[cfg(not(unix))]
+fn device_of(p: &Path) -> std::io::Result<u64> {
+    std::fs::metadata(p).map(|_| 0)
+}
+
+/// The device holding `p`, for comparing with the barrier's (a mark made on a frozen
+/// filesystem would block until the thaw).
+pub fn device(p: &Path) -> Option<u64> {
+    device_of(p).ok()
+}
+
+impl Barrier {
+    fn new() -> Option<Self> {
+        let mut places: Vec<PathBuf> = Vec::new();
+        // systemd's RuntimeDirectory= (tmpfs under /run), then shared memory, then /tmp.
+        if let Some(r) = std::env::var_os("RUNTIME_DIRECTORY") {
+            places.extend(std::env::split_paths(&r).take(1));
+        }
+        places.push("/dev/shm".into());
+        places.push(std::env::temp_dir());
+        for p in places {
+            if let Ok(dir) = tempfile::Builder::new()
+                .prefix("lifeboat-barrier-")
+                .tempdir_in(&p)
+                && let Ok(dev) = device_of(dir.path())
+            {
+                return Some(Self {
+                    dir,
+                    dev,
+                    next: AtomicU64::new(0),
+                });
+            }
+        }
+        None
+    }
 }
 
 impl std::fmt::Debug for Watchers {
@@ -53,11 +131,40 @@ impl Watchers {
     pub fn start(disks: &[DiskConfig]) -> Result<Self> {
         let mut watchers = Vec::new();
         let mut dirty = BTreeMap::new();
+        let barrier = Barrier::new();
+        if barrier.is_none() {
+            tracing::info!(
+                "no directory for event barriers (RUNTIME_DIRECTORY, /dev/shm, the temporary directory); frozen captures of directory disks walk every file"
+            );
+        }
+        let marks = barrier.as_ref().map(|b| b.dir.path().to_owned());
         for d in disks.iter().filter(|d| d.kind == DiskKind::Directory) {
-            let state = Arc::new(Mutex::new(Dirty::default()));
+            let state = Arc::new(Shared::default());
             let (root, sink, id) = (d.path.clone(), Arc::clone(&state), d.id.clone());
+            let marks_dir = marks.clone();
             let mut w = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-                let mut s = sink.lock().unwrap_or_else(|e| e.into_inner());
+                // A barrier's mark: every event queued before it has now been handled.
+                if let (Ok(ev), Some(m)) = (&ev, &marks_dir)
+                    && let Some(n) = ev
+                        .paths
+                        .iter()
+                        .filter(|p| p.parent() == Some(m.as_path()))
+                        .filter_map(|p| p.file_name()?.to_str()?.strip_prefix("mark-")?.parse().ok())
+                        .max()
+                {
+                    let mut s = sink.dirty.lock().unwrap_or_else(|e| e.into_inner());
+                    s.marks = s.marks.max(n);
+                    sink.marked.notify_all();
+                    return;
+                }
+                // Opening or reading a file changes nothing (the agent's own reads among them).
+                if let Ok(ev) = &ev
+                    && let EventKind::Access(a) = ev.kind
+                    && a != AccessKind::Close(AccessMode::Write)
+                {
+                    return;
+                }
+                let mut s = sink.dirty.lock().unwrap_or_else(|e| e.into_inner());
                 match ev {
                     Ok(ev) if ev.need_rescan() => {
                         if !s.overflow {
@@ -81,12 +188,17 @@ impl Watchers {
             .context("cannot create a filesystem watcher")?;
             w.watch(&d.path, RecursiveMode::Recursive)
                 .with_context(|| format!("cannot watch {}", d.path.display()))?;
+            if let Some(m) = &marks {
+                w.watch(m, RecursiveMode::NonRecursive)
+                    .with_context(|| format!("cannot watch {}", m.display()))?;
+            }
             watchers.push(w);
             dirty.insert(d.id.to_string(), state);
         }
         Ok(Self {
             _watchers: watchers,
             dirty,
+            barrier,
         })
     }
 
@@ -95,18 +207,72 @@ impl Watchers {
         let Some(d) = self.dirty.get(disk) else {
             return Hints::default();
         };
-        let mut d = d.lock().unwrap_or_else(|e| e.into_inner());
-        let taken = std::mem::take(&mut *d);
+        let mut d = d.dirty.lock().unwrap_or_else(|e| e.into_inner());
+        let marks = d.marks;
+        let taken = std::mem::replace(
+            &mut *d,
+            Dirty {
+                marks,
+                ..Dirty::default()
+            },
+        );
         Hints {
             dirty: taken.paths,
             reread_all: taken.overflow,
+            since: None,
         }
+    }
+
+    /// Takes what events said about a disk once every event queued before this call has been
+    /// delivered: a mark is created in the barrier directory and its event awaited (events of
+    /// one watcher arrive in order). `frozen` are the devices frozen now, where no mark may be
+    /// made. An error says why the events cannot be trusted to be complete.
+    pub fn drain(
+        &self,
+        disk: &str,
+        frozen: &[u64],
+        timeout: Duration,
+    ) -> std::result::Result<Hints, String> {
+        let b = self
+            .barrier
+            .as_ref()
+            .ok_or("no directory for event barriers")?;
+        if frozen.contains(&b.dev) {
+            return Err(format!(
+                "the event barrier directory {} is on a frozen filesystem",
+                b.dir.path().display()
+            ));
+        }
+        let shared = self.dirty.get(disk).ok_or("disk not watched")?;
+        let n = b.next.fetch_add(1, Ordering::Relaxed) + 1;
+        let mark = b.dir.path().join(format!("mark-{n}"));
+        std::fs::File::create(&mark).map_err(|e| format!("cannot make a barrier mark: {e}"))?;
+        let deadline = Instant::now() + timeout;
+        let mut d = shared.dirty.lock().unwrap_or_else(|e| e.into_inner());
+        while d.marks < n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                drop(d);
+                let _ = std::fs::remove_file(&mark);
+                return Err(format!(
+                    "the event barrier did not come back within {timeout:?}"
+                ));
+            }
+            d = shared
+                .marked
+                .wait_timeout(d, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        drop(d);
+        let _ = std::fs::remove_file(&mark);
+        Ok(self.take(disk))
     }
 
     /// Gives hints back after a pass that failed, so they count for the next one.
     pub fn put_back(&self, disk: &str, hints: Hints) {
         if let Some(d) = self.dirty.get(disk) {
-            let mut d = d.lock().unwrap_or_else(|e| e.into_inner());
+            let mut d = d.dirty.lock().unwrap_or_else(|e| e.into_inner());
             d.paths.extend(hints.dirty);
             d.overflow |= hints.reread_all;
         }
@@ -147,10 +313,42 @@ mod tests {
             Hints {
                 dirty: ["x".to_owned()].into(),
                 reread_all: true,
+                since: None,
             },
         );
         let h2 = w.take("d");
         assert!(h2.reread_all && h2.dirty.contains("x"));
         let _ = h;
+    }
+
+    /// A drain returns every event of a write made before it, with no wait in between.
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn a_drain_sees_every_write_made_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk: DiskConfig = toml::from_str(&format!(
+            "id = \"d\"\nkind = \"directory\"\npath = {:?}\n",
+            dir.path().display()
+        ))
+        .unwrap();
+        let w = Watchers::start(std::slice::from_ref(&disk)).unwrap();
+        for i in 0..300 {
+            std::fs::write(dir.path().join(format!("f{}", i % 7)), [i as u8]).unwrap();
+            let h = w.drain("d", &[], Duration::from_secs(5)).unwrap();
+            assert!(h.dirty.contains(&format!("f{}", i % 7)), "{i}: {h:?}");
+            assert!(!h.reread_all);
+        }
+        // Reads are not changes.
+        let _ = std::fs::read(dir.path().join("f1")).unwrap();
+        assert!(
+            w.drain("d", &[], Duration::from_secs(5))
+                .unwrap()
+                .dirty
+                .is_empty()
+        );
+        // A barrier on a frozen device is refused, never attempted.
+        let dev = device(w.barrier.as_ref().unwrap().dir.path()).unwrap();
+        let err = w.drain("d", &[dev], Duration::from_secs(5)).unwrap_err();
+        assert!(err.contains("frozen"), "{err}");
     }
 }

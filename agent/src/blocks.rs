@@ -62,6 +62,20 @@ pub struct BaseRef {
     pub id: String,
 }
 
+/// Paths of the base files this process holds open: garbage collection leaves them be, so a
+/// state kept in memory (a cut's pre-copy state, a checkpoint, a pass's result) never has to
+/// write its base again because a save of another copy of the state removed it.
+static LIVE: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+fn live(path: &Path, add: bool) {
+    let mut l = LIVE.lock().unwrap_or_else(|e| e.into_inner());
+    if add {
+        l.push(path.to_owned());
+    } else if let Some(i) = l.iter().position(|p| p == path) {
+        l.swap_remove(i);
+    }
+}
+
 /// An immutable base file, open for positioned reads. Its name may be removed while it is in
 /// use (a newer state saved meanwhile); the open handle still reads it, and a save of a state
 /// that still refers to it writes it out again under a new name.
@@ -144,6 +158,7 @@ impl Base {
         if base_id(&sums, stored) != id {
             return Err(damaged(path, "page checksums do not match its id"));
         }
+        live(path, true);
         Ok(Self {
             file,
             path: Mutex::new(path.to_owned()),
@@ -177,6 +192,12 @@ impl Base {
                 .map(|c| <Hash>::try_from(c).expect("32 bytes")),
         );
         Ok(())
+    }
+}
+
+impl Drop for Base {
+    fn drop(&mut self) {
+        live(&self.path(), false);
     }
 }
 
@@ -316,14 +337,10 @@ impl BlockHashes {
         };
         let path = base.path();
         if !path.exists() {
-            let out = NewBase::create(dir, disk, base.stored)?;
-            let mut data = Vec::new();
-            for p in 0..base.stored.div_ceil(PAGE) {
-                base.read_page(p, &mut data)?;
-                out.write_at(p * PAGE, &data)?;
-            }
-            let again = out.finish()?;
-            let new = again.base.as_ref().expect("a written base").path();
+            // Copied byte for byte (damaged pages included), so its id is the one recorded.
+            let new = copy_out(&base.file, dir, disk)?;
+            live(&path, false);
+            live(&new, true);
             *base.path.lock().unwrap_or_else(|e| e.into_inner()) = new;
         }
         let path = base.path();
@@ -385,17 +402,38 @@ impl BlockHashes {
         let mine = format!(".{}.tmp", std::process::id());
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            let stale = match name.strip_prefix(&prefix) {
-                Some(rest) => is_hex16(rest) && Some(name.as_str()) != keep,
-                None => name.strip_prefix(&tmp_prefix).is_some_and(|rest| {
-                    rest.len() > 16 && is_hex16(&rest[..16]) && !rest[16..].ends_with(&mine)
-                }),
-            };
+            let held = LIVE
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .any(|p| p.file_name() == Some(e.file_name().as_os_str()));
+            let stale = !held
+                && match name.strip_prefix(&prefix) {
+                    Some(rest) => is_hex16(rest) && Some(name.as_str()) != keep,
+                    None => name.strip_prefix(&tmp_prefix).is_some_and(|rest| {
+                        rest.len() > 16 && is_hex16(&rest[..16]) && !rest[16..].ends_with(&mine)
+                    }),
+                };
             if stale && let Err(err) = std::fs::remove_file(e.path()) {
                 tracing::warn!(file = %e.path().display(), error = %err, "cannot remove an old block hash file");
             }
         }
     }
+}
+
+/// Writes the whole of an open base file under a new name in `dir`, durably.
+fn copy_out(file: &File, dir: &Path, disk: &str) -> io::Result<PathBuf> {
+    let size = file.metadata()?.len();
+    let out = NewBase::create(dir, disk, 0)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0;
+    while at < size {
+        let n = ((size - at) as usize).min(buf.len());
+        crate::platform::read_exact_at(file, &mut buf[..n], at)?;
+        crate::platform::write_all_at(&out.file, &buf[..n], at)?;
+        at += n as u64;
+    }
+    out.persist()
 }
 
 fn is_hex16(s: &str) -> bool {
@@ -482,6 +520,17 @@ impl NewBase {
         crate::platform::write_all_at(&self.file, &raw, first * 32)
     }
 
+    /// Makes the file durable under its final name, as written.
+    fn persist(mut self) -> io::Result<PathBuf> {
+        self.file.sync_all()?;
+        std::fs::rename(&self.tmp, &self.path)?;
+        self.done = true;
+        if let Some(dir) = self.path.parent() {
+            lifeboat_store::durable::sync_dir(dir)?;
+        }
+        Ok(self.path.clone())
+    }
+
     /// Adds the page checksums and the trailer, and makes the file durable under its name.
     pub fn finish(mut self) -> io::Result<BlockHashes> {
         let pages = self.len.div_ceil(PAGE);
@@ -508,6 +557,7 @@ impl NewBase {
             lifeboat_store::durable::sync_dir(dir)?;
         }
         let file = self.file.try_clone()?;
+        live(&self.path, true);
         let base = Base {
             file,
             path: Mutex::new(self.path.clone()),
@@ -608,20 +658,43 @@ mod tests {
     #[test]
     fn a_base_removed_while_in_use_is_written_again_when_saved() {
         let dir = tempfile::tempdir().unwrap();
+        let names = |dir: &Path| -> Vec<String> {
+            let mut v: Vec<String> = std::fs::read_dir(dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        };
         let v: Vec<Hash> = (0..100).map(h).collect();
         let b = BlockHashes::from_vec(dir.path(), "d", &v).unwrap();
+        let r0 = b.base_ref(dir.path(), "d").unwrap().unwrap();
+        // Garbage collection leaves a base this process holds.
         BlockHashes::collect_garbage(dir.path(), "d", None);
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
-        assert_eq!(b.get(42).unwrap(), h(42), "the open handle still reads");
+        assert_eq!(names(dir.path()), std::slice::from_ref(&r0.name));
+        // Removed anyway (by hand, or a crash of a merge): the open handle still reads, and
+        // a save writes it again, byte for byte (same id).
+        std::fs::remove_file(dir.path().join(&r0.name)).unwrap();
+        assert_eq!(b.get(42).unwrap(), h(42));
         let r = b.base_ref(dir.path(), "d").unwrap().unwrap();
+        assert_ne!(r.name, r0.name);
+        assert_eq!(r.id, r0.id);
+        assert_eq!(names(dir.path()), std::slice::from_ref(&r.name));
         let again = BlockHashes::open(dir.path(), 100, Some(&r), BTreeMap::new()).unwrap();
         assert_eq!(again.to_vec().unwrap(), v);
-        // Garbage collection keeps the named base and other disks' files.
+        // Once nothing holds a base, collection removes what no state names, and never
+        // another disk's files.
+        let mut m = again.clone();
+        m.set(3, [9; 32]);
+        m.merge(dir.path(), "d").unwrap();
         let other = BlockHashes::from_vec(dir.path(), "d.blocks.x", &v).unwrap();
-        BlockHashes::collect_garbage(dir.path(), "d", Some(&r.name));
-        assert_eq!(again.get(1).unwrap(), h(1));
-        let kept = other.base_ref(dir.path(), "d.blocks.x").unwrap().unwrap();
-        assert!(dir.path().join(kept.name).exists());
+        let kept_other = other.base_ref(dir.path(), "d.blocks.x").unwrap().unwrap();
+        drop((b, again, other));
+        let keep = m.base_ref(dir.path(), "d").unwrap().unwrap();
+        BlockHashes::collect_garbage(dir.path(), "d", Some(&keep.name));
+        let mut want = vec![keep.name, kept_other.name];
+        want.sort();
+        assert_eq!(names(dir.path()), want);
     }
 
     #[test]

@@ -346,7 +346,15 @@ fn disk(config: &Config, d: &crate::config::DiskConfig) -> Check {
         );
     }
     let tracking = match (d.kind, d.tracking) {
-        (DiskKind::Directory, _) => None,
+        (DiskKind::Directory, _) if !freezes => None,
+        (DiskKind::Directory, Tracking::Scan) => Some(
+            "a frozen capture walks every file (tracking = \"scan\")".to_owned(),
+        ),
+        (DiskKind::Directory, Tracking::Auto) => Some(
+            "a frozen capture reads what change events named since the pre-copy (walks every \
+             file if events were lost)"
+                .to_owned(),
+        ),
         (_, Tracking::Scan) => Some("checksum scan (tracking = \"scan\")".to_owned()),
         (DiskKind::Image, Tracking::Auto) => Some(
             match crate::cbt::loop_device_of(&d.path).and_then(|dev| {

@@ -95,15 +95,19 @@ pub enum ConsistencyKind {
     Hooks,
 }
 
-/// How changed blocks of an image or block device are found.
+/// How changes are found while frozen (and, for block devices, between cuts).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Tracking {
     /// Block devices: the eBPF tracker where it can run (reads only blocks written since the
     /// last pass), a checksum scan otherwise and after any discontinuity. Images: a scan.
+    /// Frozen directories: the capture reads what change events (and shared-writable
+    /// mappings, and files with other hard links) say changed since the pre-copy, walking
+    /// every file only when the events cannot vouch for themselves.
     #[default]
     Auto,
-    /// Always a checksum scan of the whole disk (every block read and hashed).
+    /// Always a checksum scan of the whole disk (every block read and hashed); for
+    /// directories, a frozen capture that walks and stats every file.
     Scan,
 }
 
@@ -142,7 +146,7 @@ pub struct DiskConfig {
     /// Hard deadline for a freeze; the agent thaws when it passes, whatever else happens.
     #[serde(with = "humantime_serde", default = "default_freeze_timeout")]
     pub freeze_timeout: Duration,
-    /// How changed blocks are found (block devices and images).
+    /// How changes are found (see [`Tracking`]).
     #[serde(default)]
     pub tracking: Tracking,
 }

@@ -202,6 +202,8 @@ pub fn verify_freeze_target(d: &crate::config::DiskConfig) -> Result<()> {
         .map_err(|e| anyhow::anyhow!("disk {}: cannot freeze it: {e}", d.id))
 }
 
+pub use platform::{identity, on_tmpfs};
+
 /// Writes back the mounts' dirty data ahead of a freeze; failures only cost freeze time.
 pub fn presync(mounts: &[PathBuf]) {
     for m in mounts {

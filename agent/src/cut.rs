@@ -125,6 +125,18 @@ pub fn freeze_mounts(disks: &[DiskConfig]) -> Vec<PathBuf> {
     set.into_iter().collect()
 }
 
+/// A directory's files by inode (from their stamps), to match mappings made through other
+/// paths.
+fn inodes_of(st: &crate::state::DiskState) -> std::collections::HashMap<u64, String> {
+    match &st.content {
+        crate::state::Content::Directory { files } => files
+            .iter()
+            .filter_map(|(k, f)| f.stamp.map(|s| (s.2, k.clone())))
+            .collect(),
+        crate::state::Content::Image { .. } => Default::default(),
+    }
+}
+
 /// A frozen directory disk's capture hints: every event since the pre-copy (drained through a
 /// barrier) plus the files mapped shared-writable, with the pre-copy's listing to apply them to
 /// — or, when either cannot be vouched for, the events alone, and the capture walks every file.
@@ -137,20 +149,33 @@ fn from_events(
 ) -> Hints {
     let how = match w.drain(d.id.as_str(), frozen, BARRIER_TIMEOUT) {
         Ok(h) if h.reread_all => Err((h, "events were lost".to_owned())),
-        Ok(h) => match crate::dirdelta::shared_writable_under(&d.path) {
-            Ok(mapped) => Ok((h, mapped)),
+        Ok(h) => match crate::dirdelta::shared_writable_under(&d.path, &since.inodes) {
+            Ok(mut mapped) => {
+                mapped.paths.extend(since.mapped_before.iter().cloned());
+                Ok((h, mapped))
+            }
             Err(e) => Err((h, format!("cannot list shared-writable mappings: {e}"))),
         },
         Err(why) => Err((w.take(d.id.as_str()), why)),
     };
     let (hints, note) = match how {
         Ok((mut h, mapped)) => {
-            let note = format!(
+            let mut note = format!(
                 "events: {} paths changed since the pre-copy, {} mapped shared-writable",
                 h.dirty.len(),
-                mapped.len()
+                mapped.paths.len()
             );
-            h.dirty.extend(mapped);
+            if !mapped.unreadable.is_empty() {
+                let who: Vec<String> = mapped
+                    .unreadable
+                    .iter()
+                    .map(|(pid, comm)| format!("{pid} ({comm})"))
+                    .collect();
+                let who = who.join(", ");
+                tracing::warn!(disk = %d.id, processes = %who, "cannot read these processes' memory maps (CAP_SYS_PTRACE?): what they write through shared mappings is not in this point unless an event names the file; the next pre-copy (by mtime) or verification sweep ships it");
+                note.push_str(&format!("; maps unreadable: {who}"));
+            }
+            h.dirty.extend(mapped.paths);
             h.since = Some(since);
             (h, note)
         }
@@ -266,12 +291,17 @@ pub async fn cut_with(
             h
         })
         .collect();
-    let result = cut_inner(agent, app, &taken, watchers, driver).await;
+    let mut spent = Vec::new();
+    let result = cut_inner(agent, app, &taken, watchers, driver, &mut spent).await;
     if result.is_err()
         && let Some(w) = watchers
     {
+        // What the pre-copy and the capture took counts for the next cut.
         for (d, h) in agent.config.disks.iter().zip(taken) {
             w.put_back(d.id.as_str(), h);
+        }
+        for (d, h) in spent {
+            w.put_back(&d, h);
         }
     }
     result
@@ -283,6 +313,7 @@ async fn cut_inner(
     hints: &[Hints],
     watchers: Option<&Watchers>,
     driver: &mut impl Driver,
+    spent: &mut Vec<(String, Hints)>,
 ) -> Result<CutReport> {
     let started = Instant::now();
     let disks = &agent.config.disks;
@@ -307,14 +338,31 @@ async fn cut_inner(
             precopy.push(ScanStats::default());
             continue;
         }
+        // Files mapped shared-writable as the pre-copy begins: pages dirtied through such a
+        // mapping never move the file's mtime, so the capture re-reads them even if the
+        // mapping is gone by the freeze.
+        let events = captures_from_events(d) && !h.reread_all;
+        let mapped_before = if events {
+            let inodes = inodes_of(st);
+            tokio::task::block_in_place(|| {
+                crate::dirdelta::shared_writable_under(&d.path, &inodes)
+            })
+            .map(|m| m.paths)
+            .map_err(|e| tracing::info!(disk = %d.id, error = %e, "cannot list shared-writable mappings; the frozen capture walks every file"))
+            .ok()
+        } else {
+            None
+        };
         let shipped = agent.ship(d, st, ShipMode::Upload, h.clone()).await?;
         stored += shipped.stored_bytes;
         precopy.push(shipped.stats);
         // Copied now, not while frozen: what a capture from events applies its changes to.
-        since.push(match &shipped.shape {
-            Shape::Tree(tree) if captures_from_events(d) && !h.reread_all => Some(Since {
+        since.push(match (&shipped.shape, mapped_before) {
+            (Shape::Tree(tree), Some(mapped_before)) => Some(Since {
                 tree: tree.clone(),
                 linked: shipped.linked,
+                mapped_before,
+                inodes: inodes_of(st),
             }),
             _ => None,
         });
@@ -399,6 +447,14 @@ async fn cut_inner(
                 },
                 (true, None) => Hints::default(),
             };
+            spent.push((
+                d.id.to_string(),
+                Hints {
+                    dirty: pass_hints.dirty.clone(),
+                    reread_all: pass_hints.reread_all,
+                    since: None,
+                },
+            ));
             captured.push(agent.ship(d, st, mode, pass_hints).await?);
         }
         if let Some(f) = &frozen {

@@ -69,7 +69,7 @@ pub fn capture(
     let mut walked: Vec<String> = Vec::new();
     let mut linked = Vec::new();
     let mut buf = vec![0u8; block_size];
-    let drop_under = |files: &mut BTreeMap<String, FileState>, prefix: &str| {
+    let take_under = |files: &mut BTreeMap<String, FileState>, prefix: &str| {
         let doomed: Vec<String> = files
             .range::<str, _>((
                 std::ops::Bound::Included(prefix),
@@ -78,9 +78,44 @@ pub fn capture(
             .take_while(|(k, _)| k.starts_with(prefix))
             .map(|(k, _)| k.clone())
             .collect();
-        for k in doomed {
-            files.remove(&k);
+        doomed
+            .into_iter()
+            .filter_map(|k| files.remove(&k).map(|f| (k, f)))
+            .collect::<BTreeMap<_, _>>()
+    };
+    // Whether every ancestor of a path is a real directory now (not a symlink, which a path
+    // lookup would follow out of the disk, nor gone).
+    let mut dirs_ok: BTreeMap<String, bool> = BTreeMap::new();
+    let mut ancestors_ok = |p: &str| -> io::Result<bool> {
+        let mut chain = Vec::new();
+        let mut a = p;
+        while let Some((parent, _)) = a.rsplit_once('/') {
+            chain.push(parent);
+            a = parent;
         }
+        for a in chain.into_iter().rev() {
+            let ok = match dirs_ok.get(a) {
+                Some(&ok) => ok,
+                None => {
+                    let ok = match fs::symlink_metadata(root.join(a)) {
+                        Ok(m) => m.is_dir(),
+                        Err(e)
+                            if e.kind() == io::ErrorKind::NotFound
+                                || e.kind() == io::ErrorKind::NotADirectory =>
+                        {
+                            false
+                        }
+                        Err(e) => return Err(e),
+                    };
+                    dirs_ok.insert(a.to_owned(), ok);
+                    ok
+                }
+            };
+            if !ok {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     };
     for p in todo {
         scan::check_deadline(stop_at)?;
@@ -88,43 +123,49 @@ pub fn capture(
             continue;
         }
         let path = root.join(p);
-        let m = match fs::symlink_metadata(&path) {
-            Ok(m) => Some(m),
-            Err(e)
-                if e.kind() == io::ErrorKind::NotFound
-                    || e.kind() == io::ErrorKind::NotADirectory =>
-            {
-                None
+        let m = if ancestors_ok(p)? {
+            match fs::symlink_metadata(&path) {
+                Ok(m) => Some(m),
+                Err(e)
+                    if e.kind() == io::ErrorKind::NotFound
+                        || e.kind() == io::ErrorKind::NotADirectory =>
+                {
+                    None
+                }
+                Err(e) => return Err(e),
             }
-            Err(e) => return Err(e),
+        } else {
+            None
         };
         let under = format!("{p}/");
         let Some(m) = m else {
             updates.insert(p.to_owned(), None);
             files.remove(p);
             if was_dir(p) {
-                drop_under(&mut files, &under);
+                take_under(&mut files, &under);
                 gone.push(under);
             }
             continue;
         };
-        if m.is_dir() && was_dir(p) {
-            // Its children have events of their own; only its own entry (mtime, mode) moves.
+        let named = changes.reread.contains(p);
+        if m.is_dir() && was_dir(p) && !named {
+            // An ancestor of a named path: its children have events of their own; only its
+            // own entry (mtime, mode) moves.
             let (entry, _) = scan::visit(root, p, &m, None, Force::No, &mut buf, stats, sink)?
                 .expect("a directory is always listed");
             updates.insert(p.to_owned(), Some(entry));
             continue;
         }
-        // Whatever was at this path before (a directory's contents, a file's state) goes.
-        if was_dir(p) {
-            drop_under(&mut files, &under);
+        // Whatever was at this path before goes; a directory named by an event may be another
+        // one now (renamed or swapped into place, or deleted and made again), so its contents
+        // are walked, stamps compared with what was there under the same names.
+        let before = if was_dir(p) {
             gone.push(under.clone());
-        }
-        let force = if changes.reread.contains(p) {
-            Force::Named
+            take_under(&mut files, &under)
         } else {
-            Force::No
+            BTreeMap::new()
         };
+        let force = if named { Force::Named } else { Force::No };
         let prev = files.remove(p);
         match scan::visit(root, p, &m, prev.as_ref(), force, &mut buf, stats, sink)? {
             None => {
@@ -142,12 +183,15 @@ pub fn capture(
             }
         }
         if m.is_dir() {
-            // New here: nothing said what it holds (files made before its watch was added
-            // raised no event), so all of it is read.
             scan::walk(&path, p, &mut |rel, m| {
                 scan::check_deadline(stop_at)?;
+                let force = if changes.reread.contains(rel) || !before.contains_key(rel) {
+                    Force::Named
+                } else {
+                    Force::No
+                };
                 if let Some((entry, state)) =
-                    scan::visit(root, rel, m, None, Force::Named, &mut buf, stats, sink)?
+                    scan::visit(root, rel, m, before.get(rel), force, &mut buf, stats, sink)?
                 {
                     if let Some(state) = state {
                         (pass.file_done)(rel, &state);
@@ -217,26 +261,81 @@ pub fn capture(
     })
 }
 
-/// Files under `root` that some process maps shared and writable, relative to `root`.
+/// What [`shared_writable_under`] found.
+#[derive(Debug, Default)]
+pub struct Mapped {
+    /// Files of the disk mapped shared and writable, relative to its root.
+    pub paths: BTreeSet<String>,
+    /// Processes whose mappings could not be read (pid, command): what they write through a
+    /// mapping is not seen by this capture (the next walk or verification sweep reads it).
+    pub unreadable: Vec<(u32, String)>,
+}
+
+/// Files under `root` that some process maps shared and writable, relative to `root`: by path
+/// (as this mount namespace names them) and by (device, inode) through `inodes` (the disk's
+/// files by inode, for mappings made through another path: a bind mount, a container).
+/// Processes whose mappings this process may not read (no CAP_SYS_PTRACE, or an LSM's
+/// refusal) are listed, for the caller to report; any other failure is an error.
 #[cfg(target_os = "linux")]
-pub fn shared_writable_under(root: &Path) -> io::Result<BTreeSet<String>> {
+pub fn shared_writable_under(
+    root: &Path,
+    inodes: &std::collections::HashMap<u64, String>,
+) -> io::Result<Mapped> {
+    use std::os::unix::fs::MetadataExt;
     let root = fs::canonicalize(root)?;
+    let dev = fs::metadata(&root)?.dev();
     let prefix = format!("{}/", root.to_string_lossy().trim_end_matches('/'));
-    let mut out = BTreeSet::new();
+    let mut found = Mapped::default();
+    let out = &mut found.paths;
     for e in fs::read_dir("/proc")? {
         let e = e?;
         let name = e.file_name();
         if !name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
             continue;
         }
-        // Gone since listed, or a kernel thread: nothing mapped.
-        let Ok(maps) = fs::read_to_string(e.path().join("maps")) else {
-            continue;
+        let maps = match fs::read_to_string(e.path().join("maps")) {
+            Ok(m) => m,
+            // Exited since listed.
+            Err(err)
+                if err.kind() == io::ErrorKind::NotFound
+                    || err.raw_os_error() == Some(libc::ESRCH) =>
+            {
+                continue;
+            }
+            Err(err) if err.kind() == io::ErrorKind::PermissionDenied => {
+                let pid = name.to_string_lossy().parse().unwrap_or(0);
+                let comm = fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+                found.unreadable.push((pid, comm.trim().to_owned()));
+                continue;
+            }
+            Err(err) => {
+                return Err(io::Error::new(
+                    err.kind(),
+                    format!("cannot read {}: {err}", e.path().join("maps").display()),
+                ));
+            }
         };
         for line in maps.lines() {
-            let perms = line.split_whitespace().nth(1).unwrap_or("");
+            let mut fields = line.split_whitespace();
+            let perms = fields.nth(1).unwrap_or("");
             if perms.as_bytes().get(1) != Some(&b'w') || perms.as_bytes().get(3) != Some(&b's') {
                 continue;
+            }
+            let (Some(map_dev), Some(ino)) = (fields.nth(1), fields.next()) else {
+                continue;
+            };
+            let by_inode = map_dev
+                .split_once(':')
+                .and_then(|(ma, mi)| {
+                    Some(libc::makedev(
+                        u32::from_str_radix(ma, 16).ok()?,
+                        u32::from_str_radix(mi, 16).ok()?,
+                    ))
+                })
+                .filter(|&d| d == dev)
+                .and_then(|_| inodes.get(&ino.parse().ok()?));
+            if let Some(rel) = by_inode {
+                out.insert(rel.clone());
             }
             // The path is the rest of the line from its first " /" (no earlier field has one).
             let Some(at) = line.find(" /") else { continue };
@@ -246,11 +345,14 @@ pub fn shared_writable_under(root: &Path) -> io::Result<BTreeSet<String>> {
             }
         }
     }
-    Ok(out)
+    Ok(found)
 }
 
 #[cfg(not(target_os = "linux"))]
-pub fn shared_writable_under(_root: &Path) -> io::Result<BTreeSet<String>> {
+pub fn shared_writable_under(
+    _root: &Path,
+    _inodes: &std::collections::HashMap<u64, String>,
+) -> io::Result<Mapped> {
     Err(io::Error::new(
         io::ErrorKind::Unsupported,
         "shared-writable mappings are only listed on Linux",
@@ -347,10 +449,18 @@ mod tests {
             for _ in 0..1 + next(6) {
                 let all = list(root);
                 let pick = |k: u64| all.get(k as usize).cloned();
-                match next(6) {
+                let is_link = |p: &str| {
+                    fs::symlink_metadata(root.join(p)).is_ok_and(|m| m.file_type().is_symlink())
+                };
+                match next(9) {
+                    0 if pick(0).is_some_and(|p| is_link(&p)) => {}
                     0 => {
-                        // Write into a file (or create one).
+                        // Write into a file (or create one); never through a symlink (inotify
+                        // would name the target).
                         let p = pick(next(all.len() as u64 + 1)).unwrap_or("new".into());
+                        if is_link(&p) {
+                            continue;
+                        }
                         if root.join(&p).is_dir() {
                             let f = format!("{p}/w{round}");
                             fs::write(root.join(&f), b"written").unwrap();
@@ -391,6 +501,65 @@ mod tests {
                         fs::create_dir_all(root.join(&d).join("deep")).unwrap();
                         fs::write(root.join(&d).join("deep/x"), b"inside").unwrap();
                         reread.insert(d);
+                    }
+                    6 => {
+                        // Two directories swap names (a database's "rename the new one into
+                        // place"): only the two names are named.
+                        let dirs: Vec<String> = all
+                            .iter()
+                            .filter(|p| root.join(p).is_dir() && !is_link(p))
+                            .cloned()
+                            .collect();
+                        if dirs.len() >= 2 {
+                            let (a, b) = (
+                                &dirs[next(dirs.len() as u64) as usize],
+                                &dirs[next(dirs.len() as u64) as usize],
+                            );
+                            if a != b
+                                && !a.starts_with(&format!("{b}/"))
+                                && !b.starts_with(&format!("{a}/"))
+                            {
+                                fs::rename(root.join(a), root.join("swap.tmp")).unwrap();
+                                fs::rename(root.join(b), root.join(a)).unwrap();
+                                fs::rename(root.join("swap.tmp"), root.join(b)).unwrap();
+                                reread.insert(a.clone());
+                                reread.insert(b.clone());
+                                reread.insert("swap.tmp".into());
+                            }
+                        }
+                    }
+                    7 => {
+                        // A file renamed over another that exists.
+                        let files: Vec<String> = all
+                            .iter()
+                            .filter(|p| root.join(p).is_file() && !is_link(p))
+                            .cloned()
+                            .collect();
+                        if files.len() >= 2 {
+                            let (a, b) = (
+                                &files[next(files.len() as u64) as usize],
+                                &files[next(files.len() as u64) as usize],
+                            );
+                            if a != b {
+                                fs::rename(root.join(a), root.join(b)).unwrap();
+                                reread.insert(a.clone());
+                                reread.insert(b.clone());
+                            }
+                        }
+                    }
+                    8 => {
+                        // A directory deleted and made again under its name, with other files.
+                        let dirs: Vec<String> = all
+                            .iter()
+                            .filter(|p| root.join(p).is_dir() && !is_link(p))
+                            .cloned()
+                            .collect();
+                        if let Some(d) = dirs.get(next(dirs.len() as u64 + 1) as usize) {
+                            fs::remove_dir_all(root.join(d)).unwrap();
+                            fs::create_dir(root.join(d)).unwrap();
+                            fs::write(root.join(d).join("again"), b"made again").unwrap();
+                            reread.insert(d.clone());
+                        }
                     }
                     4 => {
                         // A file replaced by a directory of the same name.
@@ -478,13 +647,15 @@ mod tests {
         )
         .unwrap();
         assert_eq!(line.trim(), "mapped");
-        let found = shared_writable_under(dir.path()).unwrap();
+        let inodes = std::collections::HashMap::new();
+        let found = shared_writable_under(dir.path(), &inodes).unwrap().paths;
         drop(child.stdin.take());
         child.wait().unwrap();
         assert!(found.contains("mapped.db"), "{found:?}");
         assert!(
-            !shared_writable_under(dir.path())
+            !shared_writable_under(dir.path(), &inodes)
                 .unwrap()
+                .paths
                 .contains("mapped.db"),
             "the mapping ended with the process"
         );

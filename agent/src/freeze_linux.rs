@@ -51,6 +51,53 @@ pub fn sync(mount: &Path) -> io::Result<()> {
     }
 }
 
+/// Whether `path` is on tmpfs, which has no freeze operation: a file made there can never block
+/// on a freeze (unlike one on another btrfs subvolume of a frozen filesystem, whose `st_dev`
+/// differs from the frozen mount's).
+pub fn on_tmpfs(path: &Path) -> io::Result<bool> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    // SAFETY: `c` is a NUL-terminated path alive for the call; `s` is a plain C struct the
+    // kernel fills.
+    let mut s: libc::statfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statfs(c.as_ptr(), &mut s) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // Both are a `c_long` on some targets and not others.
+    #[allow(clippy::unnecessary_cast)]
+    Ok(s.f_type as i64 == libc::TMPFS_MAGIC as i64)
+}
+
+/// (device, inode, mount id) of `path` itself: a directory replaced, or a filesystem mounted
+/// over it or remounted (which drops every inotify watch on it, silently), changes one of them.
+pub fn identity(path: &Path) -> io::Result<(u64, u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    // SAFETY: as above; `stx` is a plain C struct the kernel fills.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    let rc = unsafe {
+        libc::statx(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+            libc::STATX_INO | libc::STATX_MNT_ID,
+            &mut stx,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if stx.stx_mask & libc::STATX_MNT_ID == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "the kernel reports no mount id",
+        ));
+    }
+    let dev = libc::makedev(stx.stx_dev_major, stx.stx_dev_minor);
+    Ok((dev, stx.stx_ino, stx.stx_mnt_id))
+}
+
 /// Sends SIGKILL to every process of group `pgid` (a hook's: it runs in a group of its own).
 pub fn kill_process_group(pgid: u32) {
     if let Ok(pgid) = libc::pid_t::try_from(pgid) {

@@ -51,3 +51,16 @@ pub enum MountOf {
 
 /// No freeze here, so no watchdog outlives its agent.
 pub fn end_orphan_watchdogs(_mounts: &[std::path::PathBuf]) {}
+
+/// Freezes are Linux-only here: nothing a mark touches can be frozen.
+pub fn on_tmpfs(_path: &Path) -> io::Result<bool> {
+    Ok(true)
+}
+
+/// Not available: the caller treats change events as unverifiable.
+pub fn identity(_path: &Path) -> io::Result<(u64, u64, u64)> {
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        "no mount identity on this platform",
+    ))
+}

@@ -287,10 +287,42 @@ async fn run(command: Command, config: Config) -> Result<()> {
     }
 }
 
-/// Opens the agent, first thawing anything a previous run left frozen.
+/// Opens the agent: takes its state directory for this process alone, then thaws anything a
+/// previous run left frozen.
 async fn open(config: Config) -> Result<Agent> {
+    lock_state_dir(&config.state_dir)?;
     consistency::thaw_leftovers(&cut::freeze_mounts(&config.disks));
     Agent::open(config).await
+}
+
+/// Held for the life of the process: a second agent on the same state directory would
+/// interleave tags and states, remove the other's block hash files, and thaw the other's
+/// freeze as a leftover. The lock is the kernel's, released when the process ends however it
+/// ends.
+fn lock_state_dir(dir: &std::path::Path) -> Result<()> {
+    static LOCK: std::sync::OnceLock<std::fs::File> = std::sync::OnceLock::new();
+    std::fs::create_dir_all(dir)
+        .map_err(|e| anyhow::anyhow!("cannot create state directory {}: {e}", dir.display()))?;
+    let path = dir.join("agent.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {
+            let _ = LOCK.set(file);
+            Ok(())
+        }
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "another lifeboat-agent is using state directory {} (stop it first, or give this one its own state_dir)",
+            dir.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            anyhow::bail!("cannot lock {}: {e}", path.display())
+        }
+    }
 }
 
 async fn cycle(
@@ -376,7 +408,7 @@ fn status(config: &Config) -> Result<()> {
             .get(disk.id.as_str())
             .cloned()
             .unwrap_or_default();
-        match state::load(&config.state_dir, &disk.id) {
+        match state::peek(&config.state_dir, &disk.id) {
             Ok(Some(s)) if s.tag_seq == 0 => {
                 println!("disk {}: initial replication not finished", disk.id)
             }

@@ -25,7 +25,8 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use crate::blocks::BaseRef;
 pub use crate::blocks::BlockHashes;
 
-const STATE_VERSION: u32 = 3;
+/// The format `save` writes.
+pub const STATE_VERSION: u32 = 3;
 
 /// Block hashes, stored compactly as one hex string (a directory's files; format 1 images).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -188,8 +189,20 @@ pub fn path_of(state_dir: &Path, disk: &DiskId) -> PathBuf {
 }
 
 /// Loads a disk's state; `Ok(None)` if there is none. Reads the header and the overlay; an
-/// image's base file is opened and its page checksums read, its hashes only when used.
+/// image's base file is opened and its page checksums read, its hashes only when used. A state
+/// of an earlier format gets its base file written here (save it soon: until then every load
+/// writes another).
 pub fn load(state_dir: &Path, disk: &DiskId) -> Result<Option<DiskState>, StateError> {
+    read(state_dir, disk, true)
+}
+
+/// A disk's state without an image's block hashes (empty): what `status` shows. Reads only the
+/// state file, and writes nothing.
+pub fn peek(state_dir: &Path, disk: &DiskId) -> Result<Option<DiskState>, StateError> {
+    read(state_dir, disk, false)
+}
+
+fn read(state_dir: &Path, disk: &DiskId, hashes: bool) -> Result<Option<DiskState>, StateError> {
     let path = path_of(state_dir, disk);
     let data = match fs::read(&path) {
         Ok(d) => d,
@@ -231,6 +244,10 @@ pub fn load(state_dir: &Path, disk: &DiskId) -> Result<Option<DiskState>, StateE
     let content = match header.content {
         HeaderContent::Directory { files } if raw.is_empty() => Content::Directory { files },
         HeaderContent::Directory { .. } => return Err(damaged("block hashes for a directory")),
+        HeaderContent::Image { size, .. } if !hashes => Content::Image {
+            size,
+            hashes: BlockHashes::default(),
+        },
         HeaderContent::Image {
             size,
             hashes,
@@ -251,8 +268,20 @@ pub fn load(state_dir: &Path, disk: &DiskId) -> Result<Option<DiskState>, StateE
                         last = Some(i);
                         overlay.insert(i, e[8..].try_into().expect("32 bytes"));
                     }
-                    BlockHashes::open(state_dir, b.len, b.base.as_ref(), overlay)
-                        .map_err(|e| damaged(&e.to_string()))?
+                    BlockHashes::open(state_dir, b.len, b.base.as_ref(), overlay).map_err(|e| {
+                        match e.kind() {
+                            // A base that is gone or fails its checks: the state cannot be used.
+                            std::io::ErrorKind::NotFound | std::io::ErrorKind::InvalidData => {
+                                damaged(&e.to_string())
+                            }
+                            // Anything else (out of descriptors, an I/O error) may pass: the
+                            // state is not thrown away for it.
+                            _ => StateError::Io {
+                                path: path.clone(),
+                                source: e,
+                            },
+                        }
+                    })?
                 }
                 (3, None) => return Err(damaged("image without block hashes")),
                 (v, _) => {
@@ -278,7 +307,7 @@ pub fn load(state_dir: &Path, disk: &DiskId) -> Result<Option<DiskState>, StateE
         }
     };
     Ok(Some(DiskState {
-        version: header.version,
+        version,
         vm: header.vm,
         disk: header.disk,
         block_size: header.block_size,
@@ -291,25 +320,21 @@ pub fn load(state_dir: &Path, disk: &DiskId) -> Result<Option<DiskState>, StateE
 }
 
 /// Replaces a disk's state atomically and durably: merges an image's overlay into a new base
-/// first if it outgrew its cap, then writes the header and the overlay, then removes base files
-/// the state no longer names.
-pub fn save(state_dir: &Path, state: &DiskState) -> Result<(), StateError> {
+/// first if it outgrew its cap (in `state` itself, so the next save does not merge again), then
+/// writes the header and the overlay, then removes base files no state in this process holds.
+pub fn save(state_dir: &Path, state: &mut DiskState) -> Result<(), StateError> {
     let path = path_of(state_dir, &state.disk);
     let io = |source| StateError::Io {
         path: path.clone(),
         source,
     };
-    let disk = state.disk.as_str();
-    let mut merged;
+    let disk = state.disk.to_string();
+    let disk = disk.as_str();
+    if let Content::Image { hashes, .. } = &mut state.content {
+        hashes.merge_if_large(state_dir, disk).map_err(io)?;
+    }
     let (content, overlay, keep) = match &state.content {
         Content::Image { size, hashes } => {
-            let hashes = if hashes.needs_merge() {
-                merged = hashes.clone();
-                merged.merge(state_dir, disk).map_err(io)?;
-                &merged
-            } else {
-                hashes
-            };
             let base = hashes.base_ref(state_dir, disk).map_err(io)?;
             let keep = base.as_ref().map(|b| b.name.clone());
             (
@@ -368,6 +393,7 @@ pub fn save(state_dir: &Path, state: &DiskState) -> Result<(), StateError> {
         Ok(())
     })
     .map_err(io)?;
+    state.version = STATE_VERSION;
     // Bases of earlier states, and of passes that never got saved, are no longer needed (one
     // still held in memory reads through its open handle, and is written again if saved).
     BlockHashes::collect_garbage(state_dir, disk, keep.as_deref());
@@ -392,7 +418,7 @@ mod tests {
         assert!(load(dir.path(), &disk).unwrap().is_none());
         let mut s = DiskState::fresh(VmId::new("vm").unwrap(), disk.clone(), 4096, false, 1);
         s.content = image(dir.path(), &[[1; 32], [0xab; 32]]);
-        save(dir.path(), &s).unwrap();
+        save(dir.path(), &mut s).unwrap();
         assert_eq!(load(dir.path(), &disk).unwrap().unwrap(), s);
         let p = path_of(dir.path(), &disk);
         let mut raw = fs::read(&p).unwrap();
@@ -412,7 +438,7 @@ mod tests {
         let all: Vec<Hash> = (0..blocks).map(|i| [(i % 251) as u8; 32]).collect();
         s.content = image(dir.path(), &all);
         s.tag_seq = 7;
-        save(dir.path(), &s).unwrap();
+        save(dir.path(), &mut s).unwrap();
         assert_eq!(load(dir.path(), &disk).unwrap().unwrap(), s);
         let on_disk = |dir: &Path| -> u64 {
             fs::read_dir(dir)
@@ -433,11 +459,13 @@ mod tests {
         for i in [0, 5000, blocks - 1] {
             hashes.set(i, [0xee; 32]);
         }
-        save(dir.path(), &s).unwrap();
+        save(dir.path(), &mut s).unwrap();
         let len = fs::metadata(path_of(dir.path(), &disk)).unwrap().len();
         assert!(len < 1024, "state file of {len} bytes after 3 changes");
         let back = load(dir.path(), &disk).unwrap().unwrap();
         assert_eq!(back, s);
+        // (A state held in memory keeps its base file from collection.)
+        drop(back);
         // Past the cap, the save merges the changes into a new base and drops the old one.
         let Content::Image { hashes, .. } = &mut s.content else {
             unreachable!()
@@ -446,7 +474,7 @@ mod tests {
             hashes.set(i % blocks, [0x11; 32]);
             hashes.set(blocks + i, [0x22; 32]);
         }
-        save(dir.path(), &s).unwrap();
+        save(dir.path(), &mut s).unwrap();
         let len = fs::metadata(path_of(dir.path(), &disk)).unwrap().len();
         assert!(len < 1024, "state file of {len} bytes after a merge");
         let files = fs::read_dir(dir.path()).unwrap().count();
@@ -505,7 +533,7 @@ mod tests {
         let disk = DiskId::new("d").unwrap();
         let mut s = DiskState::fresh(VmId::new("vm").unwrap(), disk.clone(), 4096, false, 1);
         s.content = image(dir.path(), &[[3; 32]; 10]);
-        save(dir.path(), &s).unwrap();
+        save(dir.path(), &mut s).unwrap();
         let base = fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().path())
@@ -516,9 +544,15 @@ mod tests {
         raw[n - 1] ^= 1; // the trailer's id
         fs::write(&base, &raw).unwrap();
         let err = load(dir.path(), &disk).unwrap_err();
-        assert!(err.to_string().contains("is damaged"), "{err}");
+        assert!(
+            err.to_string().contains("not the base the state names"),
+            "{err}"
+        );
         fs::remove_file(&base).unwrap();
         let err = load(dir.path(), &disk).unwrap_err();
-        assert!(err.to_string().contains("is damaged"), "{err}");
+        assert!(matches!(err, StateError::Damaged { .. }), "{err}");
+        assert!(err.to_string().contains("No such file"), "{err}");
+        // `status` reads the state file alone.
+        assert_eq!(peek(dir.path(), &disk).unwrap().unwrap().tag_seq, s.tag_seq);
     }
 }

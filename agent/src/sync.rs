@@ -224,6 +224,9 @@ impl Agent {
         let directory = disk.kind == DiskKind::Directory;
         let local = match state::load(&self.config.state_dir, &disk.id) {
             Ok(s) => s,
+            // Not read (out of descriptors, an I/O error): try again next cycle rather than
+            // throw the state away and read the whole disk.
+            Err(e @ state::StateError::Io { .. }) => return Err(e.into()),
             Err(e) => {
                 tracing::warn!(disk = %disk.id, error = %e, "local state unusable; resynchronising by checksum compare with the store");
                 None
@@ -253,12 +256,12 @@ impl Agent {
                     .unwrap_or(0);
                 let through = local.as_ref().map_or(0, |s| s.through_segment).max(max_seg);
                 tracing::warn!(disk = %disk.id, tag = seq, error = %e, "the newest tag in the cache store is damaged; resynchronising with a new full copy numbered after it");
-                let st = self.fresh_copy(
+                let mut st = self.fresh_copy(
                     disk,
                     seq.max(local.as_ref().map_or(0, |s| s.tag_seq)),
                     through,
                 );
-                state::save(&self.config.state_dir, &st)?;
+                state::save(&self.config.state_dir, &mut st)?;
                 return Ok(st);
             }
         };
@@ -372,7 +375,7 @@ impl Agent {
             let through = st.through_segment.max(max_seg).max(from);
             let start = history_start(now_millis(), through);
             st = self.fresh_copy(disk, st.tag_seq, start - 1);
-            state::save(&self.config.state_dir, &st)?;
+            state::save(&self.config.state_dir, &mut st)?;
             return Ok(st);
         }
         match self.check_cache(disk, &mut st, &segs, deep).await? {
@@ -383,8 +386,9 @@ impl Agent {
                 unchanged = false;
             }
         }
-        if !unchanged {
-            state::save(&self.config.state_dir, &st)?;
+        // A state of an earlier format becomes the current one now, once.
+        if !unchanged || st.version < state::STATE_VERSION {
+            state::save(&self.config.state_dir, &mut st)?;
         }
         Ok(st)
     }
@@ -566,6 +570,11 @@ impl Agent {
         let start = (st.through_segment + 1).max(tag.from_segment);
         let mut files: BTreeMap<String, BTreeMap<u64, [u8; 32]>> = BTreeMap::new();
         let (dir, disk) = (&self.config.state_dir, tag.disk.as_str());
+        // Blocks past the tag's size (written before the disk shrank) go.
+        let blocks = match &tag.shape {
+            DiskShape::Image { size } => size.div_ceil(bs),
+            DiskShape::Directory { .. } => 0,
+        };
         for seq in start..=through {
             let (targets, entries) = self.reader.segment_index(vm, &tag.disk, seq).await?;
             for e in entries {
@@ -573,7 +582,9 @@ impl Agent {
                 if t.is_empty() {
                     // Applied as read (later segments overwrite earlier ones): the hashes of a
                     // long history need not fit in memory.
-                    if let Content::Image { hashes, .. } = &mut st.content {
+                    if let Content::Image { hashes, .. } = &mut st.content
+                        && e.offset / bs < blocks
+                    {
                         hashes.set(e.offset / bs, e.hash);
                     }
                 } else {
@@ -589,7 +600,6 @@ impl Agent {
         }
         match (&mut st.content, &tag.shape) {
             (Content::Image { size, hashes }, DiskShape::Image { size: new_size }) => {
-                // Blocks past the tag's size (written before the disk shrank) go.
                 hashes.resize(new_size.div_ceil(bs));
                 *size = *new_size;
             }

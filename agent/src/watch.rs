@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use lifeboat_store::manifest::Tree;
-use notify::event::{AccessKind, AccessMode, EventKind};
+use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
 use notify::{RecommendedWatcher, RecursiveMode, Watcher};
 
 use crate::config::{DiskConfig, DiskKind};
@@ -31,6 +31,11 @@ struct Dirty {
 struct Shared {
     dirty: Mutex<Dirty>,
     marked: Condvar,
+    /// The watched root's (device, inode, mount id) when the watch began: if it changes (the
+    /// directory replaced, a filesystem mounted over it, a remount, which drops every watch
+    /// silently), events say nothing about what is there now.
+    root: Option<(u64, u64, u64)>,
+    path: PathBuf,
 }
 
 /// What events said about one disk since the last [`Watchers::take`].
@@ -53,6 +58,11 @@ pub struct Since {
     /// Files with more than one hard link (stat'ed by the capture: writes through a link
     /// outside the disk raise no event here).
     pub linked: Vec<String>,
+    /// Files mapped shared-writable when the pre-copy began (re-read by the capture even if
+    /// the mapping is gone by then: pages dirtied through it never moved the file's mtime).
+    pub mapped_before: std::collections::BTreeSet<String>,
+    /// The pre-copy's files by inode, to find mappings made through other paths.
+    pub inodes: std::collections::HashMap<u64, String>,
 }
 
 /// A directory no filesystem we freeze holds (tmpfs, normally), where a barrier creates its
@@ -96,6 +106,10 @@ impl Barrier {
         places.push("/dev/shm".into());
         places.push(std::env::temp_dir());
         for p in places {
+            // Only tmpfs, which cannot be frozen: a mark made there never waits for a thaw.
+            if !crate::consistency::on_tmpfs(&p).unwrap_or(false) {
+                continue;
+            }
             if let Ok(dir) = tempfile::Builder::new()
                 .prefix("lifeboat-barrier-")
                 .tempdir_in(&p)
@@ -122,8 +136,11 @@ impl std::fmt::Debug for Watchers {
 
 fn relative(root: &Path, p: &Path) -> Option<String> {
     let rel = p.strip_prefix(root).ok()?;
-    let s = rel.to_str()?.replace('\\', "/");
-    (!s.is_empty()).then_some(s)
+    let s = rel.to_str()?;
+    // A backslash is a separator on Windows only; on Linux it may be part of a name.
+    #[cfg(windows)]
+    let s = s.replace('\\', "/");
+    (!s.is_empty()).then(|| s.to_owned())
 }
 
 impl Watchers {
@@ -139,17 +156,23 @@ impl Watchers {
         }
         let marks = barrier.as_ref().map(|b| b.dir.path().to_owned());
         for d in disks.iter().filter(|d| d.kind == DiskKind::Directory) {
-            let state = Arc::new(Shared::default());
+            let state = Arc::new(Shared {
+                root: crate::consistency::identity(&d.path).ok(),
+                path: d.path.clone(),
+                ..Shared::default()
+            });
             let (root, sink, id) = (d.path.clone(), Arc::clone(&state), d.id.clone());
             let marks_dir = marks.clone();
-            let mut w = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+            let handler = move |ev: notify::Result<notify::Event>| {
                 // A barrier's mark: every event queued before it has now been handled.
                 if let (Ok(ev), Some(m)) = (&ev, &marks_dir)
                     && let Some(n) = ev
                         .paths
                         .iter()
                         .filter(|p| p.parent() == Some(m.as_path()))
-                        .filter_map(|p| p.file_name()?.to_str()?.strip_prefix("mark-")?.parse().ok())
+                        .filter_map(|p| {
+                            p.file_name()?.to_str()?.strip_prefix("mark-")?.parse().ok()
+                        })
                         .max()
                 {
                     let mut s = sink.dirty.lock().unwrap_or_else(|e| e.into_inner());
@@ -165,6 +188,20 @@ impl Watchers {
                     return;
                 }
                 let mut s = sink.dirty.lock().unwrap_or_else(|e| e.into_inner());
+                // The root itself removed or renamed: its watch is gone with it.
+                if let Ok(ev) = &ev
+                    && matches!(
+                        ev.kind,
+                        EventKind::Remove(_) | EventKind::Modify(ModifyKind::Name(_))
+                    )
+                    && ev.paths.iter().any(|p| p == &root)
+                {
+                    if !s.overflow {
+                        tracing::warn!(disk = %id, "the watched directory itself was removed or renamed; the next pass re-reads every file");
+                    }
+                    s.overflow = true;
+                    return;
+                }
                 match ev {
                     Ok(ev) if ev.need_rescan() => {
                         if !s.overflow {
@@ -184,7 +221,14 @@ impl Watchers {
                         s.overflow = true;
                     }
                 }
-            })
+            };
+            // Symlinks are not followed: a link to a directory inside the disk would share
+            // its watch (events then name one of the two paths), and one to a directory
+            // outside would report paths that are not on this disk.
+            let mut w = RecommendedWatcher::new(
+                handler,
+                notify::Config::default().with_follow_symlinks(false),
+            )
             .context("cannot create a filesystem watcher")?;
             w.watch(&d.path, RecursiveMode::Recursive)
                 .with_context(|| format!("cannot watch {}", d.path.display()))?;
@@ -244,6 +288,20 @@ impl Watchers {
             ));
         }
         let shared = self.dirty.get(disk).ok_or("disk not watched")?;
+        match (shared.root, crate::consistency::identity(&shared.path)) {
+            (Some(then), Ok(now)) if then == now => {}
+            (None, _) | (_, Err(_)) => {
+                return Err(
+                    "the watched directory's identity (device, inode, mount) is unknown".into(),
+                );
+            }
+            _ => {
+                return Err(format!(
+                    "{} was replaced, remounted or mounted over since the watch began",
+                    shared.path.display()
+                ));
+            }
+        }
         let n = b.next.fetch_add(1, Ordering::Relaxed) + 1;
         let mark = b.dir.path().join(format!("mark-{n}"));
         std::fs::File::create(&mark).map_err(|e| format!("cannot make a barrier mark: {e}"))?;

@@ -1,6 +1,7 @@
 //! Directory disks on a frozen ext4 with live writers of every kind change events can miss
 //! (writes through a shared mapping, through a hard link outside the disk, into directories
-//! made or renamed into place a moment earlier): every point restores exactly the tree the
+//! made or renamed into place a moment earlier, directories swapped under the same names,
+//! files renamed over others): every point restores exactly the tree the
 //! test's own copy held, made while the filesystem was frozen (`LIFEBOAT_TEST_WHILE_FROZEN`),
 //! and the frozen capture read what changed from events instead of walking every file.
 //! Root only (loop devices, mount, fsfreeze); CI runs as root.
@@ -58,6 +59,18 @@ while not os.path.exists(stop):
     elif op == 5:
         with open(os.path.join(d, f"f{rnd.randrange(100)}"), "ab") as f:
             f.write(b"appended\n")
+    elif op == 6:
+        # A new version renamed over the old one, as editors and databases do.
+        p = os.path.join(d, f"f{rnd.randrange(100)}")
+        with open(p + ".new", "wb") as f:
+            f.write(rnd.randbytes(rnd.randrange(1, 5000)))
+        os.rename(p + ".new", p)
+    elif op == 7 and i % 20 == 0:
+        # Two directories swap names: the same paths, other contents.
+        a, b = (os.path.join(data, f"d{k}") for k in rnd.sample(range(30), 2))
+        os.rename(a, a + ".swap")
+        os.rename(b, a)
+        os.rename(a + ".swap", b)
     time.sleep(0.002)
 "#;
 

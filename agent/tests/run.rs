@@ -68,6 +68,16 @@ fn run_cycles_idles_quietly_and_stops_on_sigterm() {
         "an idle agent used {idle_ticks} CPU ticks (1/100 s) in 6 s between cycles"
     );
 
+    // One agent per state directory: a second one is refused and changes nothing (it would
+    // interleave tags, and thaw the first one's freeze as a leftover).
+    let second = agent(&config, &["sync"]);
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("another lifeboat-agent is using state directory"),
+        "{err}"
+    );
+
     std::fs::write(data.join("a"), b"second").unwrap();
     let points = wait_points(2);
     let restored = dir.path().join("restored");

@@ -81,6 +81,19 @@ impl Limits {
     }
 }
 
+/// The source a peer's limits are counted against: its IPv4 address, or the /64 prefix of its
+/// IPv6 address (one host usually has a whole /64 to pick addresses from). A v4-mapped address
+/// counts as the IPv4 one.
+fn source(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(prefix.into())
+        }
+        v4 => v4,
+    }
+}
+
 #[derive(Debug, Default)]
 struct Source {
     handshakes: usize,
@@ -420,7 +433,7 @@ pub async fn accept_loop(
                 continue;
             }
         };
-        let handshake = match admission.handshake(peer.ip()) {
+        let handshake = match admission.handshake(source(peer.ip())) {
             Ok(h) => h,
             Err(why) => {
                 tracing::warn!(%peer, "refusing connection: {why}");
@@ -446,7 +459,7 @@ pub async fn accept_loop(
                 .and_then(|c| c.first())
                 .map(|c| lifeboat_proto::tls::fingerprint(c));
             let stranger = certificate.is_none();
-            let slot = match admission.connection(peer.ip(), certificate) {
+            let slot = match admission.connection(source(peer.ip()), certificate) {
                 Ok(s) => s,
                 Err(why) => {
                     tracing::warn!(%peer, "refusing connection: {why}");
@@ -659,6 +672,17 @@ mod tests {
             a.connection(ip(1), Some("cc".into())).unwrap_err(),
             "too many open connections"
         );
+        // One IPv6 host is one source, whichever address of its /64 it uses; IPv4 in IPv6 is
+        // IPv4.
+        assert_eq!(
+            source("2001:db8:1:2:aaaa::1".parse().unwrap()),
+            source("2001:db8:1:2:bbbb::7".parse().unwrap())
+        );
+        assert_ne!(
+            source("2001:db8:1:2::1".parse().unwrap()),
+            source("2001:db8:1:3::1".parse().unwrap())
+        );
+        assert_eq!(source("::ffff:10.0.0.1".parse().unwrap()), ip(1));
         // Everything given back leaves nothing behind.
         drop((other, strangers, more, agent, others));
         let c = a.counts.lock().unwrap();

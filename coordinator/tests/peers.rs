@@ -735,7 +735,7 @@ async fn strangers_cannot_fill_the_listener() {
         assert!(s.timed_out.load(SeqCst) > 0, "{stall:?} never timed out");
         let longest = s.longest_ms.load(SeqCst);
         assert!(
-            (4_500..8_000).contains(&longest),
+            (4_500..10_000).contains(&longest),
             "{stall:?} held for {longest} ms"
         );
     }

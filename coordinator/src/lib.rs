@@ -5,6 +5,7 @@
 pub mod config;
 pub mod failover;
 pub mod group;
+pub mod listener;
 pub mod pki;
 pub mod process;
 pub mod server;

@@ -1,12 +1,10 @@
-//! Serving port 20004: our own TLS accept loop (so refused handshakes are logged with the peer,
-//! and one source cannot exhaust the handshake slots), then tonic with the Enrollment, Session
-//! and Admin services plus standard health checking and reflection.
+//! Serving port 20004: our own TLS accept loop (`listener`: refused handshakes logged with the
+//! peer, separate pools for connections with and without a client certificate, timers for idle
+//! ones), then tonic with the Enrollment, Session and Admin services plus standard health checking
+//! and reflection.
 
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
-use std::pin::Pin;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -15,22 +13,15 @@ use lifeboat_proto::pb;
 use lifeboat_proto::tls::ADMIN_PREFIX;
 use lifeboat_store::VmId;
 use rustls::server::WebPkiClientVerifier;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
-use tokio_rustls::server::TlsStream;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::server::Connected;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::group::{self, CutError, Group};
+use crate::listener::{self, Limits};
 use crate::pki::{self, Ca};
 use crate::tokens::{self, TokenError};
-
-/// Handshakes one source address may have in flight; more are refused at once.
-const HANDSHAKES_PER_SOURCE: usize = 32;
-/// A TLS handshake must finish within this.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn server_tls(state_dir: &std::path::Path) -> Result<rustls::ServerConfig> {
     let (chain, key) = pki::server_identity(state_dir)?;
@@ -59,115 +50,24 @@ fn server_tls(state_dir: &std::path::Path) -> Result<rustls::ServerConfig> {
     Ok(config)
 }
 
-/// An accepted TLS connection; holds its connection slot until dropped.
-struct Conn {
-    inner: TlsStream<TcpStream>,
-    _slot: OwnedSemaphorePermit,
+/// The start of every message of prost's decode errors, which tonic turns into INTERNAL.
+const UNDECODABLE: &str = "failed to decode Protobuf message";
+
+/// A payload that is not a valid encoding of the request message is the caller's error:
+/// INVALID_ARGUMENT (as `coordinator.proto` promises), with prost's words on what was wrong,
+/// instead of the INTERNAL tonic's codec answers.
+fn invalid_payload(s: &Status) -> Option<Status> {
+    (s.code() == tonic::Code::Internal && s.message().starts_with(UNDECODABLE))
+        .then(|| Status::invalid_argument(s.message()))
 }
 
-impl Connected for Conn {
-    type ConnectInfo = <TlsStream<TcpStream> as Connected>::ConnectInfo;
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.inner.connect_info()
+/// Rewrites the status of a response that failed on an undecodable request (a tonic codec
+/// error ends a call with its status in the headers, before any message).
+fn undecodable_is_invalid<B>(mut res: http::Response<B>) -> http::Response<B> {
+    if let Some(s) = Status::from_header_map(res.headers()).and_then(|s| invalid_payload(&s)) {
+        let _ = s.add_header(res.headers_mut());
     }
-}
-
-impl AsyncRead for Conn {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Conn {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(
-        mut self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
-/// Accepts TCP connections and completes TLS handshakes, handing finished ones to tonic.
-async fn accept_loop(
-    listener: TcpListener,
-    acceptor: tokio_rustls::TlsAcceptor,
-    max_connections: usize,
-    out: mpsc::Sender<std::io::Result<Conn>>,
-) {
-    let slots = Arc::new(Semaphore::new(max_connections));
-    let pending: Arc<Mutex<HashMap<IpAddr, usize>>> = Arc::default();
-    loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, max_connections, "refusing connection: too many open connections");
-            continue;
-        };
-        {
-            let mut p = pending.lock().unwrap();
-            let n = p.entry(peer.ip()).or_default();
-            if *n >= HANDSHAKES_PER_SOURCE {
-                tracing::warn!(%peer, "refusing connection: too many handshakes in flight from this source");
-                continue;
-            }
-            *n += 1;
-        }
-        let (acceptor, out, pending) = (acceptor.clone(), out.clone(), pending.clone());
-        tokio::spawn(async move {
-            let _ = tcp.set_nodelay(true);
-            let r = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
-            {
-                let mut p = pending.lock().unwrap();
-                if let Some(n) = p.get_mut(&peer.ip()) {
-                    *n -= 1;
-                    if *n == 0 {
-                        p.remove(&peer.ip());
-                    }
-                }
-            }
-            match r {
-                Ok(Ok(tls)) => {
-                    let _ = out
-                        .send(Ok(Conn {
-                            inner: tls,
-                            _slot: slot,
-                        }))
-                        .await;
-                }
-                Ok(Err(e)) => refused(peer, &e.to_string()),
-                Err(_) => refused(peer, "TLS handshake timed out"),
-            }
-        });
-    }
-}
-
-fn refused(peer: SocketAddr, why: &str) {
-    let hint = if why.contains("InvalidContentType") || why.contains("corrupt message") {
-        " (plaintext? the coordinator only speaks TLS)"
-    } else {
-        ""
-    };
-    tracing::warn!(%peer, "refused connection: {why}{hint}");
+    res
 }
 
 /// The common name of the verified client certificate, if one was presented.
@@ -358,7 +258,14 @@ impl pb::session_server::Session for Services {
                     },
                     Ok(None) => break,
                     Err(e) => {
-                        tracing::debug!(vm = %cert_vm, error = %e, "session stream error");
+                        if let Some(e) = invalid_payload(&e) {
+                            tracing::warn!(vm = %cert_vm, error = %e.message(), "undecodable message; closing the session");
+                            if let Some(tx) = tx.upgrade() {
+                                let _ = tx.send(Err(e)).await;
+                            }
+                        } else {
+                            tracing::debug!(vm = %cert_vm, error = %e, "session stream error");
+                        }
                         break;
                     }
                 }
@@ -483,7 +390,7 @@ pub async fn serve(
 ) -> Result<()> {
     let tls = server_tls(&config.state_dir)?;
     let ca = Arc::new(Ca::load(&config.state_dir)?);
-    let max_connections = config.max_members * 2 + 64;
+    let limits = Limits::for_members(config.max_members);
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -510,7 +417,7 @@ pub async fn serve(
 
     let (conn_tx, conn_rx) = mpsc::channel(64);
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-    let accept = tokio::spawn(accept_loop(listener, acceptor, max_connections, conn_tx));
+    let accept = tokio::spawn(listener::accept_loop(listener, acceptor, limits, conn_tx));
     let health_task = {
         let g = group.clone();
         tokio::spawn(async move { g.watch_health().await })
@@ -631,6 +538,8 @@ pub async fn serve(
         .http2_keepalive_interval(Some(Duration::from_secs(2)))
         .http2_keepalive_timeout(Some(Duration::from_secs(4)))
         .tcp_nodelay(true)
+        .layer(listener::Track)
+        .layer(tower::util::MapResponseLayer::new(undecodable_is_invalid))
         .add_service(health)
         .add_service(reflection)
         .add_service(pb::enrollment_server::EnrollmentServer::new(

@@ -36,13 +36,34 @@ fn sha256(s: &str) -> String {
     hex(ring::digest::digest(&ring::digest::SHA256, s.as_bytes()).as_ref())
 }
 
-/// Mints a token valid for `ttl`, bound to `vm` if given.
+/// The longest a token may stay valid: a token is a credential waiting to be used, meant for
+/// one enrolment soon after it is minted. One year as humantime counts it (365.25 days), so
+/// `--ttl 1year` is the longest.
+pub const MAX_TTL: Duration = Duration::from_secs(31_557_600);
+
+/// Checks a token lifetime against [`MAX_TTL`] (the CLI's parser, and `mint`).
+pub fn check_ttl(ttl: Duration) -> Result<Duration> {
+    anyhow::ensure!(
+        ttl <= MAX_TTL,
+        "a join token may be valid for at most {} (asked for {})",
+        humantime::format_duration(MAX_TTL),
+        humantime::format_duration(ttl)
+    );
+    Ok(ttl)
+}
+
+/// Mints a token valid for `ttl` (at most [`MAX_TTL`]), bound to `vm` if given. Nothing is
+/// written when `ttl` is refused.
 pub fn mint(
     state_dir: &Path,
     ca_fingerprint: &str,
     vm: Option<VmId>,
     ttl: Duration,
 ) -> Result<Secret> {
+    let expires_ms = u64::try_from(check_ttl(ttl)?.as_millis())
+        .ok()
+        .and_then(|ttl| now_millis().checked_add(ttl))
+        .context("the token's expiry time is out of range")?;
     let rng = ring::rand::SystemRandom::new();
     let mut id = [0u8; 8];
     let mut secret = [0u8; 24];
@@ -55,7 +76,7 @@ pub fn mint(
     std::fs::create_dir_all(&d).with_context(|| format!("cannot create {}", d.display()))?;
     let stored = Stored {
         vm,
-        expires_ms: now_millis() + ttl.as_millis() as u64,
+        expires_ms,
         secret_sha256: sha256(&secret),
     };
     crate::pki::write_private(
@@ -169,5 +190,38 @@ mod tests {
             consume(dir.path(), "lifeboat1:zz", &vm),
             Err(TokenError::Invalid("malformed"))
         );
+    }
+
+    #[test]
+    fn lifetimes_beyond_the_maximum_are_refused_and_write_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let fp = "ab".repeat(32);
+        let vm = VmId::new("vm1").unwrap();
+        // Far beyond: once wrapped around into a token that never expired.
+        let huge = humantime::parse_duration("1000000000years").unwrap();
+        for ttl in [huge, MAX_TTL + Duration::from_millis(1), Duration::MAX] {
+            let e = mint(dir.path(), &fp, None, ttl).unwrap_err().to_string();
+            assert!(e.contains("at most 1year"), "{e}");
+            assert!(
+                !dir.path().join("tokens").exists(),
+                "{ttl:?} wrote something"
+            );
+        }
+        assert_eq!(humantime::parse_duration("1year").unwrap(), MAX_TTL);
+        // The boundary itself works and expires when it says.
+        let before = now_millis();
+        let t = mint(dir.path(), &fp, Some(vm.clone()), MAX_TTL).unwrap();
+        let (id, _, _) = parse(t.expose()).unwrap();
+        let stored: Stored = serde_json::from_str(
+            &std::fs::read_to_string(dir.path().join("tokens").join(format!("{id}.json"))).unwrap(),
+        )
+        .unwrap();
+        let ttl = MAX_TTL.as_millis() as u64;
+        assert!(
+            (before + ttl..=now_millis() + ttl).contains(&stored.expires_ms),
+            "{}",
+            stored.expires_ms
+        );
+        consume(dir.path(), t.expose(), &vm).unwrap();
     }
 }

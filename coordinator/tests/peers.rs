@@ -1,7 +1,7 @@
 //! The coordinator against well-behaved and hostile peers, over real TLS on a real port:
 //! enrolment with one-time tokens, refused certificates and claims, malformed messages, a flood
-//! of connections, group size, removal — and a client not written in Rust (Python grpcio)
-//! calling health and reflection.
+//! of connections, strangers trying to fill the listener, undecodable payloads, group size,
+//! removal, token lifetimes.
 
 use std::time::Duration;
 
@@ -341,4 +341,594 @@ async fn sigterm_ends_serve_with_a_session_open() {
         log.contains("sessions still open after the grace period"),
         "{log}"
     );
+}
+
+/// How a hostile stranger (no client certificate) holds its connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stall {
+    /// TCP only, never a TLS ClientHello.
+    BeforeTls,
+    /// TLS finished, then nothing: no HTTP/2 preface.
+    AfterTls,
+    /// TLS and the HTTP/2 preface, answering the server's PINGs and SETTINGS like a live
+    /// client (so keepalives cannot tell it from one), but never a request.
+    AfterPreface,
+}
+
+/// What the strangers of one kind saw, for the figures and the assertions.
+#[derive(Debug, Default)]
+struct Stalled {
+    /// TCP connections made.
+    opened: std::sync::atomic::AtomicUsize,
+    /// Connections that got as far as this kind goes (TCP, TLS, or TLS and preface).
+    established: std::sync::atomic::AtomicUsize,
+    /// Closed by the coordinator within 300 ms of that (refused), or failed before it.
+    refused: std::sync::atomic::AtomicUsize,
+    /// Closed by the coordinator later (a timeout).
+    timed_out: std::sync::atomic::AtomicUsize,
+    /// Open now, and the most open at once.
+    held: std::sync::atomic::AtomicUsize,
+    peak: std::sync::atomic::AtomicUsize,
+    /// The longest a connection was held before the coordinator closed it.
+    longest_ms: std::sync::atomic::AtomicU64,
+}
+
+/// The HTTP/2 client connection preface and an empty SETTINGS frame.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0";
+
+/// Reads what the coordinator sends until it closes the connection, acking PINGs and SETTINGS
+/// when `answer` (as an HTTP/2 client's library would).
+async fn hold<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(mut s: S, answer: bool) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if !answer {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = s.read(&mut buf).await {
+            if n == 0 {
+                return;
+            }
+        }
+        return;
+    }
+    let mut head = [0u8; 9];
+    loop {
+        if s.read_exact(&mut head).await.is_err() {
+            return;
+        }
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let mut payload = vec![0u8; len];
+        if s.read_exact(&mut payload).await.is_err() {
+            return;
+        }
+        let (kind, flags) = (head[3], head[4]);
+        let ack: Option<Vec<u8>> = match (kind, flags & 1) {
+            (4, 0) => Some(vec![0, 0, 0, 4, 1, 0, 0, 0, 0]),
+            (6, 0) => Some([&[0, 0, 8, 6, 1, 0, 0, 0, 0][..], &payload].concat()),
+            _ => None,
+        };
+        if let Some(a) = ack
+            && s.write_all(&a).await.is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// Holds an established stranger connection until the coordinator closes it, counting.
+async fn watch<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    s: S,
+    answer: bool,
+    seen: &Stalled,
+) -> bool {
+    use std::sync::atomic::Ordering::SeqCst;
+    seen.established.fetch_add(1, SeqCst);
+    let now = seen.held.fetch_add(1, SeqCst) + 1;
+    seen.peak.fetch_max(now, SeqCst);
+    let t = std::time::Instant::now();
+    hold(s, answer).await;
+    seen.held.fetch_sub(1, SeqCst);
+    let held = t.elapsed();
+    if held < Duration::from_millis(300) {
+        seen.refused.fetch_add(1, SeqCst);
+        return true;
+    }
+    seen.timed_out.fetch_add(1, SeqCst);
+    seen.longest_ms.fetch_max(held.as_millis() as u64, SeqCst);
+    false
+}
+
+/// TLS over `tcp`, then the HTTP/2 preface if `preface`; `None` if the coordinator refused.
+async fn tls_stall(
+    tls: &tokio_rustls::TlsConnector,
+    tcp: tokio::net::TcpStream,
+    preface: bool,
+) -> Option<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    use tokio::io::AsyncWriteExt;
+    let name = rustls::pki_types::ServerName::try_from("coordinator.lifeboat").unwrap();
+    let connect = tokio::time::timeout(Duration::from_secs(10), tls.connect(name, tcp));
+    let mut s = connect.await.ok()?.ok()?;
+    if preface {
+        s.write_all(H2_PREFACE).await.ok()?;
+    }
+    Some(s)
+}
+
+/// One stranger from `source`: connects, stalls as `stall` says until the coordinator closes
+/// the connection, and connects again, until aborted.
+async fn stranger(
+    stall: Stall,
+    source: std::net::IpAddr,
+    port: u16,
+    tls: tokio_rustls::TlsConnector,
+    seen: std::sync::Arc<Stalled>,
+) {
+    use std::sync::atomic::Ordering::SeqCst;
+    loop {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind((source, 0).into()).unwrap();
+        let refused = match sock.connect(([127, 0, 0, 1], port).into()).await {
+            Err(_) => {
+                seen.refused.fetch_add(1, SeqCst);
+                true
+            }
+            Ok(tcp) if stall == Stall::BeforeTls => {
+                seen.opened.fetch_add(1, SeqCst);
+                watch(tcp, false, &seen).await
+            }
+            Ok(tcp) => {
+                seen.opened.fetch_add(1, SeqCst);
+                let preface = stall == Stall::AfterPreface;
+                match tls_stall(&tls, tcp, preface).await {
+                    Some(s) => watch(s, preface, &seen).await,
+                    None => {
+                        seen.refused.fetch_add(1, SeqCst);
+                        true
+                    }
+                }
+            }
+        };
+        // Back again at once after a timeout; after a refusal a little later, so that the
+        // strangers' handshakes do not take both cores from everyone else (this test is about
+        // holding connections, not about burning CPU).
+        let pause = if refused { 500 } else { 50 };
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// A health check on a new connection without a client certificate, as a monitor makes it.
+async fn health_check(addr: &str, ca: &str) -> Result<Duration, String> {
+    let t = std::time::Instant::now();
+    let call = async {
+        let tls = lifeboat_proto::tls::client_config(ca, None).map_err(|e| e.to_string())?;
+        let ch = lifeboat_proto::tls::connect(addr, tls)
+            .await
+            .map_err(|e| e.to_string())?;
+        tonic_health::pb::health_client::HealthClient::new(ch)
+            .check(tonic_health::pb::HealthCheckRequest::default())
+            .await
+            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))
+    };
+    match tokio::time::timeout(Duration::from_secs(5), call).await {
+        Ok(Ok(_)) => Ok(t.elapsed()),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err("no answer within 5 s".into()),
+    }
+}
+
+/// `Members` on a new admin connection.
+async fn members(addr: &str, state_dir: &std::path::Path) -> Result<pb::MembersResponse, String> {
+    let admin = state_dir.join("admin");
+    let read = |f: &str| std::fs::read_to_string(admin.join(f)).unwrap();
+    let call = async {
+        let tls = lifeboat_proto::tls::client_config(
+            &read("ca.pem"),
+            Some((&read("admin.pem"), &read("admin.key"))),
+        )
+        .map_err(|e| e.to_string())?;
+        let ch = lifeboat_proto::tls::connect(addr, tls)
+            .await
+            .map_err(|e| e.to_string())?;
+        pb::admin_client::AdminClient::new(ch)
+            .members(pb::MembersRequest {})
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))
+    };
+    tokio::time::timeout(Duration::from_secs(5), call)
+        .await
+        .unwrap_or_else(|_| Err("no answer within 5 s".into()))
+}
+
+/// Strangers cannot fill the listener: hundreds of connections without a client certificate,
+/// stalled before TLS, after TLS and after the HTTP/2 preface, from three addresses and opened
+/// again as soon as the coordinator closes them, while health checks, an admin and an enrolled
+/// agent (its session and a heartbeat) are served. The coordinator closes the stalled ones after
+/// its first-request timeout, and an idle connection without a certificate after its idle
+/// timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_cannot_fill_the_listener() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let dir = tempfile::tempdir().unwrap();
+    // 4 members: a small pool for agents and admins (72 connections), which the strangers
+    // filled before they were kept apart.
+    let c = start(dir.path(), "max_members = 4");
+    let addr = c.addr.clone();
+    let port: u16 = addr.rsplit(':').next().unwrap().parse().unwrap();
+    let creds = sim::enroll(&c.state_dir, &addr, &vm("vm1")).await.unwrap();
+    let ca = creds.ca_pem.clone();
+
+    // An honest client without a certificate that makes one call and then sits idle: the
+    // coordinator closes its connection after the idle timeout (10 s).
+    let idle = {
+        let (addr, ca) = (addr.clone(), ca.clone());
+        tokio::spawn(async move {
+            let mut send = h2_connect(&addr, &ca, None).await;
+            let s = h2_unary(&mut send.0, "/lifeboat.v1.Enrollment/GetCa", &[]).await;
+            assert_eq!(s.code(), tonic::Code::Ok, "{s:?}");
+            let t = std::time::Instant::now();
+            let _ = tokio::time::timeout(Duration::from_secs(20), send.1).await;
+            t.elapsed()
+        })
+    };
+
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(
+        lifeboat_proto::tls::client_config(&ca, None).unwrap(),
+    ));
+    let kinds = [
+        (Stall::BeforeTls, [127, 0, 0, 2]),
+        (Stall::AfterTls, [127, 0, 0, 3]),
+        (Stall::AfterPreface, [127, 0, 0, 4]),
+    ];
+    const PER_KIND: usize = 100;
+    let mut attack = Vec::new();
+    let mut seen = Vec::new();
+    for (stall, source) in kinds {
+        let s = std::sync::Arc::new(Stalled::default());
+        for _ in 0..PER_KIND {
+            attack.push(tokio::spawn(stranger(
+                stall,
+                source.into(),
+                port,
+                tls.clone(),
+                s.clone(),
+            )));
+        }
+        seen.push((stall, s));
+    }
+    // Every stranger has connected once (polled, not slept).
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while seen.iter().any(|(_, s)| s.opened.load(SeqCst) < PER_KIND) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the strangers could not connect"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let attack_started = std::time::Instant::now();
+
+    // While they keep at it (past the coordinator's 5 s timeouts, so closed strangers come
+    // back): health every 200 ms, an admin call, an agent's session and heartbeat.
+    let mut latencies = Vec::new();
+    let mut failures = Vec::new();
+    let before = lifeboat_store::manifest::now_millis();
+    let agent = SimMember::open(&addr, &creds, register("vm1")).await;
+    if let Ok(a) = &agent {
+        a.send(
+            AgentMessage::Heartbeat(lifeboat_proto::model::Heartbeat {
+                time_ms: before,
+                disks: vec![],
+            })
+            .into(),
+        )
+        .await
+        .unwrap();
+    }
+    let mut heard = None;
+    let mut admin = Vec::new();
+    while attack_started.elapsed() < Duration::from_secs(8) {
+        match health_check(&addr, &ca).await {
+            Ok(t) => latencies.push(t),
+            Err(e) => failures.push(e),
+        }
+        if heard.is_none() {
+            let m = members(&addr, &c.state_dir).await;
+            heard = m.as_ref().ok().and_then(|m| {
+                m.members
+                    .iter()
+                    .find(|m| m.vm == "vm1" && m.connected && m.last_seen_ms >= before)
+                    .map(|_| attack_started.elapsed())
+            });
+            admin.push(m.map(|_| ()));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    admin.push(members(&addr, &c.state_dir).await.map(|_| ()));
+
+    let figures: Vec<String> = seen
+        .iter()
+        .map(|(stall, s)| {
+            format!(
+                "{stall:?}: opened {} established {} refused {} timed out {} (longest held {} ms) held now {} at most {}",
+                s.opened.load(SeqCst),
+                s.established.load(SeqCst),
+                s.refused.load(SeqCst),
+                s.timed_out.load(SeqCst),
+                s.longest_ms.load(SeqCst),
+                s.held.load(SeqCst),
+                s.peak.load(SeqCst),
+            )
+        })
+        .collect();
+    for a in &attack {
+        a.abort();
+    }
+    latencies.sort();
+    eprintln!(
+        "listener under attack for {:.1?}:",
+        attack_started.elapsed()
+    );
+    for f in &figures {
+        eprintln!("  strangers {f}");
+    }
+    if !latencies.is_empty() {
+        eprintln!(
+            "  health: {} answered, {} failed; latency p50 {:.1?} p99 {:.1?} max {:.1?}",
+            latencies.len(),
+            failures.len(),
+            percentile(&latencies, 0.5),
+            percentile(&latencies, 0.99),
+            latencies.last().unwrap()
+        );
+    }
+    let admin_failed: Vec<_> = admin.iter().filter_map(|r| r.as_ref().err()).collect();
+    eprintln!(
+        "  admin: {} calls, {} failed; agent: {}, heartbeat seen {:.1?} into the attack",
+        admin.len(),
+        admin_failed.len(),
+        if agent.is_ok() {
+            "connected"
+        } else {
+            "refused"
+        },
+        heard
+    );
+
+    assert!(
+        failures.is_empty(),
+        "{} of {} health checks failed during the attack, first: {}\n{}",
+        failures.len(),
+        failures.len() + latencies.len(),
+        failures[0],
+        figures.join("\n")
+    );
+    assert!(latencies.len() >= 10, "{latencies:?}");
+    assert!(
+        admin_failed.is_empty(),
+        "admin calls failed: {admin_failed:?}"
+    );
+    let agent = agent.unwrap_or_else(|e| panic!("the agent could not connect: {e:#}"));
+    assert!(heard.is_some(), "the agent's heartbeat was not seen");
+    // The agent's session outlived the attack.
+    let mut agent = agent;
+    agent
+        .send(
+            AgentMessage::Heartbeat(lifeboat_proto::model::Heartbeat {
+                time_ms: lifeboat_store::manifest::now_millis(),
+                disks: vec![],
+            })
+            .into(),
+        )
+        .await
+        .unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), agent.next())
+            .await
+            .is_err(),
+        "the agent's session ended"
+    );
+    // The stalled strangers were closed by the coordinator, after TLS within its first-request
+    // timeout (5 s, plus scheduling), before TLS at the handshake timeout (5 s).
+    for (stall, s) in &seen {
+        assert!(s.timed_out.load(SeqCst) > 0, "{stall:?} never timed out");
+        let longest = s.longest_ms.load(SeqCst);
+        assert!(
+            (4_500..10_000).contains(&longest),
+            "{stall:?} held for {longest} ms"
+        );
+    }
+    let idle = idle.await.unwrap();
+    eprintln!("  an idle connection without a certificate was closed after {idle:.1?}");
+    assert!(
+        (Duration::from_secs(9)..Duration::from_secs(15)).contains(&idle),
+        "{idle:?}"
+    );
+}
+
+/// A TLS connection speaking raw HTTP/2 (with `identity` as its client certificate): the
+/// request handle, and the connection, which ends when the coordinator closes it.
+async fn h2_connect(
+    addr: &str,
+    ca: &str,
+    identity: Option<&enroll::Enrolled>,
+) -> (
+    h2::client::SendRequest<bytes::Bytes>,
+    tokio::task::JoinHandle<()>,
+) {
+    let config = lifeboat_proto::tls::client_config(
+        ca,
+        identity.map(|i| (i.cert_pem.as_str(), i.key_pem.as_str())),
+    )
+    .unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("coordinator.lifeboat").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let (send, conn) = h2::client::handshake(tls).await.unwrap();
+    let conn = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    (send, conn)
+}
+
+/// A gRPC message frame around `payload` (which need not be a valid protobuf).
+fn grpc_frame(payload: &[u8]) -> bytes::Bytes {
+    let mut f = vec![0u8];
+    f.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    f.extend_from_slice(payload);
+    f.into()
+}
+
+/// Starts a gRPC call to `path` sending `first` and leaving the request open.
+async fn h2_call(
+    send: &mut h2::client::SendRequest<bytes::Bytes>,
+    path: &str,
+    first: &[u8],
+    end: bool,
+) -> (h2::client::ResponseFuture, h2::SendStream<bytes::Bytes>) {
+    let req = http::Request::post(format!("http://coordinator.lifeboat{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let mut send = send.clone().ready().await.unwrap();
+    let (response, mut stream) = send.send_request(req, false).unwrap();
+    stream.send_data(grpc_frame(first), end).unwrap();
+    (response, stream)
+}
+
+/// The messages of a response and the status that ended it (from the headers of a
+/// trailers-only response, or from the trailers).
+async fn h2_response(
+    response: http::Response<h2::RecvStream>,
+) -> (Vec<bytes::Bytes>, tonic::Status) {
+    let (parts, mut body) = response.into_parts();
+    if let Some(s) = tonic::Status::from_header_map(&parts.headers) {
+        return (vec![], s);
+    }
+    let mut messages = Vec::new();
+    while let Some(d) = body.data().await {
+        let d = d.unwrap();
+        let _ = body.flow_control().release_capacity(d.len());
+        messages.push(d);
+    }
+    let trailers = body.trailers().await.unwrap().unwrap_or_default();
+    let s = tonic::Status::from_header_map(&trailers).expect("a grpc-status");
+    (messages, s)
+}
+
+async fn h2_unary(
+    send: &mut h2::client::SendRequest<bytes::Bytes>,
+    path: &str,
+    payload: &[u8],
+) -> tonic::Status {
+    let (response, _stream) = h2_call(send, path, payload, true).await;
+    h2_response(response.await.unwrap()).await.1
+}
+
+/// Bytes that are not a valid encoding of any message: field 1, length-delimited, with a
+/// length past the end.
+const GARBAGE: &[u8] = b"\x0a\xff\x01garbage";
+
+/// A payload that does not decode as the request message is INVALID_ARGUMENT (as
+/// `coordinator.proto` promises), not INTERNAL, and changes nothing: on unary calls, as a
+/// session's first message and later in a session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undecodable_payloads_are_invalid_argument() {
+    use prost::Message;
+    let dir = tempfile::tempdir().unwrap();
+    let c = start(dir.path(), "");
+    let addr = c.addr.clone();
+    let t = c.token(Some("vm1"), "1h");
+    let vm1 = enroll::enroll(&addr, &t, "vm1").await.unwrap();
+    let (mut send, _conn) = h2_connect(&addr, &vm1.ca_pem, None).await;
+    for path in [
+        "/lifeboat.v1.Enrollment/Enroll",
+        "/lifeboat.v1.Enrollment/GetCa",
+        "/grpc.health.v1.Health/Check",
+    ] {
+        let s = h2_unary(&mut send, path, GARBAGE).await;
+        assert_eq!(s.code(), tonic::Code::InvalidArgument, "{path}: {s:?}");
+        assert!(s.message().contains("failed to decode"), "{path}: {s:?}");
+    }
+    // A token sent in an undecodable request is not consumed.
+    let t = c.token(Some("vm2"), "1h");
+    let mut bad = pb::EnrollRequest {
+        token: t.clone(),
+        vm: "vm2".into(),
+        csr_pem: String::new(),
+    }
+    .encode_to_vec();
+    bad.extend_from_slice(GARBAGE);
+    let s = h2_unary(&mut send, "/lifeboat.v1.Enrollment/Enroll", &bad).await;
+    assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s:?}");
+
+    // A session: garbage as the first message, then garbage after Register.
+    let (mut send, _conn) = h2_connect(&addr, &vm1.ca_pem, Some(&vm1)).await;
+    let (response, _stream) = h2_call(&mut send, "/lifeboat.v1.Session/Open", GARBAGE, false).await;
+    let (_, s) = h2_response(response.await.unwrap()).await;
+    assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s:?}");
+    let (response, mut stream) = h2_call(
+        &mut send,
+        "/lifeboat.v1.Session/Open",
+        &register("vm1").encode_to_vec(),
+        false,
+    )
+    .await;
+    let response = response.await.unwrap();
+    assert_eq!(response.status(), 200);
+    stream.send_data(grpc_frame(GARBAGE), false).unwrap();
+    let (messages, s) = h2_response(response).await;
+    assert_eq!(messages.len(), 1, "Registered, then the end: {messages:?}");
+    assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s:?}");
+    assert!(
+        c.log_text()
+            .contains("undecodable message; closing the session")
+    );
+    // The member comes back as usual, and the token sent in garbage still enrols.
+    let _s = SimMember::open(&addr, &vm1, register("vm1")).await.unwrap();
+    enroll::enroll(&addr, &t, "vm2").await.unwrap();
+}
+
+/// `join-token --ttl` beyond a year is refused with a clear error (it once wrapped around into
+/// a token that never expired) and mints nothing; a year, the maximum, works.
+#[test]
+fn join_token_lifetimes_are_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = lifeboat_tests::CoordinatorProc::init(dir.path(), "g1", "127.0.0.1:1", "");
+    let tokens = c.state_dir.join("tokens");
+    let count = || std::fs::read_dir(&tokens).map_or(0, |d| d.count());
+    let join_token = |ttl: &str| {
+        std::process::Command::new(lifeboat_tests::bin("lifeboat-coordinator"))
+            .arg("--config")
+            .arg(&c.config)
+            .args(["join-token", "--ttl", ttl])
+            .output()
+            .unwrap()
+    };
+    for ttl in ["1000000000years", "366days", "1year 1s"] {
+        let out = join_token(ttl);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{ttl}: {stderr}");
+        assert!(stderr.contains("at most 1year"), "{ttl}: {stderr}");
+        assert!(out.stdout.is_empty(), "{ttl}");
+        assert_eq!(count(), 0, "{ttl} minted a token");
+    }
+    let out = join_token("1year");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("lifeboat1:"));
+    assert_eq!(count(), 1);
+    let help = std::process::Command::new(lifeboat_tests::bin("lifeboat-coordinator"))
+        .args(["join-token", "--help"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&help.stdout).contains("at most 1 year"));
 }

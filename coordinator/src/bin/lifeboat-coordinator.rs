@@ -50,14 +50,20 @@ enum Command {
         /// Bind the token to this VM id; any VM may use it otherwise.
         #[arg(long)]
         vm: Option<VmId>,
-        /// How long the token stays valid.
-        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        /// How long the token stays valid (e.g. 10m, 1h, 7days); at most 1 year.
+        #[arg(long, default_value = "1h", value_parser = parse_ttl)]
         ttl: Duration,
     },
     /// Serves the group until SIGTERM / SIGINT.
     Serve,
     /// Parses and validates the configuration.
     CheckConfig,
+}
+
+/// A token lifetime: a humantime duration no longer than `tokens::MAX_TTL`.
+fn parse_ttl(s: &str) -> Result<Duration, String> {
+    let ttl = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    tokens::check_ttl(ttl).map_err(|e| e.to_string())
 }
 
 fn main() -> ExitCode {

@@ -697,6 +697,25 @@ mod tests {
         assert_eq!(names(dir.path()), want);
     }
 
+    /// The test vector of docs/format.md ("Agent state").
+    #[test]
+    fn the_documented_test_vector() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = BlockHashes::from_vec(dir.path(), "d", &[h(0), h(1), h(2)]).unwrap();
+        let r = b.base_ref(dir.path(), "d").unwrap().unwrap();
+        assert_eq!(
+            r.id,
+            "8842fed034cd0d3887d4f16eba6a1add5015212c76793209cf00953dc61cebb2"
+        );
+        let raw = std::fs::read(dir.path().join(&r.name)).unwrap();
+        assert_eq!(raw.len(), 176);
+        assert_eq!(
+            hex(raw[96..128].try_into().unwrap()),
+            "879e8ea0aab0ffec545945c31434886794ed645ed819ac972d44283b37bcb3c6"
+        );
+        assert_eq!(&raw[128..136], b"LBBLOCK1");
+    }
+
     #[test]
     fn an_unfinished_base_leaves_nothing() {
         let dir = tempfile::tempdir().unwrap();

@@ -25,6 +25,10 @@ pub struct FreezeWindow {
     pub frozen_at: SystemTime,
     pub thawed_at: SystemTime,
     pub held: Duration,
+    /// Of `held`, how long the FIFREEZE calls themselves took (the filesystem writing back
+    /// and checkpointing its journal, writers already blocked): the part of the window the
+    /// agent does not control.
+    pub freezing: Duration,
 }
 
 /// Filesystems frozen for a cut. Dropping it thaws them.
@@ -38,6 +42,8 @@ pub struct Frozen {
     started: Instant,
     frozen_at: SystemTime,
     deadline: Duration,
+    /// Time spent in FIFREEZE.
+    freezing: Duration,
 }
 
 /// A thaw watchdog process started ahead of a freeze, waiting to be armed. Starting a process
@@ -111,6 +117,7 @@ impl Frozen {
             started: Instant::now(),
             frozen_at: SystemTime::now(),
             deadline,
+            freezing: Duration::ZERO,
         };
         armed?;
         // Nothing the agent writes may block on a frozen filesystem (see `progress`).
@@ -119,6 +126,7 @@ impl Frozen {
             let t = Instant::now();
             platform::freeze(m).with_context(|| format!("cannot freeze {}", m.display()))?;
             tracing::debug!(mount = %m.display(), took = ?t.elapsed(), "froze");
+            frozen.freezing += t.elapsed();
             frozen.mounts.push(m.clone());
         }
         Ok(frozen)
@@ -146,6 +154,7 @@ impl Frozen {
             frozen_at: self.frozen_at,
             thawed_at: SystemTime::now(),
             held,
+            freezing: self.freezing,
         };
         result?;
         if held > self.deadline && !capture_done {

@@ -372,10 +372,11 @@ async fn cycle(
                 .unwrap_or(0)
         };
         println!(
-            "freeze: held {:.1?} (frozen_at_ms={} thawed_at_ms={})",
+            "freeze: held {:.1?} (frozen_at_ms={} thawed_at_ms={}; FIFREEZE took {:.1?})",
             w.held,
             ms(w.frozen_at),
-            ms(w.thawed_at)
+            ms(w.thawed_at),
+            w.freezing
         );
     }
     println!(

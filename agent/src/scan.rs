@@ -21,7 +21,7 @@ use std::time::Instant;
 use lifeboat_store::codec::Hash;
 use lifeboat_store::manifest::{EntryKind, Tree, TreeEntry, UnixMillis};
 
-use crate::blocks::{BlockHashes, NewBase, Pages};
+use crate::blocks::{BlockHashes, NewHashes, Pages};
 use crate::state::{FileState, Hashes};
 use crate::watch::Hints;
 
@@ -129,7 +129,7 @@ pub fn scan_image(
     let threads = threads.clamp(1, chunks);
     let per_worker = chunks.div_ceil(threads);
     let out = match home {
-        Some((dir, disk)) => Some(NewBase::create(dir, disk, blocks as u64)?),
+        Some((dir, _)) => Some(NewHashes::create(dir, blocks as u64)?),
         None => None,
     };
     let mut overlay = out.is_none().then(|| {
@@ -225,7 +225,10 @@ pub fn scan_image(
     })?;
     stats.bytes_read = size;
     let hashes = match (out, overlay) {
-        (Some(out), _) => out.finish()?,
+        (Some(out), _) => {
+            let (dir, disk) = home.expect("a home for new hashes");
+            out.finish(dir, disk)?
+        }
         (None, Some(o)) => o,
         (None, None) => unreachable!("one of the two is always made"),
     };

@@ -134,8 +134,12 @@ enum HeaderContent {
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct BlocksHeader {
+    /// Blocks of the disk.
     len: u64,
-    base: Option<BaseRef>,
+    /// Of those, how many the bases answer for.
+    base_len: u64,
+    /// Base file of each extent (`blocks::EXTENT` blocks), `null` where none is known.
+    extents: Vec<Option<BaseRef>>,
 }
 
 impl DiskState {
@@ -253,56 +257,57 @@ fn read(state_dir: &Path, disk: &DiskId, hashes: bool) -> Result<Option<DiskStat
             hashes,
             blocks,
         } => {
-            let hashes = match (version, blocks) {
-                (3, Some(b)) => {
-                    if raw.len() % 40 != 0 {
-                        return Err(damaged("partial overlay entry"));
-                    }
-                    let mut overlay = BTreeMap::new();
-                    let mut last = None;
-                    for e in raw.chunks_exact(40) {
-                        let i = u64::from_le_bytes(e[..8].try_into().expect("8 bytes"));
-                        if last.is_some_and(|l| l >= i) {
-                            return Err(damaged("overlay out of order"));
+            let hashes =
+                match (version, blocks) {
+                    (3, Some(b)) => {
+                        if raw.len() % 40 != 0 {
+                            return Err(damaged("partial overlay entry"));
                         }
-                        last = Some(i);
-                        overlay.insert(i, e[8..].try_into().expect("32 bytes"));
-                    }
-                    BlockHashes::open(state_dir, b.len, b.base.as_ref(), overlay).map_err(|e| {
-                        match e.kind() {
-                            // A base that is gone or fails its checks: the state cannot be used.
-                            std::io::ErrorKind::NotFound | std::io::ErrorKind::InvalidData => {
-                                damaged(&e.to_string())
+                        let mut overlay = BTreeMap::new();
+                        let mut last = None;
+                        for e in raw.chunks_exact(40) {
+                            let i = u64::from_le_bytes(e[..8].try_into().expect("8 bytes"));
+                            if last.is_some_and(|l| l >= i) {
+                                return Err(damaged("overlay out of order"));
                             }
-                            // Anything else (out of descriptors, an I/O error) may pass: the
-                            // state is not thrown away for it.
-                            _ => StateError::Io {
+                            last = Some(i);
+                            overlay.insert(i, e[8..].try_into().expect("32 bytes"));
+                        }
+                        BlockHashes::open(state_dir, b.len, b.base_len, &b.extents, overlay)
+                            .map_err(|e| {
+                                match e.kind() {
+                                    // A base that is gone or fails its checks: the state cannot be used.
+                                    std::io::ErrorKind::NotFound
+                                    | std::io::ErrorKind::InvalidData => damaged(&e.to_string()),
+                                    // Anything else (out of descriptors, an I/O error) may pass: the
+                                    // state is not thrown away for it.
+                                    _ => StateError::Io {
+                                        path: path.clone(),
+                                        source: e,
+                                    },
+                                }
+                            })?
+                    }
+                    (3, None) => return Err(damaged("image without block hashes")),
+                    (v, _) => {
+                        let list: Vec<Hash> = if v == 2 {
+                            if raw.len() % 32 != 0 {
+                                return Err(damaged("partial block hash"));
+                            }
+                            raw.chunks_exact(32)
+                                .map(|c| c.try_into().expect("32 bytes"))
+                                .collect()
+                        } else {
+                            hashes.0
+                        };
+                        BlockHashes::from_vec(state_dir, disk.as_str(), &list).map_err(
+                            |source| StateError::Io {
                                 path: path.clone(),
-                                source: e,
+                                source,
                             },
-                        }
-                    })?
-                }
-                (3, None) => return Err(damaged("image without block hashes")),
-                (v, _) => {
-                    let list: Vec<Hash> = if v == 2 {
-                        if raw.len() % 32 != 0 {
-                            return Err(damaged("partial block hash"));
-                        }
-                        raw.chunks_exact(32)
-                            .map(|c| c.try_into().expect("32 bytes"))
-                            .collect()
-                    } else {
-                        hashes.0
-                    };
-                    BlockHashes::from_vec(state_dir, disk.as_str(), &list).map_err(|source| {
-                        StateError::Io {
-                            path: path.clone(),
-                            source,
-                        }
-                    })?
-                }
-            };
+                        )?
+                    }
+                };
             Content::Image { size, hashes }
         }
     };
@@ -335,15 +340,16 @@ pub fn save(state_dir: &Path, state: &mut DiskState) -> Result<(), StateError> {
     }
     let (content, overlay, keep) = match &state.content {
         Content::Image { size, hashes } => {
-            let base = hashes.base_ref(state_dir, disk).map_err(io)?;
-            let keep = base.as_ref().map(|b| b.name.clone());
+            let extents = hashes.base_refs(state_dir, disk).map_err(io)?;
+            let keep: Vec<String> = extents.iter().flatten().map(|b| b.name.clone()).collect();
             (
                 HeaderContent::Image {
                     size: *size,
                     hashes: Hashes::default(),
                     blocks: Some(BlocksHeader {
                         len: hashes.len(),
-                        base,
+                        base_len: hashes.base_len(),
+                        extents,
                     }),
                 },
                 Some(hashes),
@@ -355,7 +361,7 @@ pub fn save(state_dir: &Path, state: &mut DiskState) -> Result<(), StateError> {
                 files: files.clone(),
             },
             None,
-            None,
+            Vec::new(),
         ),
     };
     let header = Header {
@@ -396,7 +402,7 @@ pub fn save(state_dir: &Path, state: &mut DiskState) -> Result<(), StateError> {
     state.version = STATE_VERSION;
     // Bases of earlier states, and of passes that never got saved, are no longer needed (one
     // still held in memory reads through its open handle, and is written again if saved).
-    BlockHashes::collect_garbage(state_dir, disk, keep.as_deref());
+    BlockHashes::collect_garbage(state_dir, disk, &keep);
     Ok(())
 }
 
@@ -477,8 +483,10 @@ mod tests {
         save(dir.path(), &mut s).unwrap();
         let len = fs::metadata(path_of(dir.path(), &disk)).unwrap().len();
         assert!(len < 1024, "state file of {len} bytes after a merge");
-        let files = fs::read_dir(dir.path()).unwrap().count();
-        assert_eq!(files, 2, "the state and one base file");
+        let files = fs::read_dir(dir.path()).unwrap().count() as u64;
+        let extents =
+            (blocks + crate::blocks::OVERLAY_CAP as u64 + 1).div_ceil(crate::blocks::EXTENT);
+        assert_eq!(files, 1 + extents, "the state and one base file per extent");
         assert_eq!(load(dir.path(), &disk).unwrap().unwrap(), s);
     }
 

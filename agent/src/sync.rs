@@ -664,6 +664,11 @@ impl Agent {
         // A segment is cut once it reaches the target, so it never exceeds it by more than a
         // block (stored raw at worst) plus its index.
         let seg_capacity = seg_target + 2 * bs + (64 << 10);
+        // Blocks per segment, whatever they encode to: all-zero blocks cost an index entry
+        // (61 bytes) and no payload, so without a cap a sparse disk's first copy would put
+        // 130,000 of them in one segment (and its index and checkpoint list in memory). 16,384
+        // keeps a segment's index near 1 MiB.
+        const SEGMENT_BLOCKS: usize = 16_384;
         // The memory cap bounds finished segments: one being built, one being uploaded, the
         // rest queued between them.
         let in_flight = ((r.memory_cap.0 / r.segment_size.0) as usize)
@@ -855,7 +860,7 @@ impl Agent {
                     if target.is_empty() {
                         blocks.push((offset, h));
                     }
-                    if builder.encoded_len() >= seg_target {
+                    if builder.encoded_len() >= seg_target || builder.len() >= SEGMENT_BLOCKS {
                         let full = std::mem::replace(
                             &mut builder,
                             SegmentBuilder::with_capacity(bs as u32, level, seg_capacity),

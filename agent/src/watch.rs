@@ -75,9 +75,15 @@ struct Barrier {
 
 /// Watchers of every directory disk.
 pub struct Watchers {
-    _watchers: Vec<RecommendedWatcher>,
-    dirty: BTreeMap<String, Arc<Shared>>,
+    disks: BTreeMap<String, Mutex<Watched>>,
     barrier: Option<Barrier>,
+}
+
+/// One disk's watch (replaced when its root turns out to be another directory).
+struct Watched {
+    _watcher: RecommendedWatcher,
+    shared: Arc<Shared>,
+    config: DiskConfig,
 }
 
 #[cfg(unix)]
@@ -129,7 +135,7 @@ impl Barrier {
 impl std::fmt::Debug for Watchers {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Watchers")
-            .field("disks", &self.dirty.keys())
+            .field("disks", &self.disks.keys())
             .finish()
     }
 }
@@ -143,11 +149,96 @@ fn relative(root: &Path, p: &Path) -> Option<String> {
     (!s.is_empty()).then(|| s.to_owned())
 }
 
+/// A recursive watch of one directory disk (and of the barrier directory, `marks`).
+fn watch(d: &DiskConfig, marks: Option<&Path>) -> Result<Watched> {
+    let state = Arc::new(Shared {
+        root: crate::consistency::identity(&d.path).ok(),
+        path: d.path.clone(),
+        ..Shared::default()
+    });
+    let (root, sink, id) = (d.path.clone(), Arc::clone(&state), d.id.clone());
+    let marks_dir = marks.map(Path::to_path_buf);
+    let handler = move |ev: notify::Result<notify::Event>| {
+        // A barrier's mark: every event queued before it has now been handled.
+        if let (Ok(ev), Some(m)) = (&ev, &marks_dir)
+            && let Some(n) = ev
+                .paths
+                .iter()
+                .filter(|p| p.parent() == Some(m.as_path()))
+                .filter_map(|p| p.file_name()?.to_str()?.strip_prefix("mark-")?.parse().ok())
+                .max()
+        {
+            let mut s = sink.dirty.lock().unwrap_or_else(|e| e.into_inner());
+            s.marks = s.marks.max(n);
+            sink.marked.notify_all();
+            return;
+        }
+        // Opening or reading a file changes nothing (the agent's own reads among them).
+        if let Ok(ev) = &ev
+            && let EventKind::Access(a) = ev.kind
+            && a != AccessKind::Close(AccessMode::Write)
+        {
+            return;
+        }
+        let mut s = sink.dirty.lock().unwrap_or_else(|e| e.into_inner());
+        // The root itself removed or renamed: its watch is gone with it.
+        if let Ok(ev) = &ev
+            && matches!(
+                ev.kind,
+                EventKind::Remove(_) | EventKind::Modify(ModifyKind::Name(_))
+            )
+            && ev.paths.iter().any(|p| p == &root)
+        {
+            if !s.overflow {
+                tracing::warn!(disk = %id, "the watched directory itself was removed or renamed; the next pass re-reads every file");
+            }
+            s.overflow = true;
+            return;
+        }
+        match ev {
+            Ok(ev) if ev.need_rescan() => {
+                if !s.overflow {
+                    tracing::warn!(disk = %id, "filesystem event queue overflowed; the next pass re-reads every file");
+                }
+                s.overflow = true;
+            }
+            Ok(ev) => {
+                for p in &ev.paths {
+                    if let Some(rel) = relative(&root, p) {
+                        s.paths.insert(rel);
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(disk = %id, error = %e, "filesystem events lost; the next pass re-reads every file");
+                s.overflow = true;
+            }
+        }
+    };
+    // Symlinks are not followed: a link to a directory inside the disk would share
+    // its watch (events then name one of the two paths), and one to a directory
+    // outside would report paths that are not on this disk.
+    let mut w = RecommendedWatcher::new(
+        handler,
+        notify::Config::default().with_follow_symlinks(false),
+    )
+    .context("cannot create a filesystem watcher")?;
+    w.watch(&d.path, RecursiveMode::Recursive)
+        .with_context(|| format!("cannot watch {}", d.path.display()))?;
+    if let Some(m) = marks {
+        w.watch(m, RecursiveMode::NonRecursive)
+            .with_context(|| format!("cannot watch {}", m.display()))?;
+    }
+    Ok(Watched {
+        _watcher: w,
+        shared: state,
+        config: d.clone(),
+    })
+}
+
 impl Watchers {
     /// Starts watching every directory disk, recursively.
     pub fn start(disks: &[DiskConfig]) -> Result<Self> {
-        let mut watchers = Vec::new();
-        let mut dirty = BTreeMap::new();
         let barrier = Barrier::new();
         if barrier.is_none() {
             tracing::info!(
@@ -155,100 +246,40 @@ impl Watchers {
             );
         }
         let marks = barrier.as_ref().map(|b| b.dir.path().to_owned());
+        let mut watched = BTreeMap::new();
         for d in disks.iter().filter(|d| d.kind == DiskKind::Directory) {
-            let state = Arc::new(Shared {
-                root: crate::consistency::identity(&d.path).ok(),
-                path: d.path.clone(),
-                ..Shared::default()
-            });
-            let (root, sink, id) = (d.path.clone(), Arc::clone(&state), d.id.clone());
-            let marks_dir = marks.clone();
-            let handler = move |ev: notify::Result<notify::Event>| {
-                // A barrier's mark: every event queued before it has now been handled.
-                if let (Ok(ev), Some(m)) = (&ev, &marks_dir)
-                    && let Some(n) = ev
-                        .paths
-                        .iter()
-                        .filter(|p| p.parent() == Some(m.as_path()))
-                        .filter_map(|p| {
-                            p.file_name()?.to_str()?.strip_prefix("mark-")?.parse().ok()
-                        })
-                        .max()
-                {
-                    let mut s = sink.dirty.lock().unwrap_or_else(|e| e.into_inner());
-                    s.marks = s.marks.max(n);
-                    sink.marked.notify_all();
-                    return;
-                }
-                // Opening or reading a file changes nothing (the agent's own reads among them).
-                if let Ok(ev) = &ev
-                    && let EventKind::Access(a) = ev.kind
-                    && a != AccessKind::Close(AccessMode::Write)
-                {
-                    return;
-                }
-                let mut s = sink.dirty.lock().unwrap_or_else(|e| e.into_inner());
-                // The root itself removed or renamed: its watch is gone with it.
-                if let Ok(ev) = &ev
-                    && matches!(
-                        ev.kind,
-                        EventKind::Remove(_) | EventKind::Modify(ModifyKind::Name(_))
-                    )
-                    && ev.paths.iter().any(|p| p == &root)
-                {
-                    if !s.overflow {
-                        tracing::warn!(disk = %id, "the watched directory itself was removed or renamed; the next pass re-reads every file");
-                    }
-                    s.overflow = true;
-                    return;
-                }
-                match ev {
-                    Ok(ev) if ev.need_rescan() => {
-                        if !s.overflow {
-                            tracing::warn!(disk = %id, "filesystem event queue overflowed; the next pass re-reads every file");
-                        }
-                        s.overflow = true;
-                    }
-                    Ok(ev) => {
-                        for p in &ev.paths {
-                            if let Some(rel) = relative(&root, p) {
-                                s.paths.insert(rel);
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(disk = %id, error = %e, "filesystem events lost; the next pass re-reads every file");
-                        s.overflow = true;
-                    }
-                }
-            };
-            // Symlinks are not followed: a link to a directory inside the disk would share
-            // its watch (events then name one of the two paths), and one to a directory
-            // outside would report paths that are not on this disk.
-            let mut w = RecommendedWatcher::new(
-                handler,
-                notify::Config::default().with_follow_symlinks(false),
-            )
-            .context("cannot create a filesystem watcher")?;
-            w.watch(&d.path, RecursiveMode::Recursive)
-                .with_context(|| format!("cannot watch {}", d.path.display()))?;
-            if let Some(m) = &marks {
-                w.watch(m, RecursiveMode::NonRecursive)
-                    .with_context(|| format!("cannot watch {}", m.display()))?;
-            }
-            watchers.push(w);
-            dirty.insert(d.id.to_string(), state);
+            watched.insert(d.id.to_string(), Mutex::new(watch(d, marks.as_deref())?));
         }
         Ok(Self {
-            _watchers: watchers,
-            dirty,
+            disks: watched,
             barrier,
         })
     }
 
+    fn shared(&self, disk: &str) -> Option<Arc<Shared>> {
+        let w = self.disks.get(disk)?;
+        let w = w.lock().unwrap_or_else(|e| e.into_inner());
+        Some(Arc::clone(&w.shared))
+    }
+
+    /// Watches a disk afresh (its root is another directory than the one watched).
+    fn rewatch(&self, disk: &str) {
+        let Some(w) = self.disks.get(disk) else {
+            return;
+        };
+        let mut w = w.lock().unwrap_or_else(|e| e.into_inner());
+        let marks = self.barrier.as_ref().map(|b| b.dir.path().to_owned());
+        match watch(&w.config, marks.as_deref()) {
+            Ok(new) => *w = new,
+            Err(e) => {
+                tracing::warn!(disk, error = %format!("{e:#}"), "cannot watch the directory again")
+            }
+        }
+    }
+
     /// Takes (and clears) what events said about a disk.
     pub fn take(&self, disk: &str) -> Hints {
-        let Some(d) = self.dirty.get(disk) else {
+        let Some(d) = self.shared(disk) else {
             return Hints::default();
         };
         let mut d = d.dirty.lock().unwrap_or_else(|e| e.into_inner());
@@ -287,7 +318,7 @@ impl Watchers {
                 b.dir.path().display()
             ));
         }
-        let shared = self.dirty.get(disk).ok_or("disk not watched")?;
+        let shared = self.shared(disk).ok_or("disk not watched")?;
         match (shared.root, crate::consistency::identity(&shared.path)) {
             (Some(then), Ok(now)) if then == now => {}
             (None, _) | (_, Err(_)) => {
@@ -296,8 +327,11 @@ impl Watchers {
                 );
             }
             _ => {
+                // Its watches went with it: watch what is there now, for the next cut (whose
+                // pre-copy walks); this capture walks.
+                self.rewatch(disk);
                 return Err(format!(
-                    "{} was replaced, remounted or mounted over since the watch began",
+                    "{} was replaced, remounted or mounted over since the watch began (watching it again from now)",
                     shared.path.display()
                 ));
             }
@@ -329,7 +363,7 @@ impl Watchers {
 
     /// Gives hints back after a pass that failed, so they count for the next one.
     pub fn put_back(&self, disk: &str, hints: Hints) {
-        if let Some(d) = self.dirty.get(disk) {
+        if let Some(d) = self.shared(disk) {
             let mut d = d.dirty.lock().unwrap_or_else(|e| e.into_inner());
             d.paths.extend(hints.dirty);
             d.overflow |= hints.reread_all;
@@ -404,6 +438,16 @@ mod tests {
                 .dirty
                 .is_empty()
         );
+        // The directory replaced by another under its name: its watches are gone, so that
+        // drain cannot vouch, and the disk is watched afresh for the next one.
+        std::fs::rename(dir.path(), dir.path().with_extension("old")).unwrap();
+        std::fs::create_dir(dir.path()).unwrap();
+        let err = w.drain("d", &[], Duration::from_secs(5)).unwrap_err();
+        assert!(err.contains("watching it again"), "{err}");
+        std::fs::write(dir.path().join("after"), b"x").unwrap();
+        let h = w.drain("d", &[], Duration::from_secs(5)).unwrap();
+        assert!(h.dirty.contains("after"), "{h:?}");
+        std::fs::remove_dir_all(dir.path().with_extension("old")).unwrap();
         // A barrier on a frozen device is refused, never attempted.
         let dev = device(w.barrier.as_ref().unwrap().dir.path()).unwrap();
         let err = w.drain("d", &[dev], Duration::from_secs(5)).unwrap_err();

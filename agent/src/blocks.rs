@@ -812,6 +812,10 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        windows,
+        ignore = "Windows keeps an open file's name until its last handle closes: a base in use cannot be removed from under it"
+    )]
     fn a_base_removed_while_in_use_is_written_again_when_saved() {
         let dir = tempfile::tempdir().unwrap();
         let v: Vec<Hash> = (0..100).map(h).collect();

@@ -475,7 +475,7 @@ fn copy_out(file: &File, dir: &Path, disk: &str) -> io::Result<PathBuf> {
     while at < size {
         let n = ((size - at) as usize).min(buf.len());
         crate::platform::read_exact_at(file, &mut buf[..n], at)?;
-        crate::platform::write_all_at(&out.file, &buf[..n], at)?;
+        lifeboat_store::write_all_at(&out.file, &buf[..n], at)?;
         at += n as u64;
     }
     out.persist()
@@ -565,7 +565,7 @@ impl NewBase {
     pub fn write_at(&self, first: u64, hashes: &[Hash]) -> io::Result<()> {
         debug_assert!(first + hashes.len() as u64 <= self.len);
         let raw: Vec<u8> = hashes.iter().flatten().copied().collect();
-        crate::platform::write_all_at(&self.file, &raw, first * 32)
+        lifeboat_store::write_all_at(&self.file, &raw, first * 32)
     }
 
     /// Makes the file durable under its final name, as written.
@@ -597,7 +597,7 @@ impl NewBase {
         tail.extend_from_slice(MAGIC);
         tail.extend_from_slice(&self.len.to_le_bytes());
         tail.extend_from_slice(&id);
-        crate::platform::write_all_at(&self.file, &tail, self.len * 32)?;
+        lifeboat_store::write_all_at(&self.file, &tail, self.len * 32)?;
         self.file.sync_all()?;
         std::fs::rename(&self.tmp, &self.path)?;
         self.done = true;
@@ -636,7 +636,7 @@ impl NewHashes {
     pub fn write_at(&self, first: u64, hashes: &[Hash]) -> io::Result<()> {
         debug_assert!(first + hashes.len() as u64 <= self.len);
         let raw: Vec<u8> = hashes.iter().flatten().copied().collect();
-        crate::platform::write_all_at(&self.file, &raw, first * 32)
+        lifeboat_store::write_all_at(&self.file, &raw, first * 32)
     }
 
     /// One base file per extent, durable; the hashes as a whole.
@@ -652,7 +652,7 @@ impl NewHashes {
                 let n = (hi - at).min(PAGE);
                 let bytes = &mut buf[..(n * 32) as usize];
                 crate::platform::read_exact_at(&self.file, bytes, at * 32)?;
-                crate::platform::write_all_at(&new.file, bytes, (at - lo) * 32)?;
+                lifeboat_store::write_all_at(&new.file, bytes, (at - lo) * 32)?;
                 at += n;
             }
             extents.push(Some(new.finish_base()?));

@@ -452,6 +452,12 @@ mod tests {
                 let is_link = |p: &str| {
                     fs::symlink_metadata(root.join(p)).is_ok_and(|m| m.file_type().is_symlink())
                 };
+                let real = |dir: bool| -> Vec<String> {
+                    all.iter()
+                        .filter(|p| !is_link(p) && root.join(p).is_dir() == dir)
+                        .cloned()
+                        .collect()
+                };
                 match next(9) {
                     0 if pick(0).is_some_and(|p| is_link(&p)) => {}
                     0 => {
@@ -505,11 +511,7 @@ mod tests {
                     6 => {
                         // Two directories swap names (a database's "rename the new one into
                         // place"): only the two names are named.
-                        let dirs: Vec<String> = all
-                            .iter()
-                            .filter(|p| root.join(p).is_dir() && !is_link(p))
-                            .cloned()
-                            .collect();
+                        let dirs = real(true);
                         if dirs.len() >= 2 {
                             let (a, b) = (
                                 &dirs[next(dirs.len() as u64) as usize],
@@ -530,11 +532,7 @@ mod tests {
                     }
                     7 => {
                         // A file renamed over another that exists.
-                        let files: Vec<String> = all
-                            .iter()
-                            .filter(|p| root.join(p).is_file() && !is_link(p))
-                            .cloned()
-                            .collect();
+                        let files = real(false);
                         if files.len() >= 2 {
                             let (a, b) = (
                                 &files[next(files.len() as u64) as usize],
@@ -549,11 +547,7 @@ mod tests {
                     }
                     8 => {
                         // A directory deleted and made again under its name, with other files.
-                        let dirs: Vec<String> = all
-                            .iter()
-                            .filter(|p| root.join(p).is_dir() && !is_link(p))
-                            .cloned()
-                            .collect();
+                        let dirs = real(true);
                         if let Some(d) = dirs.get(next(dirs.len() as u64 + 1) as usize) {
                             fs::remove_dir_all(root.join(d)).unwrap();
                             fs::create_dir(root.join(d)).unwrap();

@@ -10,11 +10,6 @@ pub fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()>
     std::os::unix::fs::FileExt::read_exact_at(file, buf, offset)
 }
 
-/// Writes all of `buf` at `offset` without a shared cursor (several threads write one file).
-pub fn write_all_at(file: &File, buf: &[u8], offset: u64) -> io::Result<()> {
-    std::os::unix::fs::FileExt::write_all_at(file, buf, offset)
-}
-
 /// Opens a disk for reading. With `direct` (block devices), reads bypass the block device's
 /// page cache (O_DIRECT on Linux): a filesystem mounted on the device writes file data straight
 /// to the device, around that cache, so a cached read can return bytes the filesystem has long

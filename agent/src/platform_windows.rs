@@ -19,20 +19,6 @@ pub fn read_exact_at(file: &File, mut buf: &mut [u8], mut offset: u64) -> io::Re
     Ok(())
 }
 
-/// Writes all of `buf` at `offset` (`seek_write` may write less; loop).
-pub fn write_all_at(file: &File, mut buf: &[u8], mut offset: u64) -> io::Result<()> {
-    use std::os::windows::fs::FileExt;
-    while !buf.is_empty() {
-        let n = file.seek_write(buf, offset)?;
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        buf = &buf[n..];
-        offset += n as u64;
-    }
-    Ok(())
-}
-
 /// Opens a disk for reading; with `direct` (volumes and physical drives) unbuffered
 /// (FILE_FLAG_NO_BUFFERING), for the reason given in `platform_unix.rs`.
 pub fn open_disk(path: &Path, direct: bool) -> io::Result<File> {

@@ -122,15 +122,6 @@ fn interrupt_and_resume(dir: &std::path::Path, disk_toml: &str) -> String {
     out
 }
 
-fn changed_blocks(out: &str) -> u64 {
-    out.split("capture read ")
-        .nth(1)
-        .and_then(|r| r.split(" / ").nth(1))
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .expect("changed block count")
-}
-
 #[test]
 fn an_interrupted_initial_replication_of_an_image_resumes_from_its_checkpoint() {
     let dir = tempfile::tempdir().unwrap();

@@ -40,4 +40,7 @@ mod platform;
 pub use backend::{Backend, DynBackend, ErrorKind, ObjectMeta, StoreConfig, StoreError};
 pub use error::{Error, Result};
 pub use name::{DiskId, GroupId, NameError, ObjectName, PointId, VmId};
+/// Writes all of a buffer at an offset without a shared cursor, so several threads can write
+/// one file at once (the agent's block hash files use it as the restore does).
+pub use platform::write_all_at;
 pub use secret::Secret;

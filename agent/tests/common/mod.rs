@@ -141,3 +141,14 @@ pub fn disk(id: &str, kind: &str, path: &Path) -> String {
         path.display()
     )
 }
+
+/// The capture's changed-block count in `sync`'s output ("capture read B bytes / N changed
+/// blocks").
+pub fn changed_blocks(out: &str) -> u64 {
+    out.split("capture read ")
+        .nth(1)
+        .and_then(|r| r.split(" / ").nth(1))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("changed block count")
+}

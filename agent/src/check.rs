@@ -341,8 +341,9 @@ fn disk(config: &Config, d: &crate::config::DiskConfig) -> Check {
     if freezes {
         let _ = write!(
             detail,
-            "; freezes {}, the filesystem on it",
-            d.mount.as_deref().unwrap_or(d.path.as_path()).display()
+            "; freezes {}, the filesystem on it, guarded by {}",
+            d.mount.as_deref().unwrap_or(d.path.as_path()).display(),
+            crate::consistency::watchdog_kind(&config.thaw_guard)
         );
     }
     let tracking = match (d.kind, d.tracking) {

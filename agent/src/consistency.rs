@@ -5,6 +5,13 @@
 //! watchdog *process* (`lifeboat-agent thaw-watchdog`), started before the freeze, thaws at the
 //! deadline even if the agent hangs or is killed with SIGKILL. At start-up the agent also thaws
 //! any configured mount left frozen (for example by a restart that killed both).
+//!
+//! The watchdog is either a child process in a process group of its own (it survives SIGKILL,
+//! SIGSTOP and SIGTSTP of the agent's group) or, where the `lifeboat-thaw-guard.socket` unit is
+//! installed, an instance of `lifeboat-thaw-guard@.service` that systemd starts per connection
+//! in a cgroup of its own: that one also survives a cgroup freeze of the agent's unit
+//! (`systemctl freeze lifeboat-agent`), which stops every process of the unit, a child
+//! watchdog included. Both speak the same lines (see [`run_watchdog`]).
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -35,10 +42,9 @@ pub struct FreezeWindow {
 #[derive(Debug)]
 pub struct Frozen {
     mounts: Vec<PathBuf>,
-    watchdog: Option<Child>,
     /// Held open while frozen: the watchdog reads end-of-file on it when this process dies,
     /// and thaws at once instead of at its deadline.
-    _lifeline: Option<std::process::ChildStdin>,
+    watchdog: Option<Lifeline>,
     started: Instant,
     frozen_at: SystemTime,
     deadline: Duration,
@@ -46,19 +52,139 @@ pub struct Frozen {
     freezing: Duration,
 }
 
-/// A thaw watchdog process started ahead of a freeze, waiting to be armed. Starting a process
-/// takes milliseconds (and CPU other members need), so a group member starts it while
-/// preparing, not inside the freeze window. Dropping an unarmed watchdog ends it.
+/// A thaw watchdog started ahead of a freeze, waiting to be armed. Starting a process takes
+/// milliseconds (and CPU other members need), so a group member starts it while preparing, not
+/// inside the freeze window. Dropping an unarmed watchdog ends it.
 #[derive(Debug)]
 pub struct Watchdog {
-    child: Option<Child>,
+    line: Option<Lifeline>,
     mounts: Vec<PathBuf>,
 }
 
+/// How the agent reaches its watchdog; the watchdog reads end-of-file when the agent dies.
+#[derive(Debug)]
+enum Lifeline {
+    /// `lifeboat-agent thaw-watchdog MOUNTS…`, a child of the agent.
+    Child {
+        child: Child,
+        stdin: Option<std::process::ChildStdin>,
+    },
+    /// A connection to the thaw guard socket (a `lifeboat-agent thaw-guard` at the other end).
+    #[cfg(unix)]
+    Guard(std::os::unix::net::UnixStream),
+}
+
+impl Lifeline {
+    fn send(&mut self, line: &str) -> std::io::Result<()> {
+        use std::io::Write;
+        match self {
+            Lifeline::Child { stdin, .. } => {
+                let stdin = stdin
+                    .as_mut()
+                    .ok_or_else(|| std::io::Error::other("the watchdog's stdin is closed"))?;
+                stdin.write_all(line.as_bytes())?;
+                stdin.flush()
+            }
+            #[cfg(unix)]
+            Lifeline::Guard(s) => s.write_all(line.as_bytes()),
+        }
+    }
+
+    /// Tells the watchdog the freeze is over (the mounts are already thawed), so it exits
+    /// without thawing anything.
+    fn end(self) {
+        match self {
+            Lifeline::Child { mut child, .. } => {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            #[cfg(unix)]
+            Lifeline::Guard(mut s) => {
+                let _ = std::io::Write::write_all(&mut s, b"done\n");
+            }
+        }
+    }
+}
+
+/// Which watchdog a freeze gets, for `check`: the thaw guard when its socket answers.
+pub fn watchdog_kind(guard: &std::path::Path) -> String {
+    match connect_guard(guard) {
+        Ok(Some(_)) => format!(
+            "the thaw guard at {} (survives SIGKILL, stops and a cgroup freeze of the agent)",
+            guard.display()
+        ),
+        Ok(None) => format!(
+            "a child process (survives SIGKILL and stops of the agent's process group, not a cgroup freeze of its unit: no thaw guard socket at {})",
+            guard.display()
+        ),
+        Err(e) => format!(
+            "a child process (the thaw guard at {} does not answer: {e:#})",
+            guard.display()
+        ),
+    }
+}
+
+/// Connects to the thaw guard socket; `None` when there is none (not installed, not under
+/// systemd, not Unix).
+#[cfg(unix)]
+fn connect_guard(guard: &std::path::Path) -> Result<Option<std::os::unix::net::UnixStream>> {
+    match std::os::unix::net::UnixStream::connect(guard) {
+        Ok(s) => Ok(Some(s)),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(anyhow::Error::new(e).context("cannot connect")),
+    }
+}
+
+#[cfg(not(unix))]
+fn connect_guard(_guard: &std::path::Path) -> Result<Option<std::convert::Infallible>> {
+    Ok(None)
+}
+
 impl Watchdog {
-    /// Starts `lifeboat-agent thaw-watchdog` for `mounts`; it thaws them once armed and its
-    /// deadline passes, and exits without touching them if never armed.
-    pub fn spawn(mounts: &[PathBuf]) -> Result<Self> {
+    /// Readies a watchdog for `mounts`: the thaw guard at `guard` when it answers, else a
+    /// child process. It thaws them once armed and its deadline passes, and exits without
+    /// touching them if never armed.
+    pub fn spawn(mounts: &[PathBuf], guard: &std::path::Path) -> Result<Self> {
+        #[cfg(unix)]
+        match Self::guard(mounts, guard) {
+            Ok(Some(w)) => return Ok(w),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(
+                guard = %guard.display(),
+                error = %format!("{e:#}"),
+                "the thaw guard does not answer; a child process guards this freeze (it does not survive a cgroup freeze of the agent)"
+            ),
+        }
+        #[cfg(not(unix))]
+        let _ = guard;
+        Self::child(mounts)
+    }
+
+    /// The guard's first line names the mounts (a JSON array of paths).
+    #[cfg(unix)]
+    fn guard(mounts: &[PathBuf], guard: &std::path::Path) -> Result<Option<Self>> {
+        let Some(stream) = connect_guard(guard)? else {
+            return Ok(None);
+        };
+        let names: Option<Vec<&str>> = mounts.iter().map(|m| m.to_str()).collect();
+        let names = names.context("a mount path is not UTF-8")?;
+        let mut line = Lifeline::Guard(stream);
+        line.send(&format!("{}\n", serde_json::to_string(&names)?))
+            .context("cannot name the mounts to the thaw guard")?;
+        Ok(Some(Watchdog {
+            line: Some(line),
+            mounts: mounts.to_vec(),
+        }))
+    }
+
+    fn child(mounts: &[PathBuf]) -> Result<Self> {
         let exe = std::env::current_exe().context("cannot find the agent's own executable")?;
         let mut cmd = Command::new(exe);
         // A process group of its own: stopping the agent's group (Ctrl-Z at a terminal,
@@ -66,15 +192,16 @@ impl Watchdog {
         // too, or a filesystem stays frozen until someone sends SIGCONT.
         #[cfg(unix)]
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-        let child = cmd
+        let mut child = cmd
             .arg("thaw-watchdog")
             .args(mounts)
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .spawn()
             .context("cannot start the thaw watchdog")?;
+        let stdin = child.stdin.take();
         Ok(Watchdog {
-            child: Some(child),
+            line: Some(Lifeline::Child { child, stdin }),
             mounts: mounts.to_vec(),
         })
     }
@@ -82,9 +209,9 @@ impl Watchdog {
 
 impl Drop for Watchdog {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+        // Never armed: a child is killed, a guard reads end-of-file and exits untouched.
+        if let Some(l) = self.line.take() {
+            l.end();
         }
     }
 }
@@ -92,28 +219,22 @@ impl Drop for Watchdog {
 impl Frozen {
     /// Arms `watchdog` with a hard `deadline`, then freezes its mounts (in order). On any
     /// failure, whatever was frozen is thawed again before returning the error.
-    pub fn freeze(mut watchdog: Watchdog, deadline: Duration) -> Result<Self> {
-        use std::io::Write;
-        let mut child = watchdog.child.take().context("watchdog already used")?;
+    ///
+    /// With `expedite`, RCU grace periods are expedited for the FIFREEZE calls (see
+    /// `expedite_grace_periods`): most of an idle filesystem's freeze is spent waiting for them,
+    /// and applications already wait from the first of them on.
+    pub fn freeze(mut watchdog: Watchdog, deadline: Duration, expedite: bool) -> Result<Self> {
+        let mut line = watchdog.line.take().context("watchdog already used")?;
         let mounts = std::mem::take(&mut watchdog.mounts);
-        let armed = child
-            .stdin
-            .take()
-            .context("watchdog has no stdin")
-            .and_then(|mut stdin| {
-                writeln!(stdin, "{}", deadline.as_millis())
-                    .and_then(|_| stdin.flush())
-                    .context("cannot arm the thaw watchdog")?;
-                Ok(stdin)
-            });
-        let (armed, lifeline) = match armed {
-            Ok(stdin) => (Ok(()), Some(stdin)),
-            Err(e) => (Err(e), None),
-        };
+        let expedited = expedite.then(platform::expedite_grace_periods);
+        // The watchdog clears the switch should this process die before it does.
+        let ours = expedited.as_ref().is_some_and(|e| e.set_by_us());
+        let armed = line
+            .send(&format!("{} {}\n", deadline.as_millis(), u8::from(ours)))
+            .context("cannot arm the thaw watchdog");
         let mut frozen = Frozen {
             mounts: Vec::new(),
-            watchdog: Some(child),
-            _lifeline: lifeline,
+            watchdog: Some(line),
             started: Instant::now(),
             frozen_at: SystemTime::now(),
             deadline,
@@ -129,6 +250,7 @@ impl Frozen {
             frozen.freezing += t.elapsed();
             frozen.mounts.push(m.clone());
         }
+        drop(expedited);
         Ok(frozen)
     }
 
@@ -150,6 +272,16 @@ impl Frozen {
     pub fn thaw_after_capture(mut self, capture_done: bool) -> Result<FreezeWindow> {
         let held = self.started.elapsed();
         let result = self.thaw_all();
+        // A mount found already thawed well before the deadline was thawed by someone else
+        // (`fsfreeze -u`, a stopped guard) while the capture ran: its bytes may mix states.
+        // (Near the deadline it may be the watchdog, armed a moment before `started`.)
+        if let Ok(false) = result
+            && held + Duration::from_millis(100) <= self.deadline
+        {
+            bail!(
+                "a filesystem was thawed by something else during the cut's {held:?} freeze; the cut is discarded"
+            );
+        }
         let window = FreezeWindow {
             frozen_at: self.frozen_at,
             thawed_at: SystemTime::now(),
@@ -166,20 +298,24 @@ impl Frozen {
         Ok(window)
     }
 
-    fn thaw_all(&mut self) -> Result<()> {
+    /// Thaws every mount; `Ok(false)` when one was no longer frozen.
+    fn thaw_all(&mut self) -> Result<bool> {
         let mut first_err = None;
+        let mut all_frozen = true;
         for m in self.mounts.drain(..).rev() {
-            if let Err(e) = platform::thaw(&m) {
-                tracing::error!(mount = %m.display(), error = %e, "thaw failed");
-                first_err.get_or_insert(anyhow::anyhow!("cannot thaw {}: {e}", m.display()));
+            match platform::thaw(&m) {
+                Ok(was_frozen) => all_frozen &= was_frozen,
+                Err(e) => {
+                    tracing::error!(mount = %m.display(), error = %e, "thaw failed");
+                    first_err.get_or_insert(anyhow::anyhow!("cannot thaw {}: {e}", m.display()));
+                }
             }
         }
-        if let Some(mut w) = self.watchdog.take() {
-            let _ = w.kill();
-            let _ = w.wait();
+        if let Some(w) = self.watchdog.take() {
+            w.end();
         }
         crate::progress::hold_writes(false);
-        first_err.map_or(Ok(()), Err)
+        first_err.map_or(Ok(all_frozen), Err)
     }
 }
 
@@ -222,39 +358,74 @@ pub fn presync(mounts: &[PathBuf]) {
     }
 }
 
-/// The watchdog process's body: wait to be armed (the deadline in milliseconds on a line of
-/// stdin, unless given), then thaw every mount at the deadline — or at once when stdin reaches
-/// end-of-file first, which means the agent died while frozen. Never armed (stdin closed
-/// first), it exits without touching anything.
+/// The watchdog process's body: wait to be armed, then thaw every mount at the deadline — or
+/// at once when stdin reaches end-of-file first, which means the agent died while frozen.
+/// Never armed (stdin closed first), or told `done` (the agent thawed), it exits without
+/// touching anything.
+///
+/// The lines on stdin: with `mounts` empty, first a JSON array of the mount paths (the thaw
+/// guard's case: one socket serves every freeze); then the arming line, the deadline in
+/// milliseconds (unless `deadline` is given) followed by `1` if the agent expedited RCU grace
+/// periods for its FIFREEZE calls (and so may die leaving them expedited), else `0`; then
+/// `done` once the agent has thawed.
 ///
 /// Thawing at once matters beyond a shorter freeze: a watchdog that outlived its agent would
 /// thaw whatever freeze holds the mount at its deadline, including a restarted agent's, in the
 /// middle of that agent's capture (see also [`thaw_leftovers`], which ends such watchdogs).
 pub fn run_watchdog(deadline: Option<Duration>, mounts: &[PathBuf]) {
     platform::ignore_stop_signals();
-    let deadline = match deadline {
-        Some(d) => d,
+    let read_line = || {
+        let mut line = String::new();
+        match std::io::stdin().read_line(&mut line) {
+            Ok(n) if n > 0 => Some(line),
+            _ => None,
+        }
+    };
+    let mounts: Vec<PathBuf> = if mounts.is_empty() {
+        match read_line().map(|l| serde_json::from_str::<Vec<PathBuf>>(&l)) {
+            Some(Ok(m)) if !m.is_empty() => m,
+            Some(_) => {
+                tracing::error!("the thaw guard's first line is not a JSON array of mounts");
+                return;
+            }
+            None => return,
+        }
+    } else {
+        mounts.to_vec()
+    };
+    let (deadline, expedited) = match deadline {
+        Some(d) => (d, false),
         None => {
-            let mut line = String::new();
-            match std::io::stdin().read_line(&mut line) {
-                Ok(n) if n > 0 => match line.trim().parse() {
-                    Ok(ms) => Duration::from_millis(ms),
-                    Err(_) => return,
-                },
+            let Some(line) = read_line() else { return };
+            let mut words = line.split_whitespace();
+            match words.next().map(str::parse) {
+                Some(Ok(ms)) => (Duration::from_millis(ms), words.next() == Some("1")),
                 _ => return,
             }
         }
     };
-    let (eof_tx, eof) = std::sync::mpsc::channel::<()>();
+    // `true`: told `done`; `false`: end-of-file, the agent is gone.
+    let (tx, rx) = std::sync::mpsc::channel::<bool>();
     std::thread::spawn(move || {
-        let mut sink = Vec::new();
-        let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
-        let _ = eof_tx.send(());
+        loop {
+            match read_line() {
+                Some(l) if l.trim() == "done" => break tx.send(true),
+                Some(_) => continue,
+                None => break tx.send(false),
+            }
+        }
     });
-    if eof.recv_timeout(deadline).is_ok() {
-        tracing::warn!("the agent is gone while frozen; thawing now");
+    match rx.recv_timeout(deadline) {
+        Ok(true) => return,
+        Ok(false) => {
+            tracing::warn!("the agent is gone while frozen; thawing now");
+            if expedited {
+                platform::clear_expedited();
+            }
+        }
+        Err(_) => {}
     }
-    for m in mounts {
+    for m in &mounts {
         match platform::thaw(m) {
             Ok(true) => {
                 tracing::warn!(mount = %m.display(), ?deadline, "freeze deadline passed; thawed by the watchdog")

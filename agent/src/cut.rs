@@ -333,6 +333,14 @@ async fn cut_inner(
     let mut precopy_shapes = Vec::new();
     let mut since: Vec<Option<Since>> = Vec::new();
     let mut stored = 0;
+    if !mounts.is_empty() {
+        // Dirty pages reach the device (and the change tracking) only when written back: flush
+        // them now, so the pre-copy ships them instead of leaving them for the frozen capture.
+        // The flush just before the freeze then finds only what was written during the
+        // pre-copy.
+        let m = mounts.clone();
+        tokio::task::spawn_blocking(move || consistency::presync(&m)).await?;
+    }
     for ((d, st), h) in disks.iter().zip(states.iter_mut()).zip(hints) {
         if !collect {
             precopy.push(ScanStats::default());
@@ -409,7 +417,10 @@ async fn cut_inner(
         } else {
             let m = mounts.clone();
             tokio::task::spawn_blocking(move || consistency::presync(&m)).await?;
-            Some(consistency::Watchdog::spawn(&mounts)?)
+            Some(consistency::Watchdog::spawn(
+                &mounts,
+                &agent.config.thaw_guard,
+            )?)
         };
         // Devices about to be frozen: no event barrier may be made on them.
         let frozen_devs: Vec<u64> = mounts
@@ -418,7 +429,11 @@ async fn cut_inner(
             .collect();
         let budget = driver.prepared(quiesced).await?;
         let frozen = match watchdog {
-            Some(w) => Some(Frozen::freeze(w, budget.freeze)?),
+            Some(w) => Some(Frozen::freeze(
+                w,
+                budget.freeze,
+                agent.config.replication.expedite_freeze,
+            )?),
             None => None,
         };
         let cut_time = SystemTime::now();

@@ -33,6 +33,25 @@ pub fn kill_process_group(pgid: u32) {
     let _ = pgid;
 }
 
+/// No freeze here, so no grace periods to expedite.
+#[derive(Debug)]
+pub struct Expedited;
+
+/// Does nothing here (see `freeze_linux.rs`).
+pub fn expedite_grace_periods() -> Expedited {
+    Expedited
+}
+
+impl Expedited {
+    /// Never set here.
+    pub fn set_by_us(&self) -> bool {
+        false
+    }
+}
+
+/// Nothing to clear here.
+pub fn clear_expedited() {}
+
 /// Nothing is ever frozen here, so the watchdog has nothing to protect.
 pub fn ignore_stop_signals() {}
 

@@ -103,7 +103,8 @@ enum Command {
     /// Preflight: store reachable and writable, coordinator reachable, clock, free space,
     /// disks readable and freezable. Exits 1 if any check fails.
     Check,
-    /// (internal) Thaw MOUNTS after DEADLINE unless killed first; started around each freeze.
+    /// (internal) Thaw MOUNTS after DEADLINE unless told `done` first; started around each
+    /// freeze. With no MOUNTS, the first line of stdin names them: the thaw guard unit's form.
     #[command(hide = true)]
     ThawWatchdog {
         #[arg(long)]

@@ -348,6 +348,246 @@ fn stopping_the_agents_process_group_mid_freeze_still_thaws_at_the_deadline() {
     }
 }
 
+/// A filesystem thawed by something else in the middle of a cut (`fsfreeze -u` by an admin, a
+/// guard stopped early) means the capture may mix states: the cut is discarded, never published
+/// as crash-consistent. The RCU switch the agent expedites during FIFREEZE is left as found.
+#[test]
+fn a_filesystem_thawed_by_someone_else_mid_cut_discards_the_cut() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !root_or_skip("a_filesystem_thawed_by_someone_else_mid_cut_discards_the_cut") {
+        return;
+    }
+    let rcu = || std::fs::read_to_string("/sys/kernel/rcu_expedited").ok();
+    let rcu_before = rcu();
+    let dir = tempfile::tempdir().unwrap();
+    let lfs = LoopFs::new(dir.path(), "ext4", 64);
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "[[disk]]\nid = \"vol\"\nkind = \"block_device\"\npath = {:?}\nconsistency = \"fsfreeze\"\nmount = {:?}\nfreeze_timeout = \"20s\"\n",
+            lfs.device.display(),
+            lfs.mount.display()
+        ),
+    );
+    agent_ok(&config, &["sync"]);
+    std::fs::write(lfs.mount.join("f"), b"changed").unwrap();
+    let out = Command::new(AGENT)
+        .arg("--config")
+        .arg(&config)
+        .arg("sync")
+        .env(
+            "LIFEBOAT_TEST_WHILE_FROZEN",
+            format!("fsfreeze -u {}", lfs.mount.display()),
+        )
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "a cut whose filesystem was thawed mid-capture succeeded"
+    );
+    assert!(
+        stderr.contains("thawed by something else"),
+        "the error does not say why: {stderr}"
+    );
+    let points = std::fs::read_dir(dir.path().join("store/v1/g/points"))
+        .unwrap()
+        .count();
+    assert_eq!(points, 1, "the discarded cut published a point");
+    // The next cut, undisturbed, is published.
+    agent_ok(&config, &["sync"]);
+    assert_eq!(
+        rcu(),
+        rcu_before,
+        "the agent left /sys/kernel/rcu_expedited changed"
+    );
+}
+
+/// A cgroup v2 directory where this test may make child groups (`cgroup.freeze` lives in every
+/// non-root group): the unified hierarchy itself, or its hybrid mount.
+fn cgroup2_root() -> Option<PathBuf> {
+    ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.join("cgroup.procs").exists() && p.join("cgroup.subtree_control").exists())
+}
+
+/// `pid` and every process descended from it, from /proc.
+fn process_tree(pid: u32) -> Vec<u32> {
+    let parents: Vec<(u32, u32)> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let n: u32 = e.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{n}/stat")).ok()?;
+            let ppid = stat
+                .rsplit(") ")
+                .next()?
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            Some((n, ppid))
+        })
+        .collect();
+    let mut tree = vec![pid];
+    let mut i = 0;
+    while i < tree.len() {
+        let p = tree[i];
+        tree.extend(parents.iter().filter(|(_, pp)| *pp == p).map(|(n, _)| *n));
+        i += 1;
+    }
+    tree
+}
+
+/// A cgroup freeze of the agent (what `systemctl freeze lifeboat-agent` does to the unit) while
+/// it holds a freeze: with the thaw guard, which runs outside the agent's cgroup (systemd
+/// starts it per connection from `lifeboat-thaw-guard.socket`; here the test plays systemd's
+/// part, accepting on the socket and starting `lifeboat-agent thaw-watchdog` on the
+/// connection), the filesystem thaws at the deadline. Without it the child watchdog is frozen
+/// along with the agent and the filesystem stays frozen: checked too, so the test shows it can
+/// fail.
+#[test]
+fn a_cgroup_freeze_of_the_agent_mid_freeze_still_thaws_at_the_deadline_with_the_thaw_guard() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let name =
+        "a_cgroup_freeze_of_the_agent_mid_freeze_still_thaws_at_the_deadline_with_the_thaw_guard";
+    if !root_or_skip(name) {
+        return;
+    }
+    let Some(cgroups) = cgroup2_root() else {
+        eprintln!(
+            "SKIPPED {name}: no cgroup v2 hierarchy mounted (neither /sys/fs/cgroup nor /sys/fs/cgroup/unified)"
+        );
+        return;
+    };
+    for guarded in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let lfs = LoopFs::new(dir.path(), "ext4", 64);
+        let sock = dir.path().join("guard.sock");
+        let config = write_config(
+            dir.path(),
+            &format!(
+                "[[disk]]\nid = \"vol\"\nkind = \"block_device\"\npath = {:?}\nconsistency = \"fsfreeze\"\nmount = {:?}\nfreeze_timeout = \"1s\"\n",
+                lfs.device.display(),
+                lfs.mount.display()
+            ),
+        );
+        let text = std::fs::read_to_string(&config).unwrap();
+        std::fs::write(&config, format!("thaw_guard = {sock:?}\n{text}")).unwrap();
+        // The socket unit's part: one `thaw-watchdog` per connection, the connection as stdin.
+        let guards = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        if guarded {
+            let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+            let guards = guards.clone();
+            std::thread::spawn(move || {
+                for conn in listener.incoming() {
+                    let Ok(conn) = conn else { break };
+                    let child = Command::new(AGENT)
+                        .arg("thaw-watchdog")
+                        .stdin(std::os::fd::OwnedFd::from(conn))
+                        .stdout(std::process::Stdio::null())
+                        .spawn()
+                        .unwrap();
+                    guards.lock().unwrap().push(child);
+                }
+            });
+        }
+        let check = agent_ok(&config, &["check"]);
+        assert_eq!(
+            check.contains("guarded by the thaw guard"),
+            guarded,
+            "check does not say which watchdog guards the freeze:\n{check}"
+        );
+        let frozen_flag = dir.path().join("frozen");
+        let mut child = {
+            let mut c = Command::new(AGENT);
+            c.arg("--config")
+                .arg(&config)
+                .arg("sync")
+                .env(
+                    "LIFEBOAT_TEST_WHILE_FROZEN",
+                    format!("touch {}; sleep 30", frozen_flag.display()),
+                )
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null());
+            std::os::unix::process::CommandExt::process_group(&mut c, 0);
+            c.spawn().unwrap()
+        };
+        let t0 = Instant::now();
+        while !frozen_flag.exists() {
+            assert!(t0.elapsed() < Duration::from_secs(60), "never froze");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let frozen_at = Instant::now();
+        // Every process of the agent (its child watchdog, in a process group of its own,
+        // included) into a cgroup of its own, then frozen.
+        let group = cgroups.join(format!("lifeboat-test-{}", std::process::id()));
+        std::fs::create_dir(&group).unwrap();
+        for pid in process_tree(child.id()) {
+            let _ = std::fs::write(group.join("cgroup.procs"), pid.to_string());
+        }
+        std::fs::write(group.join("cgroup.freeze"), "1").unwrap();
+        while !std::fs::read_to_string(group.join("cgroup.events"))
+            .unwrap()
+            .contains("frozen 1")
+        {
+            assert!(
+                frozen_at.elapsed() < Duration::from_secs(5),
+                "cgroup never froze"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let probe = lfs.mount.join("probe");
+        let writer = std::thread::spawn(move || {
+            std::fs::write(&probe, b"x").unwrap();
+            std::fs::File::open(&probe).unwrap().sync_all().unwrap();
+        });
+        let outcome = if guarded {
+            while !writer.is_finished() {
+                assert!(
+                    frozen_at.elapsed() < Duration::from_secs(10),
+                    "a cgroup freeze of the agent kept the filesystem frozen past its deadline despite the thaw guard"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let held = frozen_at.elapsed();
+            eprintln!(
+                "thaw guard: thawed {held:?} after the freeze with the agent's cgroup frozen"
+            );
+            assert!(held < Duration::from_millis(1000 + 1500), "held {held:?}");
+            None
+        } else {
+            // Past the deadline with room to spare, the child watchdog (frozen too) has not
+            // thawed: this is the case the guard exists for.
+            std::thread::sleep(Duration::from_millis(3000));
+            Some(writer.is_finished())
+        };
+        std::fs::write(group.join("cgroup.freeze"), "0").unwrap();
+        if let Some(finished) = outcome {
+            assert!(
+                !finished,
+                "without the thaw guard the filesystem thawed while the agent's cgroup was frozen: the guarded case proves nothing"
+            );
+        }
+        writer.join().unwrap();
+        let _ = std::fs::write(group.join("cgroup.kill"), "1");
+        let _ = child.wait();
+        let t1 = Instant::now();
+        while std::fs::remove_dir(&group).is_err() {
+            assert!(
+                t1.elapsed() < Duration::from_secs(10),
+                "cgroup never emptied"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        for mut g in guards.lock().unwrap().drain(..) {
+            let _ = g.kill();
+            let _ = g.wait();
+        }
+    }
+}
+
 /// Random 4 KiB O_DIRECT writes straight to a raw block device (no filesystem), plus buffered
 /// ones, until the stop file appears; each loop it appends the count to its log.
 const RAW_WRITER: &str = r#"

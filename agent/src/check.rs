@@ -343,7 +343,10 @@ fn disk(config: &Config, d: &crate::config::DiskConfig) -> Check {
             detail,
             "; freezes {}, the filesystem on it, guarded by {}",
             d.mount.as_deref().unwrap_or(d.path.as_path()).display(),
-            crate::consistency::watchdog_kind(&config.thaw_guard)
+            crate::consistency::watchdog_kind(
+                &config.thaw_guard,
+                &[d.mount.clone().unwrap_or_else(|| d.path.clone())]
+            )
         );
     }
     let tracking = match (d.kind, d.tracking) {

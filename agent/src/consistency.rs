@@ -69,9 +69,25 @@ enum Lifeline {
         child: Child,
         stdin: Option<std::process::ChildStdin>,
     },
-    /// A connection to the thaw guard socket (a `lifeboat-agent thaw-guard` at the other end).
+    /// A connection to the thaw guard socket (`lifeboat-agent thaw-watchdog`, started by
+    /// systemd per connection, at the other end).
     #[cfg(unix)]
     Guard(std::os::unix::net::UnixStream),
+}
+
+/// The version of the thaw guard's lines, in its first line: the guard is whatever
+/// `/usr/bin/lifeboat-agent` is installed, which may be another build than this agent.
+const GUARD_PROTOCOL: u32 = 1;
+
+/// How long the guard has to say it is ready (systemd starting the instance included) before
+/// the agent guards the freeze itself.
+const GUARD_READY: Duration = Duration::from_secs(3);
+
+/// The thaw guard's first line.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct GuardHello {
+    version: u32,
+    mounts: Vec<PathBuf>,
 }
 
 impl Lifeline {
@@ -90,30 +106,77 @@ impl Lifeline {
         }
     }
 
-    /// Tells the watchdog the freeze is over (the mounts are already thawed), so it exits
-    /// without thawing anything.
-    fn end(self) {
+    /// Ends the watchdog. With `thawed` (every mount was thawed by the agent), it is told the
+    /// freeze is over and exits without thawing anything; without, it reads end-of-file and
+    /// thaws at once from its own descriptors.
+    fn end(self, thawed: bool) {
         match self {
-            Lifeline::Child { mut child, .. } => {
-                let _ = child.kill();
-                let _ = child.wait();
+            Lifeline::Child { mut child, stdin } => {
+                if thawed {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                } else {
+                    drop(stdin);
+                }
             }
             #[cfg(unix)]
             Lifeline::Guard(mut s) => {
-                let _ = std::io::Write::write_all(&mut s, b"done\n");
+                if thawed {
+                    let _ = std::io::Write::write_all(&mut s, b"done\n");
+                }
+                // Wait (briefly) for the guard to be gone, so no guard of this freeze can
+                // thaw a later one.
+                let _ = s.shutdown(std::net::Shutdown::Write);
+                let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+                let mut sink = [0u8; 64];
+                while let Ok(n) = std::io::Read::read(&mut s, &mut sink) {
+                    if n == 0 {
+                        break;
+                    }
+                }
             }
         }
     }
 }
 
-/// Which watchdog a freeze gets, for `check`: the thaw guard when its socket answers.
-pub fn watchdog_kind(guard: &std::path::Path) -> String {
-    match connect_guard(guard) {
-        Ok(Some(_)) => format!(
+/// Reads one line from the guard (at most 4 KiB), within the stream's read timeout.
+#[cfg(unix)]
+fn read_guard_line(s: &mut std::os::unix::net::UnixStream) -> std::io::Result<String> {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        match std::io::Read::read(s, &mut byte)? {
+            0 => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the guard closed the connection",
+                ));
+            }
+            _ if byte[0] == b'\n' => return Ok(String::from_utf8_lossy(&line).into_owned()),
+            _ if line.len() >= 4096 => {
+                return Err(std::io::Error::other("the guard's line is too long"));
+            }
+            _ => line.push(byte[0]),
+        }
+    }
+}
+
+/// Which watchdog a freeze of `mounts` gets, for `check`: the thaw guard when it answers
+/// ready for them (it is never armed, so it exits untouched).
+pub fn watchdog_kind(guard: &std::path::Path, mounts: &[PathBuf]) -> String {
+    #[cfg(unix)]
+    let answer = Watchdog::guard(mounts, guard).map(|w| w.is_some());
+    #[cfg(not(unix))]
+    let answer: Result<bool> = {
+        let _ = mounts;
+        Ok(false)
+    };
+    match answer {
+        Ok(true) => format!(
             "the thaw guard at {} (survives SIGKILL, stops and a cgroup freeze of the agent)",
             guard.display()
         ),
-        Ok(None) => format!(
+        Ok(false) => format!(
             "a child process (survives SIGKILL and stops of the agent's process group, not a cgroup freeze of its unit: no thaw guard socket at {})",
             guard.display()
         ),
@@ -167,19 +230,37 @@ impl Watchdog {
         Self::child(mounts)
     }
 
-    /// The guard's first line names the mounts (a JSON array of paths).
+    /// Hands the freeze of `mounts` to the thaw guard: names them (absolute, symlinks
+    /// resolved: the guard resolves nothing relative to this process) and waits for `ready`,
+    /// which the guard says once it has opened every one. A guard that does not answer in
+    /// time, or refuses, is an error: the caller guards the freeze itself.
     #[cfg(unix)]
     fn guard(mounts: &[PathBuf], guard: &std::path::Path) -> Result<Option<Self>> {
-        let Some(stream) = connect_guard(guard)? else {
+        let Some(mut stream) = connect_guard(guard)? else {
             return Ok(None);
         };
-        let names: Option<Vec<&str>> = mounts.iter().map(|m| m.to_str()).collect();
-        let names = names.context("a mount path is not UTF-8")?;
-        let mut line = Lifeline::Guard(stream);
-        line.send(&format!("{}\n", serde_json::to_string(&names)?))
-            .context("cannot name the mounts to the thaw guard")?;
+        let mut absolute = Vec::new();
+        for m in mounts {
+            let a = std::fs::canonicalize(m)
+                .with_context(|| format!("cannot resolve mount {}", m.display()))?;
+            anyhow::ensure!(a.to_str().is_some(), "mount {} is not UTF-8", a.display());
+            absolute.push(a);
+        }
+        let hello = GuardHello {
+            version: GUARD_PROTOCOL,
+            mounts: absolute,
+        };
+        stream.set_read_timeout(Some(GUARD_READY))?;
+        std::io::Write::write_all(
+            &mut stream,
+            format!("{}\n", serde_json::to_string(&hello)?).as_bytes(),
+        )
+        .context("cannot name the mounts to the thaw guard")?;
+        let answer = read_guard_line(&mut stream).context("no answer from the thaw guard")?;
+        anyhow::ensure!(answer == "ready", "the thaw guard refused: {answer}");
+        stream.set_read_timeout(None)?;
         Ok(Some(Watchdog {
-            line: Some(line),
+            line: Some(Lifeline::Guard(stream)),
             mounts: mounts.to_vec(),
         }))
     }
@@ -209,9 +290,9 @@ impl Watchdog {
 
 impl Drop for Watchdog {
     fn drop(&mut self) {
-        // Never armed: a child is killed, a guard reads end-of-file and exits untouched.
+        // Never armed: a child is killed, a guard told `done` exits untouched.
         if let Some(l) = self.line.take() {
-            l.end();
+            l.end(true);
         }
     }
 }
@@ -298,7 +379,8 @@ impl Frozen {
         Ok(window)
     }
 
-    /// Thaws every mount; `Ok(false)` when one was no longer frozen.
+    /// Thaws every mount; `Ok(false)` when one was no longer frozen. A mount the agent could
+    /// not thaw is left to the watchdog, which then thaws at once.
     fn thaw_all(&mut self) -> Result<bool> {
         let mut first_err = None;
         let mut all_frozen = true;
@@ -306,13 +388,13 @@ impl Frozen {
             match platform::thaw(&m) {
                 Ok(was_frozen) => all_frozen &= was_frozen,
                 Err(e) => {
-                    tracing::error!(mount = %m.display(), error = %e, "thaw failed");
+                    tracing::error!(mount = %m.display(), error = %e, "thaw failed; the watchdog thaws it");
                     first_err.get_or_insert(anyhow::anyhow!("cannot thaw {}: {e}", m.display()));
                 }
             }
         }
         if let Some(w) = self.watchdog.take() {
-            w.end();
+            w.end(first_err.is_none());
         }
         crate::progress::hold_writes(false);
         first_err.map_or(Ok(all_frozen), Err)
@@ -381,15 +463,32 @@ pub fn run_watchdog(deadline: Option<Duration>, mounts: &[PathBuf]) {
             _ => None,
         }
     };
-    let mounts: Vec<PathBuf> = if mounts.is_empty() {
-        match read_line().map(|l| serde_json::from_str::<Vec<PathBuf>>(&l)) {
-            Some(Ok(m)) if !m.is_empty() => m,
-            Some(_) => {
-                tracing::error!("the thaw guard's first line is not a JSON array of mounts");
-                return;
+    let guard = mounts.is_empty();
+    let mounts: Vec<PathBuf> = if guard {
+        let Some(first) = read_line() else { return };
+        let refuse = |why: String| {
+            tracing::error!("thaw guard: {why}");
+            let _ = platform::reply_on_stdin(&format!("error {why}\n"));
+        };
+        let hello = match serde_json::from_str::<GuardHello>(&first) {
+            Ok(h) if h.version != GUARD_PROTOCOL => {
+                return refuse(format!(
+                    "protocol version {} (this guard speaks {GUARD_PROTOCOL}; install the agent's own version)",
+                    h.version
+                ));
             }
-            None => return,
+            Ok(h) if !h.mounts.is_empty() && h.mounts.iter().all(|m| m.is_absolute()) => h,
+            _ => return refuse("the first line does not name absolute mounts".into()),
+        };
+        for m in &hello.mounts {
+            if let Err(e) = std::fs::File::open(m) {
+                return refuse(format!("cannot open {}: {e}", m.display()));
+            }
         }
+        if platform::reply_on_stdin("ready\n").is_err() {
+            return;
+        }
+        hello.mounts
     } else {
         mounts.to_vec()
     };
@@ -404,6 +503,9 @@ pub fn run_watchdog(deadline: Option<Duration>, mounts: &[PathBuf]) {
             }
         }
     };
+    if guard {
+        tracing::info!(mounts = ?mounts, ?deadline, "thaw guard armed");
+    }
     // `true`: told `done`; `false`: end-of-file, the agent is gone.
     let (tx, rx) = std::sync::mpsc::channel::<bool>();
     std::thread::spawn(move || {
@@ -415,20 +517,19 @@ pub fn run_watchdog(deadline: Option<Duration>, mounts: &[PathBuf]) {
             }
         }
     });
-    match rx.recv_timeout(deadline) {
+    let why = match rx.recv_timeout(deadline) {
         Ok(true) => return,
-        Ok(false) => {
-            tracing::warn!("the agent is gone while frozen; thawing now");
-            if expedited {
-                platform::clear_expedited();
-            }
-        }
-        Err(_) => {}
+        Ok(false) => "the agent is gone (or could not thaw) while frozen; thawed by the watchdog",
+        Err(_) => "freeze deadline passed; thawed by the watchdog",
+    };
+    // The agent may have died, or be stopped, in the middle of its FIFREEZE calls.
+    if expedited {
+        platform::clear_expedited();
     }
     for m in &mounts {
         match platform::thaw(m) {
             Ok(true) => {
-                tracing::warn!(mount = %m.display(), ?deadline, "freeze deadline passed; thawed by the watchdog")
+                tracing::warn!(mount = %m.display(), ?deadline, "{why}")
             }
             Ok(false) => {}
             Err(e) => tracing::error!(mount = %m.display(), error = %e, "watchdog cannot thaw"),

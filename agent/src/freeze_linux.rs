@@ -54,6 +54,18 @@ pub struct Expedited {
 /// Expedites RCU grace periods until the returned guard drops, when the kernel allows it (root,
 /// a writable /sys); otherwise does nothing and the freeze takes its normal time.
 pub fn expedite_grace_periods() -> Expedited {
+    // Expedited grace periods interrupt every CPU, the ones isolated for latency-critical work
+    // (nohz_full, isolcpus) included: on such a machine the freeze takes its normal time.
+    let isolated = ["nohz_full", "isolated"].iter().any(|f| {
+        std::fs::read_to_string(format!("/sys/devices/system/cpu/{f}"))
+            .is_ok_and(|s| !s.trim().is_empty() && s.trim() != "(null)")
+    });
+    if isolated {
+        tracing::debug!(
+            "CPUs are isolated (nohz_full or isolcpus); RCU grace periods are not expedited"
+        );
+        return Expedited { set_by_us: false };
+    }
     let set_by_us = match std::fs::read_to_string(RCU_EXPEDITED) {
         Ok(v) if v.trim() == "0" => match std::fs::write(RCU_EXPEDITED, "1") {
             Ok(()) => true,
@@ -87,6 +99,25 @@ pub fn clear_expedited() {
     if let Err(e) = std::fs::write(RCU_EXPEDITED, "0") {
         tracing::warn!(error = %e, "cannot clear {RCU_EXPEDITED}");
     }
+}
+
+/// Writes `line` to descriptor 0: the thaw guard's connection, which systemd hands it as
+/// stdin (`StandardInput=socket`), is how it answers the agent.
+pub fn reply_on_stdin(line: &str) -> io::Result<()> {
+    let mut rest = line.as_bytes();
+    while !rest.is_empty() {
+        // SAFETY: writes from a live slice to descriptor 0, which this process does not close.
+        let n = unsafe { libc::write(0, rest.as_ptr().cast(), rest.len()) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        rest = &rest[n as usize..];
+    }
+    Ok(())
 }
 
 /// Writes back the dirty data of the filesystem at `mount` (syncfs), so the freeze that follows

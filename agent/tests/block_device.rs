@@ -474,7 +474,12 @@ fn a_cgroup_freeze_of_the_agent_mid_freeze_still_thaws_at_the_deadline_with_the_
             ),
         );
         let text = std::fs::read_to_string(&config).unwrap();
-        std::fs::write(&config, format!("thaw_guard = {sock:?}\n{text}")).unwrap();
+        let text = text.replace(
+            &format!("thaw_guard = {:?}", dir.path().join("no-thaw-guard.sock")),
+            &format!("thaw_guard = {sock:?}"),
+        );
+        assert!(text.contains(&format!("thaw_guard = {sock:?}")));
+        std::fs::write(&config, text).unwrap();
         // The socket unit's part: one `thaw-watchdog` per connection, the connection as stdin.
         let guards = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         if guarded {
@@ -499,6 +504,36 @@ fn a_cgroup_freeze_of_the_agent_mid_freeze_still_thaws_at_the_deadline_with_the_
             guarded,
             "check does not say which watchdog guards the freeze:\n{check}"
         );
+        // Every guard started so far (check's, never armed; an undisturbed cut's, told `done`)
+        // ends by itself, successfully, without thawing anything.
+        agent_ok(&config, &["sync"]);
+        let all_exit = |what: &str| {
+            let t = Instant::now();
+            for g in guards.lock().unwrap().iter_mut() {
+                let status = loop {
+                    if let Some(s) = g.try_wait().unwrap() {
+                        break s;
+                    }
+                    assert!(
+                        t.elapsed() < Duration::from_secs(10),
+                        "a thaw guard did not end after {what}"
+                    );
+                    std::thread::sleep(Duration::from_millis(10));
+                };
+                assert!(
+                    status.success(),
+                    "a thaw guard failed after {what}: {status}"
+                );
+            }
+        };
+        if guarded {
+            assert_eq!(
+                guards.lock().unwrap().len(),
+                2,
+                "check and the cut each get a guard"
+            );
+            all_exit("check and an undisturbed cut");
+        }
         let frozen_flag = dir.path().join("frozen");
         let mut child = {
             let mut c = Command::new(AGENT);
@@ -581,9 +616,8 @@ fn a_cgroup_freeze_of_the_agent_mid_freeze_still_thaws_at_the_deadline_with_the_
             );
             std::thread::sleep(Duration::from_millis(10));
         }
-        for mut g in guards.lock().unwrap().drain(..) {
-            let _ = g.kill();
-            let _ = g.wait();
+        if guarded {
+            all_exit("thawing at the deadline");
         }
     }
 }

@@ -33,6 +33,12 @@ pub struct Config {
     /// How often processing looks for new points in the cache store (1 s to 1 h).
     #[serde(default = "default_processing", with = "humantime_serde")]
     pub processing_interval: Duration,
+    /// How often the processing loop scrubs the target store: reads every object every point
+    /// needs, records damaged points and asks for a new history where the newest tag is hit
+    /// (1 hour to 90 days, or "0s" for never; default 7 days). The first scrub runs one
+    /// interval after start.
+    #[serde(default = "default_scrub", with = "humantime_serde")]
+    pub scrub_interval: Duration,
     /// How long agent certificates are valid (1 day to 825 days, default 365 days); agents renew
     /// theirs once a third of it is left, so a short lifetime costs nothing but renewals.
     #[serde(default = "default_cert_lifetime", with = "humantime_serde")]
@@ -49,6 +55,9 @@ fn default_max_members() -> usize {
 }
 fn default_processing() -> Duration {
     Duration::from_secs(30)
+}
+fn default_scrub() -> Duration {
+    Duration::from_secs(7 * 86_400)
 }
 fn default_cert_lifetime() -> Duration {
     Duration::from_secs(365 * 86_400)
@@ -227,6 +236,15 @@ impl Config {
             Duration::from_secs(3600),
         )
         .map_err(|e| e.replace("policy.", ""))?;
+        if !self.scrub_interval.is_zero() {
+            range(
+                "scrub_interval",
+                self.scrub_interval,
+                Duration::from_secs(3600),
+                Duration::from_secs(90 * 86_400),
+            )
+            .map_err(|e| format!("{} (or \"0s\" for no scrub)", e.replace("policy.", "")))?;
+        }
         let days = self.agent_certificate_lifetime.as_secs() / 86_400;
         if !(1..=825).contains(&days) {
             return Err(format!(
@@ -317,6 +335,19 @@ path = "/tmp/store"
         );
         let e = parse_top("max_members = 0\n").unwrap_err().to_string();
         assert!(e.contains("max_members = 0 is out of range"), "{e}");
+        let e = parse_top("scrub_interval = \"5m\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("scrub_interval = 5m is out of range") && e.contains("\"0s\" for no scrub"),
+            "{e}"
+        );
+        assert!(
+            parse_top("scrub_interval = \"0s\"\n")
+                .unwrap()
+                .scrub_interval
+                .is_zero()
+        );
         assert_eq!(
             parse_top("agent_certificate_lifetime = \"30days\"\n")
                 .unwrap()

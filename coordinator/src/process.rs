@@ -58,6 +58,22 @@ pub struct Pruned {
     pub resyncs: Vec<(VmId, DiskId, u64)>,
 }
 
+/// What a scrub of the target store found and did.
+#[derive(Debug, Default, Clone)]
+pub struct Scrubbed {
+    /// Objects checked and bytes read (every object whole: segments, base parts, manifests).
+    pub objects: u64,
+    pub bytes: u64,
+    /// Points the scrub found damaged, with the first damaged object each reads.
+    pub damaged: Vec<(PointId, String)>,
+    /// Damage records removed (their point whole again, or gone).
+    pub cleared: u64,
+    /// Disks whose agent was asked for a new history: the damage is in what their newest tag
+    /// reads, so every later tag would read it too.
+    pub resyncs: Vec<(VmId, DiskId, u64)>,
+    pub elapsed: std::time::Duration,
+}
+
 /// Compact once this many segments lie between the oldest kept tag and its current base.
 pub const COMPACT_AFTER_SEGMENTS: u64 = 4;
 /// Size of a base's parts.
@@ -286,6 +302,124 @@ impl Processor {
                 false
             }
         }
+    }
+
+    /// Scrubs the target store: reads every object every point needs, whole (segments and base
+    /// parts block by block), the way `lifeboat verify --read-data` does. Damage in data that
+    /// processing never re-reads (a segment copied long ago, a base part) is otherwise found
+    /// only when a restore or a compaction meets it.
+    ///
+    /// What it finds: every point whose restore would fail gets a damage record naming the
+    /// object (readers then list it as damaged and selectors skip it), records of points found
+    /// whole are removed, and a disk whose newest tag reads a damaged object — so every later
+    /// tag of that history would too — has its agent asked for a new history.
+    ///
+    /// Must not run beside a prune of the same target: an object deleted mid-walk would read as
+    /// missing. (The coordinator runs both in its one processing loop.) Damage is re-checked
+    /// before anything is recorded: a point gone since the walk is left alone.
+    pub async fn scrub(&self) -> Result<Scrubbed> {
+        let started = Instant::now();
+        let opts = lifeboat_store::verify::VerifyOptions {
+            group: Some(self.target.layout().group().clone()),
+            read_data: true,
+            trimmed_cache: false,
+        };
+        let report = lifeboat_store::verify::verify(self.target.backend().clone(), &opts)
+            .await
+            .context("scrubbing the target store")?;
+        let mut out = Scrubbed {
+            objects: report.objects_checked,
+            bytes: report.bytes_read,
+            ..Scrubbed::default()
+        };
+        let backend = self.target.backend();
+        let layout = self.target.layout();
+        let group_prefix = format!("{}/", layout.group());
+        // Per broken point, the first damaged object it reads.
+        let mut broken: BTreeMap<PointId, String> = BTreeMap::new();
+        let mut failing: BTreeMap<(VmId, DiskId), BTreeSet<u64>> = BTreeMap::new();
+        for d in &report.damaged {
+            for p in &d.breaks {
+                let Some(id) = p
+                    .strip_prefix(&group_prefix)
+                    .and_then(|id| PointId::new(id).ok())
+                else {
+                    continue;
+                };
+                broken
+                    .entry(id)
+                    .or_insert_with(|| format!("{}: {}", d.object, d.what));
+            }
+            for (vm, disk, seq) in &d.failing {
+                failing
+                    .entry((vm.clone(), disk.clone()))
+                    .or_default()
+                    .insert(*seq);
+            }
+        }
+        // Records: one per broken point that still exists, none for any other.
+        let recorded: BTreeSet<PointId> = backend
+            .list(&layout.damage())
+            .await?
+            .into_iter()
+            .filter_map(|m| PointId::new(m.name.file_name().strip_suffix(".txt")?).ok())
+            .collect();
+        for id in &recorded {
+            if !broken.contains_key(id) {
+                backend.delete(&layout.damage_record(id)).await?;
+                out.cleared += 1;
+            }
+        }
+        for (id, why) in broken {
+            match backend.head(&layout.point(&id)).await {
+                Ok(_) => {}
+                Err(e) if e.kind == ErrorKind::NotFound => continue,
+                Err(e) => return Err(e.into()),
+            }
+            let name = layout.damage_record(&id);
+            match backend.get(&name).await {
+                Ok(b) if b == why.as_bytes() => {
+                    out.damaged.push((id, why));
+                    continue;
+                }
+                Ok(_) => backend.delete(&name).await?,
+                Err(e) if e.kind == ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
+            match backend.put_new(&name, why.clone().into()).await {
+                Err(e) if e.kind != ErrorKind::AlreadyExists => return Err(e.into()),
+                _ => {}
+            }
+            tracing::error!(point = %id, damage = %why, "the scrub found this point's data damaged; it is listed as damaged from now on");
+            out.damaged.push((id, why));
+        }
+        // A damaged newest tag: the history cannot go on in the target.
+        for ((vm, disk), seqs) in failing {
+            let Some(newest) = self.target.tag_seqs(&vm, &disk).await?.into_iter().max() else {
+                continue;
+            };
+            if !seqs.contains(&newest) {
+                continue;
+            }
+            let tag = match self.target.tag(&vm, &disk, newest).await {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::warn!(%vm, %disk, tag = newest, error = %e, "the scrub cannot read the newest tag");
+                    continue;
+                }
+            };
+            let b = Broken {
+                vm: vm.clone(),
+                disk: disk.clone(),
+                from: tag.from_segment,
+                why: format!("the target scrub found tag {newest}'s data damaged"),
+            };
+            if self.request_resync(&b).await {
+                out.resyncs.push((vm, disk, tag.from_segment));
+            }
+        }
+        out.elapsed = started.elapsed();
+        Ok(out)
     }
 
     /// Withdraws the resync requests their agents answered: the disk's newest tag in the cache
@@ -689,22 +823,30 @@ impl Processor {
         let layout = target.layout();
         let scan = target.scan_points().await?;
         // An unreadable point is neither kept nor expired: nothing says what it references or
-        // when it was cut. It stays (reported) and does not hold back the others.
-        out.damaged = scan.damaged.iter().map(|d| d.reason.clone()).collect();
+        // when it was cut. It stays (reported) and does not hold back the others. A point the
+        // scrub found damaged decodes: it expires by its time like any other.
+        // The newest point kept whatever its age is the newest whole one.
         let mut points = scan.points;
         points.sort_by_key(|p| (p.time, p.id.to_string()));
         let newest_time = points.last().map_or(now, |p| p.time);
+        let newest = points.last().map(|p| p.id.clone());
+        for d in scan.damaged {
+            match d.point {
+                Some(p) => points.push(p),
+                None => out.damaged.push(d.reason),
+            }
+        }
         let horizon = now
             .min(newest_time)
             .saturating_sub(retention.as_millis() as u64);
-        let newest = points.last().map(|p| p.id.clone());
         let (kept, expired): (Vec<_>, Vec<_>) = points
             .into_iter()
             .partition(|p| p.time >= horizon || Some(&p.id) == newest.as_ref());
         out.kept = kept.len();
-        // 1. Unpublish.
+        // 1. Unpublish (a damage record goes with its point).
         for p in &expired {
             backend.delete(&layout.point(&p.id)).await?;
+            backend.delete(&layout.damage_record(&p.id)).await?;
             out.points.push(p.id.clone());
         }
         // 2. Tags no kept point references; 3. trees and segments no remaining tag needs.

@@ -408,6 +408,7 @@ pub async fn serve(
         None => None,
     };
     let processing_interval = config.processing_interval;
+    let scrub_interval = config.scrub_interval;
     let retention = config.policy.retention;
     let group = Arc::new(Group::open(config).await?);
     tracing::info!(%addr, group = %group.id, ca = %ca.fingerprint, "coordinator serving");
@@ -429,6 +430,10 @@ pub async fn serve(
         let group = group.clone();
         let status = status.clone().expect("made with the processor");
         tokio::spawn(async move {
+            // The first scrub one interval after start: a restart loop must not read the whole
+            // target store every time.
+            let mut next_scrub = (!scrub_interval.is_zero())
+                .then(|| tokio::time::Instant::now() + scrub_interval);
             loop {
                 let mut error = None;
                 match p.pass().await {
@@ -496,6 +501,37 @@ pub async fn serve(
                     Err(e) => {
                         tracing::error!(error = %format!("{e:#}"), "pruning failed; retrying next interval");
                         error = error.or(Some(format!("retention: {e:#}")));
+                    }
+                }
+                // After retention, never beside it: a prune deleting objects mid-walk would make
+                // them read as missing.
+                if let Some(due) = next_scrub
+                    && tokio::time::Instant::now() >= due
+                {
+                    next_scrub = Some(due + scrub_interval);
+                    match p.scrub().await {
+                        Ok(s) => {
+                            tracing::info!(
+                                objects = s.objects,
+                                bytes = s.bytes,
+                                damaged_points = s.damaged.len(),
+                                cleared = s.cleared,
+                                resyncs = s.resyncs.len(),
+                                took = ?s.elapsed,
+                                "scrubbed the target store"
+                            );
+                            if let Some((id, why)) = s.damaged.first() {
+                                error = error.or(Some(format!(
+                                    "scrub: {} point(s) damaged, first {id}: {why}",
+                                    s.damaged.len()
+                                )));
+                            }
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %format!("{e:#}"), "scrubbing the target store failed; retrying next interval");
+                            next_scrub = Some(tokio::time::Instant::now() + processing_interval);
+                            error = error.or(Some(format!("scrub: {e:#}")));
+                        }
                     }
                 }
                 {

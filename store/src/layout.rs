@@ -10,6 +10,7 @@
 //! v1/<group>/vms/<vm>/disks/<disk>/resync/<from:020>.txt  processing asks for a new history (cache)
 //! v1/<group>/points/<point-id>.point                     recovery points
 //! v1/<group>/quarantine/<point-id>.txt                   why processing refused a point
+//! v1/<group>/damage/<point-id>.txt                       what the target scrub found damaged under a point
 //! ```
 //!
 //! Sequence numbers are zero-padded so that name order is numeric order in every backend.
@@ -145,6 +146,16 @@ impl Layout {
     /// Why processing quarantined point `id` (plain text), while it does.
     pub fn quarantine_record(&self, id: &PointId) -> ObjectName {
         name(format!("{ROOT}/{}/quarantine/{id}.txt", self.group))
+    }
+
+    /// Prefix of the damage records (target store).
+    pub fn damage(&self) -> ObjectName {
+        name(format!("{ROOT}/{}/damage", self.group))
+    }
+
+    /// What the target scrub found damaged or missing under point `id` (plain text).
+    pub fn damage_record(&self, id: &PointId) -> ObjectName {
+        name(format!("{ROOT}/{}/damage/{id}.txt", self.group))
     }
 }
 

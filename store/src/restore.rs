@@ -6,7 +6,7 @@
 //! blake3 before it is written. A block the tag should have but no segment holds is an error,
 //! never a silent hole.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -162,8 +162,22 @@ impl StoreReader {
     /// The group's points, oldest first, and those that cannot be read, with why. One damaged
     /// point costs only itself: the others are listed, chosen and restored as usual. A point
     /// that vanishes between the listing and its read (a prune running) is left out.
+    ///
+    /// A point with a damage record (the target scrub found an object its restore reads
+    /// damaged or missing) is listed as damaged, with the record as the reason, and the point
+    /// itself in [`DamagedPoint::point`].
     pub async fn scan_points(&self) -> Result<PointScan> {
         let list = self.backend.list(&self.layout.points()).await?;
+        let recorded: BTreeSet<PointId> = self
+            .backend
+            .list(&self.layout.damage())
+            .await?
+            .into_iter()
+            .filter_map(|m| {
+                let id = m.name.file_name().strip_suffix(".txt")?;
+                PointId::new(id).ok()
+            })
+            .collect();
         let mut out = PointScan::default();
         for m in list {
             let Some(id) = m
@@ -175,6 +189,15 @@ impl StoreReader {
                 continue;
             };
             match self.point(&id).await {
+                Ok(p) if recorded.contains(&id) => match self.damage_record(&id).await? {
+                    Some(why) => out.damaged.push(DamagedPoint {
+                        id,
+                        object: m.name.clone(),
+                        reason: format!("the scrub found its data damaged: {why}"),
+                        point: Some(p),
+                    }),
+                    None => out.points.push(p),
+                },
                 Ok(p) => out.points.push(p),
                 // Deleted since the listing (`point` says "unknown" for a missing object).
                 Err(Error::Invalid(_)) => {}
@@ -183,6 +206,7 @@ impl StoreReader {
                         id,
                         object: m.name.clone(),
                         reason: e.to_string(),
+                        point: None,
                     })
                 }
                 Err(e) => return Err(e),
@@ -191,6 +215,18 @@ impl StoreReader {
         out.points
             .sort_by(|a, b| (a.time, a.id.as_str()).cmp(&(b.time, b.id.as_str())));
         Ok(out)
+    }
+
+    /// The text of point `id`'s damage record, if it has one (bounded: a record is a line).
+    pub async fn damage_record(&self, id: &PointId) -> Result<Option<String>> {
+        match self.backend.get(&self.layout.damage_record(id)).await {
+            Ok(b) => {
+                let text = String::from_utf8_lossy(&b[..b.len().min(4096)]).into_owned();
+                Ok(Some(text))
+            }
+            Err(e) if e.kind == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// The verified index of one segment, read with two ranged gets.
@@ -361,8 +397,11 @@ impl PointScan {
 pub struct DamagedPoint {
     pub id: PointId,
     pub object: ObjectName,
-    /// The decoder's error, naming the object.
+    /// The decoder's error, naming the object; or the damage record's text.
     pub reason: String,
+    /// The point, when it decodes but the scrub found its data damaged (so retention can
+    /// still expire it by its time).
+    pub point: Option<RecoveryPoint>,
 }
 
 /// What a restore did.

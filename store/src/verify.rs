@@ -51,6 +51,8 @@ pub struct Damage {
     pub breaks: Vec<String>,
     /// Tags (`vm/disk#seq`) that fail on it but no point uses (e.g. an agent's newest tag).
     pub tags: Vec<String>,
+    /// Every tag that fails on it, used by a point or not.
+    pub failing: Vec<(VmId, DiskId, u64)>,
 }
 
 /// An object nothing references: a leftover, not damage.
@@ -216,7 +218,8 @@ impl<'a> GroupWalk<'a> {
             let parts: Vec<&str> = rest.split('/').collect();
             match parts.as_slice() {
                 ["points", file] => points.push(file.to_string()),
-                ["quarantine", file] => records.push(file.to_string()),
+                ["quarantine", file] => records.push(format!("quarantine/{file}")),
+                ["damage", file] => records.push(format!("damage/{file}")),
                 ["vms", vm, "disks", disk, ..] => {
                     if let (Ok(vm), Ok(disk)) = (VmId::new(*vm), DiskId::new(*disk)) {
                         disks.insert((vm, disk));
@@ -272,11 +275,14 @@ impl<'a> GroupWalk<'a> {
             self.disk(&vm, &disk, report).await?;
         }
 
-        // Quarantine records: plain text naming a point by their name; informational.
+        // Quarantine and damage records: plain text naming a point by their name; informational
+        // (a damage record hides nothing from this walk: every point is walked).
         for file in records {
-            let name = format!("{prefix}quarantine/{file}");
+            let name = format!("{prefix}{file}");
             let valid = file
-                .strip_suffix(".txt")
+                .rsplit('/')
+                .next()
+                .and_then(|f| f.strip_suffix(".txt"))
                 .is_some_and(|id| PointId::new(id).is_ok());
             if !valid {
                 continue;
@@ -288,7 +294,7 @@ impl<'a> GroupWalk<'a> {
             match data {
                 Ok(d) if std::str::from_utf8(&d).is_ok() => {}
                 Ok(_) => {
-                    self.damaged(&name, "quarantine record is not text");
+                    self.damaged(&name, "record is not text");
                 }
                 Err(e) if e.is_damage_or_loss() => {
                     self.damaged(&name, e.to_string());
@@ -342,6 +348,7 @@ impl<'a> GroupWalk<'a> {
                     .map(|p| format!("{}/{p}", self.group))
                     .collect(),
                 tags: orphan_tags,
+                failing: cost.tags.iter().cloned().collect(),
             });
         }
         report

@@ -440,7 +440,8 @@ impl World {
             }
             "process" => {
                 let trim = self.rng.random_bool(0.8);
-                (self.process(None, trim)?, false)
+                let scrub = self.rng.random_bool(0.3);
+                (self.process_with(None, trim, scrub)?, false)
             }
             "process-killed" => {
                 let ms = self.rng.random_range(0..300);
@@ -735,9 +736,23 @@ impl World {
     /// `lifeboat process [--trim-cache]`; true when a complete pass ran (the advance invariant
     /// is then checked).
     fn process(&mut self, kill_ms: Option<u64>, trim: bool) -> Result<bool, String> {
+        self.process_with(kill_ms, trim, false)
+    }
+
+    /// `lifeboat process [--trim-cache] [--scrub]`: with `scrub`, the target scrub too (points
+    /// whose data it finds damaged are listed as damaged from then on).
+    fn process_with(
+        &mut self,
+        kill_ms: Option<u64>,
+        trim: bool,
+        scrub: bool,
+    ) -> Result<bool, String> {
         let mut args = vec!["process"];
         if trim {
             args.push("--trim-cache");
+        }
+        if scrub {
+            args.push("--scrub");
         }
         let mut cmd = self.lifeboat(
             &args,
@@ -749,8 +764,9 @@ impl World {
             Some(o) => format!("exit {:?}: {}", o.status.code(), short(&out_text(o))),
         };
         self.note(format!(
-            "process{}{}: {text}",
+            "process{}{}{}: {text}",
             if trim { " --trim-cache" } else { "" },
+            if scrub { " --scrub" } else { "" },
             if kill_ms.is_some() { " (killed)" } else { "" }
         ));
         Ok(o.is_some())

@@ -171,3 +171,114 @@ fn verify_an_azure_store() {
         rt.block_on(backend.put_new(&name, b.into())).unwrap();
     });
 }
+
+fn lifeboat(args: &[&str], paths: &[(&str, &Path)]) -> (i32, String) {
+    let mut c = Command::new(bin("lifeboat"));
+    c.args(args);
+    for (flag, p) in paths {
+        c.arg(flag).arg(p);
+    }
+    let out = c.output().expect("spawn lifeboat");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().expect("exit code"), text)
+}
+
+/// The target scrub (`lifeboat process --scrub`, what the coordinator runs every
+/// `scrub_interval`): a flipped byte in a segment body that processing never re-reads is found,
+/// the one point that reads it is recorded as damaged (listed so, skipped by `latest-processed`,
+/// refused by name) while the others stay restorable, the disk's agent is asked for a new
+/// history (its newest tag reads the damage), and once the object is whole again the next
+/// scrub clears the record.
+#[test]
+fn the_scrub_records_damaged_points_and_asks_for_a_new_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("target");
+    let cache = dir.path().join("cache");
+    std::fs::create_dir_all(&cache).unwrap();
+    for (name, bytes) in objects() {
+        let p = target.join(&name);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, bytes).unwrap();
+    }
+    let process = |extra: &[&str]| {
+        let mut args = vec!["process", "--group", GROUP];
+        args.extend_from_slice(extra);
+        lifeboat(&args, &[("--cache", &cache), ("--store", &target)])
+    };
+    let (code, text) = process(&["--scrub"]);
+    assert_eq!(code, 0, "a clean store's scrub failed:\n{text}");
+    assert!(text.contains("0 damaged point(s)"), "{text}");
+
+    let seg = target.join(segment());
+    let good = std::fs::read(&seg).unwrap();
+    let mut bad = good.clone();
+    bad[16] ^= 0x40;
+    std::fs::write(&seg, &bad).unwrap();
+    let third = newest("points").trim_end_matches(".point").to_owned();
+    // Before a scrub nothing says so: the point is listed like the others.
+    let list =
+        |store: &Path| lifeboat(&["points", "list", "--group", GROUP], &[("--store", store)]);
+    let (_, text) = list(&target);
+    assert!(!text.contains("damaged"), "{text}");
+
+    let (code, text) = process(&["--scrub"]);
+    assert_ne!(code, 0, "a scrub that found damage exited 0:\n{text}");
+    assert!(text.contains(&format!("damaged point {third}")), "{text}");
+    assert!(text.contains("asked vm1/os for a new full copy"), "{text}");
+    let record = target.join(format!("v1/{GROUP}/damage/{third}.txt"));
+    let why = std::fs::read_to_string(&record).expect("no damage record");
+    assert!(
+        why.contains(&segment()),
+        "the record does not name the object: {why}"
+    );
+    let requests: Vec<_> =
+        std::fs::read_dir(cache.join(format!("v1/{GROUP}/vms/vm1/disks/os/resync")))
+            .expect("no resync request in the cache store")
+            .collect();
+    assert_eq!(requests.len(), 1);
+
+    let (_, text) = list(&target);
+    assert!(
+        text.lines()
+            .any(|l| l.contains("damaged") && l.contains(&third)),
+        "points list does not show the scrub's finding:\n{text}"
+    );
+    let out = dir.path().join("failover");
+    let (code, text) = lifeboat(
+        &[
+            "test-failover",
+            "--group",
+            GROUP,
+            "--point",
+            "latest-processed",
+        ],
+        &[("--store", &target), ("--to", &out)],
+    );
+    assert_eq!(code, 0, "the intact points no longer fail over:\n{text}");
+    assert!(
+        text.contains(&format!("skipping damaged point {third}")),
+        "{text}"
+    );
+    let (code, text) = lifeboat(
+        &["test-failover", "--group", GROUP, "--point", &third],
+        &[("--store", &target), ("--to", &dir.path().join("named"))],
+    );
+    assert_ne!(
+        code, 0,
+        "a named failover to the damaged point succeeded:\n{text}"
+    );
+    assert!(text.contains("damaged"), "{text}");
+
+    // Mended (say, copied back from a replica): the next scrub clears the record.
+    std::fs::write(&seg, &good).unwrap();
+    let (code, text) = process(&["--scrub"]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("1 damage record(s) cleared"), "{text}");
+    assert!(!record.exists());
+    let (_, text) = list(&target);
+    assert!(!text.contains("damaged"), "{text}");
+}

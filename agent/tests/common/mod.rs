@@ -69,6 +69,9 @@ pub fn write_config(dir: &Path, disks: &str) -> PathBuf {
             r#"vm = "vm1"
 group = "g"
 state_dir = {state:?}
+# Never the host's installed thaw guard (another build): the child watchdog, unless a test
+# sets up its own guard.
+thaw_guard = {guard:?}
 
 [store]
 kind = "local"
@@ -81,6 +84,7 @@ memory_cap = "64MiB"
 {disks}
 "#,
             state = dir.join("state"),
+            guard = dir.join("no-thaw-guard.sock"),
             store = dir.join("store")
         ),
     )

@@ -85,6 +85,12 @@ enum Command {
         /// while no coordinator of the group is cutting points).
         #[arg(long)]
         trim_cache: bool,
+        /// Then scrub the target store (as the coordinator does every `scrub_interval`): read
+        /// every object every point needs, record the points whose data is damaged (listed as
+        /// damaged from then on, skipped by selectors) and ask for a new full copy where a
+        /// disk's newest tag reads damaged data. Reads the whole target store.
+        #[arg(long)]
+        scrub: bool,
         /// The target store.
         #[command(flatten)]
         target: StoreArgs,
@@ -600,6 +606,7 @@ async fn run(command: Command) -> Result<()> {
             cache,
             target,
             trim_cache,
+            scrub,
         } => {
             let p = processor(&cache, &target, OpenMode::ReadWrite).await?;
             let pass = p.pass().await?;
@@ -617,7 +624,30 @@ async fn run(command: Command) -> Result<()> {
                     );
                 }
             }
+            let mut damaged = 0;
+            if scrub {
+                let s = p.scrub().await?;
+                println!(
+                    "scrubbed the target store: {} object(s), {} bytes read, {} damaged point(s), {} damage record(s) cleared",
+                    s.objects,
+                    s.bytes,
+                    s.damaged.len(),
+                    s.cleared
+                );
+                for (id, why) in &s.damaged {
+                    eprintln!("damaged point {id}: {why}");
+                }
+                for (vm, disk, from) in &s.resyncs {
+                    println!(
+                        "asked {vm}/{disk} for a new full copy: the history from segment {from} reads damaged data"
+                    );
+                }
+                damaged = s.damaged.len();
+            }
             // The rest was processed; the exit status still says something was refused.
+            if damaged > 0 {
+                bail!("{damaged} point(s) in the target store are damaged; see above");
+            }
             if !pass.quarantined.is_empty() {
                 bail!(
                     "{} point(s) quarantined (not processed); see above",

@@ -315,8 +315,9 @@ impl Processor {
     /// tag of that history would too — has its agent asked for a new history.
     ///
     /// Must not run beside a prune of the same target: an object deleted mid-walk would read as
-    /// missing. (The coordinator runs both in its one processing loop.) Damage is re-checked
-    /// before anything is recorded: a point gone since the walk is left alone.
+    /// missing (the coordinator's retention waits for a running scrub). Beside a pass it is
+    /// safe: a pass only adds objects, and the walk covers what the listing it starts from
+    /// holds. A point gone since the walk gets no record.
     pub async fn scrub(&self) -> Result<Scrubbed> {
         let started = Instant::now();
         let opts = lifeboat_store::verify::VerifyOptions {

@@ -434,6 +434,13 @@ pub async fn serve(
             // target store every time.
             let mut next_scrub = (!scrub_interval.is_zero())
                 .then(|| tokio::time::Instant::now() + scrub_interval);
+            // A scrub reads the whole target store and may take hours: it runs beside the
+            // passes (which only add objects), never beside retention (which deletes them: they
+            // would read as missing), so retention waits for it.
+            let scrub_lock = Arc::new(tokio::sync::Mutex::new(()));
+            let mut scrub_task: Option<tokio::task::JoinHandle<()>> = None;
+            // What the last scrub found damaged, shown with every round's status until the next.
+            let scrub_finding: Arc<Mutex<Option<String>>> = Arc::default();
             loop {
                 let mut error = None;
                 match p.pass().await {
@@ -481,7 +488,16 @@ pub async fn serve(
                         }
                     }
                 }
-                let pruned = p.prune(retention, lifeboat_store::manifest::now_millis()).await;
+                let pruned = match scrub_lock.try_lock() {
+                    Ok(_no_scrub) => {
+                        p.prune(retention, lifeboat_store::manifest::now_millis())
+                            .await
+                    }
+                    Err(_) => {
+                        tracing::debug!("a scrub is running; retention waits for it");
+                        Ok(Default::default())
+                    }
+                };
                 if let Ok(r) = &pruned {
                     // Retention went on around them; they stay for an operator to look at.
                     for d in &r.damaged {
@@ -503,36 +519,41 @@ pub async fn serve(
                         error = error.or(Some(format!("retention: {e:#}")));
                     }
                 }
-                // After retention, never beside it: a prune deleting objects mid-walk would make
-                // them read as missing.
                 if let Some(due) = next_scrub
                     && tokio::time::Instant::now() >= due
+                    && scrub_task.as_ref().is_none_or(|t| t.is_finished())
                 {
-                    next_scrub = Some(due + scrub_interval);
-                    match p.scrub().await {
-                        Ok(s) => {
-                            tracing::info!(
-                                objects = s.objects,
-                                bytes = s.bytes,
-                                damaged_points = s.damaged.len(),
-                                cleared = s.cleared,
-                                resyncs = s.resyncs.len(),
-                                took = ?s.elapsed,
-                                "scrubbed the target store"
-                            );
-                            if let Some((id, why)) = s.damaged.first() {
-                                error = error.or(Some(format!(
-                                    "scrub: {} point(s) damaged, first {id}: {why}",
-                                    s.damaged.len()
-                                )));
+                    next_scrub = Some(due.max(tokio::time::Instant::now()) + scrub_interval);
+                    let (p, lock, finding) = (p.clone(), scrub_lock.clone(), scrub_finding.clone());
+                    scrub_task = Some(tokio::spawn(async move {
+                        let _no_prune = lock.lock().await;
+                        match p.scrub().await {
+                            Ok(s) => {
+                                tracing::info!(
+                                    objects = s.objects,
+                                    bytes = s.bytes,
+                                    damaged_points = s.damaged.len(),
+                                    cleared = s.cleared,
+                                    resyncs = s.resyncs.len(),
+                                    took = ?s.elapsed,
+                                    "scrubbed the target store"
+                                );
+                                *finding.lock().unwrap() = s.damaged.first().map(|(id, why)| {
+                                    format!(
+                                        "scrub: {} point(s) damaged, first {id}: {why}",
+                                        s.damaged.len()
+                                    )
+                                });
+                            }
+                            Err(e) => {
+                                tracing::error!(error = %format!("{e:#}"), "scrubbing the target store failed; retrying at the next interval");
+                                *finding.lock().unwrap() = Some(format!("scrub: {e:#}"));
                             }
                         }
-                        Err(e) => {
-                            tracing::error!(error = %format!("{e:#}"), "scrubbing the target store failed; retrying next interval");
-                            next_scrub = Some(tokio::time::Instant::now() + processing_interval);
-                            error = error.or(Some(format!("scrub: {e:#}")));
-                        }
-                    }
+                    }));
+                }
+                if let Some(f) = scrub_finding.lock().unwrap().clone() {
+                    error = error.or(Some(f));
                 }
                 {
                     let mut s = status.lock().unwrap();

@@ -220,9 +220,17 @@ pub async fn transient_faults(b: DynBackend) {
     r.delete(&name).await.unwrap();
     assert_eq!(r.head(&name).await.unwrap_err().kind, ErrorKind::NotFound);
 
-    // Under a steady 20% failure rate, concurrent work still completes.
+    // Under a steady 20% failure rate, concurrent work still completes. With 6 attempts one
+    // operation in about 15,000 would still fail all of them (0.2^6), often enough to fail a
+    // CI run now and then; 12 make it one in about 250 million.
     faulty.set_random_unavailable(0.2);
-    let r = Arc::new(r);
+    let r = Arc::new(Retrying::new(
+        Arc::clone(&faulty),
+        RetryPolicy {
+            max_attempts: 12,
+            ..fast_retries()
+        },
+    ));
     let mut tasks = Vec::new();
     for i in 0..24 {
         let r = Arc::clone(&r);

@@ -515,8 +515,16 @@ impl Group {
         }
         let (ack_tx, mut acks) = mpsc::unbounded_channel();
         *self.current.lock().unwrap() = Some((cut_id, ack_tx));
+        // Should this future be dropped mid-cut (the coordinator shutting down), the members
+        // are told at once instead of waiting out their deadlines frozen.
+        let mut unfinished = Unfinished {
+            group: self,
+            cut_id,
+            done: false,
+        };
         let result = self.run_cut(cut_id, kind, &mut acks).await;
-        *self.current.lock().unwrap() = None;
+        unfinished.done = true;
+        drop(unfinished);
         match &result {
             Ok(p) => tracing::info!(
                 cut = cut_id,
@@ -530,6 +538,17 @@ impl Group {
             Err(e) => tracing::warn!(cut = cut_id, ?kind, error = %e, "cut produced no point"),
         }
         result
+    }
+
+    /// Every member with a session (to abort a cut whoever it reached).
+    fn connected(&self) -> Vec<VmId> {
+        self.members
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, m)| m.connected())
+            .map(|(vm, _)| vm.clone())
+            .collect()
     }
 
     fn send(&self, to: &[VmId], msg: CoordinatorMessage) -> Vec<VmId> {
@@ -842,6 +861,34 @@ fn summary(excluded: &[Excluded]) -> String {
 
 /// How long to wait before giving up on a session's first message.
 pub const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The cut in progress: clears it from the group when the cut ends, and when it is dropped
+/// unfinished, sends every connected member an Abort for it.
+struct Unfinished<'a> {
+    group: &'a Group,
+    cut_id: u64,
+    done: bool,
+}
+
+impl Drop for Unfinished<'_> {
+    fn drop(&mut self) {
+        *self.group.current.lock().unwrap() = None;
+        if !self.done {
+            let to = self.group.connected();
+            self.group.send(
+                &to,
+                CoordinatorMessage::Abort {
+                    cut_id: self.cut_id,
+                    reason: "the coordinator stopped this cut".into(),
+                },
+            );
+            tracing::warn!(
+                cut = self.cut_id,
+                "cut stopped unfinished; its members were told to abort"
+            );
+        }
+    }
+}
 
 #[cfg(test)]
 mod tests {

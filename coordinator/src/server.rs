@@ -317,12 +317,19 @@ impl pb::admin_server::Admin for Services {
         let kind =
             lifeboat_proto::model::cut_kind_from_wire("SnapshotRequest.kind", req.get_ref().kind)?;
         tracing::info!(admin = %who, ?kind, "on-demand snapshot");
-        let p = self.group.cut(kind).await.map_err(|e| match e {
-            CutError::NoMembers | CutError::NoneCovered(_) => {
-                Status::failed_precondition(e.to_string())
-            }
-            CutError::Publish(_) => Status::internal(e.to_string()),
-        })?;
+        // The cut is the group's, not this request's: it runs to its end (a point, or an
+        // Abort to every member) even when the client disconnects or times out meanwhile.
+        let group = self.group.clone();
+        let cut = tokio::spawn(async move { group.cut(kind).await });
+        let p = cut
+            .await
+            .map_err(|e| Status::internal(format!("the cut task failed: {e}")))?
+            .map_err(|e| match e {
+                CutError::NoMembers | CutError::NoneCovered(_) => {
+                    Status::failed_precondition(e.to_string())
+                }
+                CutError::Publish(_) => Status::internal(e.to_string()),
+            })?;
         Ok(Response::new(pb::SnapshotResponse {
             point_id: p.point.id.to_string(),
             time_ms: p.point.time,

@@ -206,3 +206,72 @@ async fn the_scheduler_cuts_on_the_policy_interval() {
     assert!(listing.contains(&format!("c{:013}", first.0)), "{listing}");
     assert!(listing.contains("crash-consistent multi-VM"), "{listing}");
 }
+
+/// A cut is the group's, not the request's: when the admin client asking for a snapshot is
+/// killed mid-cut, the cut still runs to its end and publishes its point, and the next
+/// snapshot works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_whose_client_is_gone_still_completes() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = POLICY.replace("prepare = \"1s\"", "prepare = \"5s\"");
+    let c = CoordinatorProc::serving(dir.path(), "g1", &policy);
+    // Prepares slowly (a long pre-copy), then answers like a healthy agent.
+    let mut m = member(&c, "slow").await;
+    let (prepare_tx, mut prepare_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(msg) = m.next().await {
+            match msg {
+                CoordinatorMessage::Prepare { cut_id, .. } => {
+                    let _ = prepare_tx.send(cut_id);
+                    tokio::time::sleep(Duration::from_millis(1500)).await;
+                    m.ack(cut_id, CutPhase::Prepared).await.unwrap()
+                }
+                CoordinatorMessage::Freeze { cut_id, .. } => {
+                    m.ack(cut_id, CutPhase::Frozen).await.unwrap()
+                }
+                CoordinatorMessage::Commit { cut_id, .. } => {
+                    m.ack(cut_id, CutPhase::Tagged).await.unwrap()
+                }
+                _ => {}
+            }
+        }
+    });
+    let mut client = std::process::Command::new(lifeboat_tests::bin("lifeboat"))
+        .args([
+            "snapshot",
+            "--group",
+            "g1",
+            "--coordinator",
+            &c.addr,
+            "--credentials",
+        ])
+        .arg(c.state_dir.join("admin"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // The cut is under way (the member was asked to prepare): the client goes.
+    tokio::time::timeout(Duration::from_secs(20), prepare_rx.recv())
+        .await
+        .expect("no Prepare reached the member")
+        .unwrap();
+    client.kill().unwrap();
+    client.wait().unwrap();
+    let t = std::time::Instant::now();
+    while !points(&c).contains("members: slow") {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the cut died with its client: {}\n{}",
+            points(&c),
+            c.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let c = std::sync::Arc::new(c);
+    let out = snapshot(&c).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -126,7 +126,7 @@ impl Processor {
     pub fn new(group: GroupId, cache: DynBackend, target: DynBackend) -> Self {
         let layout = Layout::new(group);
         Processor {
-            cache: StoreReader::new(cache, layout.clone()),
+            cache: StoreReader::new(cache, layout.clone()).without_damage_records(),
             target: StoreReader::new(target.clone(), layout.clone()),
             writer: StoreWriter::new(target, layout),
             asks: true,
@@ -309,15 +309,18 @@ impl Processor {
     /// processing never re-reads (a segment copied long ago, a base part) is otherwise found
     /// only when a restore or a compaction meets it.
     ///
-    /// What it finds: every point whose restore would fail gets a damage record naming the
-    /// object (readers then list it as damaged and selectors skip it), records of points found
-    /// whole are removed, and a disk whose newest tag reads a damaged object — so every later
-    /// tag of that history would too — has its agent asked for a new history.
+    /// The walk's listing is not a snapshot (a pass publishes, a compaction replaces segments
+    /// by a base while it runs), so nothing is concluded from it directly: an object reported
+    /// missing that exists now is not damage, and which points break is decided afterwards,
+    /// for the points and bases the target holds *then*, by what their tags read. So points
+    /// published during the walk are judged too, and a point whose tag now reads a new base is
+    /// not blamed for the segments the base replaced.
     ///
-    /// Must not run beside a prune of the same target: an object deleted mid-walk would read as
-    /// missing (the coordinator's retention waits for a running scrub). Beside a pass it is
-    /// safe: a pass only adds objects, and the walk covers what the listing it starts from
-    /// holds. A point gone since the walk gets no record.
+    /// What it does with that: a disk whose newest tag reads damage has its agent asked for a
+    /// new history first (every later tag would read it too); then every broken point gets a
+    /// damage record naming the VM/disk and object (readers list it as damaged for selections
+    /// that include that VM), and records of points found whole are removed. One failing write
+    /// costs its record, not the scrub.
     pub async fn scrub(&self) -> Result<Scrubbed> {
         let started = Instant::now();
         let opts = lifeboat_store::verify::VerifyOptions {
@@ -335,92 +338,124 @@ impl Processor {
         };
         let backend = self.target.backend();
         let layout = self.target.layout();
-        let group_prefix = format!("{}/", layout.group());
-        // Per broken point, the first damaged object it reads.
-        let mut broken: BTreeMap<PointId, String> = BTreeMap::new();
-        let mut failing: BTreeMap<(VmId, DiskId), BTreeSet<u64>> = BTreeMap::new();
+        // The damaged objects, re-checked: one listed as missing that is there now was written
+        // (or listed) after the walk began.
+        let mut damaged: BTreeMap<String, String> = BTreeMap::new();
         for d in &report.damaged {
-            for p in &d.breaks {
-                let Some(id) = p
-                    .strip_prefix(&group_prefix)
-                    .and_then(|id| PointId::new(id).ok())
-                else {
-                    continue;
-                };
-                broken
-                    .entry(id)
-                    .or_insert_with(|| format!("{}: {}", d.object, d.what));
+            if d.what.starts_with("missing")
+                && let Ok(name) = lifeboat_store::ObjectName::new(d.object.clone())
+            {
+                match backend.head(&name).await {
+                    Ok(_) => continue,
+                    Err(e) if e.kind == ErrorKind::NotFound => {}
+                    Err(e) => return Err(e.into()),
+                }
             }
-            for (vm, disk, seq) in &d.failing {
-                failing
-                    .entry((vm.clone(), disk.clone()))
-                    .or_default()
-                    .insert(*seq);
-            }
+            damaged.insert(d.object.clone(), d.what.clone());
         }
-        // Records: one per broken point that still exists, none for any other.
-        let recorded: BTreeSet<PointId> = backend
-            .list(&layout.damage())
-            .await?
+        if damaged.is_empty() {
+            out.cleared = self.clear_records(&BTreeSet::new()).await?;
+            out.elapsed = started.elapsed();
+            return Ok(out);
+        }
+        // What the target holds now: its points, and per disk its readable bases.
+        let scan = self.target.scan_points().await?;
+        let points: Vec<RecoveryPoint> = scan
+            .points
             .into_iter()
-            .filter_map(|m| PointId::new(m.name.file_name().strip_suffix(".txt")?).ok())
+            .chain(scan.damaged.into_iter().filter_map(|d| d.point))
             .collect();
-        for id in &recorded {
-            if !broken.contains_key(id) {
-                backend.delete(&layout.damage_record(id)).await?;
-                out.cleared += 1;
+        let mut reads = TagReads::new(&self.target);
+        // 1. Resyncs first: the one finding that must not be lost to a later error.
+        let mut disks: BTreeSet<(VmId, DiskId)> = BTreeSet::new();
+        for p in &points {
+            for m in &p.members {
+                disks.extend(m.disks.iter().map(|d| (m.vm.clone(), d.disk.clone())));
             }
         }
-        for (id, why) in broken {
-            match backend.head(&layout.point(&id)).await {
-                Ok(_) => {}
-                Err(e) if e.kind == ErrorKind::NotFound => continue,
-                Err(e) => return Err(e.into()),
+        for (vm, disk) in &disks {
+            let Some(newest) = self.target.tag_seqs(vm, disk).await?.into_iter().max() else {
+                continue;
+            };
+            if let Some(hit) = reads.hits(vm, disk, newest, &damaged).await? {
+                let tag_from = reads.history_of(vm, disk, newest);
+                let Some(from) = tag_from else { continue };
+                let b = Broken {
+                    vm: vm.clone(),
+                    disk: disk.clone(),
+                    from,
+                    why: format!("the target scrub found what tag {newest} reads damaged: {hit}"),
+                };
+                if self.request_resync(&b).await {
+                    out.resyncs.push((vm.clone(), disk.clone(), from));
+                }
             }
+        }
+        // 2. Records: per point, the VM/disk pairs whose tags read damage.
+        let mut broken: BTreeMap<PointId, Vec<String>> = BTreeMap::new();
+        for p in &points {
+            for m in &p.members {
+                for d in &m.disks {
+                    if let Some(hit) = reads.hits(&m.vm, &d.disk, d.tag, &damaged).await? {
+                        broken
+                            .entry(p.id.clone())
+                            .or_default()
+                            .push(format!("{}/{}: {hit}", m.vm, d.disk));
+                    }
+                }
+            }
+        }
+        out.cleared = self
+            .clear_records(&broken.keys().cloned().collect())
+            .await?;
+        for (id, lines) in broken {
+            let why = lines.join("\n") + "\n";
             let name = layout.damage_record(&id);
-            match backend.get(&name).await {
-                Ok(b) if b == why.as_bytes() => {
-                    out.damaged.push((id, why));
-                    continue;
+            let written: Result<(), lifeboat_store::StoreError> = async {
+                match backend.get(&name).await {
+                    Ok(b) if b == why.as_bytes() => return Ok(()),
+                    Ok(_) => backend.delete(&name).await?,
+                    Err(e) if e.kind == ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
                 }
-                Ok(_) => backend.delete(&name).await?,
-                Err(e) if e.kind == ErrorKind::NotFound => {}
-                Err(e) => return Err(e.into()),
-            }
-            match backend.put_new(&name, why.clone().into()).await {
-                Err(e) if e.kind != ErrorKind::AlreadyExists => return Err(e.into()),
-                _ => {}
-            }
-            tracing::error!(point = %id, damage = %why, "the scrub found this point's data damaged; it is listed as damaged from now on");
-            out.damaged.push((id, why));
-        }
-        // A damaged newest tag: the history cannot go on in the target.
-        for ((vm, disk), seqs) in failing {
-            let Some(newest) = self.target.tag_seqs(&vm, &disk).await?.into_iter().max() else {
-                continue;
-            };
-            if !seqs.contains(&newest) {
-                continue;
-            }
-            let tag = match self.target.tag(&vm, &disk, newest).await {
-                Ok(t) => t,
-                Err(e) => {
-                    tracing::warn!(%vm, %disk, tag = newest, error = %e, "the scrub cannot read the newest tag");
-                    continue;
+                match backend.put_new(&name, why.clone().into()).await {
+                    Err(e) if e.kind != ErrorKind::AlreadyExists => Err(e),
+                    _ => {
+                        tracing::error!(point = %id, damage = %why.trim_end(), "the scrub found this point's data damaged; it is listed as damaged for the VMs named");
+                        Ok(())
+                    }
                 }
-            };
-            let b = Broken {
-                vm: vm.clone(),
-                disk: disk.clone(),
-                from: tag.from_segment,
-                why: format!("the target scrub found tag {newest}'s data damaged"),
-            };
-            if self.request_resync(&b).await {
-                out.resyncs.push((vm, disk, tag.from_segment));
             }
+            .await;
+            if let Err(e) = written {
+                tracing::warn!(point = %id, error = %e, "cannot write a damage record");
+            }
+            out.damaged.push((id, why.trim_end().replace('\n', "; ")));
         }
         out.elapsed = started.elapsed();
         Ok(out)
+    }
+
+    /// Removes the damage records of points not in `keep`; how many.
+    async fn clear_records(&self, keep: &BTreeSet<PointId>) -> Result<u64> {
+        let backend = self.target.backend();
+        let layout = self.target.layout();
+        let mut cleared = 0;
+        for m in backend.list(&layout.damage()).await? {
+            let Some(id) = m
+                .name
+                .file_name()
+                .strip_suffix(".txt")
+                .and_then(|s| PointId::new(s).ok())
+            else {
+                continue;
+            };
+            if !keep.contains(&id) {
+                backend.delete(&m.name).await?;
+                cleared += 1;
+            }
+        }
+        Ok(cleared)
     }
 
     /// Withdraws the resync requests their agents answered: the disk's newest tag in the cache
@@ -826,23 +861,28 @@ impl Processor {
         // An unreadable point is neither kept nor expired: nothing says what it references or
         // when it was cut. It stays (reported) and does not hold back the others. A point the
         // scrub found damaged decodes: it expires by its time like any other.
-        // The newest point kept whatever its age is the newest whole one.
+        // Kept whatever their age: the newest point, and the newest whole one (not listed as
+        // damaged by the scrub), so damage alone never leaves a group without a point.
         let mut points = scan.points;
         points.sort_by_key(|p| (p.time, p.id.to_string()));
-        let newest_time = points.last().map_or(now, |p| p.time);
-        let newest = points.last().map(|p| p.id.clone());
+        let newest_whole = points.last().map(|p| p.id.clone());
         for d in scan.damaged {
             match d.point {
                 Some(p) => points.push(p),
                 None => out.damaged.push(d.reason),
             }
         }
+        points.sort_by_key(|p| (p.time, p.id.to_string()));
+        let newest_time = points.last().map_or(now, |p| p.time);
+        let newest = points.last().map(|p| p.id.clone());
         let horizon = now
             .min(newest_time)
             .saturating_sub(retention.as_millis() as u64);
-        let (kept, expired): (Vec<_>, Vec<_>) = points
-            .into_iter()
-            .partition(|p| p.time >= horizon || Some(&p.id) == newest.as_ref());
+        let (kept, expired): (Vec<_>, Vec<_>) = points.into_iter().partition(|p| {
+            p.time >= horizon
+                || Some(&p.id) == newest.as_ref()
+                || Some(&p.id) == newest_whole.as_ref()
+        });
         out.kept = kept.len();
         // 1. Unpublish (a damage record goes with its point).
         for p in &expired {
@@ -1166,6 +1206,78 @@ impl Held {
                 .bases
                 .iter()
                 .any(|b| (b.from_segment..=b.through_segment).contains(&seq))
+    }
+}
+
+/// What tags read in the target as it is now (tag, tree, base manifest and parts, segments),
+/// with each disk's bases and each tag read once.
+struct TagReads<'a> {
+    target: &'a StoreReader,
+    bases: BTreeMap<(VmId, DiskId), Vec<Base>>,
+    tags: BTreeMap<(VmId, DiskId, u64), Option<Tag>>,
+}
+
+impl<'a> TagReads<'a> {
+    fn new(target: &'a StoreReader) -> Self {
+        TagReads {
+            target,
+            bases: BTreeMap::new(),
+            tags: BTreeMap::new(),
+        }
+    }
+
+    /// The first object tag `seq` of a disk reads that is in `damaged`, as "object: what"; a
+    /// tag that is gone reads nothing (its point is gone or going too).
+    async fn hits(
+        &mut self,
+        vm: &VmId,
+        disk: &DiskId,
+        seq: u64,
+        damaged: &BTreeMap<String, String>,
+    ) -> Result<Option<String>> {
+        let layout = self.target.layout();
+        let tag_name = layout.tag(vm, disk, seq).to_string();
+        if let Some(what) = damaged.get(&tag_name) {
+            return Ok(Some(format!("{tag_name}: {what}")));
+        }
+        let key = (vm.clone(), disk.clone(), seq);
+        if !self.tags.contains_key(&key) {
+            let tag = match self.target.tag(vm, disk, seq).await {
+                Ok(t) => Some(t),
+                Err(e) if e.is_damage_or_loss() => None,
+                Err(e) => return Err(e.into()),
+            };
+            self.tags.insert(key.clone(), tag);
+        }
+        let Some(tag) = self.tags[&key].clone() else {
+            return Ok(None);
+        };
+        let disk_key = (vm.clone(), disk.clone());
+        if !self.bases.contains_key(&disk_key) {
+            let bases = self.target.readable_bases(vm, disk).await?;
+            self.bases.insert(disk_key.clone(), bases);
+        }
+        let (base, mut objects) = sources_for(layout, &tag, &self.bases[&disk_key]);
+        if let Some(b) = &base {
+            objects.push(layout.base(vm, disk, b.tag));
+        }
+        if let DiskShape::Directory { tree } = &tag.shape
+            && let Ok(name) = layout.tree(vm, disk, tree)
+        {
+            objects.push(name);
+        }
+        Ok(objects.into_iter().find_map(|o| {
+            let o = o.to_string();
+            damaged.get(&o).map(|what| format!("{o}: {what}"))
+        }))
+    }
+
+    /// The first segment of tag `seq`'s history, once [`TagReads::hits`] has read it.
+    fn history_of(&self, vm: &VmId, disk: &DiskId, seq: u64) -> Option<u64> {
+        self.tags
+            .get(&(vm.clone(), disk.clone(), seq))
+            .and_then(|t| t.as_ref())
+            .map(|t| t.from_segment)
     }
 }
 

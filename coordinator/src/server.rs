@@ -416,6 +416,7 @@ pub async fn serve(
     };
     let processing_interval = config.processing_interval;
     let scrub_interval = config.scrub_interval;
+    let scrub_mark = config.state_dir.join("scrub.last");
     let retention = config.policy.retention;
     let group = Arc::new(Group::open(config).await?);
     tracing::info!(%addr, group = %group.id, ca = %ca.fingerprint, "coordinator serving");
@@ -437,15 +438,35 @@ pub async fn serve(
         let group = group.clone();
         let status = status.clone().expect("made with the processor");
         tokio::spawn(async move {
-            // The first scrub one interval after start: a restart loop must not read the whole
-            // target store every time.
-            let mut next_scrub = (!scrub_interval.is_zero())
-                .then(|| tokio::time::Instant::now() + scrub_interval);
+            // Due one interval after the last scrub (its end is recorded in the state
+            // directory), so restarts neither skip it nor repeat it; on a first start, one
+            // interval from now.
+            let mut next_scrub = if scrub_interval.is_zero() {
+                None
+            } else {
+                let mark = scrub_mark.clone();
+                let last = tokio::task::spawn_blocking(move || read_scrub_mark(&mark))
+                    .await
+                    .ok()
+                    .flatten();
+                let now_ms = lifeboat_store::manifest::now_millis();
+                let last = match last {
+                    Some(ms) if ms <= now_ms => ms,
+                    _ => {
+                        let mark = scrub_mark.clone();
+                        let _ = tokio::task::spawn_blocking(move || write_scrub_mark(&mark, now_ms)).await;
+                        now_ms
+                    }
+                };
+                let since = std::time::Duration::from_millis(now_ms - last);
+                Some(tokio::time::Instant::now() + scrub_interval.saturating_sub(since))
+            };
             // A scrub reads the whole target store and may take hours: it runs beside the
             // passes (which only add objects), never beside retention (which deletes them: they
             // would read as missing), so retention waits for it.
             let scrub_lock = Arc::new(tokio::sync::Mutex::new(()));
             let mut scrub_task: Option<tokio::task::JoinHandle<()>> = None;
+            let mut scrub_retry: Option<tokio::sync::oneshot::Receiver<bool>> = None;
             // What the last scrub found damaged, shown with every round's status until the next.
             let scrub_finding: Arc<Mutex<Option<String>>> = Arc::default();
             loop {
@@ -530,10 +551,14 @@ pub async fn serve(
                     && tokio::time::Instant::now() >= due
                     && scrub_task.as_ref().is_none_or(|t| t.is_finished())
                 {
-                    next_scrub = Some(due.max(tokio::time::Instant::now()) + scrub_interval);
-                    let (p, lock, finding) = (p.clone(), scrub_lock.clone(), scrub_finding.clone());
+                    // Taken before the task starts: no prune slips in between.
+                    let no_prune = scrub_lock.clone().lock_owned().await;
+                    let (p, finding, mark) = (p.clone(), scrub_finding.clone(), scrub_mark.clone());
+                    let (retry_tx, retry) = tokio::sync::oneshot::channel();
+                    scrub_retry = Some(retry);
+                    next_scrub = None;
                     scrub_task = Some(tokio::spawn(async move {
-                        let _no_prune = lock.lock().await;
+                        let _no_prune = no_prune;
                         match p.scrub().await {
                             Ok(s) => {
                                 tracing::info!(
@@ -551,13 +576,30 @@ pub async fn serve(
                                         s.damaged.len()
                                     )
                                 });
+                                let now = lifeboat_store::manifest::now_millis();
+                                let _ = tokio::task::spawn_blocking(move || write_scrub_mark(&mark, now)).await;
+                                let _ = retry_tx.send(false);
                             }
                             Err(e) => {
-                                tracing::error!(error = %format!("{e:#}"), "scrubbing the target store failed; retrying at the next interval");
+                                tracing::error!(error = %format!("{e:#}"), "scrubbing the target store failed; retrying in an hour");
                                 *finding.lock().unwrap() = Some(format!("scrub: {e:#}"));
+                                let _ = retry_tx.send(true);
                             }
                         }
                     }));
+                }
+                // The next scrub: an interval after one that finished, an hour after one that
+                // failed.
+                if let Some(rx) = &mut scrub_retry
+                    && let Ok(failed) = rx.try_recv()
+                {
+                    scrub_retry = None;
+                    let after = if failed {
+                        SCRUB_RETRY.min(scrub_interval)
+                    } else {
+                        scrub_interval
+                    };
+                    next_scrub = Some(tokio::time::Instant::now() + after);
                 }
                 if let Some(f) = scrub_finding.lock().unwrap().clone() {
                     error = error.or(Some(f));
@@ -631,4 +673,18 @@ pub async fn serve(
         t.abort();
     }
     result.context("gRPC server failed")
+}
+
+/// How soon a failed scrub is tried again.
+const SCRUB_RETRY: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// When the last scrub ended (Unix ms), from the coordinator's state directory.
+fn read_scrub_mark(path: &std::path::Path) -> Option<u64> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+fn write_scrub_mark(path: &std::path::Path, ms: u64) {
+    if let Err(e) = lifeboat_store::durable::replace(path, format!("{ms}\n").as_bytes()) {
+        tracing::warn!(path = %path.display(), error = %e, "cannot record when the scrub ran");
+    }
 }

@@ -30,12 +30,25 @@ const PARALLEL_SEGMENTS: usize = 4;
 pub struct StoreReader {
     backend: DynBackend,
     layout: Layout,
+    /// Whether [`StoreReader::scan_points`] looks for damage records (a target store's).
+    records: bool,
 }
 
 impl StoreReader {
     /// A reader of `layout`'s group in `backend`.
     pub fn new(backend: DynBackend, layout: Layout) -> Self {
-        Self { backend, layout }
+        Self {
+            backend,
+            layout,
+            records: true,
+        }
+    }
+
+    /// The same reader, not looking for damage records: a cache store has none, and a scan
+    /// that a loop repeats every few seconds saves a listing.
+    pub fn without_damage_records(mut self) -> Self {
+        self.records = false;
+        self
     }
 
     /// The layout read from.
@@ -154,7 +167,12 @@ impl StoreReader {
     pub async fn points(&self) -> Result<Vec<RecoveryPoint>> {
         let scan = self.scan_points().await?;
         for d in &scan.damaged {
-            tracing::warn!(point = %d.id, error = %d.reason, "skipping a damaged recovery point");
+            // A damage record is the scrub's standing finding, already logged when made.
+            if d.point.is_some() {
+                tracing::debug!(point = %d.id, error = %d.reason, "skipping a damaged recovery point");
+            } else {
+                tracing::warn!(point = %d.id, error = %d.reason, "skipping a damaged recovery point");
+            }
         }
         Ok(scan.points)
     }
@@ -168,16 +186,19 @@ impl StoreReader {
     /// itself in [`DamagedPoint::point`].
     pub async fn scan_points(&self) -> Result<PointScan> {
         let list = self.backend.list(&self.layout.points()).await?;
-        let recorded: BTreeSet<PointId> = self
-            .backend
-            .list(&self.layout.damage())
-            .await?
-            .into_iter()
-            .filter_map(|m| {
-                let id = m.name.file_name().strip_suffix(".txt")?;
-                PointId::new(id).ok()
-            })
-            .collect();
+        let recorded: BTreeSet<PointId> = if self.records {
+            self.backend
+                .list(&self.layout.damage())
+                .await?
+                .into_iter()
+                .filter_map(|m| {
+                    let id = m.name.file_name().strip_suffix(".txt")?;
+                    PointId::new(id).ok()
+                })
+                .collect()
+        } else {
+            BTreeSet::new()
+        };
         let mut out = PointScan::default();
         for m in list {
             let Some(id) = m
@@ -189,14 +210,29 @@ impl StoreReader {
                 continue;
             };
             match self.point(&id).await {
-                Ok(p) if recorded.contains(&id) => match self.damage_record(&id).await? {
-                    Some(why) => out.damaged.push(DamagedPoint {
+                // One record that cannot be read costs its point, never the scan.
+                Ok(p) if recorded.contains(&id) => match self.damage_record(&id).await {
+                    Ok(Some(why)) => {
+                        let vms = record_vms(&why);
+                        out.damaged.push(DamagedPoint {
+                            id,
+                            object: m.name.clone(),
+                            reason: format!(
+                                "the scrub found its data damaged: {}",
+                                why.trim_end().replace('\n', "; ")
+                            ),
+                            point: Some(p),
+                            vms,
+                        })
+                    }
+                    Ok(None) => out.points.push(p),
+                    Err(e) => out.damaged.push(DamagedPoint {
                         id,
                         object: m.name.clone(),
-                        reason: format!("the scrub found its data damaged: {why}"),
+                        reason: format!("its damage record cannot be read: {e}"),
                         point: Some(p),
+                        vms: Vec::new(),
                     }),
-                    None => out.points.push(p),
                 },
                 Ok(p) => out.points.push(p),
                 // Deleted since the listing (`point` says "unknown" for a missing object).
@@ -207,6 +243,7 @@ impl StoreReader {
                         object: m.name.clone(),
                         reason: e.to_string(),
                         point: None,
+                        vms: Vec::new(),
                     })
                 }
                 Err(e) => return Err(e),
@@ -390,6 +427,28 @@ impl PointScan {
     pub fn damage(&self, id: &PointId) -> Option<&DamagedPoint> {
         self.damaged.iter().find(|d| &d.id == id)
     }
+
+    /// The points usable for restoring `vms`, oldest first: the whole ones, and those whose
+    /// damage record names only other VMs.
+    pub fn usable_for(&self, vms: &[VmId]) -> Vec<RecoveryPoint> {
+        let mut out = self.points.clone();
+        out.extend(
+            self.damaged
+                .iter()
+                .filter(|d| d.spares(vms))
+                .filter_map(|d| d.point.clone()),
+        );
+        out.sort_by(|a, b| (a.time, a.id.as_str()).cmp(&(b.time, b.id.as_str())));
+        out
+    }
+}
+
+impl DamagedPoint {
+    /// Whether a restore of `vms` reads none of the damage (the point decodes and its record
+    /// names only other VMs).
+    pub fn spares(&self, vms: &[VmId]) -> bool {
+        self.point.is_some() && !self.vms.is_empty() && !self.vms.iter().any(|v| vms.contains(v))
+    }
 }
 
 /// A point object that cannot be read (bad checksum, unparsable, or holding another point).
@@ -402,6 +461,20 @@ pub struct DamagedPoint {
     /// The point, when it decodes but the scrub found its data damaged (so retention can
     /// still expire it by its time).
     pub point: Option<RecoveryPoint>,
+    /// The VMs whose data the damage record names; empty when the whole point is unusable
+    /// (it does not decode, or its record names no VM).
+    pub vms: Vec<VmId>,
+}
+
+/// The VMs a damage record's lines (`<vm>/<disk>: <object>: <what>`) name.
+fn record_vms(record: &str) -> Vec<VmId> {
+    let mut vms: Vec<VmId> = record
+        .lines()
+        .filter_map(|l| VmId::new(l.split_once('/')?.0).ok())
+        .collect();
+    vms.sort();
+    vms.dedup();
+    vms
 }
 
 /// What a restore did.

@@ -723,8 +723,16 @@ async fn check_segment(
     bytes: &AtomicU64,
 ) -> Result<codec::SegmentIndex> {
     checked.fetch_add(1, Ordering::Relaxed);
+    // A listing is not a snapshot: an object written after it (a pass running beside this
+    // walk) is asked for before being called missing.
     if !listed {
-        return Err(Error::Inconsistent("missing".into()));
+        match reader.backend().head(name).await {
+            Ok(_) => {}
+            Err(e) if e.kind == ErrorKind::NotFound => {
+                return Err(Error::Inconsistent("missing".into()));
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
     if !read_data {
         let ix = reader.segment_index_of(name).await?;

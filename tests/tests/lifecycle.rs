@@ -152,6 +152,9 @@ struct World {
     newest_time: u64,
     points: BTreeMap<String, PointRec>,
     damaged: BTreeMap<(Store, String), Damage>,
+    /// Every object damaged at some point since the last complete scrub began: a damage record
+    /// stands until the next scrub, even if its damage healed meanwhile.
+    damaged_since_scrub: BTreeSet<(Store, String)>,
     /// Fingerprints of what each (store, point) restore read when it last restored exactly.
     restored: HashMap<(Store, String), (Prints, bool)>,
     churn_since_point: u64,
@@ -355,6 +358,7 @@ impl World {
             newest_time: 0,
             points: BTreeMap::new(),
             damaged: BTreeMap::new(),
+            damaged_since_scrub: BTreeSet::new(),
             restored: HashMap::new(),
             churn_since_point: 0,
             full_pending: true,
@@ -758,7 +762,11 @@ impl World {
             &args,
             &[("--cache", &self.cache), ("--store", &self.target)],
         );
+        let before_scrub: BTreeSet<(Store, String)> = self.damaged.keys().cloned().collect();
         let o = Self::run_or_kill(&mut cmd, kill_ms);
+        if scrub && o.is_some() {
+            self.damaged_since_scrub = before_scrub;
+        }
         let text = match &o {
             None => format!("SIGKILL after {} ms", kill_ms.unwrap_or_default()),
             Some(o) => format!("exit {:?}: {}", o.status.code(), short(&out_text(o))),
@@ -1240,6 +1248,26 @@ impl World {
             };
             if !listed.contains(&id) {
                 return Err(format!("damaged {s:?} point {id} is not listed as damaged"));
+            }
+        }
+
+        // A point the scrub recorded as damaged reads an object the test damaged (now, or when
+        // that scrub ran): a record never hides a whole point.
+        for id in &target_damaged {
+            let record = self.target.join(format!("v1/{GROUP}/damage/{id}.txt"));
+            let Ok(text) = std::fs::read_to_string(&record) else {
+                continue;
+            };
+            let n = self.needs(Store::Target, id);
+            let known = n
+                .used
+                .iter()
+                .chain(&n.missing)
+                .any(|k| self.damaged_since_scrub.contains(k) || self.damaged.contains_key(k));
+            if !known && !self.attributable(&n, &text) {
+                return Err(format!(
+                    "point {id} has a damage record but reads no damaged object: {text}"
+                ));
             }
         }
 

@@ -242,10 +242,10 @@ fn the_scrub_records_damaged_points_and_asks_for_a_new_history() {
     assert_eq!(requests.len(), 1);
 
     let (_, text) = list(&target);
+    let damaged: Vec<&str> = text.lines().filter(|l| l.contains("damaged")).collect();
     assert!(
-        text.lines()
-            .any(|l| l.contains("damaged") && l.contains(&third)),
-        "points list does not show the scrub's finding:\n{text}"
+        damaged.len() == 1 && damaged[0].contains(&third),
+        "points list does not show exactly the scrub's finding:\n{text}"
     );
     let out = dir.path().join("failover");
     let (code, text) = lifeboat(
@@ -262,6 +262,11 @@ fn the_scrub_records_damaged_points_and_asks_for_a_new_history() {
     assert!(
         text.contains(&format!("skipping damaged point {third}")),
         "{text}"
+    );
+    let report = std::fs::read_to_string(out.join("failover-report.json")).unwrap();
+    assert!(
+        report.contains(&nth_point(1)),
+        "latest-processed did not fall back to the second point: {report}"
     );
     let (code, text) = lifeboat(
         &["test-failover", "--group", GROUP, "--point", &third],
@@ -281,4 +286,58 @@ fn the_scrub_records_damaged_points_and_asks_for_a_new_history() {
     assert!(!record.exists());
     let (_, text) = list(&target);
     assert!(!text.contains("damaged"), "{text}");
+
+    // Damage only an old tag reads (the first segment, which the base at the second tag
+    // replaced for later tags): that point is recorded, and no new history is asked for.
+    std::fs::remove_dir_all(&cache).unwrap();
+    std::fs::create_dir_all(&cache).unwrap();
+    let first_seg = target.join(format!(
+        "v1/{GROUP}/vms/vm1/disks/os/seg/{}",
+        oldest("vms/vm1/disks/os/seg")
+    ));
+    let mut b = std::fs::read(&first_seg).unwrap();
+    b[16] ^= 0x40;
+    std::fs::write(&first_seg, b).unwrap();
+    let (code, text) = process(&["--scrub"]);
+    assert_ne!(code, 0, "{text}");
+    assert!(
+        text.contains(&format!("damaged point {}", nth_point(0))),
+        "{text}"
+    );
+    assert!(
+        !text.contains("new full copy"),
+        "a resync for damage the newest tag does not read:\n{text}"
+    );
+    assert!(
+        !cache
+            .join(format!("v1/{GROUP}/vms/vm1/disks/os/resync"))
+            .exists(),
+        "a resync request for damage the newest tag does not read"
+    );
+    let (_, text) = list(&target);
+    assert_eq!(
+        text.lines().filter(|l| l.contains("damaged")).count(),
+        1,
+        "{text}"
+    );
+}
+
+/// The `i`th point id (0 = oldest) of the committed store.
+fn nth_point(i: usize) -> String {
+    let mut names: Vec<String> = std::fs::read_dir(vectors().join("v1/vectors/points"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names[i].trim_end_matches(".point").to_owned()
+}
+
+/// The first name (in name order) in `dir` of the committed store.
+fn oldest(dir: &str) -> String {
+    let mut names: Vec<String> = std::fs::read_dir(vectors().join("v1/vectors").join(dir))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names.swap_remove(0)
 }

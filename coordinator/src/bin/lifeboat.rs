@@ -703,9 +703,11 @@ async fn run(command: Command) -> Result<()> {
         } => {
             let reader = open(&store, OpenMode::ReadOnly).await?;
             let point = if point == "latest" {
+                // Damage the scrub found in other VMs' data does not stop this VM's restore.
                 reader
-                    .points()
+                    .scan_points()
                     .await?
+                    .usable_for(std::slice::from_ref(&vm))
                     .into_iter()
                     .rev()
                     .find(|p| p.member(&vm).is_some())
@@ -952,8 +954,11 @@ async fn run_failover(a: FailoverArgs, drill: bool) -> Result<()> {
     }
     let reader = open(&target, OpenMode::ReadOnly).await?;
     let scan = reader.scan_points().await?;
+    // With --vm, a point whose damage is in other VMs' data only still serves this VM.
+    let only: Vec<VmId> = a.vm.iter().cloned().collect();
     if let Selector::Id(id) = &selector
         && let Some(d) = scan.damage(id)
+        && (only.is_empty() || !d.spares(&only))
     {
         bail!(
             "recovery point {id} is damaged and cannot be restored: {}",
@@ -962,9 +967,15 @@ async fn run_failover(a: FailoverArgs, drill: bool) -> Result<()> {
     }
     // Every selector skips damaged points, and says which.
     for d in &scan.damaged {
-        eprintln!("skipping damaged point {}: {}", d.id, d.reason);
+        if only.is_empty() || !d.spares(&only) {
+            eprintln!("skipping damaged point {}: {}", d.id, d.reason);
+        }
     }
-    let points = scan.points;
+    let points = if only.is_empty() {
+        scan.points
+    } else {
+        scan.usable_for(&only)
+    };
     if points.is_empty() {
         bail!(UsageError(format!(
             "group {group} has no recovery points in the target store"

@@ -417,10 +417,12 @@ async fn cut_inner(
         } else {
             let m = mounts.clone();
             tokio::task::spawn_blocking(move || consistency::presync(&m)).await?;
-            Some(consistency::Watchdog::spawn(
-                &mounts,
-                &agent.config.thaw_guard,
-            )?)
+            // Off the async workers: the guard's handshake may wait seconds for systemd.
+            let (m, guard) = (mounts.clone(), agent.config.thaw_guard.clone());
+            Some(
+                tokio::task::spawn_blocking(move || consistency::Watchdog::spawn(&m, &guard))
+                    .await??,
+            )
         };
         // Devices about to be frozen: no event barrier may be made on them.
         let frozen_devs: Vec<u64> = mounts

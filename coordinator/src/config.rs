@@ -86,9 +86,8 @@ pub struct Policy {
     pub retention: Duration,
 }
 
-/// The retention range the policy allows.
-pub const RETENTION: std::ops::RangeInclusive<Duration> =
-    Duration::from_secs(3600)..=Duration::from_secs(72 * 3600);
+/// The retention range the policy allows (the data plane's).
+pub use lifeboat_dr::RETENTION;
 
 /// The deadlines of one kind of cut (see the cut protocol in the `.proto`).
 #[derive(Debug, Clone, Copy, Deserialize)]

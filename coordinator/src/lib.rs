@@ -3,11 +3,9 @@
 //! shared crash- and app-consistent recovery points, and publishes them to the store.
 
 pub mod config;
-pub mod failover;
 pub mod group;
 pub mod listener;
 pub mod pki;
-pub mod process;
 pub mod server;
 pub mod sim;
 pub mod tokens;

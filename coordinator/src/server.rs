@@ -116,7 +116,7 @@ struct Services {
     group: Arc<Group>,
     ca: Arc<Ca>,
     /// Present when the coordinator processes into a target store.
-    processing: Option<Arc<Mutex<crate::process::Status>>>,
+    processing: Option<Arc<Mutex<lifeboat_dr::process::Status>>>,
 }
 
 impl Services {
@@ -403,7 +403,7 @@ pub async fn serve(
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
     let processing = match &config.target {
-        Some(t) => Some(crate::process::Processor::new(
+        Some(t) => Some(lifeboat_dr::process::Processor::new(
             config.group.clone(),
             config
                 .store
@@ -433,7 +433,7 @@ pub async fn serve(
     };
     let status = processing
         .as_ref()
-        .map(|_| Arc::new(Mutex::new(crate::process::Status::default())));
+        .map(|_| Arc::new(Mutex::new(lifeboat_dr::process::Status::default())));
     let process_task = processing.map(|p| {
         let group = group.clone();
         let status = status.clone().expect("made with the processor");

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use lifeboat_coordinator::process::Processor;
+use lifeboat_dr::process::Processor;
 use lifeboat_store::backend::memory::MemoryBackend;
 use lifeboat_store::codec::SegmentBuilder;
 use lifeboat_store::layout::Layout;
@@ -195,7 +195,7 @@ async fn repeated_rounds_with_compactions_never_recopy_and_never_jam() {
 }
 
 /// Runs one processing round as the coordinator does, at `time`.
-async fn round(p: &Processor, time: u64) -> lifeboat_coordinator::process::Pass {
+async fn round(p: &Processor, time: u64) -> lifeboat_dr::process::Pass {
     let pass = p.pass().await.unwrap();
     p.trim_cache().await.unwrap();
     p.prune(RETENTION, time).await.unwrap();
@@ -335,7 +335,7 @@ async fn another_point_under_the_same_id_is_refused_and_kept_in_the_cache() {
 }
 
 fn lifeboat(args: &[&str]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_lifeboat"))
+    std::process::Command::new(lifeboat_tests::bin("lifeboat"))
         .args(args)
         .output()
         .unwrap()

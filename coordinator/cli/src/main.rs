@@ -8,8 +8,8 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use lifeboat_coordinator::failover::{self, Selector};
-use lifeboat_coordinator::process::Processor;
+use lifeboat_dr::failover::{self, Selector};
+use lifeboat_dr::process::Processor;
 use lifeboat_proto::pb;
 use lifeboat_proto::pb::admin_client::AdminClient;
 use lifeboat_store::backend::{Init, OpenMode};
@@ -557,7 +557,7 @@ async fn run(command: Command) -> Result<()> {
             retention,
             now,
         } => {
-            let range = lifeboat_coordinator::config::RETENTION;
+            let range = lifeboat_dr::RETENTION;
             if !range.contains(&retention) {
                 bail!(UsageError(format!(
                     "--retention {} is out of range (1h to 72h)",
@@ -894,7 +894,7 @@ fn print_resyncs(resyncs: &[(lifeboat_store::VmId, lifeboat_store::DiskId, u64)]
     }
 }
 
-fn print_pass(pass: &lifeboat_coordinator::process::Pass) {
+fn print_pass(pass: &lifeboat_dr::process::Pass) {
     println!(
         "processed {} point(s), {} segment(s), {} bytes in {:.2?}",
         pass.points.len(),

@@ -155,6 +155,10 @@ struct World {
     /// Every object damaged at some point since the last complete scrub began: a damage record
     /// stands until the next scrub, even if its damage healed meanwhile.
     damaged_since_scrub: BTreeSet<(Store, String)>,
+    /// Every object damaged when the quarantine records in the target were written: a pass
+    /// rewrites them all, and they stand until the next one, even if that damage healed
+    /// meanwhile (a damaged cache tree the agent's next tag writes whole again).
+    damaged_at_pass: BTreeSet<(Store, String)>,
     /// Fingerprints of what each (store, point) restore read when it last restored exactly.
     restored: HashMap<(Store, String), (Prints, bool)>,
     churn_since_point: u64,
@@ -359,6 +363,7 @@ impl World {
             points: BTreeMap::new(),
             damaged: BTreeMap::new(),
             damaged_since_scrub: BTreeSet::new(),
+            damaged_at_pass: BTreeSet::new(),
             restored: HashMap::new(),
             churn_since_point: 0,
             full_pending: true,
@@ -764,6 +769,13 @@ impl World {
         );
         let before_scrub: BTreeSet<(Store, String)> = self.damaged.keys().cloned().collect();
         let o = Self::run_or_kill(&mut cmd, kill_ms);
+        // A complete pass makes the quarantine records its own; a killed one may have
+        // written some of them.
+        if o.is_some() {
+            self.damaged_at_pass = before_scrub.clone();
+        } else {
+            self.damaged_at_pass.extend(before_scrub.iter().cloned());
+        }
         if scrub && o.is_some() {
             self.damaged_since_scrub = before_scrub;
         }
@@ -1299,8 +1311,17 @@ impl World {
                 Store::Target,
                 self.layout.point(&PointId::new(id).unwrap()).to_string(),
             ));
-            if !self.attributable(&n, "") {
-                let line = both.lines().find(|l| l.contains(id.as_str())).unwrap_or("");
+            let line = both.lines().find(|l| l.contains(id.as_str())).unwrap_or("");
+            let at_pass = n
+                .used
+                .iter()
+                .chain(&n.missing)
+                .any(|k| self.damaged_at_pass.contains(k))
+                || self
+                    .damaged_at_pass
+                    .iter()
+                    .any(|(_, name)| line.contains(name.as_str()));
+            if !at_pass && !self.attributable(&n, "") {
                 return Err(format!(
                     "point {id} is quarantined but needs no damaged object: {line}"
                 ));

@@ -81,6 +81,7 @@ const GUARD_PROTOCOL: u32 = 1;
 
 /// How long the guard has to say it is ready (systemd starting the instance included) before
 /// the agent guards the freeze itself.
+#[cfg(unix)]
 const GUARD_READY: Duration = Duration::from_secs(3);
 
 /// The thaw guard's first line.
@@ -203,11 +204,6 @@ fn connect_guard(guard: &std::path::Path) -> Result<Option<std::os::unix::net::U
         }
         Err(e) => Err(anyhow::Error::new(e).context("cannot connect")),
     }
-}
-
-#[cfg(not(unix))]
-fn connect_guard(_guard: &std::path::Path) -> Result<Option<std::convert::Infallible>> {
-    Ok(None)
 }
 
 impl Watchdog {

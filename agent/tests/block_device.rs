@@ -405,6 +405,7 @@ fn a_filesystem_thawed_by_someone_else_mid_cut_discards_the_cut() {
 
 /// A cgroup v2 directory where this test may make child groups (`cgroup.freeze` lives in every
 /// non-root group): the unified hierarchy itself, or its hybrid mount.
+#[cfg(target_os = "linux")]
 fn cgroup2_root() -> Option<PathBuf> {
     ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
         .into_iter()
@@ -413,6 +414,7 @@ fn cgroup2_root() -> Option<PathBuf> {
 }
 
 /// `pid` and every process descended from it, from /proc.
+#[cfg(target_os = "linux")]
 fn process_tree(pid: u32) -> Vec<u32> {
     let parents: Vec<(u32, u32)> = std::fs::read_dir("/proc")
         .unwrap()
@@ -448,6 +450,7 @@ fn process_tree(pid: u32) -> Vec<u32> {
 /// along with the agent and the filesystem stays frozen: checked too, so the test shows it can
 /// fail.
 #[test]
+#[cfg(target_os = "linux")]
 fn a_cgroup_freeze_of_the_agent_mid_freeze_still_thaws_at_the_deadline_with_the_thaw_guard() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let name =

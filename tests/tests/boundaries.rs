@@ -53,6 +53,10 @@ fn reach(deps: &BTreeMap<String, BTreeSet<String>>, krate: &str) -> BTreeSet<Str
 }
 
 #[test]
+#[cfg_attr(
+    windows,
+    ignore = "runs cargo metadata, which the Windows test run (under wine) lacks; the manifests are the same on every platform and checked on Linux"
+)]
 fn the_stated_boundaries_hold() {
     let deps = dependencies();
     for k in [

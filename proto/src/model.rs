@@ -695,14 +695,35 @@ mod tests {
 
     #[test]
     fn garbage_bytes_never_panic() {
+        // Whatever the model accepts survives its own wire form unchanged; what it refuses, it
+        // refuses with an error (never a panic). Both paths must be taken, or the inputs
+        // prove nothing.
+        let mut refused = 0;
         for len in 0..64 {
             let bytes: Vec<u8> = (0..len).map(|i| (i * 37 + 11) as u8).collect();
             if let Ok(m) = pb::AgentMessage::decode(&bytes[..]) {
-                let _ = AgentMessage::try_from(m);
+                match AgentMessage::try_from(m) {
+                    Ok(a) => {
+                        let again = AgentMessage::try_from(pb::AgentMessage::from(a.clone()));
+                        assert_eq!(again.as_ref(), Ok(&a), "{bytes:?}");
+                    }
+                    Err(_) => refused += 1,
+                }
             }
             if let Ok(m) = pb::CoordinatorMessage::decode(&bytes[..]) {
-                let _ = CoordinatorMessage::try_from(m);
+                match CoordinatorMessage::try_from(m) {
+                    Ok(c) => {
+                        let again =
+                            CoordinatorMessage::try_from(pb::CoordinatorMessage::from(c.clone()));
+                        assert_eq!(again.as_ref(), Ok(&c), "{bytes:?}");
+                    }
+                    Err(_) => refused += 1,
+                }
             }
         }
+        assert!(
+            refused > 0,
+            "no garbage input reached the model's validation"
+        );
     }
 }

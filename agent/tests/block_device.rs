@@ -263,6 +263,54 @@ fn a_mount_that_is_not_the_disks_filesystem_is_refused() {
     }
 }
 
+/// A config with one block device disk under `lfs`, frozen with `freeze_timeout`.
+fn block_device_config(dir: &Path, lfs: &LoopFs, freeze_timeout: &str) -> PathBuf {
+    write_config(
+        dir,
+        &format!(
+            "[[disk]]\nid = \"vol\"\nkind = \"block_device\"\npath = {:?}\nconsistency = \"fsfreeze\"\nmount = {:?}\nfreeze_timeout = \"{freeze_timeout}\"\n",
+            lfs.device.display(),
+            lfs.mount.display()
+        ),
+    )
+}
+
+/// Starts `sync` in a process group of its own (as a shell job would be) whose oracle hook
+/// marks "frozen" and then holds the freeze for 30 s; returns once the mark is there, with the
+/// time it was seen.
+fn sync_holding_the_freeze(config: &Path, dir: &Path) -> (std::process::Child, Instant) {
+    let frozen_flag = dir.join("frozen");
+    let mut c = Command::new(AGENT);
+    c.arg("--config")
+        .arg(config)
+        .arg("sync")
+        .env(
+            "LIFEBOAT_TEST_WHILE_FROZEN",
+            format!("touch {}; sleep 30", frozen_flag.display()),
+        )
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    #[cfg(unix)]
+    std::os::unix::process::CommandExt::process_group(&mut c, 0);
+    let child = c.spawn().unwrap();
+    let t0 = Instant::now();
+    while !frozen_flag.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(60), "never froze");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    (child, Instant::now())
+}
+
+/// A write and fsync under `mount` on a thread of its own: it finishes once the filesystem
+/// is thawed.
+fn probe_write(mount: &Path) -> std::thread::JoinHandle<()> {
+    let probe = mount.join("probe");
+    std::thread::spawn(move || {
+        std::fs::write(&probe, b"x").unwrap();
+        std::fs::File::open(&probe).unwrap().sync_all().unwrap();
+    })
+}
+
 /// Stopping the agent's whole process group while it holds a freeze (Ctrl-Z at a terminal,
 /// `kill -STOP -<pgid>`) does not stop the watchdog: the filesystem thaws at the deadline.
 #[test]
@@ -274,38 +322,9 @@ fn stopping_the_agents_process_group_mid_freeze_still_thaws_at_the_deadline() {
     for signal in ["STOP", "TSTP"] {
         let dir = tempfile::tempdir().unwrap();
         let lfs = LoopFs::new(dir.path(), "ext4", 64);
-        let config = write_config(
-            dir.path(),
-            &format!(
-                "[[disk]]\nid = \"vol\"\nkind = \"block_device\"\npath = {:?}\nconsistency = \"fsfreeze\"\nmount = {:?}\nfreeze_timeout = \"1s\"\n",
-                lfs.device.display(),
-                lfs.mount.display()
-            ),
-        );
-        // The oracle hook signals "frozen" and then waits, so the group is stopped mid-freeze.
-        let frozen_flag = dir.path().join("frozen");
-        let mut child = {
-            let mut c = Command::new(AGENT);
-            c.arg("--config")
-                .arg(&config)
-                .arg("sync")
-                .env(
-                    "LIFEBOAT_TEST_WHILE_FROZEN",
-                    format!("touch {}; sleep 30", frozen_flag.display()),
-                )
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null());
-            // Its own process group, as a shell job would be.
-            #[cfg(unix)]
-            std::os::unix::process::CommandExt::process_group(&mut c, 0);
-            c.spawn().unwrap()
-        };
-        let t0 = Instant::now();
-        while !frozen_flag.exists() {
-            assert!(t0.elapsed() < Duration::from_secs(60), "never froze");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        let frozen_at = Instant::now();
+        let config = block_device_config(dir.path(), &lfs, "1s");
+        // The agent holds the freeze, so the group is stopped mid-freeze.
+        let (mut child, frozen_at) = sync_holding_the_freeze(&config, dir.path());
         run(Command::new("kill")
             .args(["-s", signal, "--"])
             .arg(format!("-{}", child.id())));
@@ -324,11 +343,7 @@ fn stopping_the_agents_process_group_mid_freeze_still_thaws_at_the_deadline() {
             std::thread::sleep(Duration::from_millis(2));
         }
         // A write must go through within the 1 s deadline plus slack, with the agent stopped.
-        let probe = lfs.mount.join("probe");
-        let writer = std::thread::spawn(move || {
-            std::fs::write(&probe, b"x").unwrap();
-            std::fs::File::open(&probe).unwrap().sync_all().unwrap();
-        });
+        let writer = probe_write(&lfs.mount);
         while !writer.is_finished() {
             assert!(
                 frozen_at.elapsed() < Duration::from_secs(10),
@@ -361,14 +376,7 @@ fn a_filesystem_thawed_by_someone_else_mid_cut_discards_the_cut() {
     let rcu_before = rcu();
     let dir = tempfile::tempdir().unwrap();
     let lfs = LoopFs::new(dir.path(), "ext4", 64);
-    let config = write_config(
-        dir.path(),
-        &format!(
-            "[[disk]]\nid = \"vol\"\nkind = \"block_device\"\npath = {:?}\nconsistency = \"fsfreeze\"\nmount = {:?}\nfreeze_timeout = \"20s\"\n",
-            lfs.device.display(),
-            lfs.mount.display()
-        ),
-    );
+    let config = block_device_config(dir.path(), &lfs, "20s");
     agent_ok(&config, &["sync"]);
     std::fs::write(lfs.mount.join("f"), b"changed").unwrap();
     let out = Command::new(AGENT)
@@ -468,14 +476,7 @@ fn a_cgroup_freeze_of_the_agent_mid_freeze_still_thaws_at_the_deadline_with_the_
         let dir = tempfile::tempdir().unwrap();
         let lfs = LoopFs::new(dir.path(), "ext4", 64);
         let sock = dir.path().join("guard.sock");
-        let config = write_config(
-            dir.path(),
-            &format!(
-                "[[disk]]\nid = \"vol\"\nkind = \"block_device\"\npath = {:?}\nconsistency = \"fsfreeze\"\nmount = {:?}\nfreeze_timeout = \"1s\"\n",
-                lfs.device.display(),
-                lfs.mount.display()
-            ),
-        );
+        let config = block_device_config(dir.path(), &lfs, "1s");
         let text = std::fs::read_to_string(&config).unwrap();
         let text = text.replace(
             &format!("thaw_guard = {:?}", dir.path().join("no-thaw-guard.sock")),
@@ -537,27 +538,7 @@ fn a_cgroup_freeze_of_the_agent_mid_freeze_still_thaws_at_the_deadline_with_the_
             );
             all_exit("check and an undisturbed cut");
         }
-        let frozen_flag = dir.path().join("frozen");
-        let mut child = {
-            let mut c = Command::new(AGENT);
-            c.arg("--config")
-                .arg(&config)
-                .arg("sync")
-                .env(
-                    "LIFEBOAT_TEST_WHILE_FROZEN",
-                    format!("touch {}; sleep 30", frozen_flag.display()),
-                )
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null());
-            std::os::unix::process::CommandExt::process_group(&mut c, 0);
-            c.spawn().unwrap()
-        };
-        let t0 = Instant::now();
-        while !frozen_flag.exists() {
-            assert!(t0.elapsed() < Duration::from_secs(60), "never froze");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        let frozen_at = Instant::now();
+        let (mut child, frozen_at) = sync_holding_the_freeze(&config, dir.path());
         // Every process of the agent (its child watchdog, in a process group of its own,
         // included) into a cgroup of its own, then frozen.
         let group = cgroups.join(format!("lifeboat-test-{}", std::process::id()));
@@ -576,11 +557,7 @@ fn a_cgroup_freeze_of_the_agent_mid_freeze_still_thaws_at_the_deadline_with_the_
             );
             std::thread::sleep(Duration::from_millis(2));
         }
-        let probe = lfs.mount.join("probe");
-        let writer = std::thread::spawn(move || {
-            std::fs::write(&probe, b"x").unwrap();
-            std::fs::File::open(&probe).unwrap().sync_all().unwrap();
-        });
+        let writer = probe_write(&lfs.mount);
         let outcome = if guarded {
             while !writer.is_finished() {
                 assert!(

@@ -253,20 +253,30 @@ impl Processor {
             }
         }
         for (id, why) in &pass.quarantined {
-            let name = layout.quarantine_record(id);
-            match backend.get(&name).await {
-                Ok(b) if b == why.as_bytes() => continue,
-                Ok(_) => backend.delete(&name).await?,
-                Err(e) if e.kind == ErrorKind::NotFound => {}
-                Err(e) => return Err(e.into()),
-            }
-            match backend.put_new(&name, why.clone().into()).await {
-                // Another pass recorded it meanwhile: either reason will do.
-                Err(e) if e.kind != ErrorKind::AlreadyExists => return Err(e.into()),
-                _ => {}
-            }
+            self.put_record(&layout.quarantine_record(id), why).await?;
         }
         Ok(())
+    }
+
+    /// Makes the text record `name` of the target hold `text` (records are create-only: a
+    /// different one is deleted first). True when it was written, false when it already held
+    /// that text. Another writer recording it meanwhile counts as written: either text will do.
+    async fn put_record(
+        &self,
+        name: &lifeboat_store::ObjectName,
+        text: &str,
+    ) -> std::result::Result<bool, lifeboat_store::StoreError> {
+        let backend = self.target.backend();
+        match backend.get(name).await {
+            Ok(b) if b == text.as_bytes() => return Ok(false),
+            Ok(_) => backend.delete(name).await?,
+            Err(e) if e.kind == ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        match backend.put_new(name, text.to_owned().into()).await {
+            Err(e) if e.kind != ErrorKind::AlreadyExists => Err(e),
+            _ => Ok(true),
+        }
     }
 
     /// Asks the agent of a disk, through the cache store, for a new history (a full copy):
@@ -410,25 +420,12 @@ impl Processor {
             .await?;
         for (id, lines) in broken {
             let why = lines.join("\n") + "\n";
-            let name = layout.damage_record(&id);
-            let written: Result<(), lifeboat_store::StoreError> = async {
-                match backend.get(&name).await {
-                    Ok(b) if b == why.as_bytes() => return Ok(()),
-                    Ok(_) => backend.delete(&name).await?,
-                    Err(e) if e.kind == ErrorKind::NotFound => {}
-                    Err(e) => return Err(e),
+            match self.put_record(&layout.damage_record(&id), &why).await {
+                Ok(true) => {
+                    tracing::error!(point = %id, damage = %why.trim_end(), "the scrub found this point's data damaged; it is listed as damaged for the VMs named")
                 }
-                match backend.put_new(&name, why.clone().into()).await {
-                    Err(e) if e.kind != ErrorKind::AlreadyExists => Err(e),
-                    _ => {
-                        tracing::error!(point = %id, damage = %why.trim_end(), "the scrub found this point's data damaged; it is listed as damaged for the VMs named");
-                        Ok(())
-                    }
-                }
-            }
-            .await;
-            if let Err(e) = written {
-                tracing::warn!(point = %id, error = %e, "cannot write a damage record");
+                Ok(false) => {}
+                Err(e) => tracing::warn!(point = %id, error = %e, "cannot write a damage record"),
             }
             out.damaged.push((id, why.trim_end().replace('\n', "; ")));
         }

@@ -97,6 +97,9 @@ pub struct DiskState {
     /// Where the block tracker stood when `content` was read: the next pass reads only blocks
     /// written since. `None`: the next pass scans.
     pub tracking: Option<crate::cbt::Cursor>,
+    /// The tag the current history lies over (a resync by checksum compare), which its tags
+    /// carry (`docs/format.md`, tag `origin`); `None` for a history that began as a full copy.
+    pub origin: Option<u64>,
 }
 
 /// The state file's JSON part, in every format.
@@ -112,6 +115,8 @@ struct Header {
     content: HeaderContent,
     #[serde(default)]
     tracking: Option<crate::cbt::Cursor>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    origin: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -161,6 +166,7 @@ impl DiskState {
             from_segment,
             through_segment: from_segment - 1,
             tracking: None,
+            origin: None,
             content: if directory {
                 Content::Directory {
                     files: BTreeMap::new(),
@@ -321,6 +327,7 @@ fn read(state_dir: &Path, disk: &DiskId, hashes: bool) -> Result<Option<DiskStat
         through_segment: header.through_segment,
         content,
         tracking: header.tracking,
+        origin: header.origin,
     }))
 }
 
@@ -374,6 +381,7 @@ pub fn save(state_dir: &Path, state: &mut DiskState) -> Result<(), StateError> {
         through_segment: state.through_segment,
         content,
         tracking: state.tracking.clone(),
+        origin: state.origin,
     };
     let json = serde_json::to_vec(&header).expect("state serialises");
     let len = (json.len() as u64).to_le_bytes();

@@ -368,19 +368,50 @@ impl Agent {
             .into_iter()
             .find(|(from, _)| *from >= st.from_segment);
         if let Some((from, why)) = asked {
-            tracing::warn!(disk = %disk.id, history = from, reason = %why, "processing cannot complete this history in the target store; resynchronising with a new full copy");
             // Numbered from the time, like a history begun afresh (and after the request and
             // every number known here): a store written before time-derived numbering may
             // still hold an older history's higher numbers, which a count from here could meet.
             let through = st.through_segment.max(max_seg).max(from);
             let start = history_start(now_millis(), through);
-            st = self.fresh_copy(disk, st.tag_seq, start - 1);
+            st = match self.delta_copy(disk, st.tag_seq, start, from).await {
+                Ok(Some(delta)) => {
+                    tracing::warn!(disk = %disk.id, history = from, origin = delta.origin, reason = %why, "processing cannot complete this history in the target store; resynchronising by checksum compare with the tag it offered");
+                    delta
+                }
+                Ok(None) => {
+                    tracing::warn!(disk = %disk.id, history = from, reason = %why, "processing cannot complete this history in the target store; resynchronising with a new full copy");
+                    self.fresh_copy(disk, st.tag_seq, start - 1)
+                }
+                Err(e) => {
+                    tracing::warn!(disk = %disk.id, history = from, reason = %why, error = %format!("{e:#}"), "processing cannot complete this history in the target store, and its offer cannot be used; resynchronising with a new full copy");
+                    self.fresh_copy(disk, st.tag_seq, start - 1)
+                }
+            };
             state::save(&self.config.state_dir, &mut st)?;
             return Ok(st);
         }
         match self.check_cache(disk, &mut st, &segs, deep).await? {
             Checked::Intact => {}
             Checked::Lost(why) => {
+                // Processing meets the same loss when it copies the points over it, and then
+                // offers a tag the target holds to resynchronise over (a checksum compare, far
+                // less than a full copy). Where processing runs (segments of this history were
+                // processed out of the cache), the disk waits for that offer — a pass or two —
+                // and makes a full copy only when none came within `OFFER_WAIT` of its newest
+                // tag, or where nothing processes this cache store.
+                let processed = segs
+                    .iter()
+                    .find(|&&s| s >= st.from_segment)
+                    .is_some_and(|&lowest| lowest > st.from_segment);
+                let newest = latest.as_ref().map_or(0, |l| l.time);
+                let waited = now_millis().saturating_sub(newest);
+                if processed && waited < OFFER_WAIT.as_millis() as u64 {
+                    bail!(
+                        "the cache store lost or damaged what the next tag of disk {} relies on ({why}); waiting for processing to offer a tag to resynchronise over (a checksum compare) — a full copy if none comes within {} of the newest tag",
+                        disk.id,
+                        humantime::format_duration(OFFER_WAIT)
+                    );
+                }
                 tracing::warn!(disk = %disk.id, reason = %why, "the cache store lost or damaged what the next tag relies on; resynchronising with a new full copy");
                 st = self.fresh_copy(disk, st.tag_seq, st.through_segment.max(max_seg));
                 unchanged = false;
@@ -551,6 +582,124 @@ impl Agent {
         s
     }
 
+    /// A new history from segment `start` that lies over the tag processing offered with its
+    /// request for a new history of `from` (the resync sums beside it): the state holds that
+    /// tag's block hashes and no tracking position, so the next pass scans the disk and ships
+    /// only the blocks that differ from it — a checksum compare, where a full copy ships every
+    /// block. `None` when nothing was offered.
+    async fn delta_copy(
+        &self,
+        disk: &DiskConfig,
+        tag_seq: u64,
+        start: u64,
+        from: u64,
+    ) -> Result<Option<DiskState>> {
+        const CHUNK: u64 = 8 << 20;
+        let name = self
+            .reader
+            .layout()
+            .resync_sums(&self.config.vm, &disk.id, from);
+        let backend = self.reader.backend();
+        let len = match backend.head(&name).await {
+            Ok(m) => m.size,
+            Err(e) if e.kind == ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        // Through a file: the sums of a large disk (32 bytes a block and then some) need not
+        // fit in memory.
+        let mut file = tempfile::tempfile_in(&self.config.state_dir)?;
+        let mut at = 0;
+        while at < len {
+            let end = (at + CHUNK).min(len);
+            let bytes = backend.get_range(&name, at..end).await?;
+            if bytes.len() as u64 != end - at {
+                bail!("{name} changed while it was read");
+            }
+            tokio::task::block_in_place(|| io::Write::write_all(&mut file, &bytes))?;
+            at = end;
+        }
+        let mut st = self.fresh_copy(disk, tag_seq, start - 1);
+        let next_tag = if tag_seq == 0 { start } else { tag_seq + 1 };
+        let (dir, bs) = (self.config.state_dir.clone(), u64::from(st.block_size));
+        let directory = disk.kind == DiskKind::Directory;
+        let disk_id = disk.id.to_string();
+        let (origin, content) = tokio::task::spawn_blocking(move || -> Result<(u64, Content)> {
+            io::Seek::seek(&mut file, io::SeekFrom::Start(0))?;
+            let r = io::BufReader::new(file);
+            let mut image: Option<crate::blocks::NewHashes> = None;
+            let mut batch = Vec::new();
+            // Where the entries stand: the target, the next block it must have, and whether
+            // the last one was whole (only a target's last block may be short).
+            let (mut at_target, mut next, mut whole, mut size) = (None, 0u64, true, 0u64);
+            let mut files: BTreeMap<String, FileState> = BTreeMap::new();
+            let header = lifeboat_store::sums::decode(name.as_str(), r, len, |h, e| {
+                if u64::from(h.block_size) != bs {
+                    return Err(format!("block size {} is not this disk's", h.block_size));
+                }
+                let target = &h.targets[e.target as usize];
+                if directory == target.is_empty() {
+                    return Err("the sums are of another kind of disk".into());
+                }
+                if at_target != Some(e.target) {
+                    (at_target, next, whole) = (Some(e.target), 0, true);
+                }
+                if e.offset / bs != next || !whole {
+                    return Err(format!("no block at {} of {target:?}", next * bs));
+                }
+                next += 1;
+                whole = u64::from(e.length) == bs;
+                size = e.offset + u64::from(e.length);
+                if directory {
+                    let f = files.entry(target.clone()).or_insert(FileState {
+                        size: 0,
+                        stamp: None,
+                        hashes: Hashes::default(),
+                    });
+                    f.hashes.0.push(e.hash);
+                    f.size = size;
+                    return Ok(());
+                }
+                if image.is_none() {
+                    image = Some(
+                        crate::blocks::NewHashes::create(&dir, h.entries)
+                            .map_err(|e| e.to_string())?,
+                    );
+                }
+                batch.push(e.hash);
+                if batch.len() == 4096 {
+                    let first = next - batch.len() as u64;
+                    image
+                        .as_ref()
+                        .expect("created")
+                        .write_at(first, &batch)
+                        .map_err(|e| e.to_string())?;
+                    batch.clear();
+                }
+                Ok(())
+            })?;
+            let content = if directory {
+                Content::Directory { files }
+            } else {
+                let hashes = match image {
+                    Some(h) => {
+                        h.write_at(next - batch.len() as u64, &batch)?;
+                        h.finish(&dir, &disk_id)?
+                    }
+                    None => BlockHashes::default(),
+                };
+                Content::Image { size, hashes }
+            };
+            Ok((header.origin, content))
+        })
+        .await??;
+        if origin >= next_tag {
+            bail!("the offered tag {origin} is not before this history's first tag {next_tag}");
+        }
+        st.content = content;
+        st.origin = Some(origin);
+        Ok(Some(st))
+    }
+
     /// Applies the block hashes of segments `st.through_segment+1 ..= tag.through_segment` (read
     /// from their indexes, no data) so `st` describes the disk as of `tag`.
     async fn roll_forward(&self, st: DiskState, tag: &Tag) -> Result<DiskState> {
@@ -640,6 +789,7 @@ impl Agent {
         st.tag_seq = tag.seq;
         st.from_segment = tag.from_segment;
         st.through_segment = through;
+        st.origin = tag.origin;
         // The hashes now describe the tag, which may come from a timeline the tracker's
         // position never saw (a VM reverted to a snapshot): the next pass scans.
         st.tracking = None;
@@ -1067,6 +1217,7 @@ impl Agent {
             consistency,
             block_size: st.block_size,
             shape,
+            origin: st.origin,
         };
         let first = match &previous {
             Some(p) if p.from_segment == tag.from_segment => p.through_segment + 1,
@@ -1169,6 +1320,10 @@ pub struct Shipped {
 }
 
 /// What [`Agent::check_cache`] found.
+/// How long after its newest tag a disk whose cache store lost what that tag relies on waits
+/// for processing's offer before it makes a full copy (processing runs at most an hour apart).
+const OFFER_WAIT: Duration = Duration::from_secs(3600);
+
 enum Checked {
     Intact,
     /// Gone or damaged: the history cannot go on.

@@ -35,6 +35,7 @@ pub async fn write_tag(writer: &StoreWriter, vm: &VmId) -> Result<()> {
         consistency: Consistency::Crash,
         block_size: 65536,
         shape: DiskShape::Image { size: 0 },
+        origin: None,
     };
     writer.put_tag(&tag).await?;
     Ok(())

@@ -100,6 +100,7 @@ impl Agent {
             shape: DiskShape::Image {
                 size: self.image.len() as u64,
             },
+            origin: None,
         };
         self.writer
             .put_tag_checking_from(&tag, self.first_unreferenced)

@@ -40,7 +40,14 @@ pub async fn compact(
     let files = files_of(tag, tree.as_ref());
     // A damaged base stands for nothing; the compaction builds on the readable ones.
     let bases = reader.readable_bases(&tag.vm, &tag.disk).await?;
-    let (prev, sources) = sources_for(layout, tag, &bases);
+    let (prev, mut sources) = sources_for(layout, tag, &bases);
+    // A history that began as a delta over an earlier tag: its first base is built over what a
+    // restore of that tag reads, and stands for the origin from then on.
+    if prev.is_none()
+        && let Some(o) = tag.origin
+    {
+        sources.splice(0..0, origin_sources(reader, tag, o, &bases).await?);
+    }
     // What the new base stands for: the segments of the base it is built on (if that one
     // recorded them), then the identities of the segments after it.
     let mut ids = match &prev {
@@ -147,6 +154,31 @@ pub async fn compact(
         )?),
         Err(e) => Err(e.into()),
     }
+}
+
+/// What a restore of `tag`'s origin tag `o` reads: it must be of the same block size, and be
+/// restorable on its own (through a base, if it has an origin of its own).
+async fn origin_sources(
+    reader: &StoreReader,
+    tag: &Tag,
+    o: u64,
+    bases: &[Base],
+) -> Result<Vec<ObjectName>> {
+    let origin = reader.tag(&tag.vm, &tag.disk, o).await?;
+    if origin.block_size != tag.block_size {
+        return Err(Error::Inconsistent(format!(
+            "tag {} of {}/{} lies over tag {o}, of another block size",
+            tag.seq, tag.vm, tag.disk
+        )));
+    }
+    let (base, sources) = sources_for(reader.layout(), &origin, bases);
+    if base.is_none() && origin.origin.is_some() {
+        return Err(Error::Inconsistent(format!(
+            "tag {} of {}/{} lies over tag {o}, which has no readable base over its own origin",
+            tag.seq, tag.vm, tag.disk
+        )));
+    }
+    Ok(sources)
 }
 
 /// Writes a part create-only; an existing part with the same bytes (a killed or concurrent try)

@@ -225,6 +225,7 @@ pub async fn build(backend: DynBackend) -> Result<Vec<Expected>> {
             consistency,
             block_size: BLOCK,
             shape,
+            origin: None,
         };
         let os_tag = tag(
             &os,

@@ -8,6 +8,7 @@
 //! v1/<group>/vms/<vm>/disks/<disk>/base/<tag:020>/segments.ids    what it stands for
 //! v1/<group>/vms/<vm>/disks/<disk>/tree/<blake3>.tree    directory listings, by content
 //! v1/<group>/vms/<vm>/disks/<disk>/resync/<from:020>.txt  processing asks for a new history (cache)
+//! v1/<group>/vms/<vm>/disks/<disk>/resync/<from:020>.sums the tag it may start over (cache)
 //! v1/<group>/points/<point-id>.point                     recovery points
 //! v1/<group>/quarantine/<point-id>.txt                   why processing refused a point
 //! v1/<group>/damage/<point-id>.txt                       what the target scrub found damaged under a point
@@ -124,6 +125,15 @@ impl Layout {
     pub fn resync(&self, vm: &VmId, disk: &DiskId, from: u64) -> ObjectName {
         name(format!(
             "{}/resync/{from:020}.txt",
+            self.disk_root(vm, disk)
+        ))
+    }
+
+    /// The block hashes of the tag processing offers as the origin of that new history
+    /// ([`crate::sums`]): beside the request, written before it.
+    pub fn resync_sums(&self, vm: &VmId, disk: &DiskId, from: u64) -> ObjectName {
+        name(format!(
+            "{}/resync/{from:020}.sums",
             self.disk_root(vm, disk)
         ))
     }

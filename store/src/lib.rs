@@ -6,6 +6,7 @@
 //! - [`manifest`]: tags, directory trees and recovery-point manifests;
 //! - [`layout`]: where each object lives in the cache and target stores;
 //! - [`restore`]: materialising a disk at a tag, verifying every byte;
+//! - [`sums`]: the block hashes of a tag that let an agent resynchronise by checksum compare;
 //! - [`verify`]: checking a whole store, naming each damaged object and the points it breaks;
 //! - [`durable`]: replacing a small local file atomically and durably;
 //! - [`service`]: readiness and watchdog notifications to systemd (`sd_notify`).
@@ -27,6 +28,7 @@ pub mod name;
 pub mod restore;
 pub mod secret;
 pub mod service;
+pub mod sums;
 pub mod verify;
 pub mod writer;
 

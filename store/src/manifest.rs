@@ -21,6 +21,10 @@ pub const BASE_VERSION: u32 = 2;
 /// read (their `crash` kind may cover members that were not frozen; see
 /// [`RecoveryPoint::effective_kind`]).
 pub const POINT_VERSION: u32 = 2;
+/// Newest version of tags: 2 added `origin` (a history resynchronised as a delta over an
+/// earlier tag). A tag without one is still written at version 1, so readers that predate it
+/// read every other tag.
+pub const TAG_VERSION: u32 = 2;
 
 /// The version each kind of manifest is written at. Kinds change version independently, so a
 /// format change to one kind does not make older readers refuse the others.
@@ -28,6 +32,7 @@ fn written_version(kind: &str) -> u32 {
     match kind {
         "base" => BASE_VERSION,
         "point" => POINT_VERSION,
+        "tag" => TAG_VERSION,
         _ => MANIFEST_VERSION,
     }
 }
@@ -42,9 +47,12 @@ pub struct ManifestError {
 }
 
 fn envelope(kind: &str, body: &[u8]) -> Bytes {
+    envelope_at(kind, written_version(kind), body)
+}
+
+fn envelope_at(kind: &str, version: u32, body: &[u8]) -> Bytes {
     let mut out = format!(
-        "lifeboat-{kind} {} {}\n",
-        written_version(kind),
+        "lifeboat-{kind} {version} {}\n",
         blake3::hash(body).to_hex()
     )
     .into_bytes();
@@ -160,20 +168,28 @@ pub struct Tag {
     /// Block size of the disk's segments.
     pub block_size: u32,
     pub shape: DiskShape,
+    /// A history resynchronised as a delta (`docs/format.md`, *Resync*): the number of an
+    /// earlier tag of this disk whose blocks the history's segments lie over. Every tag of
+    /// that history carries it. A restore reads it through a base of the history (processing
+    /// compacts one over the origin before it publishes the history's first tag); without
+    /// one, the history's own segments do not hold every block and the restore fails.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<u64>,
 }
 
 impl Tag {
-    /// Serialises into a tag object.
+    /// Serialises into a tag object (version 1 unless it has an origin).
     pub fn encode(&self) -> Bytes {
-        envelope(
-            "tag",
-            &serde_json::to_vec_pretty(self).expect("tag serialises"),
-        )
+        let body = serde_json::to_vec_pretty(self).expect("tag serialises");
+        match self.origin {
+            Some(_) => envelope_at("tag", TAG_VERSION, &body),
+            None => envelope_at("tag", 1, &body),
+        }
     }
 
     /// Parses and verifies a tag object named `object`.
     pub fn decode(object: &str, data: &[u8]) -> Result<Self, ManifestError> {
-        let (_, body) = open_envelope("tag", object, data)?;
+        let (version, body) = open_envelope("tag", object, data)?;
         let tag: Tag = serde_json::from_slice(body).map_err(|e| ManifestError {
             object: object.into(),
             kind: "tag",
@@ -194,6 +210,16 @@ impl Tag {
         // Readers walk every block of the disk and every segment of the range: a forged block
         // size or size must not turn that into an endless loop.
         crate::codec::check_block_size(tag.block_size).map_err(&err)?;
+        match tag.origin {
+            Some(_) if version < 2 => {
+                return Err(err("field `origin` needs version 2".into()));
+            }
+            // An earlier tag: a chain of origins can only go back, never round.
+            Some(o) if o == 0 || o >= tag.seq => {
+                return Err(err(format!("origin {o} is not a tag before {}", tag.seq)));
+            }
+            _ => {}
+        }
         if let DiskShape::Image { size } = tag.shape
             && size.div_ceil(tag.block_size as u64) > MAX_DISK_BLOCKS
         {
@@ -492,6 +518,7 @@ mod tests {
             consistency: Consistency::Crash,
             block_size: 65536,
             shape: DiskShape::Image { size: 1 << 30 },
+            origin: None,
         }
     }
 
@@ -521,6 +548,27 @@ mod tests {
         assert!(Tag::decode("t", &envelope("tag", extra.as_bytes())).is_err());
         let bad_id = body.replace("\"vm1\"", "\"../vm1\"");
         assert!(Tag::decode("t", &envelope("tag", bad_id.as_bytes())).is_err());
+    }
+
+    #[test]
+    fn a_tag_with_an_origin_is_version_2_and_every_other_stays_version_1() {
+        let plain = tag().encode();
+        assert!(plain.starts_with(b"lifeboat-tag 1 "));
+        let mut t = tag();
+        t.origin = Some(2);
+        let delta = t.encode();
+        assert!(delta.starts_with(b"lifeboat-tag 2 "));
+        assert_eq!(Tag::decode("t", &delta).unwrap(), t);
+        // The field at version 1 (a reader of version 1 would not know it) is refused.
+        let body = serde_json::to_vec(&t).unwrap();
+        let err = Tag::decode("t", &envelope_at("tag", 1, &body)).unwrap_err();
+        assert!(err.to_string().contains("version 2"), "{err}");
+        // An origin must be an earlier tag: chains of origins only go back.
+        for o in [0, 3, 4] {
+            t.origin = Some(o);
+            let err = Tag::decode("t", &t.encode()).unwrap_err();
+            assert!(err.to_string().contains("origin"), "{o}: {err}");
+        }
     }
 
     #[test]

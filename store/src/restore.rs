@@ -521,7 +521,14 @@ pub async fn restore_disk(reader: &StoreReader, tag: &Tag, out: &Path) -> Result
     let files = files_of(tag, tree.as_ref());
 
     let bases = reader.readable_bases(&tag.vm, &tag.disk).await?;
-    let (_, sources) = sources_for(reader.layout(), tag, &bases);
+    let (base, sources) = sources_for(reader.layout(), tag, &bases);
+    if let (None, Some(o)) = (&base, tag.origin) {
+        return Err(Error::Inconsistent(format!(
+            "tag {} of {}/{} lies over tag {o} and is read through a base of its history; \
+             none is readable (not processed yet, or damaged)",
+            tag.seq, tag.vm, tag.disk
+        )));
+    }
     let by_source = plan_blocks(reader, tag, &sources, &files).await?;
     let total: u64 = files.iter().map(|(_, size)| size).sum();
 

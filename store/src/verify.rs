@@ -379,6 +379,7 @@ impl<'a> GroupWalk<'a> {
                 Some(("resync", file))
                     if file
                         .strip_suffix(".txt")
+                        .or_else(|| file.strip_suffix(".sums"))
                         .is_some_and(|d| d.len() == 20 && d.parse::<u64>().is_ok()) =>
                 {
                     self.used.insert(name.clone());

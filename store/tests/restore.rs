@@ -56,6 +56,7 @@ fn image_tag(f: &Fixture, seq: u64, through: u64, size: u64) -> Tag {
         consistency: Consistency::Crash,
         block_size: BS,
         shape: DiskShape::Image { size },
+        origin: None,
     }
 }
 

@@ -170,6 +170,10 @@ struct World {
     log: Vec<String>,
     // Figures for the report and `scripts/soak`.
     cycles: u64,
+    /// New histories the agent began, over a tag processing offered (a checksum compare) or as
+    /// a full copy.
+    delta_resyncs: u64,
+    full_copies: u64,
     processed: BTreeSet<String>,
     target_bytes: Vec<u64>,
     max_lag: u64,
@@ -371,6 +375,8 @@ impl World {
             stalled: 0,
             log: Vec::new(),
             cycles: 0,
+            delta_resyncs: 0,
+            full_copies: 0,
             processed: BTreeSet::new(),
             target_bytes: Vec::new(),
             max_lag: 0,
@@ -616,7 +622,7 @@ impl World {
     /// gets the model's time and a reference copy of the disks (which did not change meanwhile).
     /// The first segment of each disk's newest history in the cache (a change is a new full
     /// copy: a resync, or a first copy after lost state).
-    fn histories(&self) -> Vec<Option<u64>> {
+    fn histories(&self) -> Vec<Option<(u64, Option<u64>)>> {
         let vm = VmId::new(VM).unwrap();
         ["os", "data"]
             .iter()
@@ -634,7 +640,7 @@ impl World {
                 let data = std::fs::read(&newest).ok()?;
                 Tag::decode(&newest.to_string_lossy(), &data)
                     .ok()
-                    .map(|t| t.from_segment)
+                    .map(|t| (t.from_segment, t.origin))
             })
             .collect()
     }
@@ -648,13 +654,22 @@ impl World {
         if verified {
             cmd.arg("--verify");
         }
+        // Why the agent began a new history, if it did (for the step log).
+        let mut why_new = String::new();
         let outcome = match kill_ms {
             None => {
                 let o = cmd.output().unwrap();
+                let text = out_text(&o);
+                why_new = text
+                    .lines()
+                    .filter(|l| l.contains("resynchronising") || l.contains("full copy"))
+                    .map(|l| short(l))
+                    .collect::<Vec<_>>()
+                    .join(" | ");
                 if o.status.success() {
                     "ok".to_string()
                 } else {
-                    format!("exit {:?}: {}", o.status.code(), short(&out_text(&o)))
+                    format!("exit {:?}: {}", o.status.code(), short(&text))
                 }
             }
             Some(ms) => {
@@ -675,8 +690,20 @@ impl World {
             .cloned()
             .collect();
         let stepped_back = self.now < self.newest_time;
-        // A new history since the last sync (asked for by processing, say) is a full copy.
-        let resynced = self.histories() != histories;
+        // A new history since the last sync (asked for by processing, say) is a full copy — or
+        // a delta over a tag processing offered, counted here as one all the same (the bound
+        // then holds for either).
+        let now_histories = self.histories();
+        let resynced = now_histories != histories;
+        for (a, b) in histories.iter().zip(&now_histories) {
+            match b {
+                Some((from, origin)) if a.is_none_or(|a| a.0 != *from) => match origin {
+                    Some(_) => self.delta_resyncs += 1,
+                    None => self.full_copies += 1,
+                },
+                _ => {}
+            }
+        }
         for id in &new {
             lifeboat_tests::set_point_time(&self.cache, GROUP, id, self.now);
             self.keep_reference(id);
@@ -697,10 +724,15 @@ impl World {
         self.new_since_pass.extend(new.iter().cloned());
         let failed_plain = kill_ms.is_none() && outcome != "ok";
         self.note(format!(
-            "sync{}{}: {outcome}; new point(s) {new:?} at t+{} min",
+            "sync{}{}: {outcome}; new point(s) {new:?} at t+{} min{}",
             if verified { " --verify" } else { "" },
             if kill_ms.is_some() { "-killed" } else { "" },
-            self.now / MINUTE % 100_000
+            self.now / MINUTE % 100_000,
+            if resynced && !why_new.is_empty() {
+                format!("; new history: {why_new}")
+            } else {
+                String::new()
+            }
         ));
         if !new.is_empty() {
             self.churn_since_point = 0;
@@ -1530,10 +1562,12 @@ impl World {
             .map(|b| format!("{:.1}", *b as f64 / 1048576.0))
             .collect();
         format!(
-            "lifecycle-stats seed={} steps={} cycles={} points_published={} points_processed={} restores={} target_mib_over_time=[{}] lag_min={} max_lag_min={} damaged_now={} elapsed_s={:.0}",
+            "lifecycle-stats seed={} steps={} cycles={} new_histories_delta={} new_histories_full={} points_published={} points_processed={} restores={} target_mib_over_time=[{}] lag_min={} max_lag_min={} damaged_now={} elapsed_s={:.0}",
             self.opts.seed,
             self.log.len(),
             self.cycles,
+            self.delta_resyncs,
+            self.full_copies,
             self.points.len(),
             self.processed.len(),
             self.restores,

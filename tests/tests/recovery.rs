@@ -1361,6 +1361,118 @@ fn target_damage_a_history_needs_asks_the_agent_for_a_new_copy_and_protection_re
     vm.assert_fails_over(&target, 6, &dir.path().join("out-6"));
 }
 
+/// Issue 10: a segment the cache store lost before processing copied it made the agent send
+/// the whole disk again. The agent now waits for processing (which meets the same loss) to
+/// offer a tag the target holds — its block hashes beside the resync request — and sends only
+/// the blocks that differ from it; processing publishes the new history over a base built on
+/// that tag. The oracle is the disk itself: copies kept at every cut, compared byte for byte.
+#[test]
+fn a_segment_lost_from_the_cache_is_resynchronised_by_checksum_compare() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut vm = Vm::setup(dir.path());
+    let target = vm.target();
+    let process = |vm: &Vm| {
+        lifeboat(
+            &["process", "--group", "g1", "--trim-cache"],
+            &[("--cache", &vm.cache), ("--store", &target)],
+        )
+    };
+    for r in 0..3u64 {
+        if r > 0 {
+            vm.change(r, r * 700_000, 200_000);
+        }
+        vm.sync(r);
+        ok(process(&vm));
+    }
+    // Round 3's newest image segment is lost before processing copies it.
+    vm.change(3, 300_000, 100_000);
+    vm.sync(3);
+    let segs = vm.cache.join("v1/g1/vms/vm1/disks/os/seg");
+    let listed = |dir: &Path| -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        v.sort();
+        v
+    };
+    std::fs::remove_file(listed(&segs).pop().unwrap()).unwrap();
+
+    // The agent finds it lost. Processing runs here (earlier segments were processed out of
+    // the cache), so it waits for processing's offer instead of sending the whole disk.
+    vm.change(4, 1_500_000, 100_000);
+    let out = Command::new(bin("lifeboat-agent"))
+        .arg("--config")
+        .arg(vm.dir.join("agent.toml"))
+        .arg("sync")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("waiting for processing to offer a tag"),
+        "{stderr}"
+    );
+
+    // Processing quarantines the point over the lost segment and offers the newest tag the
+    // target holds.
+    let p = process(&vm);
+    let stderr = String::from_utf8_lossy(&p.stderr).into_owned();
+    assert_eq!(p.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("asked vm1/os for a new history over tag"),
+        "{stderr}"
+    );
+    let requests = vm.cache.join("v1/g1/vms/vm1/disks/os/resync");
+    assert_eq!(listed(&requests).len(), 2, "a request and its sums");
+
+    // The agent resynchronises by checksum compare: the new history holds what differs from
+    // the offered tag (rounds 3 and 4's changes, 200 KB of random bytes), not the 3 MiB image.
+    let before = listed(&segs);
+    let log = vm.sync(4);
+    assert!(
+        log.contains("resynchronising by checksum compare with the tag it offered"),
+        "{log}"
+    );
+    let sent: u64 = listed(&segs)
+        .iter()
+        .filter(|p| !before.contains(p))
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .sum();
+    eprintln!("the resync sent {sent} bytes");
+    assert!(
+        sent > 200_000 && sent < 600_000,
+        "the resync sent {sent} bytes for 200 KB of changes to a 3 MiB image"
+    );
+
+    // Processing publishes it over a base built on the offered tag, and withdraws the request.
+    let p = process(&vm);
+    let stdout = String::from_utf8_lossy(&p.stdout).into_owned();
+    assert!(
+        stdout.contains(&format!("latest processed point: {}", vm.points[4])),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&p.stderr)
+    );
+    assert!(listed(&requests).is_empty(), "{:?}", listed(&requests));
+    vm.assert_fails_over(&target, 4, &dir.path().join("out-4"));
+
+    // Steady state over the new history: later points restore, and so do the old ones.
+    for r in 5..7u64 {
+        vm.change(r, r * 400_000, 100_000);
+        vm.sync(r);
+        ok(process(&vm));
+        ok(lifeboat(
+            &["prune", "--group", "g1", "--retention", "24h"],
+            &[("--cache", &vm.cache), ("--store", &target)],
+        ));
+    }
+    vm.assert_fails_over(&target, 6, &dir.path().join("out-6"));
+    vm.assert_fails_over(&target, 2, &dir.path().join("out-2"));
+    ok(lifeboat(
+        &["verify", "--group", "g1", "--read-data"],
+        &[("--store", &target)],
+    ));
+}
+
 /// Regression: the listing of an unchanged directory is one object all its tags name, and
 /// processing took the target's copy on its name: a damaged one there broke every later
 /// point of the disk while they were published as restorable. It is now compared and replaced.

@@ -637,9 +637,10 @@ async fn run(command: Command) -> Result<()> {
                 for (id, why) in &s.damaged {
                     eprintln!("damaged point {id}: {why}");
                 }
-                for (vm, disk, from) in &s.resyncs {
+                for r in &s.resyncs {
                     println!(
-                        "asked {vm}/{disk} for a new full copy: the history from segment {from} reads damaged data"
+                        "{r}: the history from segment {} reads damaged data",
+                        r.from
                     );
                 }
                 damaged = s.damaged.len();
@@ -886,10 +887,11 @@ async fn processor(cache: &Path, target: &StoreArgs, mode: OpenMode) -> Result<P
     ))
 }
 
-fn print_resyncs(resyncs: &[(lifeboat_store::VmId, lifeboat_store::DiskId, u64)]) {
-    for (vm, disk, from) in resyncs {
+fn print_resyncs(resyncs: &[lifeboat_dr::process::Resync]) {
+    for r in resyncs {
         eprintln!(
-            "asked {vm}/{disk} for a new full copy: the target store cannot complete its history from segment {from}"
+            "{r}: the target store cannot complete its history from segment {}",
+            r.from
         );
     }
 }

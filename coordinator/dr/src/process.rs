@@ -21,6 +21,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
+use lifeboat_store::compact::compact;
 use lifeboat_store::layout::Layout;
 use lifeboat_store::manifest::{Base, DiskShape, RecoveryPoint, Tag, now_millis};
 use lifeboat_store::restore::{StoreReader, sources_for};
@@ -55,7 +56,7 @@ pub struct Pruned {
     /// Points that cannot be read, with why (each names its object).
     pub damaged: Vec<String>,
     /// Disks whose agent was asked for a new history, as in [`Pass::resyncs`].
-    pub resyncs: Vec<(VmId, DiskId, u64)>,
+    pub resyncs: Vec<Resync>,
 }
 
 /// What a scrub of the target store found and did.
@@ -70,7 +71,7 @@ pub struct Scrubbed {
     pub cleared: u64,
     /// Disks whose agent was asked for a new history: the damage is in what their newest tag
     /// reads, so every later tag would read it too.
-    pub resyncs: Vec<(VmId, DiskId, u64)>,
+    pub resyncs: Vec<Resync>,
     pub elapsed: std::time::Duration,
 }
 
@@ -119,7 +120,7 @@ pub struct Pass {
     pub quarantined: Vec<(PointId, String)>,
     /// Disks whose agent this pass asked for a new history (resync requests written), with
     /// the first segment of the history the target cannot complete.
-    pub resyncs: Vec<(VmId, DiskId, u64)>,
+    pub resyncs: Vec<Resync>,
 }
 
 impl Processor {
@@ -208,9 +209,9 @@ impl Processor {
                     let why = format!("{e:#}");
                     tracing::error!(point = %p.id, error = %why, "point quarantined: not processed");
                     if let Some(b) = e.downcast_ref::<Broken>()
-                        && self.request_resync(b).await
+                        && let Some(r) = self.request_resync(b).await
                     {
-                        pass.resyncs.push((b.vm.clone(), b.disk.clone(), b.from));
+                        pass.resyncs.push(r);
                     }
                     pass.quarantined.push((p.id.clone(), why));
                 }
@@ -279,23 +280,48 @@ impl Processor {
         }
     }
 
-    /// Asks the agent of a disk, through the cache store, for a new history (a full copy):
-    /// the target cannot complete the one starting at `b.from`, and the data it lacks now
-    /// exists only on the source disk. True when the request is in place. A cache store that
-    /// refuses the write costs the request, never the pass (the point stays quarantined and
-    /// the next pass asks again).
-    async fn request_resync(&self, b: &Broken) -> bool {
+    /// Asks the agent of a disk, through the cache store, for a new history: the target cannot
+    /// complete the one starting at `b.from`, and the data it lacks now exists only on the
+    /// source disk. The request, when in place; it offers a tag to lie the new history over
+    /// (a checksum compare) when one can be ([`Processor::offer_origin`]), and asks for a
+    /// full copy otherwise. A cache store that refuses the write costs the request, never the
+    /// pass (the point stays quarantined and the next pass asks again).
+    async fn request_resync(&self, b: &Broken) -> Option<Resync> {
         if !self.asks {
-            return false;
+            return None;
         }
         // Already answered: the agent's newest tag is of a later history (the old one's points
         // are still kept, and retention meets its damage again on every prune).
         if let Ok(Some(t)) = self.cache.latest_tag(&b.vm, &b.disk).await
             && t.from_segment > b.from
         {
-            return false;
+            return None;
         }
-        let name = self.cache.layout().resync(&b.vm, &b.disk, b.from);
+        let layout = self.cache.layout();
+        let name = layout.resync(&b.vm, &b.disk, b.from);
+        let resync = |origin| Resync {
+            vm: b.vm.clone(),
+            disk: b.disk.clone(),
+            from: b.from,
+            origin,
+        };
+        // Asked before (a pass that met the same damage): the offer, if any, stands.
+        if self.cache.backend().head(&name).await.is_ok() {
+            let sums = layout.resync_sums(&b.vm, &b.disk, b.from);
+            let origin = match self.cache.backend().get(&sums).await {
+                Ok(data) => lifeboat_store::sums::decode(
+                    sums.as_str(),
+                    &data[..],
+                    data.len() as u64,
+                    |_, _| Ok(()),
+                )
+                .ok()
+                .map(|h| h.origin),
+                Err(_) => None,
+            };
+            return Some(resync(origin));
+        }
+        let origin = self.offer_origin(b).await;
         match self
             .cache
             .backend()
@@ -303,15 +329,100 @@ impl Processor {
             .await
         {
             Ok(()) => {
-                tracing::warn!(vm = %b.vm, disk = %b.disk, history = b.from, reason = %b.why, "the target store cannot complete this history; asked the agent for a new full copy");
-                true
+                match origin {
+                    Some(o) => {
+                        tracing::warn!(vm = %b.vm, disk = %b.disk, history = b.from, origin = o, reason = %b.why, "the target store cannot complete this history; asked the agent for a new one over tag {o} (a checksum compare)")
+                    }
+                    None => {
+                        tracing::warn!(vm = %b.vm, disk = %b.disk, history = b.from, reason = %b.why, "the target store cannot complete this history; asked the agent for a new full copy")
+                    }
+                }
+                Some(resync(origin))
             }
-            Err(e) if e.kind == ErrorKind::AlreadyExists => true,
+            Err(e) if e.kind == ErrorKind::AlreadyExists => Some(resync(origin)),
             Err(e) => {
                 tracing::error!(vm = %b.vm, disk = %b.disk, error = %e, "cannot write a resync request to the cache store");
-                false
+                None
             }
         }
+    }
+
+    /// Offers the agent of `b`'s disk a tag to lie its new history over, so it ships what
+    /// differs from that tag instead of a full copy: the newest of the disk's last few tags in
+    /// the target that compacts — every block read and verified, into a base at it, which the
+    /// new history's first base is later built over — goes beside the request as resync sums
+    /// (its blocks' hashes). None for a history that itself began over an origin (so damage
+    /// to an origin costs one full copy, never a loop of deltas over it), or when no recent
+    /// tag restores; the agent then makes a full copy.
+    async fn offer_origin(&self, b: &Broken) -> Option<u64> {
+        if let Ok(Some(t)) = self.cache.latest_tag(&b.vm, &b.disk).await
+            && t.from_segment == b.from
+            && t.origin.is_some()
+        {
+            return None;
+        }
+        let seqs = self.target.tag_seqs(&b.vm, &b.disk).await.ok()?;
+        for &seq in seqs.iter().rev().take(3) {
+            let tag = match self.target.tag(&b.vm, &b.disk, seq).await {
+                Ok(t) => t,
+                Err(_) => continue,
+            };
+            let sums = match self.sums_of(&tag).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(vm = %b.vm, disk = %b.disk, tag = seq, error = %format!("{e:#}"), "tag cannot be offered as the origin of a resync");
+                    continue;
+                }
+            };
+            let name = self.cache.layout().resync_sums(&b.vm, &b.disk, b.from);
+            return match self.cache.backend().put_new(&name, sums).await {
+                Ok(()) => Some(seq),
+                Err(e) if e.kind == ErrorKind::AlreadyExists => Some(seq),
+                Err(e) => {
+                    tracing::warn!(sums = %name, error = %e, "cannot write resync sums to the cache store");
+                    None
+                }
+            };
+        }
+        None
+    }
+
+    /// The resync sums of `tag` in the target: compacts it (reading and verifying every block
+    /// a restore reads), then lists the base's blocks.
+    async fn sums_of(&self, tag: &Tag) -> Result<bytes::Bytes> {
+        let base = compact(&self.target, tag, BASE_PART_BYTES, 3).await?;
+        let layout = self.target.layout();
+        let mut blocks = Vec::new();
+        for part in 1..=base.parts {
+            let name = layout.base_part(&tag.vm, &tag.disk, tag.seq, part);
+            let (targets, entries) = self.target.segment_index_of(&name).await?;
+            for e in entries {
+                blocks.push((
+                    targets[e.target as usize].clone(),
+                    e.offset,
+                    e.length,
+                    e.hash,
+                ));
+            }
+        }
+        blocks.sort();
+        let mut paths: Vec<String> = blocks.iter().map(|b| b.0.clone()).collect();
+        paths.dedup();
+        let mut sums =
+            lifeboat_store::sums::SumsBuilder::new(tag.seq, tag.block_size, paths.clone());
+        let mut at = 0u32;
+        for (path, offset, length, hash) in blocks {
+            while paths[at as usize] != path {
+                at += 1;
+            }
+            sums.push(lifeboat_store::sums::SumEntry {
+                target: at,
+                offset,
+                length,
+                hash,
+            });
+        }
+        Ok(sums.finish())
     }
 
     /// Scrubs the target store: reads every object every point needs, whole (segments and base
@@ -396,8 +507,8 @@ impl Processor {
                     from,
                     why: format!("the target scrub found what tag {newest} reads damaged: {hit}"),
                 };
-                if self.request_resync(&b).await {
-                    out.resyncs.push((vm.clone(), disk.clone(), from));
+                if let Some(r) = self.request_resync(&b).await {
+                    out.resyncs.push(r);
                 }
             }
         }
@@ -478,11 +589,20 @@ impl Processor {
             };
             for (from, _) in requests.into_iter().filter(|(from, _)| newest > *from) {
                 tracing::info!(%vm, %disk, history = from, new_history = newest, "resync answered");
-                let name = self.cache.layout().resync(vm, disk, from);
-                // An answered request left in place costs nothing (the agent ignores requests
-                // older than its history); a credential without delete must not stop the pass.
-                if let Err(e) = self.cache.backend().delete(&name).await {
-                    tracing::warn!(request = %name, error = %e, "cannot withdraw an answered resync request");
+                // The sums first: a request is never left without them by a withdrawal that
+                // stopped half-way, so no sums outlive their request.
+                let layout = self.cache.layout();
+                for name in [
+                    layout.resync_sums(vm, disk, from),
+                    layout.resync(vm, disk, from),
+                ] {
+                    // An answered request left in place costs nothing (the agent ignores
+                    // requests older than its history); a credential without delete must not
+                    // stop the pass.
+                    if let Err(e) = self.cache.backend().delete(&name).await {
+                        tracing::warn!(request = %name, error = %e, "cannot withdraw an answered resync request");
+                        break;
+                    }
                 }
             }
         }
@@ -549,6 +669,20 @@ impl Processor {
                     // the target would break every later point, so what is there is compared
                     // and replaced, never taken on its name.
                     self.writer.replace_tree(&m.vm, &d.disk, &t).await?;
+                }
+                // A history resynchronised as a delta over an earlier tag holds only what
+                // changed since it: its first tag is published with a base built over that
+                // tag, which every restore of the history then reads instead.
+                if let Some(o) = tag.origin
+                    && sources_for(self.target.layout(), &tag, &held.bases)
+                        .0
+                        .is_none()
+                {
+                    let base = compact(&self.target, &tag, BASE_PART_BYTES, 3)
+                        .await
+                        .map_err(|e| broken(&tag, e.into()))?;
+                    tracing::info!(vm = %m.vm, disk = %d.disk, tag = tag.seq, origin = o, "built the base of a history resynchronised over an earlier tag");
+                    held.bases.push(base);
                 }
                 self.writer
                     .put_tag(&tag)
@@ -978,8 +1112,8 @@ impl Processor {
                             from: oldest.from_segment,
                             why: format!("no compaction at tag {}: {e:#}", oldest.seq),
                         };
-                        if !occupied && self.request_resync(&b).await {
-                            out.resyncs.push((vm.clone(), disk.clone(), b.from));
+                        if !occupied && let Some(r) = self.request_resync(&b).await {
+                            out.resyncs.push(r);
                         }
                     }
                 }
@@ -1157,6 +1291,30 @@ pub struct Broken {
     pub why: String,
 }
 
+/// A disk whose agent was asked for a new history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resync {
+    pub vm: VmId,
+    pub disk: DiskId,
+    /// First segment of the history the target cannot complete.
+    pub from: u64,
+    /// The tag offered to lie the new history over (a checksum compare); `None`: a full copy.
+    pub origin: Option<u64>,
+}
+
+impl std::fmt::Display for Resync {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.origin {
+            Some(o) => write!(
+                f,
+                "asked {}/{} for a new history over tag {o} (a checksum compare: only blocks that differ are sent)",
+                self.vm, self.disk
+            ),
+            None => write!(f, "asked {}/{} for a new full copy", self.vm, self.disk),
+        }
+    }
+}
+
 /// `e`, from copying `tag`'s data, as [`Broken`] when it is about that data (damage, loss,
 /// another history under the same numbers) rather than about reaching the stores.
 fn broken(tag: &Tag, e: anyhow::Error) -> anyhow::Error {
@@ -1325,6 +1483,7 @@ mod tests {
             consistency: Consistency::Crash,
             block_size: 4096,
             shape: DiskShape::Image { size: 4096 },
+            origin: None,
         };
         w.put_tag(&tag).await.unwrap();
         let point = RecoveryPoint {

@@ -20,7 +20,7 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use lifeboat_store::manifest::{Consistency, PointKind, RecoveryPoint, Tag};
 
 use crate::config::{ConsistencyKind, DiskConfig, DiskKind, Tracking};
@@ -318,11 +318,29 @@ async fn cut_inner(
     let started = Instant::now();
     let disks = &agent.config.disks;
     let mut states = Vec::new();
+    // Every disk is reconciled even when one cannot go on, so that all that wait for
+    // processing's offer ask for it in the same cut.
+    let mut failed: Vec<anyhow::Error> = Vec::new();
     for (d, h) in disks.iter().zip(hints) {
         sync::check_disk_path(d)?;
         // Never label a point crash-consistent over a freeze of the wrong filesystem.
         consistency::verify_freeze_target(d)?;
-        states.push(agent.reconcile(d, h.reread_all).await?);
+        match agent.reconcile(d, h.reread_all).await {
+            Ok(st) => states.push(st),
+            Err(e) => failed.push(e),
+        }
+    }
+    match failed.len() {
+        0 => {}
+        1 => return Err(failed.remove(0)),
+        _ => bail!(
+            "{}",
+            failed
+                .iter()
+                .map(|e| format!("{e:#}"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        ),
     }
 
     // 2. Pre-copy, when a freeze follows: it keeps the frozen capture short. Without a freeze

@@ -296,9 +296,18 @@ async fn take_part(
 
 /// Background replication between cuts: ship what changed and keep it as a not-frozen tag.
 async fn replicate(agent: &Agent, verify: bool, watchers: &Watchers) -> Result<()> {
+    // A disk that cannot go on (waiting for processing's offer, say) costs its own tag only:
+    // the others still replicate, and ask for what they need in the same round.
+    let mut failed = None;
     for d in &agent.config.disks {
         crate::sync::check_disk_path(d)?;
-        let mut st = agent.reconcile(d, verify).await?;
+        let mut st = match agent.reconcile(d, verify).await {
+            Ok(st) => st,
+            Err(e) => {
+                failed.get_or_insert(e);
+                continue;
+            }
+        };
         let hints = {
             let mut h = watchers.take(d.id.as_str());
             h.reread_all |= verify;
@@ -322,7 +331,7 @@ async fn replicate(agent: &Agent, verify: bool, watchers: &Watchers) -> Result<(
             e.last_tag_time = tag.time;
         });
     }
-    Ok(())
+    failed.map_or(Ok(()), Err)
 }
 
 /// `run` in a group, until `stop` resolves.

@@ -276,8 +276,25 @@ impl Agent {
                 match self.roll_forward(s, l).await {
                     Ok(s) => s,
                     Err(e) => {
-                        tracing::warn!(disk = %disk.id, error = %e, "cannot roll forward (segments already processed out of the cache store?); starting a new full copy");
-                        self.fresh_copy(disk, l.seq, through.max(max_seg).max(l.through_segment))
+                        let why =
+                            format!("cannot roll the local state forward to tag {}: {e}", l.seq);
+                        let through = through.max(max_seg).max(l.through_segment);
+                        match self
+                            .answer_or_ask(disk, l.from_segment, &segs, &why)
+                            .await?
+                        {
+                            Some((from, asked)) => {
+                                let mut st = self
+                                    .answer_request(disk, l.seq, through, from, &asked)
+                                    .await?;
+                                state::save(&self.config.state_dir, &mut st)?;
+                                return Ok(st);
+                            }
+                            None => {
+                                tracing::warn!(disk = %disk.id, reason = %why, "starting a new full copy");
+                                self.fresh_copy(disk, l.seq, through)
+                            }
+                        }
                     }
                 }
             }
@@ -314,10 +331,27 @@ impl Agent {
                     match self.roll_forward(base, l).await {
                         Ok(s) => s,
                         Err(e) => {
-                            tracing::warn!(disk = %disk.id, error = %e, "store cannot vouch for the last tag; starting a new full copy");
                             // Numbers continue after the tag even when processing removed its
                             // segments from the cache: the target store holds them.
-                            self.fresh_copy(disk, l.seq, max_seg.max(l.through_segment))
+                            let through = max_seg.max(l.through_segment);
+                            let why =
+                                format!("the cache store cannot vouch for tag {}: {e}", l.seq);
+                            match self
+                                .answer_or_ask(disk, l.from_segment, &segs, &why)
+                                .await?
+                            {
+                                Some((from, asked)) => {
+                                    let mut st = self
+                                        .answer_request(disk, l.seq, through, from, &asked)
+                                        .await?;
+                                    state::save(&self.config.state_dir, &mut st)?;
+                                    return Ok(st);
+                                }
+                                None => {
+                                    tracing::warn!(disk = %disk.id, reason = %why, "starting a new full copy");
+                                    self.fresh_copy(disk, l.seq, through)
+                                }
+                            }
                         }
                     }
                 } else {
@@ -368,51 +402,31 @@ impl Agent {
             .into_iter()
             .find(|(from, _)| *from >= st.from_segment);
         if let Some((from, why)) = asked {
-            // Numbered from the time, like a history begun afresh (and after the request and
-            // every number known here): a store written before time-derived numbering may
-            // still hold an older history's higher numbers, which a count from here could meet.
-            let through = st.through_segment.max(max_seg).max(from);
-            let start = history_start(now_millis(), through);
-            st = match self.delta_copy(disk, st.tag_seq, start, from).await {
-                Ok(Some(delta)) => {
-                    tracing::warn!(disk = %disk.id, history = from, origin = delta.origin, reason = %why, "processing cannot complete this history in the target store; resynchronising by checksum compare with the tag it offered");
-                    delta
-                }
-                Ok(None) => {
-                    tracing::warn!(disk = %disk.id, history = from, reason = %why, "processing cannot complete this history in the target store; resynchronising with a new full copy");
-                    self.fresh_copy(disk, st.tag_seq, start - 1)
-                }
-                Err(e) => {
-                    tracing::warn!(disk = %disk.id, history = from, reason = %why, error = %format!("{e:#}"), "processing cannot complete this history in the target store, and its offer cannot be used; resynchronising with a new full copy");
-                    self.fresh_copy(disk, st.tag_seq, start - 1)
-                }
-            };
+            let through = st.through_segment.max(max_seg);
+            st = self
+                .answer_request(disk, st.tag_seq, through, from, &why)
+                .await?;
             state::save(&self.config.state_dir, &mut st)?;
             return Ok(st);
         }
         match self.check_cache(disk, &mut st, &segs, deep).await? {
             Checked::Intact => {}
             Checked::Lost(why) => {
-                // Processing meets the same loss when it copies the points over it, and then
-                // offers a tag the target holds to resynchronise over (a checksum compare, far
-                // less than a full copy). Where processing runs (segments of this history were
-                // processed out of the cache), the disk waits for that offer — a pass or two —
-                // and makes a full copy only when none came within `OFFER_WAIT` of its newest
-                // tag, or where nothing processes this cache store.
-                let processed = segs
-                    .iter()
-                    .find(|&&s| s >= st.from_segment)
-                    .is_some_and(|&lowest| lowest > st.from_segment);
-                let newest = latest.as_ref().map_or(0, |l| l.time);
-                let waited = now_millis().saturating_sub(newest);
-                if processed && waited < OFFER_WAIT.as_millis() as u64 {
+                // Processing meets the same loss when it copies the points over it, and its
+                // answer (checked above) may offer a tag to resynchronise over.
+                let why =
+                    format!("the cache store lost or damaged what the next tag relies on ({why})");
+                if self
+                    .answer_or_ask(disk, st.from_segment, &segs, &why)
+                    .await?
+                    .is_some()
+                {
                     bail!(
-                        "the cache store lost or damaged what the next tag of disk {} relies on ({why}); waiting for processing to offer a tag to resynchronise over (a checksum compare) — a full copy if none comes within {} of the newest tag",
-                        disk.id,
-                        humantime::format_duration(OFFER_WAIT)
+                        "a resync request for disk {} appeared meanwhile; the next cycle answers it",
+                        disk.id
                     );
                 }
-                tracing::warn!(disk = %disk.id, reason = %why, "the cache store lost or damaged what the next tag relies on; resynchronising with a new full copy");
+                tracing::warn!(disk = %disk.id, reason = %why, "resynchronising with a new full copy");
                 st = self.fresh_copy(disk, st.tag_seq, st.through_segment.max(max_seg));
                 unchanged = false;
             }
@@ -580,6 +594,104 @@ impl Agent {
         );
         s.tag_seq = tag_seq;
         s
+    }
+
+    /// Answers processing's request for a new history of the disk (the one from `from` cannot
+    /// be completed in the target store): over the tag it offered when it did (a checksum
+    /// compare, [`Agent::delta_copy`]), else a full copy. Numbered from the time, like a
+    /// history begun afresh, and after the request and every number known here (`through`):
+    /// a store written before time-derived numbering may still hold an older history's
+    /// higher numbers, which a count from here could meet.
+    async fn answer_request(
+        &self,
+        disk: &DiskConfig,
+        tag_seq: u64,
+        through: u64,
+        from: u64,
+        why: &str,
+    ) -> Result<DiskState> {
+        let start = history_start(now_millis(), through.max(from));
+        Ok(match self.delta_copy(disk, tag_seq, start, from).await {
+            Ok(Some(delta)) => {
+                tracing::warn!(disk = %disk.id, history = from, origin = delta.origin, reason = %why, "a new history is needed; resynchronising by checksum compare with the tag processing offered");
+                delta
+            }
+            Ok(None) => {
+                tracing::warn!(disk = %disk.id, history = from, reason = %why, "a new history is needed; resynchronising with a new full copy");
+                self.fresh_copy(disk, tag_seq, start - 1)
+            }
+            Err(e) => {
+                tracing::warn!(disk = %disk.id, history = from, reason = %why, error = %format!("{e:#}"), "a new history is needed, and processing's offer cannot be used; resynchronising with a new full copy");
+                self.fresh_copy(disk, tag_seq, start - 1)
+            }
+        })
+    }
+
+    /// The history of a disk from `from` cannot go on here (`why`). Where processing runs on
+    /// this cache store (segments of the history were processed out of it), a new history
+    /// over a tag the target holds costs only what differs from it, and processing can offer
+    /// one: its request when it is in (`Some`: the history it names and why), else an ask for
+    /// one and an error while the ask is younger than [`OFFER_WAIT`]. `None`: a full copy now
+    /// (nothing processes this cache store, or the wait is over).
+    async fn answer_or_ask(
+        &self,
+        disk: &DiskConfig,
+        from: u64,
+        segs: &[u64],
+        why: &str,
+    ) -> Result<Option<(u64, String)>> {
+        let vm = &self.config.vm;
+        if let Some(r) = self
+            .reader
+            .resync_requests(vm, &disk.id)
+            .await?
+            .into_iter()
+            .find(|(f, _)| *f >= from)
+        {
+            return Ok(Some(r));
+        }
+        let processed = segs
+            .iter()
+            .find(|&&s| s >= from)
+            .is_none_or(|&lowest| lowest > from);
+        if !processed {
+            return Ok(None);
+        }
+        let name = self.reader.layout().ask(vm, &disk.id, from);
+        let backend = self.reader.backend();
+        let now = now_millis();
+        let asked = match backend.get(&name).await {
+            // An unreadable time (damage) counts as a wait that is over.
+            Ok(b) => String::from_utf8_lossy(&b)
+                .lines()
+                .next()
+                .and_then(|l| l.parse::<u64>().ok())
+                .unwrap_or(0),
+            Err(e) if e.kind == ErrorKind::NotFound => {
+                match backend.put_new(&name, format!("{now}\n{why}").into()).await {
+                    Ok(()) => {
+                        tracing::warn!(disk = %disk.id, history = from, reason = %why, "asked processing for a tag to resynchronise over (a checksum compare)");
+                        now
+                    }
+                    Err(e) if e.kind == ErrorKind::AlreadyExists => now,
+                    Err(e) => {
+                        tracing::warn!(disk = %disk.id, error = %e, "cannot ask processing for a tag to resynchronise over");
+                        return Ok(None);
+                    }
+                }
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let waited = Duration::from_millis(now.saturating_sub(asked));
+        if waited < OFFER_WAIT {
+            bail!(
+                "{why}; disk {} waits for processing to offer a tag to resynchronise over (a checksum compare): asked {} ago, a full copy if none comes within {}",
+                disk.id,
+                humantime::format_duration(Duration::from_secs(waited.as_secs())),
+                humantime::format_duration(OFFER_WAIT)
+            );
+        }
+        Ok(None)
     }
 
     /// A new history from segment `start` that lies over the tag processing offered with its
@@ -1320,8 +1432,9 @@ pub struct Shipped {
 }
 
 /// What [`Agent::check_cache`] found.
-/// How long after its newest tag a disk whose cache store lost what that tag relies on waits
-/// for processing's offer before it makes a full copy (processing runs at most an hour apart).
+/// How long a disk whose history cannot go on waits, after asking, for processing's offer of a
+/// tag to resynchronise over before it makes a full copy (processing runs at most an hour
+/// apart).
 const OFFER_WAIT: Duration = Duration::from_secs(3600);
 
 enum Checked {

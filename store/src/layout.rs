@@ -9,6 +9,7 @@
 //! v1/<group>/vms/<vm>/disks/<disk>/tree/<blake3>.tree    directory listings, by content
 //! v1/<group>/vms/<vm>/disks/<disk>/resync/<from:020>.txt  processing asks for a new history (cache)
 //! v1/<group>/vms/<vm>/disks/<disk>/resync/<from:020>.sums the tag it may start over (cache)
+//! v1/<group>/asks/<vm>/<disk>/<from:020>.txt             an agent asks processing for an offer (cache)
 //! v1/<group>/points/<point-id>.point                     recovery points
 //! v1/<group>/quarantine/<point-id>.txt                   why processing refused a point
 //! v1/<group>/damage/<point-id>.txt                       what the target scrub found damaged under a point
@@ -135,6 +136,21 @@ impl Layout {
         name(format!(
             "{}/resync/{from:020}.sums",
             self.disk_root(vm, disk)
+        ))
+    }
+
+    /// Prefix of the agents' asks for an offer (cache store), listed once per processing pass.
+    pub fn asks(&self) -> ObjectName {
+        name(format!("{ROOT}/{}/asks", self.group))
+    }
+
+    /// An agent's ask that processing offer a tag to start a new history of the disk over
+    /// (its own history from `from` cannot go on: its state is lost and the cache no longer
+    /// holds what a roll-forward reads, or the cache lost what the next tag relies on).
+    pub fn ask(&self, vm: &VmId, disk: &DiskId, from: u64) -> ObjectName {
+        name(format!(
+            "{ROOT}/{}/asks/{vm}/{disk}/{from:020}.txt",
+            self.group
         ))
     }
 

@@ -97,6 +97,34 @@ impl StoreReader {
         Ok(out)
     }
 
+    /// The agents' asks for an offer (cache store): per disk, the first segment of the history
+    /// that cannot go on, and the text (the ask's Unix ms time on its first line, then why).
+    pub async fn asks(&self) -> Result<Vec<(VmId, DiskId, u64, String)>> {
+        let mut out = Vec::new();
+        let root = format!("{}/", self.layout.asks());
+        for m in self.backend.list(&self.layout.asks()).await? {
+            let rest = &m.name.as_str()[root.len()..];
+            let [vm, disk, file] = rest.split('/').collect::<Vec<_>>()[..] else {
+                continue;
+            };
+            let (Ok(vm), Ok(disk), Some(from)) = (
+                VmId::new(vm),
+                DiskId::new(disk),
+                file.strip_suffix(".txt")
+                    .filter(|d| d.len() == 20)
+                    .and_then(|d| d.parse::<u64>().ok()),
+            ) else {
+                continue;
+            };
+            match self.backend.get(&m.name).await {
+                Ok(b) => out.push((vm, disk, from, String::from_utf8_lossy(&b).into_owned())),
+                Err(e) if e.kind == ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(out)
+    }
+
     /// One tag; an unknown tag is [`Error::Invalid`] naming it.
     pub async fn tag(&self, vm: &VmId, disk: &DiskId, seq: u64) -> Result<Tag> {
         let name = self.layout.tag(vm, disk, seq);

@@ -220,6 +220,16 @@ impl<'a> GroupWalk<'a> {
                 ["points", file] => points.push(file.to_string()),
                 ["quarantine", file] => records.push(format!("quarantine/{file}")),
                 ["damage", file] => records.push(format!("damage/{file}")),
+                // An agent's ask for an offer: informational, read by processing.
+                ["asks", vm, disk, file]
+                    if VmId::new(*vm).is_ok()
+                        && DiskId::new(*disk).is_ok()
+                        && file
+                            .strip_suffix(".txt")
+                            .is_some_and(|d| d.len() == 20 && d.parse::<u64>().is_ok()) =>
+                {
+                    self.used.insert(name.clone());
+                }
                 ["vms", vm, "disks", disk, ..] => {
                     if let (Ok(vm), Ok(disk)) = (VmId::new(*vm), DiskId::new(*disk)) {
                         disks.insert((vm, disk));

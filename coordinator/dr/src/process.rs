@@ -218,6 +218,7 @@ impl Processor {
                 Err(e) => return Err(e.context(format!("processing point {}", p.id))),
             }
         }
+        self.answer_asks(&mut pass).await?;
         self.record_quarantines(&pass).await?;
         let disks: BTreeSet<(VmId, DiskId)> = points
             .iter()
@@ -287,6 +288,12 @@ impl Processor {
     /// full copy otherwise. A cache store that refuses the write costs the request, never the
     /// pass (the point stays quarantined and the next pass asks again).
     async fn request_resync(&self, b: &Broken) -> Option<Resync> {
+        self.request_resync_over(b, false).await
+    }
+
+    /// [`Processor::request_resync`]; `over_delta`: an offer may be made even when the broken
+    /// history itself began over an origin (an agent's ask, where no damage is involved).
+    async fn request_resync_over(&self, b: &Broken, over_delta: bool) -> Option<Resync> {
         if !self.asks {
             return None;
         }
@@ -321,7 +328,7 @@ impl Processor {
             };
             return Some(resync(origin));
         }
-        let origin = self.offer_origin(b).await;
+        let origin = self.offer_origin(b, over_delta).await;
         match self
             .cache
             .backend()
@@ -347,6 +354,42 @@ impl Processor {
         }
     }
 
+    /// Answers the agents' asks (`asks/` in the cache store): an agent whose history cannot go
+    /// on (its local state lost while the cache no longer holds what a roll-forward reads, or
+    /// the cache lost what its next tag relies on) asks for an offer rather than send the whole
+    /// disk, and waits a while for it. Each ask gets a request, with an offer where one can be
+    /// made; an ask the agent has moved past (its newest cache tag is of a later history) is
+    /// removed.
+    async fn answer_asks(&self, pass: &mut Pass) -> Result<()> {
+        if !self.asks {
+            return Ok(());
+        }
+        for (vm, disk, from, text) in self.cache.asks().await? {
+            let moved_on = matches!(
+                self.cache.latest_tag(&vm, &disk).await,
+                Ok(Some(t)) if t.from_segment > from
+            );
+            if moved_on {
+                let name = self.cache.layout().ask(&vm, &disk, from);
+                if let Err(e) = self.cache.backend().delete(&name).await {
+                    tracing::warn!(ask = %name, error = %e, "cannot remove an answered ask");
+                }
+                continue;
+            }
+            let why = text.split_once('\n').map_or(text.as_str(), |(_, w)| w);
+            let b = Broken {
+                vm,
+                disk,
+                from,
+                why: format!("the agent asks for a new history: {why}"),
+            };
+            if let Some(r) = self.request_resync_over(&b, true).await {
+                pass.resyncs.push(r);
+            }
+        }
+        Ok(())
+    }
+
     /// Offers the agent of `b`'s disk a tag to lie its new history over, so it ships what
     /// differs from that tag instead of a full copy: the newest of the disk's last few tags in
     /// the target that compacts — every block read and verified, into a base at it, which the
@@ -354,8 +397,9 @@ impl Processor {
     /// (its blocks' hashes). None for a history that itself began over an origin (so damage
     /// to an origin costs one full copy, never a loop of deltas over it), or when no recent
     /// tag restores; the agent then makes a full copy.
-    async fn offer_origin(&self, b: &Broken) -> Option<u64> {
-        if let Ok(Some(t)) = self.cache.latest_tag(&b.vm, &b.disk).await
+    async fn offer_origin(&self, b: &Broken, over_delta: bool) -> Option<u64> {
+        if !over_delta
+            && let Ok(Some(t)) = self.cache.latest_tag(&b.vm, &b.disk).await
             && t.from_segment == b.from
             && t.origin.is_some()
         {

@@ -668,7 +668,7 @@ impl World {
                 why_new = text
                     .lines()
                     .filter(|l| l.contains("resynchronising") || l.contains("full copy"))
-                    .map(|l| short(l))
+                    .map(short)
                     .collect::<Vec<_>>()
                     .join(" | ");
                 if o.status.success() {

@@ -263,6 +263,29 @@ mod tests {
         Ok((h, out))
     }
 
+    /// The bytes `docs/format.md` gives (*Resync sums*, test vector).
+    #[test]
+    fn the_documented_test_vector() {
+        let zero = blake3::hash(&[0u8; 4096]);
+        assert!(zero.to_hex().starts_with("b6fb73fc"));
+        let mut b = SumsBuilder::new(7, 4096, vec!["a".into()]);
+        b.push(SumEntry {
+            target: 0,
+            offset: 0,
+            length: 4096,
+            hash: *zero.as_bytes(),
+        });
+        let bytes = b.finish();
+        assert_eq!(bytes.len(), 119);
+        let head = "4c4253554d5300000100000000100000070000000000000001000000010061010000000000000000000000000000000000000000100000";
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(&hex[..head.len()], head);
+        assert_eq!(&bytes[55..87], zero.as_bytes());
+        assert_eq!(&hex[174..], "de2d710745b05e72ee7ae712084a6e5e7052bc471e8b3f662131e3862bc9120b", "trailer");
+        let (h, entries) = read(&bytes).unwrap();
+        assert_eq!((h.origin, h.block_size, entries.len()), (7, 4096, 1));
+    }
+
     #[test]
     fn sums_read_back_sorted() {
         let (h, entries) = read(&sample()).unwrap();

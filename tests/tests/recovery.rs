@@ -1361,7 +1361,7 @@ fn target_damage_a_history_needs_asks_the_agent_for_a_new_copy_and_protection_re
     vm.assert_fails_over(&target, 6, &dir.path().join("out-6"));
 }
 
-/// Issue 10: a segment the cache store lost before processing copied it made the agent send
+/// Regression: a segment the cache store lost before processing copied it made the agent send
 /// the whole disk again. The agent now waits for processing (which meets the same loss) to
 /// offer a tag the target holds — its block hashes beside the resync request — and sends only
 /// the blocks that differ from it; processing publishes the new history over a base built on

@@ -280,7 +280,7 @@ impl Agent {
                             format!("cannot roll the local state forward to tag {}: {e}", l.seq);
                         let through = through.max(max_seg).max(l.through_segment);
                         match self
-                            .answer_or_ask(disk, l.from_segment, &segs, &why)
+                            .answer_or_ask(disk, l.from_segment, processing_runs(&segs, l), &why)
                             .await?
                         {
                             Some((from, asked)) => {
@@ -328,7 +328,15 @@ impl Agent {
                         directory,
                         l.from_segment,
                     );
-                    match self.roll_forward(base, l).await {
+                    // A history over an origin holds only what changed since that tag: rolled
+                    // forward from nothing, every other block would be sent again.
+                    let rolled = match l.origin {
+                        Some(o) => Err(anyhow::anyhow!(
+                            "its history lies over tag {o}, whose blocks only the target store holds"
+                        )),
+                        None => self.roll_forward(base, l).await,
+                    };
+                    match rolled {
                         Ok(s) => s,
                         Err(e) => {
                             // Numbers continue after the tag even when processing removed its
@@ -337,7 +345,12 @@ impl Agent {
                             let why =
                                 format!("the cache store cannot vouch for tag {}: {e}", l.seq);
                             match self
-                                .answer_or_ask(disk, l.from_segment, &segs, &why)
+                                .answer_or_ask(
+                                    disk,
+                                    l.from_segment,
+                                    processing_runs(&segs, l),
+                                    &why,
+                                )
                                 .await?
                             {
                                 Some((from, asked)) => {
@@ -417,7 +430,12 @@ impl Agent {
                 let why =
                     format!("the cache store lost or damaged what the next tag relies on ({why})");
                 if self
-                    .answer_or_ask(disk, st.from_segment, &segs, &why)
+                    .answer_or_ask(
+                        disk,
+                        st.from_segment,
+                        processed_out(&segs, st.from_segment) || st.origin.is_some(),
+                        &why,
+                    )
                     .await?
                     .is_some()
                 {
@@ -567,11 +585,26 @@ impl Agent {
         let through = st.through_segment;
         let tag_seq = st.tag_seq;
         tracing::info!(disk = %disk.id, error = %e, "the store does not let this agent delete orphan segments; adopting them");
+        // A new history with no tag yet (a resync, or a first copy after a tag of an older
+        // one): what the interrupted cycle left are its own first segments, which no tag
+        // gives a shape. It starts again after them, as it was (over the same origin).
+        if latest.is_some_and(|t| t.from_segment != st.from_segment)
+            && st.through_segment + 1 == st.from_segment
+        {
+            tracing::warn!(disk = %disk.id, first = st.from_segment, last, "the new history starts again after the segments an interrupted cycle left");
+            let mut st = st;
+            st.from_segment = last + 1;
+            st.through_segment = last;
+            return Ok(st);
+        }
         let adopted = match latest {
-            Some(tag) if contiguous => self
+            Some(tag) if contiguous && tag.from_segment == st.from_segment => self
                 .roll_forward_to(st, tag, last)
                 .await
                 .map_err(|e| e.to_string()),
+            Some(tag) if tag.from_segment != st.from_segment => {
+                Err("they belong to a history the newest tag is not of".into())
+            }
             Some(_) => Err("they do not follow the last shipped segment without a gap".into()),
             None => Err("no tag yet gives the disk's shape".into()),
         };
@@ -611,33 +644,35 @@ impl Agent {
         why: &str,
     ) -> Result<DiskState> {
         let start = history_start(now_millis(), through.max(from));
-        Ok(match self.delta_copy(disk, tag_seq, start, from).await {
-            Ok(Some(delta)) => {
+        // An error reaching the store or the state directory fails the cycle (the next one
+        // tries again); only an offer that is not usable falls back to a full copy.
+        Ok(match self.delta_copy(disk, tag_seq, start, from).await? {
+            Offered::Delta(delta) => {
                 tracing::warn!(disk = %disk.id, history = from, origin = delta.origin, reason = %why, "a new history is needed; resynchronising by checksum compare with the tag processing offered");
                 delta
             }
-            Ok(None) => {
+            Offered::Nothing => {
                 tracing::warn!(disk = %disk.id, history = from, reason = %why, "a new history is needed; resynchronising with a new full copy");
                 self.fresh_copy(disk, tag_seq, start - 1)
             }
-            Err(e) => {
-                tracing::warn!(disk = %disk.id, history = from, reason = %why, error = %format!("{e:#}"), "a new history is needed, and processing's offer cannot be used; resynchronising with a new full copy");
+            Offered::Unusable(e) => {
+                tracing::warn!(disk = %disk.id, history = from, reason = %why, error = %e, "a new history is needed, and processing's offer cannot be used; resynchronising with a new full copy");
                 self.fresh_copy(disk, tag_seq, start - 1)
             }
         })
     }
 
     /// The history of a disk from `from` cannot go on here (`why`). Where processing runs on
-    /// this cache store (segments of the history were processed out of it), a new history
-    /// over a tag the target holds costs only what differs from it, and processing can offer
-    /// one: its request when it is in (`Some`: the history it names and why), else an ask for
-    /// one and an error while the ask is younger than [`OFFER_WAIT`]. `None`: a full copy now
-    /// (nothing processes this cache store, or the wait is over).
+    /// this cache store (`processed`, see [`processing_runs`]), a new history over a tag the
+    /// target holds costs only what differs from it, and processing can offer one: its
+    /// request when it is in (`Some`: the history it names and why), else an ask for one and
+    /// an error while the ask is younger than [`OFFER_WAIT`]. `None`: a full copy now (nothing
+    /// processes this cache store, or the wait is over).
     async fn answer_or_ask(
         &self,
         disk: &DiskConfig,
         from: u64,
-        segs: &[u64],
+        processed: bool,
         why: &str,
     ) -> Result<Option<(u64, String)>> {
         let vm = &self.config.vm;
@@ -650,10 +685,6 @@ impl Agent {
         {
             return Ok(Some(r));
         }
-        let processed = segs
-            .iter()
-            .find(|&&s| s >= from)
-            .is_none_or(|&lowest| lowest > from);
         if !processed {
             return Ok(None);
         }
@@ -683,7 +714,9 @@ impl Agent {
             Err(e) => return Err(e.into()),
         };
         let waited = Duration::from_millis(now.saturating_sub(asked));
-        if waited < OFFER_WAIT {
+        // An ask timed in the future (this clock stepped back since) counts as a wait that is
+        // over: a skew must not stretch it.
+        if asked <= now && waited < OFFER_WAIT {
             bail!(
                 "{why}; disk {} waits for processing to offer a tag to resynchronise over (a checksum compare): asked {} ago, a full copy if none comes within {}",
                 disk.id,
@@ -698,14 +731,15 @@ impl Agent {
     /// request for a new history of `from` (the resync sums beside it): the state holds that
     /// tag's block hashes and no tracking position, so the next pass scans the disk and ships
     /// only the blocks that differ from it — a checksum compare, where a full copy ships every
-    /// block. `None` when nothing was offered.
+    /// block. An error is one reaching the store or the state directory (the cycle fails and
+    /// the next one tries again).
     async fn delta_copy(
         &self,
         disk: &DiskConfig,
         tag_seq: u64,
         start: u64,
         from: u64,
-    ) -> Result<Option<DiskState>> {
+    ) -> Result<Offered> {
         const CHUNK: u64 = 8 << 20;
         let name = self
             .reader
@@ -714,7 +748,7 @@ impl Agent {
         let backend = self.reader.backend();
         let len = match backend.head(&name).await {
             Ok(m) => m.size,
-            Err(e) if e.kind == ErrorKind::NotFound => return Ok(None),
+            Err(e) if e.kind == ErrorKind::NotFound => return Ok(Offered::Nothing),
             Err(e) => return Err(e.into()),
         };
         // Through a file: the sums of a large disk (32 bytes a block and then some) need not
@@ -723,9 +757,16 @@ impl Agent {
         let mut at = 0;
         while at < len {
             let end = (at + CHUNK).min(len);
-            let bytes = backend.get_range(&name, at..end).await?;
+            let bytes = match backend.get_range(&name, at..end).await {
+                Ok(b) => b,
+                // Withdrawn meanwhile: the request went with it.
+                Err(e) if e.kind == ErrorKind::NotFound => return Ok(Offered::Nothing),
+                Err(e) => return Err(e.into()),
+            };
             if bytes.len() as u64 != end - at {
-                bail!("{name} changed while it was read");
+                return Ok(Offered::Unusable(format!(
+                    "{name} changed while it was read"
+                )));
             }
             tokio::task::block_in_place(|| io::Write::write_all(&mut file, &bytes))?;
             at = end;
@@ -735,81 +776,91 @@ impl Agent {
         let (dir, bs) = (self.config.state_dir.clone(), u64::from(st.block_size));
         let directory = disk.kind == DiskKind::Directory;
         let disk_id = disk.id.to_string();
-        let (origin, content) = tokio::task::spawn_blocking(move || -> Result<(u64, Content)> {
-            io::Seek::seek(&mut file, io::SeekFrom::Start(0))?;
-            let r = io::BufReader::new(file);
-            let mut image: Option<crate::blocks::NewHashes> = None;
-            let mut batch = Vec::new();
-            // Where the entries stand: the target, the next block it must have, and whether
-            // the last one was whole (only a target's last block may be short).
-            let (mut at_target, mut next, mut whole, mut size) = (None, 0u64, true, 0u64);
-            let mut files: BTreeMap<String, FileState> = BTreeMap::new();
-            let header = lifeboat_store::sums::decode(name.as_str(), r, len, |h, e| {
-                if u64::from(h.block_size) != bs {
-                    return Err(format!("block size {} is not this disk's", h.block_size));
-                }
-                let target = &h.targets[e.target as usize];
-                if directory == target.is_empty() {
-                    return Err("the sums are of another kind of disk".into());
-                }
-                if at_target != Some(e.target) {
-                    (at_target, next, whole) = (Some(e.target), 0, true);
-                }
-                if e.offset / bs != next || !whole {
-                    return Err(format!("no block at {} of {target:?}", next * bs));
-                }
-                next += 1;
-                whole = u64::from(e.length) == bs;
-                size = e.offset + u64::from(e.length);
-                if directory {
-                    let f = files.entry(target.clone()).or_insert(FileState {
-                        size: 0,
-                        stamp: None,
-                        hashes: Hashes::default(),
-                    });
-                    f.hashes.0.push(e.hash);
-                    f.size = size;
-                    return Ok(());
-                }
-                if image.is_none() {
-                    image = Some(
-                        crate::blocks::NewHashes::create(&dir, h.entries)
-                            .map_err(|e| e.to_string())?,
-                    );
-                }
-                batch.push(e.hash);
-                if batch.len() == 4096 {
-                    let first = next - batch.len() as u64;
-                    image
-                        .as_ref()
-                        .expect("created")
-                        .write_at(first, &batch)
-                        .map_err(|e| e.to_string())?;
-                    batch.clear();
-                }
-                Ok(())
-            })?;
-            let content = if directory {
-                Content::Directory { files }
-            } else {
-                let hashes = match image {
-                    Some(h) => {
-                        h.write_at(next - batch.len() as u64, &batch)?;
-                        h.finish(&dir, &disk_id)?
+        let decoded =
+            tokio::task::spawn_blocking(move || -> Result<Result<(u64, Content), String>> {
+                io::Seek::seek(&mut file, io::SeekFrom::Start(0))?;
+                let r = io::BufReader::new(file);
+                let mut image: Option<crate::blocks::NewHashes> = None;
+                let mut batch = Vec::new();
+                // Where the entries stand: the target, the next block it must have, and whether
+                // the last one was whole (only a target's last block may be short).
+                let (mut at_target, mut next, mut whole, mut size) = (None, 0u64, true, 0u64);
+                let mut files: BTreeMap<String, FileState> = BTreeMap::new();
+                let header = match lifeboat_store::sums::decode(name.as_str(), r, len, |h, e| {
+                    if u64::from(h.block_size) != bs {
+                        return Err(format!("block size {} is not this disk's", h.block_size));
                     }
-                    None => BlockHashes::default(),
+                    let target = &h.targets[e.target as usize];
+                    if directory == target.is_empty() {
+                        return Err("the sums are of another kind of disk".into());
+                    }
+                    if at_target != Some(e.target) {
+                        (at_target, next, whole) = (Some(e.target), 0, true);
+                    }
+                    if e.offset / bs != next || !whole {
+                        return Err(format!("no block at {} of {target:?}", next * bs));
+                    }
+                    next += 1;
+                    whole = u64::from(e.length) == bs;
+                    size = e.offset + u64::from(e.length);
+                    if directory {
+                        let f = files.entry(target.clone()).or_insert(FileState {
+                            size: 0,
+                            stamp: None,
+                            hashes: Hashes::default(),
+                        });
+                        f.hashes.0.push(e.hash);
+                        f.size = size;
+                        return Ok(());
+                    }
+                    if image.is_none() {
+                        image = Some(
+                            crate::blocks::NewHashes::create(&dir, h.entries)
+                                .map_err(|e| e.to_string())?,
+                        );
+                    }
+                    batch.push(e.hash);
+                    if batch.len() == 4096 {
+                        let first = next - batch.len() as u64;
+                        image
+                            .as_ref()
+                            .expect("created")
+                            .write_at(first, &batch)
+                            .map_err(|e| e.to_string())?;
+                        batch.clear();
+                    }
+                    Ok(())
+                }) {
+                    Ok(h) => h,
+                    Err(e) => return Ok(Err(e.to_string())),
                 };
-                Content::Image { size, hashes }
-            };
-            Ok((header.origin, content))
-        })
-        .await??;
+                let content = if directory {
+                    Content::Directory { files }
+                } else {
+                    let hashes = match image {
+                        Some(h) => {
+                            h.write_at(next - batch.len() as u64, &batch)?;
+                            h.finish(&dir, &disk_id)?
+                        }
+                        None => BlockHashes::default(),
+                    };
+                    Content::Image { size, hashes }
+                };
+                Ok(Ok((header.origin, content)))
+            })
+            .await??;
+        let (origin, content) = match decoded {
+            Ok(d) => d,
+            Err(why) => return Ok(Offered::Unusable(why)),
+        };
         if origin >= next_tag {
-            bail!("the offered tag {origin} is not before this history's first tag {next_tag}");
+            return Ok(Offered::Unusable(format!(
+                "the offered tag {origin} is not before this history's first tag {next_tag}"
+            )));
         }
         st.content = content;
         st.origin = Some(origin);
-        Ok(Some(st))
+        Ok(Offered::Delta(st))
     }
 
     /// Applies the block hashes of segments `st.through_segment+1 ..= tag.through_segment` (read
@@ -1432,6 +1483,31 @@ pub struct Shipped {
 }
 
 /// What [`Agent::check_cache`] found.
+/// What processing offered a disk's new history ([`Agent::delta_copy`]).
+enum Offered {
+    /// No sums beside the request: a full copy.
+    Nothing,
+    /// Sums that cannot be used here, and why: a full copy.
+    Unusable(String),
+    /// The new history's state, over the offered tag.
+    Delta(DiskState),
+}
+
+/// Whether segments of the history from `from` were processed out of the cache store (the
+/// lowest of its segments the cache holds is past its first, or it holds none): where that
+/// happened, processing runs and can offer a tag to resynchronise over.
+fn processed_out(segs: &[u64], from: u64) -> bool {
+    segs.iter()
+        .find(|&&s| s >= from)
+        .is_none_or(|&lowest| lowest > from)
+}
+
+/// [`processed_out`] for the history of `tag`, or a history over an origin (which processing
+/// offered, so it runs here).
+fn processing_runs(segs: &[u64], tag: &Tag) -> bool {
+    processed_out(segs, tag.from_segment) || tag.origin.is_some()
+}
+
 /// How long a disk whose history cannot go on waits, after asking, for processing's offer of a
 /// tag to resynchronise over before it makes a full copy (processing runs at most an hour
 /// apart).

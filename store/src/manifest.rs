@@ -14,9 +14,11 @@ use crate::name::{DiskId, GroupId, PointId, VmId};
 
 /// Version of tags and trees this code writes; it reads 1 up to it.
 pub const MANIFEST_VERSION: u32 = 1;
-/// Version of bases this code writes: 2 added `segments`, the identity of what a base stands
-/// for. Version-1 bases are still read.
-pub const BASE_VERSION: u32 = 2;
+/// Newest version of bases: 2 added `segments`, the identity of what a base stands for; 3
+/// allows a base that stands for no segment (the first base of a history over an origin tag
+/// that changed nothing since it). Only such a base is written at version 3, every other at 2;
+/// versions 1 and 2 are still read.
+pub const BASE_VERSION: u32 = 3;
 /// Version of points this code writes: 2 added kind `not_frozen`. Version-1 points are still
 /// read (their `crash` kind may cover members that were not frozen; see
 /// [`RecoveryPoint::effective_kind`]).
@@ -313,10 +315,12 @@ pub struct Base {
 impl Base {
     /// Serialises into a base object.
     pub fn encode(&self) -> Bytes {
-        envelope(
-            "base",
-            &serde_json::to_vec_pretty(self).expect("base serialises"),
-        )
+        let body = serde_json::to_vec_pretty(self).expect("base serialises");
+        if self.through_segment < self.from_segment {
+            envelope_at("base", BASE_VERSION, &body)
+        } else {
+            envelope_at("base", 2, &body)
+        }
     }
 
     /// Parses and verifies a base object named `object`.
@@ -326,9 +330,19 @@ impl Base {
             kind: "base",
             what,
         };
-        let (_, body) = open_envelope("base", object, data)?;
+        let (version, body) = open_envelope("base", object, data)?;
         let b: Base = serde_json::from_slice(body).map_err(|e| err(e.to_string()))?;
-        if b.from_segment == 0 || b.through_segment < b.from_segment || b.parts == 0 {
+        // Empty (`through_segment = from_segment - 1`) only from version 3.
+        let lowest_through = if version >= 3 {
+            b.from_segment.saturating_sub(1)
+        } else {
+            b.from_segment
+        };
+        if b.from_segment == 0
+            || b.through_segment < lowest_through
+            || b.through_segment == u64::MAX
+            || b.parts == 0
+        {
             return Err(err("segment or part numbers out of range".into()));
         }
         crate::codec::check_block_size(b.block_size).map_err(&err)?;
@@ -340,7 +354,7 @@ impl Base {
 
     /// How many segments the base stands for.
     pub fn segment_count(&self) -> u64 {
-        self.through_segment - self.from_segment + 1
+        self.through_segment + 1 - self.from_segment
     }
 }
 

@@ -97,6 +97,30 @@ impl StoreReader {
         Ok(out)
     }
 
+    /// The tags processing offers for a disk's new history (cache store): per resync sums
+    /// beside a request, the request's history and the offered tag, read from the sums'
+    /// first bytes. Unreadable ones are left out.
+    pub async fn resync_offers(&self, vm: &VmId, disk: &DiskId) -> Result<Vec<(u64, u64)>> {
+        let mut out = Vec::new();
+        for m in self.backend.list(&self.layout.resyncs(vm, disk)).await? {
+            let Some(from) = m
+                .name
+                .file_name()
+                .strip_suffix(".sums")
+                .filter(|d| d.len() == 20)
+                .and_then(|d| d.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            match self.backend.get_range(&m.name, 0..24).await {
+                Ok(b) => out.extend(crate::sums::peek_origin(&b).map(|o| (from, o))),
+                Err(e) if e.kind == ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(out)
+    }
+
     /// The agents' asks for an offer (cache store): per disk, the first segment of the history
     /// that cannot go on, and the text (the ask's Unix ms time on its first line, then why).
     pub async fn asks(&self) -> Result<Vec<(VmId, DiskId, u64, String)>> {

@@ -51,7 +51,19 @@ pub struct SumsError {
     pub what: String,
 }
 
-/// Builds a sums object; entries must be added in (target, offset) order.
+/// The origin a sums object names, from its first 24 bytes (see [`decode`] for the rest): what
+/// a reader needs to know which tag is offered without reading the whole object. `None` when
+/// the bytes are not the start of a sums object this build reads.
+pub fn peek_origin(head: &[u8]) -> Option<u64> {
+    let head = head.get(..24)?;
+    if &head[..8] != MAGIC || head[8..10] != VERSION.to_le_bytes() || head[10..12] != [0, 0] {
+        return None;
+    }
+    let origin = u64::from_le_bytes(head[16..24].try_into().expect("8 bytes"));
+    (origin != 0).then_some(origin)
+}
+
+/// Builds a sums object: targets sorted and unique (byte order), entries added in any order.
 #[derive(Debug)]
 pub struct SumsBuilder {
     header: SumsHeader,
@@ -180,6 +192,13 @@ pub fn decode<R: Read>(
         } else if count != 1 {
             return Err(err("an image target beside others".into()));
         }
+        // Sorted and unique: one file's blocks never come under two targets.
+        if targets
+            .last()
+            .is_some_and(|l: &String| l.as_bytes() >= t.as_bytes())
+        {
+            return Err(err("targets are not sorted and unique".into()));
+        }
         targets.push(t);
     }
     let mut n = [0u8; 8];
@@ -281,13 +300,18 @@ mod tests {
         let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(&hex[..head.len()], head);
         assert_eq!(&bytes[55..87], zero.as_bytes());
-        assert_eq!(&hex[174..], "de2d710745b05e72ee7ae712084a6e5e7052bc471e8b3f662131e3862bc9120b", "trailer");
+        assert_eq!(
+            &hex[174..],
+            "de2d710745b05e72ee7ae712084a6e5e7052bc471e8b3f662131e3862bc9120b",
+            "trailer"
+        );
         let (h, entries) = read(&bytes).unwrap();
         assert_eq!((h.origin, h.block_size, entries.len()), (7, 4096, 1));
     }
 
     #[test]
     fn sums_read_back_sorted() {
+        assert_eq!(peek_origin(&sample()), Some(7));
         let (h, entries) = read(&sample()).unwrap();
         assert_eq!(h.origin, 7);
         assert_eq!(h.targets, ["a", "b/c"]);
@@ -331,7 +355,9 @@ mod tests {
                 "{target}/{offset}/{length}: {err}"
             );
         }
-        let b = SumsBuilder::new(7, 4096, vec!["../x".into()]);
-        assert!(read(&b.finish()).is_err());
+        for targets in [vec!["../x"], vec!["b", "a"], vec!["a", "a"], vec!["", "a"]] {
+            let b = SumsBuilder::new(7, 4096, targets.iter().map(|t| t.to_string()).collect());
+            assert!(read(&b.finish()).is_err(), "{targets:?}");
+        }
     }
 }

@@ -521,9 +521,27 @@ impl<'a> GroupWalk<'a> {
             }
             // Tags come in number order: the last one read is the newest.
             newest_through = Some(tag.through_segment);
-            let (_, sources) = sources_for(&layout, &tag, &bases);
+            let (base, sources) = sources_for(&layout, &tag, &bases);
             let mut kept = Vec::with_capacity(sources.len());
             let mut partial = false;
+            // A history lying over an origin tag is read through a base over it: in a cache
+            // store (before processing builds that base in the target) the rest is elsewhere;
+            // anywhere else, without a readable base the tag does not restore.
+            if let (None, Some(o)) = (&base, tag.origin) {
+                if self.opts.trimmed_cache {
+                    partial = true;
+                } else {
+                    self.damaged(
+                        name.as_str(),
+                        format!(
+                            "lies over tag {o} and no readable base of its history stands for it"
+                        ),
+                    )
+                    .tags
+                    .insert(key);
+                    continue;
+                }
+            }
             for s in sources {
                 let is_segment = s.as_str().contains("/seg/");
                 let skip = self.opts.trimmed_cache

@@ -568,3 +568,157 @@ async fn a_base_records_the_identities_of_the_segments_it_stands_for() {
     assert_eq!(at3.segment_ids, None);
     assert!(restore_bytes(&g, &tag, "lost-list.img").await.unwrap() == disk);
 }
+
+/// A history over an origin tag (a resync by checksum compare) holds only the blocks that
+/// differ from that tag; `delta` writes them as the agent would (a block whose bytes or length
+/// differ, or that the origin did not have) into segment `seq`.
+async fn ship_delta(f: &Fixture, seq: u64, before: &[u8], after: &[u8]) {
+    let bs = BS as usize;
+    let mut b = SegmentBuilder::new(BS, 3);
+    for start in (0..after.len()).step_by(bs) {
+        let now = &after[start..(start + bs).min(after.len())];
+        let then = before.get(start..(start + bs).min(before.len()));
+        if then != Some(now) {
+            b.add("", start as u64, now);
+        }
+    }
+    f.writer
+        .put_segment(&f.vm, &f.disk, seq, b.finish())
+        .await
+        .unwrap();
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
+
+    /// A history over an origin restores only through the base compacted over that origin —
+    /// exactly the disk at its tag, whether the disk grew, shrank or changed in place — and
+    /// without that base the restore refuses rather than restore a disk with the unchanged
+    /// blocks missing.
+    #[test]
+    fn a_history_over_an_origin_restores_exactly_through_its_base(
+        before_len in 1usize..(12 * BS as usize),
+        after_len in 1usize..(12 * BS as usize),
+        writes in proptest::collection::vec((0usize..12, any::<u8>()), 0..6),
+    ) {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            use lifeboat_store::compact::compact;
+            let f = fixture();
+            let before: Vec<u8> = (0..before_len).map(|i| (i / 7) as u8).collect();
+            ship(&f, 1, &before, None).await;
+            f.writer.put_tag(&image_tag(&f, 1, 1, before_len as u64)).await.unwrap();
+            let mut after = before.clone();
+            after.resize(after_len, 0xee);
+            for (blk, byte) in writes {
+                let start = (blk * BS as usize).min(after_len - 1);
+                after[start] = byte;
+            }
+            ship_delta(&f, 100, &before, &after).await;
+            let delta = Tag {
+                seq: 2,
+                from_segment: 100,
+                through_segment: 100,
+                origin: Some(1),
+                ..image_tag(&f, 2, 100, after_len as u64)
+            };
+            f.writer.put_tag(&delta).await.unwrap();
+            let err = restore_bytes(&f, &delta, "no-base.img").await.unwrap_err();
+            assert!(err.to_string().contains("lies over tag 1"), "{err}");
+            let base = compact(&f.reader, &delta, 16 << 10, 3).await.unwrap();
+            assert_eq!((base.tag, base.from_segment), (2, 100));
+            assert!(restore_bytes(&f, &delta, "over-origin.img").await.unwrap() == after);
+            // Later tags of the history read that base, not the origin.
+            let mut later = after.clone();
+            later[0] ^= 0xff;
+            ship(&f, 101, &later, Some(&[0])).await;
+            let next = Tag { seq: 3, through_segment: 101, time: 3, ..delta.clone() };
+            f.writer.put_tag(&next).await.unwrap();
+            std::fs::remove_file(f.root.join(f.reader.layout().tag(&f.vm, &f.disk, 1).as_str()))
+                .unwrap();
+            assert!(restore_bytes(&f, &next, "later.img").await.unwrap() == later);
+        });
+    }
+}
+
+/// An origin of another block size, or an origin that itself lies over one and has no base,
+/// cannot be compacted over: an error naming it, and nothing written.
+#[tokio::test]
+async fn a_base_over_an_unusable_origin_is_refused() {
+    use lifeboat_store::compact::compact;
+    let f = fixture();
+    let disk = vec![7u8; 3 * BS as usize];
+    ship(&f, 1, &disk, None).await;
+    f.writer
+        .put_tag(&image_tag(&f, 1, 1, disk.len() as u64))
+        .await
+        .unwrap();
+    // Tag 2 lies over tag 1 and has no base; tag 3 lies over tag 2.
+    ship_delta(&f, 50, &disk, &disk).await;
+    let two = Tag {
+        seq: 2,
+        from_segment: 50,
+        through_segment: 50,
+        origin: Some(1),
+        ..image_tag(&f, 2, 50, disk.len() as u64)
+    };
+    f.writer.put_tag(&two).await.unwrap();
+    ship_delta(&f, 60, &disk, &disk).await;
+    let three = Tag {
+        seq: 3,
+        from_segment: 60,
+        through_segment: 60,
+        origin: Some(2),
+        ..image_tag(&f, 3, 60, disk.len() as u64)
+    };
+    f.writer.put_tag(&three).await.unwrap();
+    let err = compact(&f.reader, &three, 1 << 20, 3).await.unwrap_err();
+    assert!(err.to_string().contains("no readable base"), "{err}");
+    // Of another block size.
+    let other = Tag {
+        seq: 4,
+        block_size: 2 * BS,
+        from_segment: 70,
+        through_segment: 69,
+        origin: Some(1),
+        ..image_tag(&f, 4, 69, disk.len() as u64)
+    };
+    f.writer.put_tag(&other).await.unwrap();
+    let err = compact(&f.reader, &other, 1 << 20, 3).await.unwrap_err();
+    assert!(err.to_string().contains("another block size"), "{err}");
+    let bases = f.reader.layout().bases(&f.vm, &f.disk);
+    assert!(f.backend.list(&bases).await.unwrap().is_empty());
+}
+
+/// A disk unchanged since the offered tag: the new history's first tag reads no segment, and
+/// its base (over the origin) stands for none — written at base version 3, read back, and the
+/// disk restores exactly.
+#[tokio::test]
+async fn an_unchanged_disk_over_an_origin_gets_an_empty_base_and_restores() {
+    use lifeboat_store::compact::compact;
+    use lifeboat_store::manifest::Base;
+    let f = fixture();
+    let disk: Vec<u8> = (0..5 * BS as usize + 100)
+        .map(|i| (i % 251) as u8)
+        .collect();
+    ship(&f, 1, &disk, None).await;
+    f.writer
+        .put_tag(&image_tag(&f, 1, 1, disk.len() as u64))
+        .await
+        .unwrap();
+    let delta = Tag {
+        seq: 2,
+        from_segment: 90,
+        through_segment: 89,
+        origin: Some(1),
+        ..image_tag(&f, 2, 89, disk.len() as u64)
+    };
+    f.writer.put_tag(&delta).await.unwrap();
+    let base = compact(&f.reader, &delta, 1 << 20, 3).await.unwrap();
+    assert_eq!((base.from_segment, base.through_segment), (90, 89));
+    let name = f.reader.layout().base(&f.vm, &f.disk, 2);
+    let bytes = f.backend.get(&name).await.unwrap();
+    assert!(bytes.starts_with(b"lifeboat-base 3 "));
+    assert_eq!(Base::decode(name.as_str(), &bytes).unwrap(), base);
+    assert!(restore_bytes(&f, &delta, "unchanged.img").await.unwrap() == disk);
+}

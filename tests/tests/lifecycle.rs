@@ -176,6 +176,9 @@ struct World {
     full_copies: u64,
     /// Syncs that waited for processing's offer.
     waits: u64,
+    /// While the agent waits for processing's offer: complete passes since the wait began
+    /// (reset by what can start a new wait: damage, lost state).
+    waiting_passes: Option<u32>,
     processed: BTreeSet<String>,
     target_bytes: Vec<u64>,
     max_lag: u64,
@@ -380,6 +383,7 @@ impl World {
             delta_resyncs: 0,
             full_copies: 0,
             waits: 0,
+            waiting_passes: None,
             processed: BTreeSet::new(),
             target_bytes: Vec::new(),
             max_lag: 0,
@@ -475,6 +479,7 @@ impl World {
             "lose-state" => {
                 let _ = std::fs::remove_dir_all(&self.state);
                 self.full_pending = true;
+                self.waiting_passes = None;
                 self.note("lose-state: agent state directory deleted".into());
                 (false, false)
             }
@@ -485,6 +490,7 @@ impl World {
                 (false, false)
             }
             "damage" => {
+                self.waiting_passes = None;
                 self.damage();
                 (false, false)
             }
@@ -749,6 +755,19 @@ impl World {
         // the next pass answers, by design.
         if waits {
             self.waits += 1;
+            // A complete pass answers every ask: an agent still waiting after two of them
+            // would wait its hour out for nothing.
+            match self.waiting_passes {
+                Some(n) if n >= 2 => {
+                    return Err(format!(
+                        "the agent still waits for processing's offer after {n} complete passes: {outcome}"
+                    ));
+                }
+                Some(_) => {}
+                None => self.waiting_passes = Some(0),
+            }
+        } else if outcome == "ok" {
+            self.waiting_passes = None;
         }
         if failed_plain && !waits && (self.opts.expect_resync || !self.cache_damage_in_effect()) {
             return Err(format!("lifeboat-agent sync failed: {outcome}"));
@@ -815,6 +834,9 @@ impl World {
         // A complete pass makes the quarantine records its own; a killed one may have
         // written some of them.
         if o.is_some() {
+            if let Some(n) = self.waiting_passes.as_mut() {
+                *n += 1;
+            }
             self.damaged_at_pass = before_scrub.clone();
         } else {
             self.damaged_at_pass.extend(before_scrub.iter().cloned());

@@ -146,6 +146,19 @@ impl Vm {
         log
     }
 
+    /// A sync that must fail; returns its log.
+    fn sync_fails(&self) -> String {
+        let out = Command::new(bin("lifeboat-agent"))
+            .arg("--config")
+            .arg(self.dir.join("agent.toml"))
+            .arg("sync")
+            .output()
+            .unwrap();
+        let log = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success(), "the sync succeeded:\n{log}");
+        log
+    }
+
     /// Asserts that `out` (a failover output) holds the disks as they were at point `i`.
     fn assert_restored(&self, i: usize, out: &Path) {
         assert_eq!(
@@ -644,11 +657,38 @@ fn processed_data_leaves_the_cache_and_the_agent_carries_on() {
         let out = dir.path().join(format!("after-trim-{i}"));
         vm.assert_fails_over(&target, i, &out);
     }
-    // An agent that lost its state starts a new full copy numbered after everything the target
-    // holds (a reused number would make processing fail), and that copy fails over too.
+    // An agent that lost its state asks processing for a tag to resynchronise over rather than
+    // send the whole disk (its segments left the cache): the sync fails saying so, the next
+    // pass offers the newest tag the target holds, and the next sync sends only what differs,
+    // in a history numbered after everything the target holds (a reused number would make
+    // processing fail). That copy fails over too.
     std::fs::remove_dir_all(dir.path().join("state")).unwrap();
     vm.change(5, 0, 100_000);
-    vm.sync(5);
+    let waits = vm.sync_fails();
+    assert!(
+        waits.contains("waits for processing to offer a tag"),
+        "{waits}"
+    );
+    let out = lifeboat(
+        &["process", "--group", "g1", "--trim-cache"],
+        &[("--cache", &vm.cache), ("--store", &target)],
+    );
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        out.status.success()
+            && said.contains("asked vm1/os for a new history over tag")
+            && said.contains("asked vm1/data for a new history over tag"),
+        "{said}"
+    );
+    let log = vm.sync(5);
+    assert!(
+        log.contains("disk=os")
+            && log
+                .matches("checksum compare with the tag processing offered")
+                .count()
+                == 2,
+        "{log}"
+    );
     trim(&vm);
     let out = dir.path().join("after-reset");
     vm.assert_fails_over(&target, 5, &out);
@@ -1308,7 +1348,9 @@ fn target_damage_a_history_needs_asks_the_agent_for_a_new_copy_and_protection_re
     vm.change(3, 3 * 300_000, 100_000);
     let log = vm.sync(3);
     assert!(
-        log.contains("processing cannot complete this history in the target store"),
+        // No tag of the disk restores in the target any more (the damaged base stood for all
+        // of them), so nothing could be offered: a full copy.
+        log.contains("a new history is needed; resynchronising with a new full copy"),
         "{log}"
     );
     set_point_time(&vm.cache, "g1", &vm.points[3], hours(3));
@@ -1400,16 +1442,9 @@ fn a_segment_lost_from_the_cache_is_resynchronised_by_checksum_compare() {
     // The agent finds it lost. Processing runs here (earlier segments were processed out of
     // the cache), so it waits for processing's offer instead of sending the whole disk.
     vm.change(4, 1_500_000, 100_000);
-    let out = Command::new(bin("lifeboat-agent"))
-        .arg("--config")
-        .arg(vm.dir.join("agent.toml"))
-        .arg("sync")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!out.status.success(), "{stderr}");
+    let stderr = vm.sync_fails();
     assert!(
-        stderr.contains("waiting for processing to offer a tag"),
+        stderr.contains("waits for processing to offer a tag"),
         "{stderr}"
     );
 
@@ -1430,7 +1465,7 @@ fn a_segment_lost_from_the_cache_is_resynchronised_by_checksum_compare() {
     let before = listed(&segs);
     let log = vm.sync(4);
     assert!(
-        log.contains("resynchronising by checksum compare with the tag it offered"),
+        log.contains("resynchronising by checksum compare with the tag processing offered"),
         "{log}"
     );
     let sent: u64 = listed(&segs)

@@ -288,12 +288,6 @@ impl Processor {
     /// full copy otherwise. A cache store that refuses the write costs the request, never the
     /// pass (the point stays quarantined and the next pass asks again).
     async fn request_resync(&self, b: &Broken) -> Option<Resync> {
-        self.request_resync_over(b, false).await
-    }
-
-    /// [`Processor::request_resync`]; `over_delta`: an offer may be made even when the broken
-    /// history itself began over an origin (an agent's ask, where no damage is involved).
-    async fn request_resync_over(&self, b: &Broken, over_delta: bool) -> Option<Resync> {
         if !self.asks {
             return None;
         }
@@ -314,21 +308,16 @@ impl Processor {
         };
         // Asked before (a pass that met the same damage): the offer, if any, stands.
         if self.cache.backend().head(&name).await.is_ok() {
-            let sums = layout.resync_sums(&b.vm, &b.disk, b.from);
-            let origin = match self.cache.backend().get(&sums).await {
-                Ok(data) => lifeboat_store::sums::decode(
-                    sums.as_str(),
-                    &data[..],
-                    data.len() as u64,
-                    |_, _| Ok(()),
-                )
+            let origin = self
+                .cache
+                .resync_offers(&b.vm, &b.disk)
+                .await
                 .ok()
-                .map(|h| h.origin),
-                Err(_) => None,
-            };
+                .and_then(|o| o.into_iter().find(|(f, _)| *f == b.from))
+                .map(|(_, o)| o);
             return Some(resync(origin));
         }
-        let origin = self.offer_origin(b, over_delta).await;
+        let origin = self.offer_origin(b).await;
         match self
             .cache
             .backend()
@@ -382,8 +371,9 @@ impl Processor {
                 disk,
                 from,
                 why: format!("the agent asks for a new history: {why}"),
+                over_origin: false,
             };
-            if let Some(r) = self.request_resync_over(&b, true).await {
+            if let Some(r) = self.request_resync(&b).await {
                 pass.resyncs.push(r);
             }
         }
@@ -394,15 +384,12 @@ impl Processor {
     /// differs from that tag instead of a full copy: the newest of the disk's last few tags in
     /// the target that compacts — every block read and verified, into a base at it, which the
     /// new history's first base is later built over — goes beside the request as resync sums
-    /// (its blocks' hashes). None for a history that itself began over an origin (so damage
-    /// to an origin costs one full copy, never a loop of deltas over it), or when no recent
-    /// tag restores; the agent then makes a full copy.
-    async fn offer_origin(&self, b: &Broken, over_delta: bool) -> Option<u64> {
-        if !over_delta
-            && let Ok(Some(t)) = self.cache.latest_tag(&b.vm, &b.disk).await
-            && t.from_segment == b.from
-            && t.origin.is_some()
-        {
+    /// (its blocks' hashes). Only a tag whose every block verifies is offered, and none when
+    /// the break was in building a base over the history's own origin (so a bad origin costs
+    /// one full copy, never a loop of deltas over it) or when no recent tag compacts; the
+    /// agent then makes a full copy. Retention keeps an offered tag while its sums stand.
+    async fn offer_origin(&self, b: &Broken) -> Option<u64> {
+        if b.over_origin {
             return None;
         }
         let seqs = self.target.tag_seqs(&b.vm, &b.disk).await.ok()?;
@@ -436,35 +423,46 @@ impl Processor {
     async fn sums_of(&self, tag: &Tag) -> Result<bytes::Bytes> {
         let base = compact(&self.target, tag, BASE_PART_BYTES, 3).await?;
         let layout = self.target.layout();
-        let mut blocks = Vec::new();
+        // One entry per block of the disk (48 bytes each, plus the object they go into):
+        // targets are numbered as met and renumbered in path order at the end, so no path is
+        // held more than once.
+        let mut paths: Vec<String> = Vec::new();
+        let mut number: std::collections::HashMap<String, u32> = Default::default();
+        let mut entries = Vec::new();
         for part in 1..=base.parts {
             let name = layout.base_part(&tag.vm, &tag.disk, tag.seq, part);
-            let (targets, entries) = self.target.segment_index_of(&name).await?;
-            for e in entries {
-                blocks.push((
-                    targets[e.target as usize].clone(),
-                    e.offset,
-                    e.length,
-                    e.hash,
-                ));
-            }
+            let (targets, index) = self.target.segment_index_of(&name).await?;
+            let local: Vec<u32> = targets
+                .into_iter()
+                .map(|t| {
+                    *number.entry(t.clone()).or_insert_with(|| {
+                        paths.push(t);
+                        paths.len() as u32 - 1
+                    })
+                })
+                .collect();
+            entries.extend(index.into_iter().map(|e| lifeboat_store::sums::SumEntry {
+                target: local[e.target as usize],
+                offset: e.offset,
+                length: e.length,
+                hash: e.hash,
+            }));
         }
-        blocks.sort();
-        let mut paths: Vec<String> = blocks.iter().map(|b| b.0.clone()).collect();
-        paths.dedup();
-        let mut sums =
-            lifeboat_store::sums::SumsBuilder::new(tag.seq, tag.block_size, paths.clone());
-        let mut at = 0u32;
-        for (path, offset, length, hash) in blocks {
-            while paths[at as usize] != path {
-                at += 1;
-            }
-            sums.push(lifeboat_store::sums::SumEntry {
-                target: at,
-                offset,
-                length,
-                hash,
-            });
+        drop(number);
+        let mut order: Vec<u32> = (0..paths.len() as u32).collect();
+        order.sort_by(|a, b| paths[*a as usize].cmp(&paths[*b as usize]));
+        let mut renumber = vec![0u32; paths.len()];
+        for (new, old) in order.iter().enumerate() {
+            renumber[*old as usize] = new as u32;
+        }
+        let sorted: Vec<String> = order
+            .iter()
+            .map(|i| std::mem::take(&mut paths[*i as usize]))
+            .collect();
+        let mut sums = lifeboat_store::sums::SumsBuilder::new(tag.seq, tag.block_size, sorted);
+        for mut e in entries {
+            e.target = renumber[e.target as usize];
+            sums.push(e);
         }
         Ok(sums.finish())
     }
@@ -550,6 +548,7 @@ impl Processor {
                     disk: disk.clone(),
                     from,
                     why: format!("the target scrub found what tag {newest} reads damaged: {hit}"),
+                    over_origin: false,
                 };
                 if let Some(r) = self.request_resync(&b).await {
                     out.resyncs.push(r);
@@ -722,9 +721,23 @@ impl Processor {
                         .0
                         .is_none()
                 {
-                    let base = compact(&self.target, &tag, BASE_PART_BYTES, 3)
-                        .await
-                        .map_err(|e| broken(&tag, e.into()))?;
+                    let base = match compact(&self.target, &tag, BASE_PART_BYTES, 3).await {
+                        Ok(b) => b,
+                        Err(e) => {
+                            let e = anyhow::Error::from(e);
+                            if !quarantines(&e) {
+                                return Err(e);
+                            }
+                            return Err(Broken {
+                                vm: tag.vm.clone(),
+                                disk: tag.disk.clone(),
+                                from: tag.from_segment,
+                                why: format!("no base over origin tag {o}: {e:#}"),
+                                over_origin: true,
+                            }
+                            .into());
+                        }
+                    };
                     tracing::info!(vm = %m.vm, disk = %d.disk, tag = tag.seq, origin = o, "built the base of a history resynchronised over an earlier tag");
                     held.bases.push(base);
                 }
@@ -1078,10 +1091,21 @@ impl Processor {
             }
         }
         for (vm, disk) in disks_in(target).await? {
-            let keep = needed
+            let mut keep = needed
                 .get(&(vm.clone(), disk.clone()))
                 .cloned()
                 .unwrap_or_default();
+            // A tag offered to an agent to lie its new history over must outlive the offer:
+            // the history's first base is built over it when the history is published.
+            if self.asks {
+                match self.cache.resync_offers(&vm, &disk).await {
+                    Ok(offers) => keep.extend(offers.into_iter().map(|(_, o)| o)),
+                    Err(e) => {
+                        tracing::warn!(%vm, %disk, error = %e, "cannot read the resync offers in the cache store; retention keeps this disk's data this time");
+                        continue;
+                    }
+                }
+            }
             // Damage costs what it damages: a disk whose kept tags, bases or segments cannot be
             // read keeps all its data this time (deleting less is always safe) and is reported;
             // the other disks are pruned as usual.
@@ -1155,6 +1179,7 @@ impl Processor {
                             disk: disk.clone(),
                             from: oldest.from_segment,
                             why: format!("no compaction at tag {}: {e:#}", oldest.seq),
+                            over_origin: false,
                         };
                         if !occupied && let Some(r) = self.request_resync(&b).await {
                             out.resyncs.push(r);
@@ -1333,6 +1358,10 @@ pub struct Broken {
     /// First segment of the history.
     pub from: u64,
     pub why: String,
+    /// The break is in building the history's first base over its origin tag (gone or
+    /// damaged since it was offered): the new history gets no offer, so a bad origin costs one
+    /// full copy, never a loop of deltas over it.
+    pub over_origin: bool,
 }
 
 /// A disk whose agent was asked for a new history.
@@ -1370,6 +1399,7 @@ fn broken(tag: &Tag, e: anyhow::Error) -> anyhow::Error {
         disk: tag.disk.clone(),
         from: tag.from_segment,
         why: format!("{e:#}"),
+        over_origin: false,
     }
     .into()
 }

@@ -190,3 +190,117 @@ fn a_damaged_listing_of_an_unchanged_directory_is_written_again_by_the_sweep() {
     restore_id(vm.path(), &point_id(&stdout), &restored);
     assert_same_tree(&vm.path().join("data"), &restored.join("files"));
 }
+
+/// Processing's offer of a tag to resynchronise over (resync sums beside a request) is used
+/// only when it fits the disk: sums of another block size, or missing a block, cost a full
+/// copy and say why; fitting sums make the new history a delta over the offered tag — it
+/// sends only what differs — and, once a base is built over that tag (as processing does in
+/// the target), the disk restores byte for byte.
+#[test]
+fn an_offered_tag_is_used_only_when_its_sums_fit_the_disk() {
+    use lifeboat_store::sums::{SumEntry, SumsBuilder};
+    let mut vm = Vm::new();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let store = vm.path().join("store");
+    let reader = reader(&store, "g");
+    let (vmid, img) = (
+        lifeboat_store::VmId::new("vm1").unwrap(),
+        lifeboat_store::DiskId::new("img").unwrap(),
+    );
+    let newest = || {
+        rt.block_on(reader.latest_tag(&vmid, &img))
+            .unwrap()
+            .unwrap()
+    };
+    // Processing's request for a new history of the newest one, with sums of the image as it
+    // is at the newest tag: `block_size` and the blocks `skip` leaves out as given.
+    let offer = |image: &[u8], block_size: u32, skip: Option<usize>| {
+        let tag = newest();
+        let mut sums = SumsBuilder::new(tag.seq, block_size, vec![String::new()]);
+        for (i, block) in image.chunks(block_size as usize).enumerate() {
+            if Some(i) != skip {
+                sums.push(SumEntry {
+                    target: 0,
+                    offset: (i * block_size as usize) as u64,
+                    length: block.len() as u32,
+                    hash: *blake3::hash(block).as_bytes(),
+                });
+            }
+        }
+        let layout = reader.layout();
+        for (name, bytes) in [
+            (
+                layout.resync_sums(&vmid, &img, tag.from_segment),
+                sums.finish(),
+            ),
+            (
+                layout.resync(&vmid, &img, tag.from_segment),
+                bytes::Bytes::from_static(b"test"),
+            ),
+        ] {
+            rt.block_on(reader.backend().put_new(&name, bytes)).unwrap();
+        }
+        tag
+    };
+    let bs = newest().block_size;
+    let unusable = [(bs / 2, None, "block size"), (bs, Some(3), "no block at")];
+    for (round, (block_size, skip, why)) in unusable.into_iter().enumerate() {
+        let old = offer(&vm.image, block_size, skip);
+        let (_, stderr) = vm.sync_and_restore(2 + round as u64, &[]);
+        assert!(
+            stderr.contains("offer cannot be used") && stderr.contains(why),
+            "{stderr}"
+        );
+        let new = newest();
+        assert!(
+            new.from_segment > old.from_segment && new.origin.is_none(),
+            "{new:?}"
+        );
+    }
+
+    // Sums that fit: a delta over the offered tag.
+    let origin = offer(&vm.image, bs, None);
+    let before: Vec<PathBuf> = vm.objects("seg");
+    vm.change(9);
+    let out = agent(&vm.config, &["sync"]);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("checksum compare with the tag processing offered"),
+        "{stderr}"
+    );
+    let delta = newest();
+    assert_eq!(delta.origin, Some(origin.seq));
+    let sent: u64 = vm
+        .objects("seg")
+        .iter()
+        .filter(|p| !before.contains(p))
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .sum();
+    // 70,000 changed bytes of a 6 MiB image: two 64 KiB blocks, a little over.
+    assert!(
+        sent > 70_000 && sent < 4 * bs as u64,
+        "the delta sent {sent} bytes"
+    );
+    // Without a base over the origin the tag does not restore; with one it restores exactly.
+    let restored = vm.path().join("delta-no-base");
+    let err = rt
+        .block_on(lifeboat_store::restore::restore_disk(
+            &reader, &delta, &restored,
+        ))
+        .unwrap_err();
+    assert!(err.to_string().contains("lies over tag"), "{err}");
+    rt.block_on(lifeboat_store::compact::compact(
+        &reader,
+        &delta,
+        1 << 20,
+        3,
+    ))
+    .unwrap();
+    let restored = vm.path().join("delta.img");
+    rt.block_on(lifeboat_store::restore::restore_disk(
+        &reader, &delta, &restored,
+    ))
+    .unwrap();
+    assert!(std::fs::read(&restored).unwrap() == vm.image);
+}

@@ -545,8 +545,10 @@ impl Agent {
     /// over their indexes, so it describes exactly what a restore of the range through them
     /// yields and the next pass ships whatever differs from that; it scans (the tracker's
     /// position predates the orphans). Orphans it cannot adopt (no tag to take the disk's
-    /// shape from, a gap, a damaged index) are stepped over by a new full copy numbered after
-    /// them: numbers are never reused, and nothing references the orphans.
+    /// shape from, a gap, a damaged index, another history's) are stepped over by a new full
+    /// copy numbered after them: numbers are never reused, and nothing references the orphans.
+    /// A new history with no tag yet (a resync interrupted before its first tag) instead starts
+    /// again after them as it was, over the same origin.
     async fn drop_orphans(
         &self,
         disk: &DiskConfig,
@@ -705,10 +707,13 @@ impl Agent {
                         now
                     }
                     Err(e) if e.kind == ErrorKind::AlreadyExists => now,
-                    Err(e) => {
+                    // A credential that may not write there: nobody can be asked.
+                    Err(e) if matches!(e.kind, ErrorKind::Denied | ErrorKind::Permanent) => {
                         tracing::warn!(disk = %disk.id, error = %e, "cannot ask processing for a tag to resynchronise over");
                         return Ok(None);
                     }
+                    // Anything else is worth another try next cycle.
+                    Err(e) => return Err(e.into()),
                 }
             }
             Err(e) => return Err(e.into()),
@@ -763,10 +768,13 @@ impl Agent {
                 Err(e) if e.kind == ErrorKind::NotFound => return Ok(Offered::Nothing),
                 Err(e) => return Err(e.into()),
             };
+            // Sums are create-only: a short read is the transport's, worth another try.
             if bytes.len() as u64 != end - at {
-                return Ok(Offered::Unusable(format!(
-                    "{name} changed while it was read"
-                )));
+                bail!(
+                    "{name} came back short ({} of {} bytes)",
+                    bytes.len(),
+                    end - at
+                );
             }
             tokio::task::block_in_place(|| io::Write::write_all(&mut file, &bytes))?;
             at = end;
@@ -786,6 +794,9 @@ impl Agent {
                 // the last one was whole (only a target's last block may be short).
                 let (mut at_target, mut next, mut whole, mut size) = (None, 0u64, true, 0u64);
                 let mut files: BTreeMap<String, FileState> = BTreeMap::new();
+                // An error of the state directory (full, failing) is not the offer's fault: kept
+                // here, it fails the cycle for another try instead of costing a full copy.
+                let mut local: Option<io::Error> = None;
                 let header = match lifeboat_store::sums::decode(name.as_str(), r, len, |h, e| {
                     if u64::from(h.block_size) != bs {
                         return Err(format!("block size {} is not this disk's", h.block_size));
@@ -814,26 +825,46 @@ impl Agent {
                         return Ok(());
                     }
                     if image.is_none() {
-                        image = Some(
-                            crate::blocks::NewHashes::create(&dir, h.entries)
-                                .map_err(|e| e.to_string())?,
-                        );
+                        match crate::blocks::NewHashes::create(&dir, h.entries) {
+                            Ok(n) => image = Some(n),
+                            Err(e) => {
+                                let what = e.to_string();
+                                local = Some(e);
+                                return Err(what);
+                            }
+                        }
                     }
                     batch.push(e.hash);
                     if batch.len() == 4096 {
                         let first = next - batch.len() as u64;
-                        image
-                            .as_ref()
-                            .expect("created")
-                            .write_at(first, &batch)
-                            .map_err(|e| e.to_string())?;
+                        let wrote = image.as_ref().expect("created").write_at(first, &batch);
+                        if let Err(e) = wrote {
+                            let what = e.to_string();
+                            local = Some(e);
+                            return Err(what);
+                        }
                         batch.clear();
                     }
                     Ok(())
                 }) {
                     Ok(h) => h,
-                    Err(e) => return Ok(Err(e.to_string())),
+                    Err(e) => {
+                        if let Some(io) = local {
+                            return Err(io.into());
+                        }
+                        return Ok(Err(e.to_string()));
+                    }
                 };
+                // What no entry could say (sums of an empty disk): its kind and block size.
+                if u64::from(header.block_size) != bs {
+                    return Ok(Err(format!(
+                        "block size {} is not this disk's",
+                        header.block_size
+                    )));
+                }
+                if header.targets.iter().any(|t| t.is_empty() == directory) {
+                    return Ok(Err("the sums are of another kind of disk".into()));
+                }
                 let content = if directory {
                     Content::Directory { files }
                 } else {

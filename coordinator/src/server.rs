@@ -388,6 +388,10 @@ impl pb::admin_server::Admin for Services {
 /// left (agents' session streams never finish by themselves).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
+/// The file in the state directory where a serving coordinator records the address it listens
+/// on (`host:port` and a newline), written once it listens.
+pub const ADDRESS_FILE: &str = "address";
+
 /// Serves until `shutdown` resolves (then at most [`SHUTDOWN_GRACE`] longer). `ready` receives
 /// the bound address (port 0 in tests).
 pub async fn serve(

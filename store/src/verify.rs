@@ -531,6 +531,10 @@ impl<'a> GroupWalk<'a> {
                 if self.opts.trimmed_cache {
                     partial = true;
                 } else {
+                    // Its own objects are not orphans for it.
+                    for s in &sources {
+                        self.used.insert(s.to_string());
+                    }
                     self.damaged(
                         name.as_str(),
                         format!(

@@ -215,15 +215,6 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
-/// A TCP port free on loopback right now.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A `lifeboat-coordinator` process for tests: configured on a free loopback port with a local
 /// store under its directory, initialised, and killed (SIGKILL) on drop.
 #[derive(Debug)]
@@ -269,16 +260,34 @@ impl CoordinatorProc {
         }
     }
 
-    /// `init` on a free loopback port, then `start`: a serving coordinator of group `group`.
+    /// `init` listening on a loopback port the system picks, then `start`: a serving
+    /// coordinator of group `group`, whose address is what it reports.
     pub fn serving(dir: &Path, group: &str, extra: &str) -> Self {
-        let mut c = Self::init(dir, group, &format!("127.0.0.1:{}", free_port()), extra);
+        let mut c = Self::init(dir, group, "127.0.0.1:0", extra);
         c.start();
         c
     }
 
-    /// Starts `serve` and waits until the port accepts connections.
+    /// Starts `serve` and waits until it listens. Configured on port 0, the first start learns
+    /// the port from the address the coordinator reports in its state directory, and later
+    /// starts listen on that same address (agents are configured with it).
     pub fn start(&mut self) {
         assert!(self.child.is_none(), "already running");
+        let reported = self.state_dir.join("address");
+        let learn = self.addr.ends_with(":0");
+        if learn {
+            let _ = std::fs::remove_file(&reported);
+        } else {
+            let text = std::fs::read_to_string(&self.config).unwrap();
+            let host = self.addr.rsplit_once(':').map_or("", |(h, _)| h);
+            let pinned = text.replace(
+                &format!("listen = \"{host}:0\""),
+                &format!("listen = \"{}\"", self.addr),
+            );
+            if pinned != text {
+                std::fs::write(&self.config, pinned).unwrap();
+            }
+        }
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -295,6 +304,20 @@ impl CoordinatorProc {
             .expect("spawn lifeboat-coordinator");
         self.child = Some(child);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while learn {
+            if let Ok(a) = std::fs::read_to_string(&reported)
+                && a.ends_with('\n')
+            {
+                self.addr = a.trim().to_string();
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "coordinator reported no address:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
         while std::net::TcpStream::connect(&self.addr).is_err() {
             assert!(
                 std::time::Instant::now() < deadline,

@@ -19,8 +19,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use lifeboat_tests::{
-    CoordinatorProc, LiveWriter, LoopFs, assert_same_bytes, bin, check_database, free_port,
-    oracle_command, root_or_skip, run, set_point_time,
+    CoordinatorProc, LiveWriter, LoopFs, assert_same_bytes, bin, check_database, oracle_command,
+    root_or_skip, run, set_point_time,
 };
 
 /// Group tests freeze filesystems and load both cores; one at a time keeps deadlines honest.
@@ -624,12 +624,7 @@ fn an_agent_cut_off_by_the_network_is_excluded_and_catches_up() {
     let dir = tempfile::tempdir().unwrap();
     let net = Netns::new("lbt0", "10.231.7.1", "10.231.7.2");
     let policy = POLICY.replace("prepare = \"20s\"", "prepare = \"4s\"");
-    let mut c = CoordinatorProc::init(
-        dir.path(),
-        "g1",
-        &format!("10.231.7.1:{}", free_port()),
-        &policy,
-    );
+    let mut c = CoordinatorProc::init(dir.path(), "g1", "10.231.7.1:0", &policy);
     c.start();
     let fss: Vec<LoopFs> = ["near", "far"]
         .iter()

@@ -6,8 +6,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use lifeboat_tests::{
-    CoordinatorProc, KillOnDrop, assert_same_tree, bin, copy_tree, free_port, random_bytes,
-    set_point_time,
+    CoordinatorProc, KillOnDrop, assert_same_tree, bin, copy_tree, random_bytes, set_point_time,
 };
 
 /// `lifeboat ARGS` with `--flag path` pairs.
@@ -358,7 +357,7 @@ fn a_group_drill_from_the_target_store_with_the_source_region_gone() {
     let mut c = CoordinatorProc::init(
         dir.path(),
         "g1",
-        &format!("127.0.0.1:{}", free_port()),
+        "127.0.0.1:0",
         "processing_interval = \"1s\"\n[target]\nkind = \"local\"\npath = \"TARGET\"\n",
     );
     let target = dir.path().join("target");
@@ -795,7 +794,7 @@ fn killing_the_coordinator_while_it_processes_and_prunes_loses_and_duplicates_no
     let mut coordinator = CoordinatorProc::init(
         &dir.path().join("c"),
         "g1",
-        &format!("127.0.0.1:{}", free_port()),
+        "127.0.0.1:0",
         &format!("processing_interval = \"1s\"\n[target]\n{target_desc}"),
     );
 

@@ -317,7 +317,13 @@ impl Processor {
                 .map(|(_, o)| o);
             return Some(resync(origin));
         }
-        let origin = self.offer_origin(b).await;
+        let origin = match self.offer_origin(b).await {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!(vm = %b.vm, disk = %b.disk, error = %format!("{e:#}"), "cannot prepare an offer now; the request waits for a later pass");
+                return None;
+            }
+        };
         match self
             .cache
             .backend()
@@ -388,34 +394,40 @@ impl Processor {
     /// the break was in building a base over the history's own origin (so a bad origin costs
     /// one full copy, never a loop of deltas over it) or when no recent tag compacts; the
     /// agent then makes a full copy. Retention keeps an offered tag while its sums stand.
-    async fn offer_origin(&self, b: &Broken) -> Option<u64> {
+    ///
+    /// An error is one reaching a store (not damage): the request then waits for a later pass,
+    /// since a request written without sums would never get them.
+    async fn offer_origin(&self, b: &Broken) -> Result<Option<u64>> {
         if b.over_origin {
-            return None;
+            return Ok(None);
         }
-        let seqs = self.target.tag_seqs(&b.vm, &b.disk).await.ok()?;
+        let seqs = self.target.tag_seqs(&b.vm, &b.disk).await?;
         for &seq in seqs.iter().rev().take(3) {
-            let tag = match self.target.tag(&b.vm, &b.disk, seq).await {
-                Ok(t) => t,
-                Err(_) => continue,
+            let tried = async {
+                let tag = self.target.tag(&b.vm, &b.disk, seq).await?;
+                self.sums_of(&tag).await
             };
-            let sums = match self.sums_of(&tag).await {
+            let sums = match tried.await {
                 Ok(s) => s,
-                Err(e) => {
+                Err(e) if quarantines(&e) => {
                     tracing::warn!(vm = %b.vm, disk = %b.disk, tag = seq, error = %format!("{e:#}"), "tag cannot be offered as the origin of a resync");
                     continue;
                 }
+                Err(e) => return Err(e),
             };
             let name = self.cache.layout().resync_sums(&b.vm, &b.disk, b.from);
             return match self.cache.backend().put_new(&name, sums).await {
-                Ok(()) => Some(seq),
-                Err(e) if e.kind == ErrorKind::AlreadyExists => Some(seq),
-                Err(e) => {
+                Ok(()) => Ok(Some(seq)),
+                Err(e) if e.kind == ErrorKind::AlreadyExists => Ok(Some(seq)),
+                // A cache credential that may not write here asks for a full copy instead.
+                Err(e) if matches!(e.kind, ErrorKind::Denied | ErrorKind::Permanent) => {
                     tracing::warn!(sums = %name, error = %e, "cannot write resync sums to the cache store");
-                    None
+                    Ok(None)
                 }
+                Err(e) => Err(e.into()),
             };
         }
-        None
+        Ok(None)
     }
 
     /// The resync sums of `tag` in the target: compacts it (reading and verifying every block
@@ -1097,11 +1109,16 @@ impl Processor {
                 .unwrap_or_default();
             // A tag offered to an agent to lie its new history over must outlive the offer:
             // the history's first base is built over it when the history is published.
+            // So must the origin of a history the agent began over it, until processing has
+            // built that history's first base in the target.
             if self.asks {
-                match self.cache.resync_offers(&vm, &disk).await {
-                    Ok(offers) => keep.extend(offers.into_iter().map(|(_, o)| o)),
+                match self.pending_origins(&vm, &disk).await {
+                    Ok(origins) => keep.extend(origins),
                     Err(e) => {
-                        tracing::warn!(%vm, %disk, error = %e, "cannot read the resync offers in the cache store; retention keeps this disk's data this time");
+                        tracing::warn!(%vm, %disk, error = %format!("{e:#}"), "cannot read the resync offers in the cache store; retention keeps this disk's data this time");
+                        out.damaged.push(format!(
+                            "{vm}/{disk}: retention skipped this disk: the cache store's resync offers cannot be read: {e:#}"
+                        ));
                         continue;
                     }
                 }
@@ -1123,6 +1140,28 @@ impl Processor {
 
     /// Retention of one disk: deletes the tags not in `keep`, compacts at the oldest kept tag,
     /// and deletes the trees, segments and bases no kept tag reads.
+    /// Tags of a disk that retention keeps for resyncs under way: those offered by resync sums
+    /// in the cache store, and the origin of the cache's newest tag while the target holds no
+    /// base of its history.
+    async fn pending_origins(&self, vm: &VmId, disk: &DiskId) -> Result<BTreeSet<u64>> {
+        let mut out: BTreeSet<u64> = self
+            .cache
+            .resync_offers(vm, disk)
+            .await?
+            .into_iter()
+            .map(|(_, o)| o)
+            .collect();
+        if let Ok(Some(t)) = self.cache.latest_tag(vm, disk).await
+            && let Some(o) = t.origin
+        {
+            let bases = self.target.readable_bases(vm, disk).await?;
+            if !bases.iter().any(|b| b.from_segment == t.from_segment) {
+                out.insert(o);
+            }
+        }
+        Ok(out)
+    }
+
     async fn prune_disk(
         &self,
         vm: &VmId,

@@ -146,10 +146,23 @@ async fn run(command: Command, config: Config) -> Result<()> {
                 tracing::info!("stopping");
                 lifeboat_store::service::stopping();
             };
-            // Ready (Type=notify) once listening with the group loaded, not merely started.
+            // Ready (Type=notify) once listening with the group loaded, not merely started. The
+            // address it listens on goes to `<state_dir>/address`: with `listen` at port 0 the
+            // system picks a free port, and that file is how a caller learns it (no
+            // bind-then-release race for a port picked beforehand).
             let (ready, listening) = tokio::sync::oneshot::channel();
+            let address = config.state_dir.join(server::ADDRESS_FILE);
             tokio::spawn(async move {
-                if listening.await.is_ok() {
+                if let Ok(addr) = listening.await {
+                    tracing::info!(%addr, "listening");
+                    let text = format!("{addr}\n");
+                    let wrote = tokio::task::spawn_blocking(move || {
+                        lifeboat_store::durable::replace(&address, text.as_bytes())
+                    })
+                    .await;
+                    if let Ok(Err(e)) = wrote {
+                        tracing::warn!(error = %e, "cannot record the listening address");
+                    }
                     lifeboat_store::service::ready();
                     lifeboat_store::service::spawn_watchdog();
                 }

@@ -304,19 +304,20 @@ impl CoordinatorProc {
             .expect("spawn lifeboat-coordinator");
         self.child = Some(child);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        while learn {
-            if let Ok(a) = std::fs::read_to_string(&reported)
-                && a.ends_with('\n')
-            {
-                self.addr = a.trim().to_string();
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "coordinator reported no address:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(std::time::Duration::from_millis(20));
+        if learn {
+            self.addr = loop {
+                if let Ok(a) = std::fs::read_to_string(&reported)
+                    && a.ends_with('\n')
+                {
+                    break a.trim().to_string();
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "coordinator reported no address:\n{}",
+                    self.log_text()
+                );
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            };
         }
         while std::net::TcpStream::connect(&self.addr).is_err() {
             assert!(

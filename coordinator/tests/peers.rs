@@ -96,11 +96,23 @@ async fn enrolment_refuses_bad_tokens_certificates_and_claims() {
         key_pem: read("admin.key"),
         group: "other".into(),
     };
-    assert!(
-        SimMember::open(&addr, &foreign, register("vm1"))
-            .await
-            .is_err()
-    );
+    // The client sees only a broken transport; the cause is the coordinator's, in its log.
+    let e = SimMember::open(&addr, &foreign, register("vm1"))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("transport error"), "{e:#}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !c
+        .log_text()
+        .contains("refused connection: invalid peer certificate: UnknownIssuer")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the foreign certificate's refusal was not logged:\n{}",
+            c.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // Plaintext HTTP/2 to the TLS port.
     let plain = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))

@@ -164,6 +164,136 @@ fn image_under_live_ext4_restores_the_oracle() {
 /// `check` and `check-config` prove freezability: a `mount` that is missing, a plain
 /// directory, or another filesystem (the host one holding an image) is refused with a clear
 /// error, and `sync` refuses to cut rather than label an unfrozen disk crash-consistent.
+/// A resync by checksum compare of a block device under a mounted ext4 with a live writer.
+/// The offer is built from the O_DIRECT oracle read while frozen for the newest tag, which is
+/// exactly what a restore of that tag gives, as processing would list it from the target. The
+/// next cut must send only what the writer changed since, and the point it publishes, read
+/// through a base over that tag, must equal its own oracle byte for byte.
+#[test]
+fn a_block_device_resynchronised_over_an_offered_tag_restores_the_oracle() {
+    use lifeboat_store::sums::{SumEntry, SumsBuilder};
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !root_or_skip("a_block_device_resynchronised_over_an_offered_tag_restores_the_oracle") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let lfs = LoopFs::new(dir.path(), "ext4", 320);
+    let oracles = dir.path().join("oracles");
+    std::fs::create_dir_all(&oracles).unwrap();
+    let config = block_device_config(dir.path(), &lfs, "20s");
+    let writer = LiveWriter::start(&lfs.mount, 11);
+    std::thread::sleep(Duration::from_millis(300));
+    let sync = || {
+        let out = agent_cmd(&config, &oracles, &lfs.device)
+            .arg("sync")
+            .output()
+            .unwrap();
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        );
+        assert!(out.status.success(), "{stdout}\n{stderr}");
+        assert!(stdout.contains("freeze: held"), "no freeze:\n{stdout}");
+        (point_id(&stdout), stderr)
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let store = dir.path().join("store");
+    let reader = reader(&store, "g");
+    let point = |id: &str| {
+        rt.block_on(reader.point(&lifeboat_store::PointId::new(id).unwrap()))
+            .unwrap()
+    };
+    let tag_of = |id: &str| {
+        let p = point(id);
+        let d = &p.members[0].disks[0];
+        (
+            rt.block_on(reader.tag(&p.members[0].vm, &d.disk, d.tag))
+                .unwrap(),
+            oracles.join(format!("{}.img", p.time)),
+        )
+    };
+    sync();
+    let (first, _) = sync();
+
+    // Processing's offer of the newest tag: its blocks' hashes, from that cut's oracle.
+    let (origin, oracle) = tag_of(&first);
+    let image = std::fs::read(&oracle).unwrap();
+    let bs = origin.block_size as usize;
+    let mut sums = SumsBuilder::new(origin.seq, origin.block_size, vec![String::new()]);
+    for (i, block) in image.chunks(bs).enumerate() {
+        sums.push(SumEntry {
+            target: 0,
+            offset: (i * bs) as u64,
+            length: block.len() as u32,
+            hash: *blake3::hash(block).as_bytes(),
+        });
+    }
+    let layout = reader.layout();
+    for (name, bytes) in [
+        (
+            layout.resync_sums(&origin.vm, &origin.disk, origin.from_segment),
+            sums.finish(),
+        ),
+        (
+            layout.resync(&origin.vm, &origin.disk, origin.from_segment),
+            bytes::Bytes::from_static(b"test"),
+        ),
+    ] {
+        rt.block_on(reader.backend().put_new(&name, bytes)).unwrap();
+    }
+    let segs = |reader: &lifeboat_store::restore::StoreReader| {
+        rt.block_on(reader.segment_seqs(&origin.vm, &origin.disk))
+            .unwrap()
+    };
+    let before = segs(&reader);
+    let (delta_id, log) = sync();
+    assert!(
+        log.contains("checksum compare with the tag processing offered"),
+        "{log}"
+    );
+    let (delta, delta_oracle) = tag_of(&delta_id);
+    assert_eq!(delta.origin, Some(origin.seq));
+    let sent: u64 = segs(&reader)
+        .into_iter()
+        .filter(|s| !before.contains(s))
+        .map(|s| {
+            let name = layout.segment(&origin.vm, &origin.disk, s);
+            std::fs::metadata(store.join(name.as_str())).unwrap().len()
+        })
+        .sum();
+    eprintln!(
+        "resync over tag {}: sent {sent} bytes of a {} byte device",
+        origin.seq,
+        image.len()
+    );
+    assert!(
+        sent < image.len() as u64 / 4,
+        "the resync sent {sent} bytes of a {} byte device",
+        image.len()
+    );
+    // As processing does before it publishes it: a base over the origin; then the point is
+    // the device as it was frozen for it.
+    rt.block_on(lifeboat_store::compact::compact(
+        &reader,
+        &delta,
+        1 << 20,
+        3,
+    ))
+    .unwrap();
+    let out = dir.path().join("restore-delta");
+    rt.block_on(restore_point(&reader, &point(&delta_id), &out));
+    assert_same_bytes(&out.join("vol"), &delta_oracle, "the resync's point");
+    // The history goes on over it, tracked again.
+    let (next_id, _) = sync();
+    writer.stop();
+    let (_, next_oracle) = tag_of(&next_id);
+    let out = dir.path().join("restore-next");
+    rt.block_on(restore_point(&reader, &point(&next_id), &out));
+    assert_same_bytes(&out.join("vol"), &next_oracle, "the point after the resync");
+    check_database(&out.join("vol"), "ext4", &dir.path().join("check-mnt"));
+    agent_ok(&config, &["untrack"]);
+}
+
 #[test]
 fn a_mount_that_is_not_the_disks_filesystem_is_refused() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());

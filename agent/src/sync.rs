@@ -279,22 +279,7 @@ impl Agent {
                         let why =
                             format!("cannot roll the local state forward to tag {}: {e}", l.seq);
                         let through = through.max(max_seg).max(l.through_segment);
-                        match self
-                            .answer_or_ask(disk, l.from_segment, processing_runs(&segs, l), &why)
-                            .await?
-                        {
-                            Some((from, asked)) => {
-                                let mut st = self
-                                    .answer_request(disk, l.seq, through, from, &asked)
-                                    .await?;
-                                state::save(&self.config.state_dir, &mut st)?;
-                                return Ok(st);
-                            }
-                            None => {
-                                tracing::warn!(disk = %disk.id, reason = %why, "starting a new full copy");
-                                self.fresh_copy(disk, l.seq, through)
-                            }
-                        }
+                        self.restart_history(disk, l, &segs, through, &why).await?
                     }
                 }
             }
@@ -344,27 +329,7 @@ impl Agent {
                             let through = max_seg.max(l.through_segment);
                             let why =
                                 format!("the cache store cannot vouch for tag {}: {e}", l.seq);
-                            match self
-                                .answer_or_ask(
-                                    disk,
-                                    l.from_segment,
-                                    processing_runs(&segs, l),
-                                    &why,
-                                )
-                                .await?
-                            {
-                                Some((from, asked)) => {
-                                    let mut st = self
-                                        .answer_request(disk, l.seq, through, from, &asked)
-                                        .await?;
-                                    state::save(&self.config.state_dir, &mut st)?;
-                                    return Ok(st);
-                                }
-                                None => {
-                                    tracing::warn!(disk = %disk.id, reason = %why, "starting a new full copy");
-                                    self.fresh_copy(disk, l.seq, through)
-                                }
-                            }
+                            self.restart_history(disk, l, &segs, through, &why).await?
                         }
                     }
                 } else {
@@ -662,6 +627,29 @@ impl Agent {
                 self.fresh_copy(disk, tag_seq, start - 1)
             }
         })
+    }
+
+    /// The history of tag `l` cannot go on here (`why`): a new one numbered after `through`,
+    /// over the tag processing offers when it does ([`Agent::answer_or_ask`]), else a full copy.
+    async fn restart_history(
+        &self,
+        disk: &DiskConfig,
+        l: &Tag,
+        segs: &[u64],
+        through: u64,
+        why: &str,
+    ) -> Result<DiskState> {
+        let runs = processing_runs(segs, l);
+        match self.answer_or_ask(disk, l.from_segment, runs, why).await? {
+            Some((from, asked)) => {
+                self.answer_request(disk, l.seq, through, from, &asked)
+                    .await
+            }
+            None => {
+                tracing::warn!(disk = %disk.id, reason = %why, "starting a new full copy");
+                Ok(self.fresh_copy(disk, l.seq, through))
+            }
+        }
     }
 
     /// The history of a disk from `from` cannot go on here (`why`). Where processing runs on

@@ -188,8 +188,14 @@ impl Layout {
 /// The sequence number in a segment or tag name (`…/00000000000000000042.seg` → 42).
 pub fn parse_seq(name: &ObjectName) -> Option<u64> {
     let file = name.file_name();
-    let (digits, ext) = file.split_once('.')?;
-    if !matches!(ext, "seg" | "tag") || digits.len() != 20 {
+    parse_numbered(file, "seg").or_else(|| parse_numbered(file, "tag"))
+}
+
+/// The number of a file named `<number:020>.<ext>` (segments, tags, bases, resync requests
+/// and sums, asks); `None` for any other name.
+pub fn parse_numbered(file: &str, ext: &str) -> Option<u64> {
+    let digits = file.strip_suffix(ext)?.strip_suffix('.')?;
+    if digits.len() != 20 {
         return None;
     }
     digits.parse().ok()

@@ -17,7 +17,7 @@ use futures::{StreamExt, TryStreamExt};
 use crate::backend::{DynBackend, ErrorKind};
 use crate::codec::{self, Encoding, Entry};
 use crate::error::{Error, Result};
-use crate::layout::{Layout, parse_seq};
+use crate::layout::{Layout, parse_numbered, parse_seq};
 use crate::manifest::{Base, DiskShape, EntryKind, RecoveryPoint, Tag, Tree};
 use crate::name::{DiskId, ObjectName, PointId, VmId};
 use crate::platform;
@@ -78,13 +78,7 @@ impl StoreReader {
     pub async fn resync_requests(&self, vm: &VmId, disk: &DiskId) -> Result<Vec<(u64, String)>> {
         let mut out = Vec::new();
         for m in self.backend.list(&self.layout.resyncs(vm, disk)).await? {
-            let Some(from) = m
-                .name
-                .file_name()
-                .strip_suffix(".txt")
-                .filter(|d| d.len() == 20)
-                .and_then(|d| d.parse::<u64>().ok())
-            else {
+            let Some(from) = parse_numbered(m.name.file_name(), "txt") else {
                 continue;
             };
             match self.backend.get(&m.name).await {
@@ -103,13 +97,7 @@ impl StoreReader {
     pub async fn resync_offers(&self, vm: &VmId, disk: &DiskId) -> Result<Vec<(u64, u64)>> {
         let mut out = Vec::new();
         for m in self.backend.list(&self.layout.resyncs(vm, disk)).await? {
-            let Some(from) = m
-                .name
-                .file_name()
-                .strip_suffix(".sums")
-                .filter(|d| d.len() == 20)
-                .and_then(|d| d.parse::<u64>().ok())
-            else {
+            let Some(from) = parse_numbered(m.name.file_name(), "sums") else {
                 continue;
             };
             match self.backend.get_range(&m.name, 0..24).await {
@@ -134,9 +122,7 @@ impl StoreReader {
             let (Ok(vm), Ok(disk), Some(from)) = (
                 VmId::new(vm),
                 DiskId::new(disk),
-                file.strip_suffix(".txt")
-                    .filter(|d| d.len() == 20)
-                    .and_then(|d| d.parse::<u64>().ok()),
+                parse_numbered(file, "txt"),
             ) else {
                 continue;
             };

@@ -18,7 +18,7 @@ use futures::StreamExt;
 use crate::backend::{DynBackend, ErrorKind};
 use crate::codec;
 use crate::error::{Error, Result};
-use crate::layout::{Layout, ROOT, parse_seq};
+use crate::layout::{Layout, ROOT, parse_numbered, parse_seq};
 use crate::manifest::{Base, DiskShape, RecoveryPoint, Tag};
 use crate::name::{DiskId, GroupId, ObjectName, PointId, VmId};
 use crate::restore::{StoreReader, files_of, plan_from_indexes, sources_for};
@@ -224,9 +224,7 @@ impl<'a> GroupWalk<'a> {
                 ["asks", vm, disk, file]
                     if VmId::new(*vm).is_ok()
                         && DiskId::new(*disk).is_ok()
-                        && file
-                            .strip_suffix(".txt")
-                            .is_some_and(|d| d.len() == 20 && d.parse::<u64>().is_ok()) =>
+                        && parse_numbered(file, "txt").is_some() =>
                 {
                     self.used.insert(name.clone());
                 }
@@ -387,19 +385,14 @@ impl<'a> GroupWalk<'a> {
                 Some(("seg", _)) => segment_seqs.extend(parse_seq(&object)),
                 // Processing's requests for a new history: informational, read by the agent.
                 Some(("resync", file))
-                    if file
-                        .strip_suffix(".txt")
-                        .or_else(|| file.strip_suffix(".sums"))
-                        .is_some_and(|d| d.len() == 20 && d.parse::<u64>().is_ok()) =>
+                    if parse_numbered(file, "txt")
+                        .or_else(|| parse_numbered(file, "sums"))
+                        .is_some() =>
                 {
                     self.used.insert(name.clone());
                 }
                 Some(("base", file)) => {
-                    if let Some(seq) = file
-                        .strip_suffix(".base")
-                        .filter(|d| d.len() == 20)
-                        .and_then(|d| d.parse().ok())
-                    {
+                    if let Some(seq) = parse_numbered(file, "base") {
                         base_seqs.insert(seq);
                     }
                 }

@@ -123,12 +123,7 @@ impl Vm {
 
     /// Syncs (a point), keeps a copy of the disks as they are, and returns the agent's log.
     fn sync(&mut self, round: u64) -> String {
-        let out = Command::new(bin("lifeboat-agent"))
-            .arg("--config")
-            .arg(self.dir.join("agent.toml"))
-            .arg("sync")
-            .output()
-            .unwrap();
+        let out = self.run_sync();
         let log = String::from_utf8_lossy(&out.stderr).into_owned();
         let id = ok(out)
             .lines()
@@ -145,14 +140,19 @@ impl Vm {
         log
     }
 
-    /// A sync that must fail; returns its log.
-    fn sync_fails(&self) -> String {
-        let out = Command::new(bin("lifeboat-agent"))
+    /// `lifeboat-agent sync` with this VM's config.
+    fn run_sync(&self) -> Output {
+        Command::new(bin("lifeboat-agent"))
             .arg("--config")
             .arg(self.dir.join("agent.toml"))
             .arg("sync")
             .output()
-            .unwrap();
+            .unwrap()
+    }
+
+    /// A sync that must fail; returns its log.
+    fn sync_fails(&self) -> String {
+        let out = self.run_sync();
         let log = String::from_utf8_lossy(&out.stderr).into_owned();
         assert!(!out.status.success(), "the sync succeeded:\n{log}");
         log

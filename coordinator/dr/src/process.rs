@@ -630,7 +630,7 @@ impl Processor {
                 continue;
             }
             let newest = match self.cache.latest_tag(vm, disk).await {
-                Ok(Some(t)) => t.from_segment,
+                Ok(Some(t)) => t,
                 // Nothing newer to judge by (or a damaged newest tag, which the agent answers
                 // with a new history anyway): the request stays.
                 Ok(None) => continue,
@@ -642,6 +642,20 @@ impl Processor {
                     return Err(e);
                 }
             };
+            // An offer stands until the history over it has its first base in the target (built
+            // when that history's first tag is published): until then retention must keep the
+            // offered tag, which it knows by the sums.
+            if newest.origin.is_some()
+                && !self
+                    .target
+                    .readable_bases(vm, disk)
+                    .await?
+                    .iter()
+                    .any(|b| b.from_segment == newest.from_segment)
+            {
+                continue;
+            }
+            let newest = newest.from_segment;
             for (from, _) in requests.into_iter().filter(|(from, _)| newest > *from) {
                 tracing::info!(%vm, %disk, history = from, new_history = newest, "resync answered");
                 // The sums first: a request is never left without them by a withdrawal that
@@ -1107,13 +1121,11 @@ impl Processor {
                 .get(&(vm.clone(), disk.clone()))
                 .cloned()
                 .unwrap_or_default();
-            // A tag offered to an agent to lie its new history over must outlive the offer:
-            // the history's first base is built over it when the history is published.
-            // So must the origin of a history the agent began over it, until processing has
-            // built that history's first base in the target.
+            // A tag offered to an agent to lie its new history over must outlive the offer,
+            // which stands until that history's first base, built over it, is in the target.
             if self.asks {
-                match self.pending_origins(&vm, &disk).await {
-                    Ok(origins) => keep.extend(origins),
+                match self.cache.resync_offers(&vm, &disk).await {
+                    Ok(offers) => keep.extend(offers.into_iter().map(|(_, o)| o)),
                     Err(e) => {
                         tracing::warn!(%vm, %disk, error = %format!("{e:#}"), "cannot read the resync offers in the cache store; retention keeps this disk's data this time");
                         out.damaged.push(format!(
@@ -1140,28 +1152,6 @@ impl Processor {
 
     /// Retention of one disk: deletes the tags not in `keep`, compacts at the oldest kept tag,
     /// and deletes the trees, segments and bases no kept tag reads.
-    /// Tags of a disk that retention keeps for resyncs under way: those offered by resync sums
-    /// in the cache store, and the origin of the cache's newest tag while the target holds no
-    /// base of its history.
-    async fn pending_origins(&self, vm: &VmId, disk: &DiskId) -> Result<BTreeSet<u64>> {
-        let mut out: BTreeSet<u64> = self
-            .cache
-            .resync_offers(vm, disk)
-            .await?
-            .into_iter()
-            .map(|(_, o)| o)
-            .collect();
-        if let Ok(Some(t)) = self.cache.latest_tag(vm, disk).await
-            && let Some(o) = t.origin
-        {
-            let bases = self.target.readable_bases(vm, disk).await?;
-            if !bases.iter().any(|b| b.from_segment == t.from_segment) {
-                out.insert(o);
-            }
-        }
-        Ok(out)
-    }
-
     async fn prune_disk(
         &self,
         vm: &VmId,

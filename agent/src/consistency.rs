@@ -619,3 +619,38 @@ fn bounded_text(mut file: std::fs::File) -> String {
     }
     text
 }
+
+/// How a cycle run by [`unless_stopped`] ended.
+#[derive(Debug)]
+pub enum Run<T> {
+    /// It ran to its end; no stop came.
+    Done(T),
+    /// A stop came while it held a filesystem frozen: it ran to its end; stop now.
+    DoneThenStop(T),
+    /// A stop came and the cycle was dropped.
+    Stopped,
+}
+
+/// Runs one replication cycle unless `stop` comes first. A stop ends the cycle at once (its
+/// work is resumable: checkpoints and the cache store's tags are what a restart reads, exactly
+/// as after a SIGKILL), so a service stop never waits out a long copy; but a cut that holds a
+/// filesystem frozen finishes first, so its thaw is the agent's and the point is kept. `stop`
+/// must not be polled again once this returned anything but `Done`.
+pub async fn unless_stopped<T>(
+    cycle: impl std::future::Future<Output = T>,
+    stop: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+) -> Run<T> {
+    tokio::pin!(cycle);
+    tokio::select! {
+        r = &mut cycle => Run::Done(r),
+        () = stop.as_mut() => {
+            if crate::progress::held() {
+                tracing::info!("stopping once the cut in progress thaws and ends");
+                Run::DoneThenStop(cycle.await)
+            } else {
+                tracing::info!("stopping; the cycle in progress resumes at the next start");
+                Run::Stopped
+            }
+        }
+    }
+}

@@ -159,7 +159,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli.command, config)) {
+    let result = runtime.block_on(run(cli.command, config));
+    // The last figures reach `status.json` (the writer thread's job) before the process ends.
+    progress::flush(std::time::Duration::from_secs(5));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -266,7 +269,23 @@ async fn run(command: Command, config: Config) -> Result<()> {
             loop {
                 let sweep = last_sweep
                     .is_none_or(|t| t.elapsed() >= agent.config.replication.verify_interval);
-                let result = cycle(&agent, false, sweep, Some(&watchers)).await;
+                let (result, then_stop) = match consistency::unless_stopped(
+                    cycle(&agent, false, sweep, Some(&watchers)),
+                    &mut stop,
+                )
+                .await
+                {
+                    consistency::Run::Done(r) => (r, false),
+                    consistency::Run::DoneThenStop(r) => (r, true),
+                    consistency::Run::Stopped => (Ok(()), true),
+                };
+                if then_stop {
+                    if let Err(e) = result {
+                        tracing::error!(error = %format!("{e:#}"), "replication cycle failed");
+                    }
+                    lifeboat_store::service::stopping();
+                    return Ok(());
+                }
                 if sweep && result.is_ok() {
                     last_sweep = Some(std::time::Instant::now());
                 }

@@ -374,10 +374,20 @@ pub async fn run(
             }
             _ = tokio::time::sleep_until(next) => {
                 let sweep = last_sweep.is_none_or(|t| t.elapsed() >= agent.config.replication.verify_interval);
-                match replicate(agent, sweep, watchers).await {
+                // A stop ends background replication at once, even mid-way through an initial
+                // copy of a large disk (it resumes from its checkpoints at the next start).
+                let (result, then_stop) = match crate::consistency::unless_stopped(replicate(agent, sweep, watchers), &mut stop).await {
+                    crate::consistency::Run::Done(r) => (r, false),
+                    crate::consistency::Run::DoneThenStop(r) => (r, true),
+                    crate::consistency::Run::Stopped => (Ok(()), true),
+                };
+                match result {
                     Ok(()) if sweep => last_sweep = Some(Instant::now()),
                     Ok(()) => {}
                     Err(e) => tracing::error!(error = %format!("{e:#}"), "replication cycle failed"),
+                }
+                if then_stop {
+                    break Ok(());
                 }
                 next = tokio::time::Instant::now() + interval;
             }

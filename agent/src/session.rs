@@ -158,9 +158,10 @@ async fn once(
     }
 }
 
-/// The heartbeat's figures, from the agent's live status file.
+/// The heartbeat's figures, from the agent's live status (in memory, never read back from
+/// `status.json`).
 fn stats(state_dir: &std::path::Path) -> Heartbeat {
-    let live = crate::progress::load(state_dir).unwrap_or_default();
+    let live = crate::progress::current(state_dir);
     Heartbeat {
         time_ms: lifeboat_store::manifest::now_millis(),
         disks: live

@@ -860,3 +860,79 @@ fn group_points_of_block_devices_restore_what_each_device_held() {
         assert!(out.status.success(), "untrack failed");
     }
 }
+
+/// Regression: a member ran its background replication inside its command loop, so a stop
+/// (SIGTERM, as systemd sends it) waited for an initial copy to end — hours for a large disk,
+/// until the service manager's SIGKILL. A stop now ends the copy at once; the next start
+/// resumes it, and the VM's first covered point restores the image exactly.
+#[test]
+fn a_member_stops_at_once_during_its_initial_copy_and_resumes_after() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let c = CoordinatorProc::serving(&dir.path().join("c"), "g1", POLICY);
+    let image = dir.path().join("disk.img");
+    std::fs::write(&image, lifeboat_tests::random_bytes(16 << 20, 7)).unwrap();
+    let disk = format!(
+        "[[disk]]\nid = \"img\"\nkind = \"image\"\npath = {:?}\nconsistency = \"none\"\n",
+        image.display()
+    );
+    let mut a = AgentProc::new(dir.path(), &c, "big", &disk, None);
+    // At 2 MiB/s the 16 MiB copy takes 8 s: long enough to stop in the middle of it.
+    let slow = std::fs::read_to_string(&a.config)
+        .unwrap()
+        .replace("[replication]", "[replication]\nbandwidth_limit = \"2MiB\"");
+    std::fs::write(&a.config, slow).unwrap();
+    a.start();
+    let status = dir.path().join("big/state/status.json");
+    let shipped = || -> Option<(u64, u64)> {
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&status).ok()?).ok()?;
+        let d = &v["disks"]["img"];
+        Some((d["done"].as_u64()?, d["total"].as_u64()?))
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while shipped().is_none_or(|(done, _)| done == 0) {
+        assert!(Instant::now() < deadline, "no copy began: {}", a.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let pid = a.child.as_ref().unwrap().id().to_string();
+    run(Command::new("kill").args(["-TERM", &pid]));
+    let stopped_at = Instant::now();
+    let mut child = a.child.take().unwrap();
+    let exit = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if stopped_at.elapsed() > Duration::from_secs(5) {
+            let _ = child.kill();
+            panic!(
+                "the member ignored SIGTERM for 5 s during its initial copy: {}",
+                a.log_text()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(exit.success(), "{exit}: {}", a.log_text());
+    let (done, total) = shipped().unwrap();
+    assert!(
+        done < total,
+        "the copy finished before the stop: {done} of {total}"
+    );
+    assert!(
+        a.log_text()
+            .contains("stopping; the cycle in progress resumes at the next start"),
+        "{}",
+        a.log_text()
+    );
+
+    // The next start resumes the copy; the first point that covers the VM is the image.
+    let fast = std::fs::read_to_string(&a.config)
+        .unwrap()
+        .replace("bandwidth_limit = \"2MiB\"\n", "");
+    std::fs::write(&a.config, fast).unwrap();
+    a.start();
+    wait_healthy(&c, &["big"], Duration::from_secs(30));
+    let (id, _) = snapshot_covering(&c, &["big"], false);
+    let out = dir.path().join("restored");
+    restore(&c, "big", &id, &out);
+    assert_same_bytes(&out.join("img.img"), &image, "the restored image");
+}

@@ -1,6 +1,8 @@
 //! `run` for a VM in a group: the agent keeps replicating on its own interval (not-frozen tags,
 //! no points) and takes part in the coordinator's cuts, which make the group's points.
 
+#![warn(clippy::disallowed_methods)] // blocking calls run off the async workers (clippy.toml)
+
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, anyhow, bail};

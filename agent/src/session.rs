@@ -4,6 +4,8 @@
 //! the member loop can tell stale ones. Renews the agent's certificate when it is due, between
 //! sessions.
 
+#![warn(clippy::disallowed_methods)] // blocking calls run off the async workers (clippy.toml)
+
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 

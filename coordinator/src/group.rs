@@ -7,6 +7,8 @@
 //! FROZEN ack in before the ack deadline, and a point published (create-only, after reading back
 //! every covered tag) with exactly the members that acked TAGGED.
 
+#![warn(clippy::disallowed_methods)] // blocking calls run off the async workers (clippy.toml)
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -18,7 +20,6 @@ use futures::StreamExt;
 use lifeboat_proto::model::{
     CoordinatorMessage, CutAck, CutKind, CutPhase, DiskStats, Heartbeat, Register,
 };
-use lifeboat_proto::pb;
 use lifeboat_store::layout::Layout;
 use lifeboat_store::manifest::{
     Consistency, DiskRef, Excluded, Member as PointMember, PointKind, RecoveryPoint, now_millis,
@@ -28,12 +29,43 @@ use lifeboat_store::writer::StoreWriter;
 use lifeboat_store::{DiskId, GroupId, PointId, VmId};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
-use tonic::Status;
 
 use crate::config::{Config, Deadlines};
 
-/// What a session's outbound half carries.
-pub type Outbound = mpsc::Sender<Result<pb::CoordinatorMessage, Status>>;
+/// What a session's outbound half carries: messages to the agent, or the protocol violation
+/// for which the coordinator ends the session.
+pub type Outbound = mpsc::Sender<Result<CoordinatorMessage, Violation>>;
+
+/// A message from the agent that breaks the protocol; the session ends with it.
+#[derive(Debug, Clone)]
+pub struct Violation(pub String);
+
+/// Why the group refused a request.
+#[derive(Debug, thiserror::Error)]
+pub enum GroupError {
+    /// The group has `max_members` members.
+    #[error("{0}")]
+    Full(String),
+    #[error("{0}")]
+    NotFound(String),
+    /// The certificate or VM may not do this.
+    #[error("{0}")]
+    Denied(String),
+    /// The member list could not be saved; nothing changed.
+    #[error("cannot save members.json: {0}")]
+    Storage(String),
+}
+
+/// A member as the Admin API shows it.
+#[derive(Debug, Clone)]
+pub struct MemberView {
+    pub vm: VmId,
+    pub connected: bool,
+    pub healthy: bool,
+    pub last_seen_ms: u64,
+    pub registered: Option<Register>,
+    pub stats: Vec<(DiskId, DiskStats)>,
+}
 
 /// A member as the coordinator sees it.
 #[derive(Debug, Default)]
@@ -56,7 +88,7 @@ impl MemberState {
 /// accepted for it, so a certificate replaced by renewal or a new enrolment is worthless — plus
 /// a renewed one not used yet. Both are accepted until the renewed one is first presented: an
 /// agent that lost the answer to its renewal is not locked out.
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct MemberFile {
     members: BTreeSet<VmId>,
@@ -97,7 +129,9 @@ pub struct Group {
     writer: StoreWriter,
     reader: StoreReader,
     members: Mutex<BTreeMap<VmId, MemberState>>,
-    member_file: Mutex<MemberFile>,
+    /// Held across a save (async: the file is written off the workers), so saves are ordered
+    /// and the memory copy changes only once its save succeeded.
+    member_file: tokio::sync::Mutex<MemberFile>,
     cut_lock: tokio::sync::Mutex<()>,
     last_cut: AtomicU64,
     current: Mutex<Option<(u64, mpsc::UnboundedSender<AckEvent>)>>,
@@ -114,6 +148,7 @@ fn floor_path(config: &Config) -> PathBuf {
     config.state_dir.join("cut-floor")
 }
 
+#[allow(clippy::disallowed_methods, reason = "called through spawn_blocking")]
 fn read_floor(config: &Config) -> Result<u64> {
     match std::fs::read_to_string(floor_path(config)) {
         Ok(t) => t
@@ -125,6 +160,16 @@ fn read_floor(config: &Config) -> Result<u64> {
     }
 }
 
+#[allow(clippy::disallowed_methods, reason = "called through spawn_blocking")]
+fn read_members(path: &std::path::Path) -> Result<MemberFile> {
+    match std::fs::read_to_string(path) {
+        Ok(t) => serde_json::from_str(&t).context("members.json is damaged"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(MemberFile::default()),
+        Err(e) => Err(e).context("cannot read members.json"),
+    }
+}
+
+#[allow(clippy::disallowed_methods, reason = "called through spawn_blocking")]
 fn write_floor(path: &std::path::Path, cut_id: u64) -> Result<()> {
     lifeboat_store::durable::replace(path, format!("{cut_id}\n").as_bytes())?;
     Ok(())
@@ -161,7 +206,10 @@ impl Group {
         // The floor under the next cut id: the highest of the catalog, the floor file (the
         // cache is trimmed of processed points) and the target's points (the state directory
         // may be new), so ids stay unique across restarts and clock steps back.
-        let floor = read_floor(&config)?;
+        let floor = {
+            let c = config.clone();
+            tokio::task::spawn_blocking(move || read_floor(&c)).await??
+        };
         let in_target = match &config.target {
             Some(t) => {
                 let target = t.open().await.context("cannot open the target store")?;
@@ -187,11 +235,8 @@ impl Group {
             .unwrap_or(0)
             .max(floor)
             .max(in_target);
-        let member_file: MemberFile = match std::fs::read_to_string(members_path(&config)) {
-            Ok(t) => serde_json::from_str(&t).context("members.json is damaged")?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => MemberFile::default(),
-            Err(e) => return Err(e).context("cannot read members.json"),
-        };
+        let path = members_path(&config);
+        let member_file = tokio::task::spawn_blocking(move || read_members(&path)).await??;
         let members = member_file
             .members
             .iter()
@@ -208,7 +253,7 @@ impl Group {
             writer,
             reader,
             members: Mutex::new(members),
-            member_file: Mutex::new(member_file),
+            member_file: tokio::sync::Mutex::new(member_file),
             cut_lock: tokio::sync::Mutex::new(()),
             last_cut: AtomicU64::new(last_cut),
             current: Mutex::new(None),
@@ -218,19 +263,26 @@ impl Group {
         })
     }
 
-    fn save_members(&self, f: &MemberFile) -> Result<()> {
-        lifeboat_store::durable::replace(
-            &members_path(&self.config),
-            &serde_json::to_vec_pretty(f)?,
-        )?;
+    /// Writes `f` as the member list, off the async workers; on success it becomes the list in
+    /// memory too (`current` is the guard of the list it replaces).
+    async fn save_members(
+        &self,
+        current: &mut tokio::sync::MutexGuard<'_, MemberFile>,
+        f: MemberFile,
+    ) -> Result<(), GroupError> {
+        let body = serde_json::to_vec_pretty(&f).expect("the member list serialises");
+        lifeboat_store::durable::replace_async(members_path(&self.config), body)
+            .await
+            .map_err(|e| GroupError::Storage(format!("{e:#}")))?;
+        **current = f;
         Ok(())
     }
 
     /// Whether `vm` may join (enrol): not beyond the group's size limit.
-    pub fn may_join(&self, vm: &VmId) -> Result<(), Status> {
-        let f = self.member_file.lock().unwrap();
+    pub async fn may_join(&self, vm: &VmId) -> Result<(), GroupError> {
+        let f = self.member_file.lock().await;
         if !f.members.contains(vm) && f.members.len() >= self.config.max_members {
-            return Err(Status::resource_exhausted(format!(
+            return Err(GroupError::Full(format!(
                 "group {} is full ({} members, max_members = {})",
                 self.id,
                 f.members.len(),
@@ -241,33 +293,33 @@ impl Group {
     }
 
     /// Records an enrolled VM as a member with its certificate (and lifts an earlier removal).
-    pub fn join(&self, vm: &VmId, certificate: &str) -> Result<()> {
-        let mut f = self.member_file.lock().unwrap();
+    pub async fn join(&self, vm: &VmId, certificate: &str) -> Result<(), GroupError> {
+        let mut guard = self.member_file.lock().await;
+        let mut f = guard.clone();
         f.removed.remove(vm);
         f.certificates.insert(vm.clone(), certificate.to_string());
         f.renewed.remove(vm);
-        if f.members.insert(vm.clone()) {
-            self.save_members(&f)?;
+        let new = f.members.insert(vm.clone());
+        self.save_members(&mut guard, f).await?;
+        if new {
             self.members.lock().unwrap().entry(vm.clone()).or_default();
             tracing::info!(%vm, "VM joined the group");
-        } else {
-            self.save_members(&f)?;
         }
         Ok(())
     }
 
     /// Removes a member: closes its session and refuses its certificate from now on.
-    pub fn remove(&self, vm: &VmId) -> Result<(), Status> {
-        let mut f = self.member_file.lock().unwrap();
+    pub async fn remove(&self, vm: &VmId) -> Result<(), GroupError> {
+        let mut guard = self.member_file.lock().await;
+        let mut f = guard.clone();
         if !f.members.remove(vm) {
-            return Err(Status::not_found(format!(
+            return Err(GroupError::NotFound(format!(
                 "VM {vm} is not a member of group {}",
                 self.id
             )));
         }
         f.removed.insert(vm.clone());
-        self.save_members(&f)
-            .map_err(|e| Status::internal(format!("cannot save members.json: {e:#}")))?;
+        self.save_members(&mut guard, f).await?;
         self.members.lock().unwrap().remove(vm);
         tracing::info!(%vm, "VM removed from the group");
         Ok(())
@@ -279,9 +331,9 @@ impl Group {
         f: &MemberFile,
         vm: &VmId,
         certificate: &str,
-    ) -> Result<(), Status> {
+    ) -> Result<(), GroupError> {
         if f.removed.contains(vm) {
-            return Err(Status::permission_denied(format!(
+            return Err(GroupError::Denied(format!(
                 "VM {vm} was removed from group {}; enrol it again with a new join token",
                 self.id
             )));
@@ -289,7 +341,7 @@ impl Group {
         let renewed = f.renewed.get(vm).is_some_and(|r| r == certificate);
         match f.certificates.get(vm) {
             Some(current) if current != certificate && !renewed => {
-                Err(Status::permission_denied(format!(
+                Err(GroupError::Denied(format!(
                     "this certificate of VM {vm} was replaced (renewed or enrolled again); use the current one"
                 )))
             }
@@ -298,15 +350,15 @@ impl Group {
     }
 
     /// Refuses `certificate` unless it is the current one of a member `vm`.
-    pub fn may_renew(&self, vm: &VmId, certificate: &str) -> Result<(), Status> {
-        let f = self.member_file.lock().unwrap();
+    pub async fn may_renew(&self, vm: &VmId, certificate: &str) -> Result<(), GroupError> {
+        let f = self.member_file.lock().await;
         self.check_member(&f, vm, certificate)
     }
 
-    fn check_member(&self, f: &MemberFile, vm: &VmId, certificate: &str) -> Result<(), Status> {
+    fn check_member(&self, f: &MemberFile, vm: &VmId, certificate: &str) -> Result<(), GroupError> {
         self.check_certificate(f, vm, certificate)?;
         if !f.members.contains(vm) {
-            return Err(Status::permission_denied(format!(
+            return Err(GroupError::Denied(format!(
                 "VM {vm} is not a member of group {}",
                 self.id
             )));
@@ -316,12 +368,12 @@ impl Group {
 
     /// Records `new` as member `vm`'s renewed certificate (it replaces the current one when
     /// first used) and closes the session, so the agent reconnects with it.
-    pub fn renewed(&self, vm: &VmId, old: &str, new: &str) -> Result<(), Status> {
-        let mut f = self.member_file.lock().unwrap();
-        self.check_member(&f, vm, old)?;
+    pub async fn renewed(&self, vm: &VmId, old: &str, new: &str) -> Result<(), GroupError> {
+        let mut guard = self.member_file.lock().await;
+        self.check_member(&guard, vm, old)?;
+        let mut f = guard.clone();
         f.renewed.insert(vm.clone(), new.to_string());
-        self.save_members(&f)
-            .map_err(|e| Status::internal(format!("cannot save members.json: {e:#}")))?;
+        self.save_members(&mut guard, f).await?;
         if let Some(m) = self.members.lock().unwrap().get_mut(vm) {
             m.session = None;
         }
@@ -329,33 +381,41 @@ impl Group {
     }
 
     /// Attaches a registered session made with `certificate` (its SHA-256); a second session for
-    /// the same VM replaces the first.
-    pub fn attach(&self, reg: Register, certificate: &str, tx: Outbound) -> Result<u64, Status> {
+    /// the same VM replaces the first. What the session changes in the member list (a renewed
+    /// certificate's first use, a first certificate recorded, a member missing from the list)
+    /// is saved before the session is accepted: a session refused for a failed save is retried
+    /// by the agent, never accepted on a list that would forget it.
+    pub async fn attach(
+        &self,
+        reg: Register,
+        certificate: &str,
+        tx: Outbound,
+    ) -> Result<u64, GroupError> {
         let vm = reg.vm.clone();
         {
-            let mut f = self.member_file.lock().unwrap();
-            self.check_certificate(&f, &vm, certificate)?;
+            let mut guard = self.member_file.lock().await;
+            self.check_certificate(&guard, &vm, certificate)?;
+            let mut f = guard.clone();
             if f.renewed.get(&vm).is_some_and(|r| r == certificate) {
                 // First use of the renewed certificate: from now on it alone is accepted.
                 f.renewed.remove(&vm);
                 f.certificates.insert(vm.clone(), certificate.to_string());
-                self.save_members(&f)
-                    .map_err(|e| Status::internal(format!("cannot save members.json: {e:#}")))?;
             } else if !f.certificates.contains_key(&vm) {
                 f.certificates.insert(vm.clone(), certificate.to_string());
-                let _ = self.save_members(&f);
             }
             if !f.members.contains(&vm) {
                 // Enrolled with this CA but not on the list (for example members.json was
                 // restored from a backup): the certificate is proof enough, within the limit.
                 if f.members.len() >= self.config.max_members {
-                    return Err(Status::resource_exhausted(format!(
+                    return Err(GroupError::Full(format!(
                         "group {} is full (max_members = {})",
                         self.id, self.config.max_members
                     )));
                 }
                 f.members.insert(vm.clone());
-                let _ = self.save_members(&f);
+            }
+            if *guard != f {
+                self.save_members(&mut guard, f).await?;
             }
         }
         let id = self.next_session.fetch_add(1, Ordering::Relaxed);
@@ -431,25 +491,17 @@ impl Group {
     }
 
     /// A snapshot of the members for the Admin API.
-    pub fn members(&self) -> Vec<pb::MemberStatus> {
+    pub fn members(&self) -> Vec<MemberView> {
         let members = self.members.lock().unwrap();
         members
             .iter()
-            .map(|(vm, m)| {
-                let reg = m.registered.clone().map(pb::Register::from);
-                pb::MemberStatus {
-                    vm: vm.to_string(),
-                    connected: m.connected(),
-                    healthy: self.healthy(m),
-                    last_seen_ms: m.last_seen_ms,
-                    facts: reg.as_ref().and_then(|r| r.facts.clone()),
-                    disks: reg.map(|r| r.disks).unwrap_or_default(),
-                    stats: m
-                        .stats
-                        .iter()
-                        .map(|(d, s)| lifeboat_proto::model::stats_to_wire(d.clone(), s.clone()))
-                        .collect(),
-                }
+            .map(|(vm, m)| MemberView {
+                vm: vm.clone(),
+                connected: m.connected(),
+                healthy: self.healthy(m),
+                last_seen_ms: m.last_seen_ms,
+                registered: m.registered.clone(),
+                stats: m.stats.clone(),
             })
             .collect()
     }
@@ -552,14 +604,13 @@ impl Group {
     }
 
     fn send(&self, to: &[VmId], msg: CoordinatorMessage) -> Vec<VmId> {
-        let wire = pb::CoordinatorMessage::from(msg);
         let members = self.members.lock().unwrap();
         let mut failed = Vec::new();
         for vm in to {
             let sent = members
                 .get(vm)
                 .and_then(|m| m.session.as_ref())
-                .is_some_and(|(_, tx)| tx.try_send(Ok(wire.clone())).is_ok());
+                .is_some_and(|(_, tx)| tx.try_send(Ok(msg.clone())).is_ok());
             if !sent {
                 failed.push(vm.clone());
             }
@@ -797,32 +848,6 @@ impl Group {
         self.catalog.lock().unwrap().push(point.clone());
         Ok(Published { point, consistency })
     }
-
-    /// Cuts points on the policy's schedule; runs forever. An app point due at the same time as
-    /// a crash point replaces it (an app point is also crash-consistent).
-    pub async fn schedule(&self) {
-        let policy = self.config.policy.clone();
-        let mut next_crash = tokio::time::Instant::now() + policy.crash_interval;
-        let mut next_app = policy.app_interval.map(|i| tokio::time::Instant::now() + i);
-        loop {
-            let due = match next_app {
-                Some(a) if a <= next_crash => a,
-                _ => next_crash,
-            };
-            tokio::time::sleep_until(due).await;
-            let now = tokio::time::Instant::now();
-            let kind = if next_app.is_some_and(|a| a <= now) {
-                next_app = policy.app_interval.map(|i| now + i);
-                CutKind::App
-            } else {
-                CutKind::Crash
-            };
-            next_crash = now + policy.crash_interval;
-            if let Err(e) = self.cut(kind).await {
-                tracing::warn!(?kind, error = %e, "scheduled cut failed");
-            }
-        }
-    }
 }
 
 /// A covered member's entry in the point, from its TAGGED ack checked against the store.
@@ -891,6 +916,7 @@ impl Drop for Unfinished<'_> {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods, reason = "test set-up")]
 mod tests {
     use super::*;
     use std::path::Path;

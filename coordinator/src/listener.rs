@@ -12,6 +12,8 @@
 //! ([`Conn`]) reads to arm its timer. When the timer fires the stream fails its reads and writes,
 //! hyper drops the connection and its slot is free.
 
+#![warn(clippy::disallowed_methods)] // blocking calls run off the async workers (clippy.toml)
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};

@@ -5,10 +5,10 @@
 
 use std::time::Duration;
 
-use lifeboat_coordinator::sim::{self, SimMember};
 use lifeboat_proto::enroll::{self, EnrollError};
 use lifeboat_proto::model::AgentMessage;
 use lifeboat_proto::pb;
+use lifeboat_sim::{self as sim, SimMember};
 use lifeboat_store::VmId;
 use lifeboat_tests::CoordinatorProc;
 
@@ -96,11 +96,17 @@ async fn enrolment_refuses_bad_tokens_certificates_and_claims() {
         key_pem: read("admin.key"),
         group: "other".into(),
     };
-    // The client sees only a broken transport; the cause is the coordinator's, in its log.
+    // The client sees only a broken transport (an error of the connection, or the call
+    // cancelled with it, depending on when the refusal lands); the cause is the coordinator's,
+    // in its log.
     let e = SimMember::open(&addr, &foreign, register("vm1"))
         .await
         .unwrap_err();
-    assert!(e.to_string().contains("transport error"), "{e:#}");
+    let text = format!("{e:#}");
+    assert!(
+        text.contains("transport error") || text.contains("operation was canceled"),
+        "{text}"
+    );
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while !c
         .log_text()

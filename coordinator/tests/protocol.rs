@@ -5,8 +5,8 @@
 
 use std::time::Duration;
 
-use lifeboat_coordinator::sim::{self, SimMember};
 use lifeboat_proto::model::{AgentMessage, CoordinatorMessage, CutPhase};
+use lifeboat_sim::{self as sim, SimMember};
 use lifeboat_store::VmId;
 use lifeboat_tests::CoordinatorProc;
 
@@ -274,4 +274,249 @@ async fn a_snapshot_whose_client_is_gone_still_completes() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A member that never answers: every message it receives goes to the returned channel.
+async fn silent_member(
+    c: &CoordinatorProc,
+    name: &str,
+) -> tokio::sync::mpsc::UnboundedReceiver<CoordinatorMessage> {
+    let mut m = member(c, name).await;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(msg) = m.next().await {
+            let _ = tx.send(msg);
+        }
+    });
+    rx
+}
+
+async fn next_message(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<CoordinatorMessage>,
+    what: &str,
+    pick: impl Fn(&CoordinatorMessage) -> bool,
+) -> CoordinatorMessage {
+    tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let m = rx.recv().await.expect("session ended");
+            if pick(&m) {
+                return m;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no {what} reached the member"))
+}
+
+async fn admin(c: &std::sync::Arc<CoordinatorProc>, args: &[&str]) -> (bool, i32, String, String) {
+    let (c, args) = (
+        c.clone(),
+        args.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+    );
+    let out = tokio::task::spawn_blocking(move || {
+        c.admin(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    })
+    .await
+    .unwrap();
+    (
+        out.status.success(),
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn snapshot_client(c: &CoordinatorProc) -> std::process::Child {
+    std::process::Command::new(lifeboat_tests::bin("lifeboat"))
+        .args([
+            "snapshot",
+            "--group",
+            "g1",
+            "--coordinator",
+            &c.addr,
+            "--credentials",
+        ])
+        .arg(c.state_dir.join("admin"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Every cut is a job with an id: listed while it runs, cancelled on request (the member is
+/// told to abort at once, the waiting client is answered), refused a second cancellation, and
+/// kept in the history across a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_is_a_job_that_an_admin_can_cancel_and_its_history_outlives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = POLICY.replace("prepare = \"1s\"", "prepare = \"60s\"");
+    let c = CoordinatorProc::serving(dir.path(), "g1", &policy);
+    let mut hang = silent_member(&c, "hang").await;
+    let client = snapshot_client(&c);
+    let prepare = next_message(&mut hang, "Prepare", |m| {
+        matches!(m, CoordinatorMessage::Prepare { .. })
+    })
+    .await;
+    let CoordinatorMessage::Prepare { cut_id, .. } = prepare else {
+        unreachable!()
+    };
+    let c = std::sync::Arc::new(c);
+    let (ok, _, listing, err) = admin(&c, &["jobs", "list", "--running"]).await;
+    assert!(ok, "{err}");
+    let line = listing
+        .lines()
+        .find(|l| l.contains("crash-snapshot") && l.contains("running"))
+        .unwrap_or_else(|| panic!("the cut is not a running job:\n{listing}"));
+    assert!(line.contains("by admin"), "{line}");
+    let id = line.split_whitespace().next().unwrap().to_string();
+
+    let cancelled_at = std::time::Instant::now();
+    let (ok, _, out, err) = admin(&c, &["jobs", "cancel", "--id", &id]).await;
+    assert!(ok && out.contains("cancellation requested"), "{out}{err}");
+    // Well before the 60 s prepare deadline: the member is told to abort this cut...
+    let abort = next_message(&mut hang, "Abort", |m| {
+        matches!(m, CoordinatorMessage::Abort { .. })
+    })
+    .await;
+    assert!(
+        matches!(abort, CoordinatorMessage::Abort { cut_id: a, .. } if a == cut_id),
+        "{abort:?}"
+    );
+    // ...and the client that asked for the snapshot is answered.
+    let out = tokio::task::spawn_blocking(move || client.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(cancelled_at.elapsed() < Duration::from_secs(10));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("job {id} was cancelled")),
+        "{stderr}"
+    );
+
+    let (ok, code, _, err) = admin(&c, &["jobs", "cancel", "--id", &id]).await;
+    assert!(!ok && code == 1, "{err}");
+    assert!(err.contains("already ended (cancelled)"), "{err}");
+    let (ok, code, _, err) = admin(&c, &["jobs", "cancel", "--id", "999999"]).await;
+    assert!(!ok && code == 2, "{err}");
+    assert!(err.contains("there is no job 999999"), "{err}");
+
+    // A restart keeps the history.
+    let mut c = std::sync::Arc::into_inner(c).unwrap();
+    assert!(
+        c.terminate(Duration::from_secs(60))
+            .is_some_and(|s| s.success())
+    );
+    c.start();
+    let c = std::sync::Arc::new(c);
+    let (ok, _, listing, err) = admin(&c, &["jobs", "list"]).await;
+    assert!(ok, "{err}");
+    assert!(
+        listing
+            .lines()
+            .any(|l| l.split_whitespace().next() == Some(&id) && l.contains("cancelled")),
+        "{listing}"
+    );
+}
+
+/// A stop (SIGTERM) lets a running cut end before the coordinator exits — its members need
+/// their sessions for that, so the API serves while jobs drain. Before, the serving loop
+/// gave in-flight calls 3 s and then dropped the cut: a point whose members prepared for 4 s
+/// was lost, and the members had to abort.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_coordinator_lets_the_running_cut_publish_its_point() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = POLICY.replace("prepare = \"1s\"", "prepare = \"10s\"");
+    let mut c = CoordinatorProc::serving(dir.path(), "g1", &policy);
+    // Prepares for 4 s (a long pre-copy), then answers like a healthy agent.
+    let mut m = member(&c, "slow").await;
+    let (prepare_tx, mut prepare_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(msg) = m.next().await {
+            match msg {
+                CoordinatorMessage::Prepare { cut_id, .. } => {
+                    let _ = prepare_tx.send(cut_id);
+                    tokio::time::sleep(Duration::from_secs(4)).await;
+                    m.ack(cut_id, CutPhase::Prepared).await.unwrap()
+                }
+                CoordinatorMessage::Freeze { cut_id, .. } => {
+                    m.ack(cut_id, CutPhase::Frozen).await.unwrap()
+                }
+                CoordinatorMessage::Commit { cut_id, .. } => {
+                    m.ack(cut_id, CutPhase::Tagged).await.unwrap()
+                }
+                _ => {}
+            }
+        }
+    });
+    let client = snapshot_client(&c);
+    tokio::time::timeout(Duration::from_secs(20), prepare_rx.recv())
+        .await
+        .expect("no Prepare reached the member")
+        .unwrap();
+    let status = tokio::task::spawn_blocking(move || {
+        let s = c.terminate(Duration::from_secs(60));
+        (s, c)
+    })
+    .await
+    .unwrap();
+    let (status, mut c) = status;
+    assert!(status.is_some_and(|s| s.success()), "{}", c.log_text());
+    let out = tokio::task::spawn_blocking(move || client.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}\n{}", c.log_text());
+    let point = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(points(&c).contains(&point), "{}", points(&c));
+    assert!(
+        !c.log_text().contains("cut stopped unfinished"),
+        "{}",
+        c.log_text()
+    );
+    c.start();
+    let c = std::sync::Arc::new(c);
+    let (_, _, listing, _) = admin(&c, &["jobs", "list"]).await;
+    assert!(
+        listing
+            .lines()
+            .any(|l| l.contains("crash-snapshot") && l.contains("succeeded") && l.contains(&point)),
+        "{listing}"
+    );
+}
+
+/// Regression: the member list was saved on the async workers and two callers dropped a
+/// failed save, so a change could live in memory only and vanish at the next restart. A
+/// change that cannot be saved is now refused, with the cause, and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_change_that_cannot_be_saved_is_refused_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = CoordinatorProc::serving(dir.path(), "g1", POLICY);
+    let (times, _rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(member(&c, "vm1").await.serve(times));
+    // members.json replaced by a directory with something in it: no rename can replace it.
+    let path = c.state_dir.join("members.json");
+    let saved = std::fs::read(&path).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    std::fs::create_dir(&path).unwrap();
+    std::fs::write(path.join("x"), b"x").unwrap();
+    let c = std::sync::Arc::new(c);
+    let (ok, _, _, err) = admin(&c, &["remove-member", "--vm", "vm1"]).await;
+    assert!(!ok, "{err}");
+    assert!(err.contains("cannot save members.json"), "{err}");
+    let (ok, _, members, err) = admin(&c, &["members"]).await;
+    assert!(ok, "{err}");
+    assert!(
+        members
+            .lines()
+            .any(|l| l.starts_with("vm1 ") && l.contains("healthy")),
+        "{members}"
+    );
+    // With the file back, the same request works.
+    std::fs::remove_dir_all(&path).unwrap();
+    std::fs::write(&path, saved).unwrap();
+    let (ok, _, _, err) = admin(&c, &["remove-member", "--vm", "vm1"]).await;
+    assert!(ok, "{err}");
 }

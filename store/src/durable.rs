@@ -19,6 +19,14 @@ pub fn replace(path: &Path, bytes: &[u8]) -> io::Result<()> {
     replace_with(path, Access::Shared, |w| w.write_all(bytes))
 }
 
+/// [`replace`] from async code: the write and its fsyncs run on tokio's blocking pool, never
+/// on an async worker.
+pub async fn replace_async(path: PathBuf, bytes: Vec<u8>) -> io::Result<()> {
+    tokio::task::spawn_blocking(move || replace(&path, &bytes))
+        .await
+        .map_err(io::Error::other)?
+}
+
 /// Replaces `path` with `bytes`, readable by its owner alone; see [`replace_with`].
 pub fn replace_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
     replace_with(path, Access::Private, |w| w.write_all(bytes))

@@ -129,4 +129,87 @@ fn the_stated_boundaries_hold() {
     // The test can fail: the coordinator does reach the data plane and the protocol.
     let coordinator = reach(&deps, "lifeboat-coordinator");
     assert!(coordinator.contains("lifeboat-dr") && coordinator.contains("tonic"));
+    // Nothing ships the test tools.
+    for k in [
+        "lifeboat-store",
+        "lifeboat-dr",
+        "lifeboat-agent",
+        "lifeboat-coordinator",
+        "lifeboat-cli",
+    ] {
+        assert!(
+            !reach(&deps, k).contains("lifeboat-sim"),
+            "{k} depends on lifeboat-sim"
+        );
+    }
+}
+
+/// Words that mean the wire layer: the generated types and gRPC's status.
+const WIRE: &[&str] = &[
+    "pb::",
+    "lifeboat_proto::pb",
+    "tonic::Status",
+    "Status::",
+    "tonic::Request",
+    "tonic::Response",
+];
+
+/// Lines of `text` that use the wire layer, outside comments.
+fn wire_uses(text: &str) -> Vec<String> {
+    text.lines()
+        .filter(|l| !l.trim_start().starts_with("//"))
+        .filter(|l| {
+            WIRE.iter().any(|w| {
+                // Whole words only: `ProcessingStatus::` is a domain type.
+                l.match_indices(w).any(|(i, _)| {
+                    !l[..i]
+                        .chars()
+                        .next_back()
+                        .is_some_and(|c| c.is_alphanumeric() || c == '_')
+                })
+            })
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+/// In the coordinator, `api/` alone touches `pb` and `tonic::Status`: the group, jobs, the
+/// hub and the serving loop speak domain types, so a second front end (metrics, a dashboard)
+/// or another transport reuses them as they are.
+#[test]
+fn only_the_coordinators_api_layer_touches_wire_types() {
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../coordinator/src");
+    let mut checked = 0;
+    let mut api_uses = 0;
+    let mut todo = vec![src.clone()];
+    while let Some(dir) = todo.pop() {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                todo.push(p);
+                continue;
+            }
+            if p.extension().is_none_or(|x| x != "rs") {
+                continue;
+            }
+            let uses = wire_uses(&std::fs::read_to_string(&p).unwrap());
+            let rel = p.strip_prefix(&src).unwrap();
+            if rel.starts_with("api") {
+                api_uses += uses.len();
+            } else {
+                assert!(
+                    uses.is_empty(),
+                    "{} uses wire types outside api/ (ARCHITECTURE.md, boundaries):\n{}",
+                    rel.display(),
+                    uses.join("\n")
+                );
+            }
+            checked += 1;
+        }
+    }
+    // The test can fail: it read the crate, and api/ is where the wire types are.
+    assert!(checked >= 10, "read {checked} files of {}", src.display());
+    assert!(api_uses > 20, "api/ uses wire types {api_uses} times");
+    assert_eq!(wire_uses("let s = Status::internal(\"x\");").len(), 1);
+    assert!(wire_uses("let s = ProcessingStatus::default();").is_empty());
 }

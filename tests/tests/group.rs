@@ -483,8 +483,8 @@ fn coordinator_killed_mid_cut_leaves_no_frozen_filesystem_and_no_partial_point()
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (froze_tx, froze_rx) = std::sync::mpsc::channel();
     rt.block_on(async {
-        use lifeboat_coordinator::sim::{self, SimMember};
         use lifeboat_proto::model::{AgentMessage, CoordinatorMessage, CutPhase};
+        use lifeboat_sim::{self as sim, SimMember};
         let vm = lifeboat_store::VmId::new("stall").unwrap();
         let creds = sim::enroll(&c.state_dir, &c.addr, &vm).await.unwrap();
         let mut m = SimMember::open(

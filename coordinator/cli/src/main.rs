@@ -5,6 +5,7 @@
 mod common;
 mod coordinator;
 mod failover;
+mod jobs;
 mod members;
 mod points;
 mod process;
@@ -85,6 +86,19 @@ enum Command {
     },
     /// Restore a VM's disks at a recovery point, verifying every byte.
     Restore(restore::Args),
+    /// The coordinator's jobs: cuts, processing passes, cache trims, retention, scrubs.
+    Jobs {
+        #[command(subcommand)]
+        command: JobsCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum JobsCommand {
+    /// Running jobs, then the recent ones, newest first.
+    List(jobs::ListArgs),
+    /// Ask a running job to stop (a cut tells its members to abort and thaw).
+    Cancel(jobs::CancelArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -160,6 +174,12 @@ async fn run(command: Command) -> Result<()> {
             command: StoreCommand::Init(a),
         } => store::init(a).await,
         Command::Restore(a) => restore::run(a).await,
+        Command::Jobs {
+            command: JobsCommand::List(a),
+        } => jobs::list(a).await,
+        Command::Jobs {
+            command: JobsCommand::Cancel(a),
+        } => jobs::cancel(a).await,
     }
 }
 

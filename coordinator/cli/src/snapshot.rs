@@ -57,9 +57,10 @@ pub async fn run(a: Args) -> Result<()> {
     };
     println!("{}", r.point_id);
     eprintln!(
-        "published {label} point {} at {} covering {}",
+        "published {label} point {} at {} (job {}) covering {}",
         r.point_id,
         fmt_time(r.time_ms),
+        r.job_id,
         r.covered.join(", ")
     );
     for e in &r.excluded {

@@ -17,6 +17,8 @@
 //! (`lifeboat_store::compact`) once enough segments lie behind it: kept points then restore from
 //! the base plus the segments after it, and storage stays bounded under steady churn.
 
+#![warn(clippy::disallowed_methods)] // blocking calls run off the async workers (clippy.toml)
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 

@@ -170,8 +170,8 @@ impl SimMember {
 
 /// Mints a token in the coordinator's state directory and enrols `vm` with it.
 pub async fn enroll(state_dir: &std::path::Path, addr: &str, vm: &VmId) -> Result<Enrolled> {
-    let ca = crate::pki::Ca::load(state_dir)?;
-    let token = crate::tokens::mint(
+    let ca = lifeboat_coordinator::pki::Ca::load(state_dir)?;
+    let token = lifeboat_coordinator::tokens::mint(
         state_dir,
         &ca.fingerprint,
         Some(vm.clone()),

@@ -2,7 +2,8 @@
 //! the tags, then make the new state durable — and, at start-up, reconcile local state with the
 //! store so that a crash at any moment loses nothing.
 //!
-//! Ordering (invariant 3 and 4): segments → tree → tag → local state → point. A crash before
+//! Ordering (ARCHITECTURE.md's *write ordering* and *no acknowledged change is lost*):
+//! segments → tree → tag → local state → point. A crash before
 //! the tag leaves orphan segments, deleted at the next start; a crash between tag and state is
 //! rolled forward from the store's indexes; lost or damaged state is rebuilt from the store's
 //! indexes and the disk re-compared block by block.

@@ -877,7 +877,8 @@ impl World {
         ));
         match o {
             // Damage costs what it damages: retention reports what it cannot read and goes on
-            // (invariant 9), it never stops for the group.
+            // (ARCHITECTURE.md: *damage costs only what it damages*), it never stops for the
+            // group.
             Some(o) if !o.status.success() => Err(format!("prune failed: {text}")),
             Some(_) => {
                 let (bytes, _) = bytes_and_count(&self.target);

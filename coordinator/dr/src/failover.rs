@@ -3,6 +3,8 @@
 //! Needs nothing but the target store: the source region, its cache store and the coordinator
 //! may all be gone.
 
+#![warn(clippy::disallowed_methods)] // blocking calls run off the async workers (clippy.toml)
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -189,6 +191,10 @@ pub const REPORT: &str = "failover-report.json";
 pub const DRILL_MARKER: &str = ".lifeboat-test-failover";
 
 /// Checks that `to` does not exist or is an empty directory.
+#[allow(
+    clippy::disallowed_methods,
+    reason = "synchronous: the CLI calls it directly, restore_point through spawn_blocking"
+)]
 pub fn check_output(to: &Path) -> Result<(), Refused> {
     match std::fs::read_dir(to) {
         Ok(mut e) => {
@@ -216,6 +222,10 @@ pub struct Output {
 
 impl Output {
     /// Checks `to` (absent or empty) and creates it if absent.
+    #[allow(
+        clippy::disallowed_methods,
+        reason = "synchronous: the CLI calls it directly, restore_point through spawn_blocking"
+    )]
     pub fn prepare(to: &Path) -> Result<Self> {
         check_output(to)?;
         let created = !to.exists();
@@ -227,6 +237,10 @@ impl Output {
     }
 
     /// Removes what was written (best effort: the command is failing already).
+    #[allow(
+        clippy::disallowed_methods,
+        reason = "synchronous: the CLI calls it directly, restore_point through spawn_blocking"
+    )]
     pub fn discard(self) {
         if self.created {
             let _ = std::fs::remove_dir_all(&self.path);
@@ -253,11 +267,14 @@ pub async fn restore_point(
     to: &Path,
     drill: bool,
 ) -> Result<Report> {
-    let output = Output::prepare(to)?;
+    let output = {
+        let to = to.to_path_buf();
+        tokio::task::spawn_blocking(move || Output::prepare(&to)).await??
+    };
     let started = Instant::now();
     let result = async {
         if drill {
-            std::fs::write(to.join(DRILL_MARKER), point.id.as_str())?;
+            tokio::fs::write(to.join(DRILL_MARKER), point.id.as_str()).await?;
         }
         let mut members = Vec::new();
         let mut bytes = 0;
@@ -270,7 +287,7 @@ pub async fn restore_point(
                     DiskShape::Image { .. } => to.join(vm.as_str()).join(format!("{}.img", d.disk)),
                     DiskShape::Directory { .. } => to.join(vm.as_str()).join(d.disk.as_str()),
                 };
-                std::fs::create_dir_all(to.join(vm.as_str()))?;
+                tokio::fs::create_dir_all(to.join(vm.as_str())).await?;
                 let r = restore_disk(reader, &tag, &out).await?;
                 bytes += r.bytes;
                 disks.push(DiskReport {
@@ -300,17 +317,25 @@ pub async fn restore_point(
             duration_ms: started.elapsed().as_millis() as u64,
             committed: false,
         };
-        lifeboat_store::durable::replace(&to.join(REPORT), &serde_json::to_vec_pretty(&report)?)?;
+        lifeboat_store::durable::replace_async(
+            to.join(REPORT),
+            serde_json::to_vec_pretty(&report)?,
+        )
+        .await?;
         anyhow::Ok(report)
     }
     .await;
     if result.is_err() {
-        output.discard();
+        let _ = tokio::task::spawn_blocking(move || output.discard()).await;
     }
     result
 }
 
 /// Removes a DR drill's output; refuses anything that is not one.
+#[allow(
+    clippy::disallowed_methods,
+    reason = "synchronous: the CLI calls it directly, restore_point through spawn_blocking"
+)]
 pub fn cleanup_drill(to: &Path) -> Result<()> {
     if !to.join(DRILL_MARKER).is_file() {
         bail!(Refused(format!(
@@ -322,6 +347,10 @@ pub fn cleanup_drill(to: &Path) -> Result<()> {
 }
 
 /// Marks a real failover as committed: its location is now where the VMs live.
+#[allow(
+    clippy::disallowed_methods,
+    reason = "synchronous: the CLI calls it directly, restore_point through spawn_blocking"
+)]
 pub fn commit(to: &Path) -> Result<Report> {
     if to.join(DRILL_MARKER).exists() {
         bail!(Refused(format!(

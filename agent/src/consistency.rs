@@ -636,6 +636,10 @@ pub enum Run<T> {
 /// as after a SIGKILL), so a service stop never waits out a long copy; but a cut that holds a
 /// filesystem frozen finishes first, so its thaw is the agent's and the point is kept. `stop`
 /// must not be polled again once this returned anything but `Done`.
+///
+/// Only for cycles that run no hooks (not-frozen background passes, crash-consistent cuts):
+/// "frozen" here is the freeze itself, and an app cut stopped after its pre hooks or between
+/// its thaw and its post hooks would skip the post hooks.
 pub async fn unless_stopped<T>(
     cycle: impl std::future::Future<Output = T>,
     stop: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,

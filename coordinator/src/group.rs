@@ -117,6 +117,9 @@ pub enum CutError {
     NoneCovered(String),
     #[error("publishing the point failed: {0}")]
     Publish(String),
+    /// Cancelled before Commit went out (a cut is cancellable only until then).
+    #[error("cancelled before the members were committed")]
+    Cancelled,
 }
 
 type AckEvent = (VmId, CutAck);
@@ -546,8 +549,15 @@ impl Group {
         self.cut_lock.lock().await
     }
 
-    /// Runs one cut across the connected members and publishes its point.
-    pub async fn cut(&self, kind: CutKind) -> Result<Published, CutError> {
+    /// Runs one cut across the connected members and publishes its point. `cancel` stops it
+    /// while members prepare or freeze (they are told to abort); once Commit went out, the
+    /// members tag and the point is published whatever `cancel` says, so a cancelled cut never
+    /// leaves a point behind that its caller was told did not happen.
+    pub async fn cut(
+        &self,
+        kind: CutKind,
+        cancel: &tokio_util::sync::CancellationToken,
+    ) -> Result<Published, CutError> {
         let _one_at_a_time = self.cut_lock.lock().await;
         let started = Instant::now();
         let cut_id = {
@@ -574,7 +584,19 @@ impl Group {
             cut_id,
             done: false,
         };
-        let result = self.run_cut(cut_id, kind, &mut acks).await;
+        let committing = std::sync::atomic::AtomicBool::new(false);
+        let result = tokio::select! {
+            r = self.run_cut(cut_id, kind, &mut acks, &committing) => r,
+            () = async {
+                cancel.cancelled().await;
+                if committing.load(Ordering::SeqCst) {
+                    std::future::pending::<()>().await;
+                }
+            } => {
+                // run_cut is dropped here: `unfinished` tells every member to abort.
+                return Err(CutError::Cancelled);
+            }
+        };
         unfinished.done = true;
         drop(unfinished);
         match &result {
@@ -665,6 +687,7 @@ impl Group {
         cut_id: u64,
         kind: CutKind,
         acks: &mut mpsc::UnboundedReceiver<AckEvent>,
+        committing: &std::sync::atomic::AtomicBool,
     ) -> Result<Published, CutError> {
         let d = self.deadlines(kind);
         let mut excluded = Vec::new();
@@ -782,7 +805,9 @@ impl Group {
             return Err(CutError::NoneCovered(summary(&excluded)));
         }
 
-        // Phase 3: commit; members thaw, upload and tag.
+        // Phase 3: commit; members thaw, upload and tag. From here on the cut is no longer
+        // cancellable.
+        committing.store(true, Ordering::SeqCst);
         let point_id = point_id_of(cut_id);
         let committed: Vec<VmId> = frozen.keys().cloned().collect();
         let unreachable = self.send(

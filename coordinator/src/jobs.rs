@@ -135,13 +135,23 @@ pub enum CancelError {
 
 impl Jobs {
     /// The registry with the history of `state_dir` (jobs recorded as running there were cut
-    /// short by the coordinator stopping: they are recorded as failed for that reason).
+    /// short by the coordinator stopping: they are recorded as failed for that reason). The
+    /// history is only history: a damaged file is set aside (`jobs.json.damaged`) with a
+    /// warning and the coordinator starts with none, rather than not at all.
     #[allow(clippy::disallowed_methods, reason = "called through spawn_blocking")]
     pub fn load(state_dir: &Path) -> anyhow::Result<Arc<Self>> {
         let path = state_dir.join(FILE);
         let file: JobFile = match std::fs::read(&path) {
-            Ok(b) => serde_json::from_slice(&b)
-                .map_err(|e| anyhow::anyhow!("{} is damaged: {e}", path.display()))?,
+            Ok(b) => match serde_json::from_slice(&b) {
+                Ok(f) => f,
+                Err(e) => {
+                    let aside = state_dir.join(format!("{FILE}.damaged"));
+                    tracing::warn!(path = %path.display(), error = %e, aside = %aside.display(), "the job history is damaged; starting without it");
+                    std::fs::rename(&path, &aside)
+                        .map_err(|e| anyhow::anyhow!("cannot set aside {}: {e}", path.display()))?;
+                    JobFile::default()
+                }
+            },
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => JobFile::default(),
             Err(e) => return Err(anyhow::anyhow!("cannot read {}: {e}", path.display())),
         };
@@ -365,6 +375,16 @@ impl Job {
         }
     }
 
+    /// The job's cancellation, for work that decides itself where it may stop.
+    pub fn token(&self) -> CancellationToken {
+        self.token.clone()
+    }
+
+    /// Ends the job as cancelled (work that stopped on its [`Job::token`]).
+    pub fn cancelled(mut self) {
+        self.end(JobState::Cancelled, "cancelled".into(), Keep::Yes);
+    }
+
     pub fn succeeded(mut self, outcome: impl Into<String>, keep: Keep) {
         self.end(JobState::Succeeded, outcome.into(), keep);
     }
@@ -457,6 +477,16 @@ mod tests {
         assert_eq!(list[0].outcome, "the coordinator stopped while it ran");
         let next = again.start(JobKind::Process, "processing").unwrap();
         assert!(next.id() > list.iter().map(|j| j.id).max().unwrap());
+    }
+
+    #[test]
+    fn a_damaged_history_is_set_aside_and_the_registry_starts_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(FILE), b"{\"next_id\": 3, \"jobs\": [tor").unwrap();
+        let jobs = Jobs::load(dir.path()).unwrap();
+        assert!(jobs.list().is_empty());
+        assert!(dir.path().join("jobs.json.damaged").exists());
+        assert!(!dir.path().join(FILE).exists());
     }
 
     #[tokio::test]

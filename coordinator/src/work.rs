@@ -33,12 +33,16 @@ pub fn start_cut(
         CutKind::Crash => JobKind::CrashSnapshot,
         CutKind::App => JobKind::AppSnapshot,
     };
-    let mut job = jobs.start(job_kind, requested_by)?;
+    let job = jobs.start(job_kind, requested_by)?;
     let id = job.id();
     let group = group.clone();
     let task = tokio::spawn(async move {
         job.progress("cutting");
-        let r = job.run(group.cut(kind)).await;
+        // The cut decides where it may stop (before Commit), not the job.
+        let r = match group.cut(kind, &job.token()).await {
+            Err(CutError::Cancelled) => None,
+            r => Some(r),
+        };
         match &r {
             Some(Ok(p)) => {
                 let excluded = if p.point.excluded.is_empty() {
@@ -57,7 +61,7 @@ pub fn start_cut(
                 );
             }
             Some(Err(e)) => job.failed(e.to_string()),
-            None => {}
+            None => job.cancelled(),
         }
         r
     });
@@ -157,6 +161,8 @@ pub async fn process_loop(
     let scrub_finding: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
     while !stop.is_cancelled() {
         let mut error = None;
+        // A pass that did not run (cancelled) leaves the figures of the last one standing.
+        let mut pass_ran = true;
         let pass = step(&jobs, JobKind::Process, p.pass(), |pass| {
             let text = if pass.quarantined.is_empty() {
                 format!("{} point(s), {} bytes", pass.points.len(), pass.bytes)
@@ -201,7 +207,7 @@ pub async fn process_loop(
                 tracing::error!(error = %format!("{e:#}"), "processing failed; retrying next interval");
                 error = Some(format!("processing: {e:#}"));
             }
-            None => {}
+            None => pass_ran = false,
         }
         if stop.is_cancelled() {
             break;
@@ -236,9 +242,12 @@ pub async fn process_loop(
         if stop.is_cancelled() {
             break;
         }
+        // A retention run cancelled mid-way may still have deletes in flight on the blocking
+        // pool: no scrub starts beside them in this round.
+        let mut retention_interrupted = false;
         let pruned = match scrub_lock.try_lock() {
             Ok(_no_scrub) => {
-                step(
+                let r = step(
                     &jobs,
                     JobKind::Retention,
                     p.prune(plan.retention, lifeboat_store::manifest::now_millis()),
@@ -254,7 +263,9 @@ pub async fn process_loop(
                         )
                     },
                 )
-                .await
+                .await;
+                retention_interrupted = r.is_none();
+                r
             }
             Err(_) => {
                 tracing::debug!("a scrub is running; retention waits for it");
@@ -288,6 +299,7 @@ pub async fn process_loop(
             && tokio::time::Instant::now() >= due
             && scrub_task.as_ref().is_none_or(|t| t.is_finished())
             && !stop.is_cancelled()
+            && !retention_interrupted
         {
             // Taken before the task starts: no prune slips in between.
             let no_prune = scrub_lock.clone().lock_owned().await;
@@ -366,8 +378,12 @@ pub async fn process_loop(
             error = error.or(Some(f));
         }
         hub.update_processing(|s| {
-            s.last_pass_ms = Some(lifeboat_store::manifest::now_millis());
-            s.last_error = error;
+            if pass_ran {
+                s.last_pass_ms = Some(lifeboat_store::manifest::now_millis());
+                s.last_error = error;
+            } else if error.is_some() {
+                s.last_error = error;
+            }
         });
         tokio::select! {
             () = tokio::time::sleep(plan.interval) => {}

@@ -6,7 +6,7 @@ use lifeboat_proto::pb;
 use lifeboat_store::VmId;
 use tonic::{Request, Response, Status};
 
-use super::{Services, require_admin};
+use super::{Services, detached, require_admin};
 use crate::group::CutError;
 use crate::jobs::{CancelError, JobRecord, JobState};
 
@@ -32,6 +32,7 @@ impl pb::admin_server::Admin for Services {
                     Status::failed_precondition(e.to_string())
                 }
                 CutError::Publish(_) => Status::internal(e.to_string()),
+                CutError::Cancelled => Status::cancelled(format!("job {job} was cancelled")),
             })?;
         Ok(Response::new(pb::SnapshotResponse {
             point_id: p.point.id.to_string(),
@@ -101,7 +102,9 @@ impl pb::admin_server::Admin for Services {
         let vm = VmId::new(req.into_inner().vm)
             .map_err(|e| Status::invalid_argument(format!("RemoveMemberRequest.vm: {e}")))?;
         tracing::info!(admin = %who, %vm, "removing member");
-        self.group.remove(&vm).await?;
+        let group = self.group.clone();
+        let v = vm.clone();
+        detached(async move { group.remove(&v).await }).await??;
         Ok(Response::new(pb::RemoveMemberResponse {}))
     }
 

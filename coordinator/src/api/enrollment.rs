@@ -5,7 +5,7 @@ use lifeboat_proto::pb;
 use lifeboat_store::VmId;
 use tonic::{Request, Response, Status};
 
-use super::{Services, peer_addr};
+use super::{Services, detached, peer_addr};
 use crate::tokens::{self, TokenError};
 
 #[tonic::async_trait]
@@ -28,32 +28,37 @@ impl pb::enrollment_server::Enrollment for Services {
         let vm = VmId::new(r.vm.clone())
             .map_err(|e| Status::invalid_argument(format!("EnrollRequest.vm: {e}")))?;
         self.group.may_join(&vm).await?;
-        let state_dir = self.group.config.state_dir.clone();
-        let (token, who) = (r.token.clone(), vm.clone());
-        // A rename and an fsync: off the async workers.
-        let consumed =
-            tokio::task::spawn_blocking(move || tokens::consume(&state_dir, &token, &who))
-                .await
-                .map_err(|e| Status::internal(format!("the token check failed: {e}")))?;
-        if let Err(e) = consumed {
-            tracing::warn!(%peer, %vm, error = %e, detail = ?e, "enrolment refused");
-            return Err(match e {
-                TokenError::Invalid(_) => Status::unauthenticated(e.to_string()),
-                TokenError::WrongVm { .. } => Status::permission_denied(e.to_string()),
-            });
-        }
-        let cert = self
-            .ca
-            .sign_agent(&r.csr_pem, &vm, self.certificate_days())
-            .map_err(|e| {
-                tracing::warn!(%peer, %vm, error = %e, "enrolment refused");
+        // From the token on, one step: a client gone mid-way must not leave its token used
+        // and the VM not a member.
+        let (group, ca, days) = (self.group.clone(), self.ca.clone(), self.certificate_days());
+        let (who, peer2) = (vm.clone(), peer.clone());
+        let cert = detached(async move {
+            let state_dir = group.config.state_dir.clone();
+            let (token, v) = (r.token.clone(), who.clone());
+            // A rename and an fsync: off the async workers.
+            let consumed =
+                tokio::task::spawn_blocking(move || tokens::consume(&state_dir, &token, &v))
+                    .await
+                    .map_err(|e| Status::internal(format!("the token check failed: {e}")))?;
+            if let Err(e) = consumed {
+                tracing::warn!(peer = %peer2, vm = %who, error = %e, detail = ?e, "enrolment refused");
+                return Err(match e {
+                    TokenError::Invalid(_) => Status::unauthenticated(e.to_string()),
+                    TokenError::WrongVm { .. } => Status::permission_denied(e.to_string()),
+                });
+            }
+            let cert = ca.sign_agent(&r.csr_pem, &who, days).map_err(|e| {
+                tracing::warn!(peer = %peer2, vm = %who, error = %e, "enrolment refused");
                 Status::invalid_argument(format!("EnrollRequest.csr_pem: {e:#}"))
             })?;
-        let der = lifeboat_proto::tls::certs("signed certificate", &cert)
-            .map_err(|e| Status::internal(e.to_string()))?;
-        self.group
-            .join(&vm, &lifeboat_proto::tls::fingerprint(&der[0]))
-            .await?;
+            let der = lifeboat_proto::tls::certs("signed certificate", &cert)
+                .map_err(|e| Status::internal(e.to_string()))?;
+            group
+                .join(&who, &lifeboat_proto::tls::fingerprint(&der[0]))
+                .await?;
+            Ok::<_, Status>(cert)
+        })
+        .await??;
         tracing::info!(%peer, %vm, "agent enrolled");
         Ok(Response::new(pb::EnrollResponse {
             certificate_pem: cert,

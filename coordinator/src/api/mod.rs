@@ -85,6 +85,17 @@ pub async fn serve(
     Ok(())
 }
 
+/// Runs `work` in a task of its own and waits for it. tonic drops a handler's future when its
+/// client disconnects or its deadline passes; a change to the group (the member list saved,
+/// then applied in memory) must not stop half-way for that, so it runs here.
+async fn detached<T: Send + 'static>(
+    work: impl std::future::Future<Output = T> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::spawn(work)
+        .await
+        .map_err(|e| Status::internal(format!("the request's task failed: {e}")))
+}
+
 /// The start of every message of prost's decode errors, which tonic turns into INTERNAL.
 const UNDECODABLE: &str = "failed to decode Protobuf message";
 

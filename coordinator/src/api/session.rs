@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{Services, invalid_payload, peer_addr, peer_fingerprint, peer_name};
+use super::{Services, detached, invalid_payload, peer_addr, peer_fingerprint, peer_name};
 use crate::group::{self, Violation};
 
 type SessionStream = futures::stream::BoxStream<'static, Result<pb::CoordinatorMessage, Status>>;
@@ -67,14 +67,23 @@ impl pb::session_server::Session for Services {
         // The group holds the only strong sender: when it drops the session (replaced, member
         // removed, certificate renewed) the agent's stream ends and it reconnects.
         let weak = tx.downgrade();
-        let session = self
-            .group
-            .attach(reg, &certificate, tx)
-            .await
-            .inspect_err(|e| tracing::warn!(%peer, vm = %cert_vm, "session refused: {e}"))?;
-        let tx = weak;
         let group = self.group.clone();
+        // Attaching (which may save the member list) and the session's life are one task: a
+        // client gone while it attaches still ends in `detach`, when its stream ends.
+        let (attached_tx, attached) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
+            let session = match group.attach(reg, &certificate, tx).await {
+                Ok(s) => {
+                    let _ = attached_tx.send(Ok(()));
+                    s
+                }
+                Err(e) => {
+                    tracing::warn!(%peer, vm = %cert_vm, "session refused: {e}");
+                    let _ = attached_tx.send(Err(e));
+                    return;
+                }
+            };
+            let tx = weak;
             let violation = |why: String| {
                 let tx = tx.clone();
                 async move {
@@ -112,6 +121,9 @@ impl pb::session_server::Session for Services {
             }
             group.detach(&cert_vm, session);
         });
+        attached
+            .await
+            .map_err(|_| Status::internal("the session's task failed"))??;
         let out = ReceiverStream::new(rx).map(|m| match m {
             Ok(m) => Ok(pb::CoordinatorMessage::from(m)),
             Err(Violation(why)) => Err(Status::invalid_argument(why)),
@@ -143,9 +155,12 @@ impl pb::session_server::Session for Services {
             .map_err(|e| Status::invalid_argument(format!("RenewRequest.csr_pem: {e:#}")))?;
         let der = lifeboat_proto::tls::certs("signed certificate", &cert)
             .map_err(|e| Status::internal(e.to_string()))?;
-        self.group
-            .renewed(&vm, &old, &lifeboat_proto::tls::fingerprint(&der[0]))
-            .await?;
+        let (group, new) = (
+            self.group.clone(),
+            lifeboat_proto::tls::fingerprint(&der[0]),
+        );
+        let v = vm.clone();
+        detached(async move { group.renewed(&v, &old, &new).await }).await??;
         tracing::info!(%peer, %vm, "agent certificate renewed; the previous one is no longer accepted");
         Ok(Response::new(pb::RenewResponse {
             certificate_pem: cert,

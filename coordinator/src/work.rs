@@ -153,232 +153,42 @@ pub async fn process_loop(
     plan: ProcessingPlan,
     stop: CancellationToken,
 ) {
-    let mut next_scrub = first_scrub(&plan).await;
-    let scrub_lock = Arc::new(tokio::sync::Mutex::new(()));
-    let mut scrub_task: Option<JoinHandle<()>> = None;
-    let mut scrub_retry: Option<tokio::sync::oneshot::Receiver<bool>> = None;
-    // What the last scrub found damaged, shown with every round's status until the next.
-    let scrub_finding: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
+    let mut scrubs = Scrubs::new(&plan).await;
     while !stop.is_cancelled() {
-        let mut error = None;
         // A pass that did not run (cancelled) leaves the figures of the last one standing.
-        let mut pass_ran = true;
-        let pass = step(&jobs, JobKind::Process, p.pass(), |pass| {
-            let text = if pass.quarantined.is_empty() {
-                format!("{} point(s), {} bytes", pass.points.len(), pass.bytes)
-            } else {
-                format!(
-                    "{} point(s), {} bytes; {} quarantined",
-                    pass.points.len(),
-                    pass.bytes,
-                    pass.quarantined.len()
-                )
-            };
-            (
-                text,
-                keep_if(!pass.points.is_empty() || !pass.quarantined.is_empty()),
-            )
-        })
-        .await;
-        match pass {
-            Some(Ok(pass)) => {
-                hub.update_processing(|s| s.latest_processed = pass.latest_processed.clone());
-                // Each was logged by the pass; the status shows the first to admins.
-                if let Some((id, why)) = pass.quarantined.first() {
-                    error = Some(format!(
-                        "processing: {} point(s) quarantined, first {id}: {why}",
-                        pass.quarantined.len()
-                    ));
-                }
-                let rpo = pass.rpo_ms.values().max().copied().unwrap_or(0);
-                if !pass.points.is_empty() {
-                    tracing::info!(
-                        points = pass.points.len(),
-                        segments = pass.segments,
-                        bytes = pass.bytes,
-                        took = ?pass.elapsed,
-                        latest_processed = ?pass.latest_processed.as_ref().map(|p| p.0.to_string()),
-                        worst_rpo_s = rpo / 1000,
-                        "processed points into the target store"
-                    );
-                }
-            }
-            Some(Err(e)) => {
-                tracing::error!(error = %format!("{e:#}"), "processing failed; retrying next interval");
-                error = Some(format!("processing: {e:#}"));
-            }
-            None => pass_ran = false,
-        }
-        if stop.is_cancelled() {
-            break;
-        }
-        let trimmed = {
-            let _no_cuts = group.pause_cuts().await;
-            step(&jobs, JobKind::TrimCache, p.trim_cache(), |t| {
-                (
-                    format!(
-                        "{} point(s), {} tag(s), {} segment(s), {} bytes",
-                        t.points, t.tags, t.segments, t.bytes
-                    ),
-                    keep_if(t.segments > 0 || t.points > 0),
-                )
-            })
-            .await
+        let (ran, mut error) = match pass(&p, &jobs, &hub).await {
+            Some(error) => (true, error),
+            None => (false, None),
         };
-        match trimmed {
-            Some(Ok(t)) if t.segments > 0 || t.points > 0 => tracing::info!(
-                points = t.points,
-                tags = t.tags,
-                segments = t.segments,
-                bytes = t.bytes,
-                "processed data removed from the cache store"
-            ),
-            Some(Err(e)) => {
-                tracing::error!(error = %format!("{e:#}"), "trimming the cache store failed; retrying next interval");
-                error = error.or(Some(format!("trimming the cache: {e:#}")));
-            }
-            _ => {}
-        }
         if stop.is_cancelled() {
             break;
         }
-        // A retention run cancelled mid-way may still have deletes in flight on the blocking
-        // pool: no scrub starts beside them in this round.
-        let mut retention_interrupted = false;
-        let pruned = match scrub_lock.try_lock() {
-            Ok(_no_scrub) => {
-                let r = step(
-                    &jobs,
-                    JobKind::Retention,
-                    p.prune(plan.retention, lifeboat_store::manifest::now_millis()),
-                    |r| {
-                        (
-                            format!(
-                                "{} point(s) expired, {} segment(s) removed, {} kept",
-                                r.points.len(),
-                                r.segments,
-                                r.kept
-                            ),
-                            keep_if(!r.points.is_empty() || r.segments > 0 || r.orphan_parts > 0),
-                        )
-                    },
-                )
-                .await;
-                retention_interrupted = r.is_none();
-                r
-            }
+        error = error.or(trim(&p, &jobs, &group).await);
+        if stop.is_cancelled() {
+            break;
+        }
+        // Retention waits for a running scrub; a retention run cancelled mid-way may still
+        // have deletes in flight on the blocking pool, so no scrub starts beside them.
+        let retention_interrupted = match scrubs.lock.clone().try_lock_owned() {
+            Ok(_no_scrub) => match retention(&p, &jobs, plan.retention).await {
+                Some(e) => {
+                    error = error.or(e);
+                    false
+                }
+                None => true,
+            },
             Err(_) => {
                 tracing::debug!("a scrub is running; retention waits for it");
-                None
+                false
             }
         };
-        match pruned {
-            Some(Ok(r)) => {
-                // Retention went on around them; they stay for an operator to look at.
-                for d in &r.damaged {
-                    tracing::warn!(error = %d, "unreadable point in the target store left in place");
-                }
-                if !r.points.is_empty() || r.segments > 0 || r.orphan_parts > 0 {
-                    tracing::info!(
-                        expired = r.points.len(),
-                        tags = r.tags,
-                        segments = r.segments,
-                        orphan_parts = r.orphan_parts,
-                        kept = r.kept,
-                        "retention applied to the target store"
-                    );
-                }
-            }
-            Some(Err(e)) => {
-                tracing::error!(error = %format!("{e:#}"), "pruning failed; retrying next interval");
-                error = error.or(Some(format!("retention: {e:#}")));
-            }
-            None => {}
+        if !retention_interrupted && !stop.is_cancelled() {
+            scrubs.start_if_due(&p, &jobs).await;
         }
-        if let Some(due) = next_scrub
-            && tokio::time::Instant::now() >= due
-            && scrub_task.as_ref().is_none_or(|t| t.is_finished())
-            && !stop.is_cancelled()
-            && !retention_interrupted
-        {
-            // Taken before the task starts: no prune slips in between.
-            let no_prune = scrub_lock.clone().lock_owned().await;
-            let (p, jobs, finding, mark) = (
-                p.clone(),
-                jobs.clone(),
-                scrub_finding.clone(),
-                plan.scrub_mark.clone(),
-            );
-            let (retry_tx, retry) = tokio::sync::oneshot::channel();
-            scrub_retry = Some(retry);
-            next_scrub = None;
-            scrub_task = Some(tokio::spawn(async move {
-                let _no_prune = no_prune;
-                let scrubbed = step(&jobs, JobKind::Scrub, p.scrub(), |s| {
-                    (
-                        format!(
-                            "{} object(s), {} bytes read; {} damaged point(s), {} resync(s)",
-                            s.objects,
-                            s.bytes,
-                            s.damaged.len(),
-                            s.resyncs.len()
-                        ),
-                        Keep::Yes,
-                    )
-                })
-                .await;
-                match scrubbed {
-                    Some(Ok(s)) => {
-                        tracing::info!(
-                            objects = s.objects,
-                            bytes = s.bytes,
-                            damaged_points = s.damaged.len(),
-                            cleared = s.cleared,
-                            resyncs = s.resyncs.len(),
-                            took = ?s.elapsed,
-                            "scrubbed the target store"
-                        );
-                        *finding.lock().unwrap() = s.damaged.first().map(|(id, why)| {
-                            format!(
-                                "scrub: {} point(s) damaged, first {id}: {why}",
-                                s.damaged.len()
-                            )
-                        });
-                        let now = lifeboat_store::manifest::now_millis();
-                        let _ =
-                            tokio::task::spawn_blocking(move || write_scrub_mark(&mark, now)).await;
-                        let _ = retry_tx.send(false);
-                    }
-                    Some(Err(e)) => {
-                        tracing::error!(error = %format!("{e:#}"), "scrubbing the target store failed; retrying in an hour");
-                        *finding.lock().unwrap() = Some(format!("scrub: {e:#}"));
-                        let _ = retry_tx.send(true);
-                    }
-                    // Cancelled: due again after the retry delay.
-                    None => {
-                        let _ = retry_tx.send(true);
-                    }
-                }
-            }));
-        }
-        // The next scrub: an interval after one that finished, an hour after one that
-        // failed.
-        if let Some(rx) = &mut scrub_retry
-            && let Ok(failed) = rx.try_recv()
-        {
-            scrub_retry = None;
-            let after = if failed {
-                SCRUB_RETRY.min(plan.scrub_interval)
-            } else {
-                plan.scrub_interval
-            };
-            next_scrub = Some(tokio::time::Instant::now() + after);
-        }
-        if let Some(f) = scrub_finding.lock().unwrap().clone() {
-            error = error.or(Some(f));
-        }
+        scrubs.reschedule();
+        error = error.or(scrubs.finding());
         hub.update_processing(|s| {
-            if pass_ran {
+            if ran {
                 s.last_pass_ms = Some(lifeboat_store::manifest::now_millis());
                 s.last_error = error;
             } else if error.is_some() {
@@ -391,8 +201,248 @@ pub async fn process_loop(
         }
     }
     // A scrub in progress is a job: the coordinator's drain waits for it or cancels it.
-    if let Some(t) = scrub_task {
-        let _ = t.await;
+    scrubs.finish().await;
+}
+
+/// One pass as a job: `None` when it did not run, else the error to show, if any.
+async fn pass(p: &Processor, jobs: &Arc<Jobs>, hub: &Hub) -> Option<Option<String>> {
+    let pass = step(jobs, JobKind::Process, p.pass(), |pass| {
+        let text = if pass.quarantined.is_empty() {
+            format!("{} point(s), {} bytes", pass.points.len(), pass.bytes)
+        } else {
+            format!(
+                "{} point(s), {} bytes; {} quarantined",
+                pass.points.len(),
+                pass.bytes,
+                pass.quarantined.len()
+            )
+        };
+        (
+            text,
+            keep_if(!pass.points.is_empty() || !pass.quarantined.is_empty()),
+        )
+    })
+    .await?;
+    let pass = match pass {
+        Ok(pass) => pass,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "processing failed; retrying next interval");
+            return Some(Some(format!("processing: {e:#}")));
+        }
+    };
+    hub.update_processing(|s| s.latest_processed = pass.latest_processed.clone());
+    if !pass.points.is_empty() {
+        let rpo = pass.rpo_ms.values().max().copied().unwrap_or(0);
+        tracing::info!(
+            points = pass.points.len(),
+            segments = pass.segments,
+            bytes = pass.bytes,
+            took = ?pass.elapsed,
+            latest_processed = ?pass.latest_processed.as_ref().map(|p| p.0.to_string()),
+            worst_rpo_s = rpo / 1000,
+            "processed points into the target store"
+        );
+    }
+    // Each was logged by the pass; the status shows the first to admins.
+    Some(pass.quarantined.first().map(|(id, why)| {
+        format!(
+            "processing: {} point(s) quarantined, first {id}: {why}",
+            pass.quarantined.len()
+        )
+    }))
+}
+
+/// The cache trim as a job, under the group's cut lock (no cut's tags go while its point is
+/// being published); the error to show, if any.
+async fn trim(p: &Processor, jobs: &Arc<Jobs>, group: &Group) -> Option<String> {
+    let trimmed = {
+        let _no_cuts = group.pause_cuts().await;
+        step(jobs, JobKind::TrimCache, p.trim_cache(), |t| {
+            (
+                format!(
+                    "{} point(s), {} tag(s), {} segment(s), {} bytes",
+                    t.points, t.tags, t.segments, t.bytes
+                ),
+                keep_if(t.segments > 0 || t.points > 0),
+            )
+        })
+        .await
+    };
+    match trimmed {
+        Some(Ok(t)) if t.segments > 0 || t.points > 0 => {
+            tracing::info!(
+                points = t.points,
+                tags = t.tags,
+                segments = t.segments,
+                bytes = t.bytes,
+                "processed data removed from the cache store"
+            );
+            None
+        }
+        Some(Err(e)) => {
+            tracing::error!(error = %format!("{e:#}"), "trimming the cache store failed; retrying next interval");
+            Some(format!("trimming the cache: {e:#}"))
+        }
+        _ => None,
+    }
+}
+
+/// Retention as a job: `None` when it did not run to its end, else the error to show, if any.
+async fn retention(p: &Processor, jobs: &Arc<Jobs>, keep: Duration) -> Option<Option<String>> {
+    let now = lifeboat_store::manifest::now_millis();
+    let pruned = step(jobs, JobKind::Retention, p.prune(keep, now), |r| {
+        (
+            format!(
+                "{} point(s) expired, {} segment(s) removed, {} kept",
+                r.points.len(),
+                r.segments,
+                r.kept
+            ),
+            keep_if(!r.points.is_empty() || r.segments > 0 || r.orphan_parts > 0),
+        )
+    })
+    .await?;
+    match pruned {
+        Ok(r) => {
+            // Retention went on around them; they stay for an operator to look at.
+            for d in &r.damaged {
+                tracing::warn!(error = %d, "unreadable point in the target store left in place");
+            }
+            if !r.points.is_empty() || r.segments > 0 || r.orphan_parts > 0 {
+                tracing::info!(
+                    expired = r.points.len(),
+                    tags = r.tags,
+                    segments = r.segments,
+                    orphan_parts = r.orphan_parts,
+                    kept = r.kept,
+                    "retention applied to the target store"
+                );
+            }
+            Some(None)
+        }
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "pruning failed; retrying next interval");
+            Some(Some(format!("retention: {e:#}")))
+        }
+    }
+}
+
+/// Scrubs of the target store: when the next is due, the one running (in a task of its own,
+/// holding `lock` so retention waits), and what the last one found.
+struct Scrubs {
+    lock: Arc<tokio::sync::Mutex<()>>,
+    interval: Duration,
+    mark: PathBuf,
+    next: Option<tokio::time::Instant>,
+    task: Option<JoinHandle<()>>,
+    /// Whether the running scrub failed (or was cancelled): sent when it ends.
+    ended: Option<tokio::sync::oneshot::Receiver<bool>>,
+    /// What the last scrub found damaged, shown with every round's status until the next.
+    finding: Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl Scrubs {
+    async fn new(plan: &ProcessingPlan) -> Self {
+        Scrubs {
+            lock: Arc::default(),
+            interval: plan.scrub_interval,
+            mark: plan.scrub_mark.clone(),
+            next: first_scrub(plan).await,
+            task: None,
+            ended: None,
+            finding: Arc::default(),
+        }
+    }
+
+    fn finding(&self) -> Option<String> {
+        self.finding.lock().unwrap().clone()
+    }
+
+    /// Starts a scrub when one is due and none runs.
+    async fn start_if_due(&mut self, p: &Processor, jobs: &Arc<Jobs>) {
+        let due = self.next.is_some_and(|d| tokio::time::Instant::now() >= d);
+        if !due || self.task.as_ref().is_some_and(|t| !t.is_finished()) {
+            return;
+        }
+        // Taken before the task starts: no prune slips in between.
+        let no_prune = self.lock.clone().lock_owned().await;
+        let (p, jobs, finding, mark) = (
+            p.clone(),
+            jobs.clone(),
+            self.finding.clone(),
+            self.mark.clone(),
+        );
+        let (ended_tx, ended) = tokio::sync::oneshot::channel();
+        self.ended = Some(ended);
+        self.next = None;
+        self.task = Some(tokio::spawn(async move {
+            let _no_prune = no_prune;
+            let scrubbed = step(&jobs, JobKind::Scrub, p.scrub(), |s| {
+                (
+                    format!(
+                        "{} object(s), {} bytes read; {} damaged point(s), {} resync(s)",
+                        s.objects,
+                        s.bytes,
+                        s.damaged.len(),
+                        s.resyncs.len()
+                    ),
+                    Keep::Yes,
+                )
+            })
+            .await;
+            let failed = match scrubbed {
+                Some(Ok(s)) => {
+                    tracing::info!(
+                        objects = s.objects,
+                        bytes = s.bytes,
+                        damaged_points = s.damaged.len(),
+                        cleared = s.cleared,
+                        resyncs = s.resyncs.len(),
+                        took = ?s.elapsed,
+                        "scrubbed the target store"
+                    );
+                    *finding.lock().unwrap() = s.damaged.first().map(|(id, why)| {
+                        format!(
+                            "scrub: {} point(s) damaged, first {id}: {why}",
+                            s.damaged.len()
+                        )
+                    });
+                    let now = lifeboat_store::manifest::now_millis();
+                    let _ = tokio::task::spawn_blocking(move || write_scrub_mark(&mark, now)).await;
+                    false
+                }
+                Some(Err(e)) => {
+                    tracing::error!(error = %format!("{e:#}"), "scrubbing the target store failed; retrying in an hour");
+                    *finding.lock().unwrap() = Some(format!("scrub: {e:#}"));
+                    true
+                }
+                // Cancelled: due again after the retry delay.
+                None => true,
+            };
+            let _ = ended_tx.send(failed);
+        }));
+    }
+
+    /// Once the running scrub ended: the next is due an interval after one that finished, an
+    /// hour after one that failed.
+    fn reschedule(&mut self) {
+        if let Some(rx) = &mut self.ended
+            && let Ok(failed) = rx.try_recv()
+        {
+            self.ended = None;
+            let after = if failed {
+                SCRUB_RETRY.min(self.interval)
+            } else {
+                self.interval
+            };
+            self.next = Some(tokio::time::Instant::now() + after);
+        }
+    }
+
+    async fn finish(self) {
+        if let Some(t) = self.task {
+            let _ = t.await;
+        }
     }
 }
 

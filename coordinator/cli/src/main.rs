@@ -133,6 +133,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .on_thread_start(no_sigpipe_here)
         .build()
         .expect("tokio runtime");
     match runtime.block_on(run(cli.command)) {
@@ -197,3 +198,24 @@ fn quiet_on_broken_pipe() {
 
 #[cfg(not(unix))]
 fn quiet_on_broken_pipe() {}
+
+/// The runtime's threads, where the network I/O happens, block SIGPIPE: with its default
+/// disposition restored for stdout's sake (above), a write to a socket the coordinator has
+/// just closed (a stop, a restart) would otherwise kill the process with no message, even after
+/// its answer arrived. A SIGPIPE raised by a write is sent to the thread that wrote; blocked,
+/// it stays pending and the write returns EPIPE, which the gRPC stack handles. Output is
+/// written on the main thread, which keeps the default.
+#[cfg(unix)]
+#[allow(unsafe_code)]
+fn no_sigpipe_here() {
+    // SAFETY: changes this thread's own signal mask; the set is initialised before use.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGPIPE);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
+
+#[cfg(not(unix))]
+fn no_sigpipe_here() {}

@@ -76,9 +76,29 @@ async fn late_members_are_excluded_and_restart_keeps_the_catalog() {
     let silent = member(&c, "silent").await;
     // Enrolled, then gone.
     drop(member(&c, "gone").await);
-    tokio::time::sleep(Duration::from_millis(200)).await;
-
     let c = std::sync::Arc::new(c);
+    // Until the coordinator has seen all three sessions open and the fourth end.
+    let t = std::time::Instant::now();
+    loop {
+        let (_, _, members, _) = admin(&c, &["members"]).await;
+        let state = |vm: &str| {
+            members
+                .lines()
+                .find(|l| l.split_whitespace().next() == Some(vm))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .map(str::to_owned)
+        };
+        if ["good", "stuck", "silent"]
+            .iter()
+            .all(|v| state(v).as_deref() == Some("healthy"))
+            && state("gone").as_deref() == Some("disconnected")
+        {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "{members}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
     let out = snapshot(&c).await;
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "{stderr}\n{}", c.log_text());
@@ -201,9 +221,17 @@ async fn the_scheduler_cuts_on_the_policy_interval() {
         .await
         .expect("a scheduled cut within 15 s")
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let listing = points(&c);
-    assert!(listing.contains(&format!("c{:013}", first.0)), "{listing}");
+    // Published once the coordinator read the member's tags back.
+    let id = format!("c{:013}", first.0);
+    let t = std::time::Instant::now();
+    let listing = loop {
+        let listing = points(&c);
+        if listing.contains(&id) {
+            break listing;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "{listing}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert!(listing.contains("crash-consistent multi-VM"), "{listing}");
 }
 
@@ -475,7 +503,12 @@ async fn a_stopping_coordinator_lets_the_running_cut_publish_its_point() {
         .unwrap()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}\n{}", c.log_text());
+    assert!(
+        out.status.success(),
+        "{}: {stderr}\n{}",
+        out.status,
+        c.log_text()
+    );
     let point = String::from_utf8_lossy(&out.stdout).trim().to_string();
     assert!(points(&c).contains(&point), "{}", points(&c));
     assert!(

@@ -1,10 +1,8 @@
 //! Initial replication shows its progress in `lifeboat-agent status` while it runs.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 #[test]
 fn status_shows_progress_rate_and_eta_during_initial_replication() {

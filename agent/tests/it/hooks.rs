@@ -1,10 +1,8 @@
 //! App-consistent points through pre/post hooks: labels follow what really happened.
 
-mod common;
-
 use lifeboat_store::manifest::{Consistency, PointKind};
 
-use common::*;
+use crate::common::*;
 
 fn setup(pre: &str) -> (tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();

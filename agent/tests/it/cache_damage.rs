@@ -1,11 +1,9 @@
 //! Damage in the agent's own cache store: the agent notices what its next tag relies on is
 //! gone or damaged, says why, resynchronises, and the next point restores byte for byte.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 
 /// A VM with a 6 MiB image disk and a directory disk, synced twice with a change between.
 struct Vm {

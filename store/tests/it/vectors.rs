@@ -3,7 +3,7 @@
 //! clean, and the generator still writes exactly these bytes.
 //!
 //! Regenerate after a format change (e.g. numbering rules) with
-//! `LIFEBOAT_WRITE_VECTORS=1 cargo test -p lifeboat-store --test vectors -- --ignored regenerate`.
+//! `LIFEBOAT_WRITE_VECTORS=1 cargo test -p lifeboat-store --test it vectors:: -- --ignored regenerate`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -200,7 +200,7 @@ async fn generate(dir: &Path) -> bytes::Bytes {
 async fn the_generator_writes_these_very_bytes() {
     let dir = tempfile::tempdir().unwrap();
     let expected = generate(&dir.path().join("store")).await;
-    let hint = "regenerate with LIFEBOAT_WRITE_VECTORS=1 cargo test -p lifeboat-store --test vectors -- --ignored regenerate";
+    let hint = "regenerate with LIFEBOAT_WRITE_VECTORS=1 cargo test -p lifeboat-store --test it vectors:: -- --ignored regenerate";
     assert_eq!(
         String::from_utf8_lossy(&expected),
         std::fs::read_to_string(vectors().join("expected.txt")).unwrap(),

@@ -1,8 +1,6 @@
 //! `lifeboat-agent check`: passes on a good set-up; each broken piece fails with a fix.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 fn setup() -> (tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();

@@ -1,11 +1,9 @@
 //! Bad disks and a full state disk: clear errors, nothing published, nothing half-written, and
 //! the next good run picks up without loss.
 
-mod common;
-
 use std::process::Command;
 
-use common::*;
+use crate::common::*;
 
 #[test]
 fn vanished_or_wrong_kind_disks_fail_clearly_and_change_nothing() {

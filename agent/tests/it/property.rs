@@ -1,11 +1,9 @@
 //! Property: whatever random writes hit an image and a directory tree between cuts, every point
 //! the real agent publishes restores to exactly what the disks held at that cut.
 
-mod common;
-
 use std::path::Path;
 
-use common::*;
+use crate::common::*;
 use proptest::prelude::*;
 
 #[derive(Debug, Clone)]

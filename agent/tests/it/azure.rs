@@ -1,11 +1,9 @@
 //! The agent replicating to Azure Blob (a real Azurite, started by `scripts/test.sh`), and the
 //! restore reading it back from there: the same bytes as the source.
 
-mod common;
-
 use std::sync::Arc;
 
-use common::*;
+use crate::common::*;
 use lifeboat_store::backend::azure::{AzureBackend, AzureConfig};
 use lifeboat_store::layout::Layout;
 use lifeboat_store::restore::StoreReader;

@@ -246,16 +246,7 @@ impl Jobs {
     /// cancels the rest and waits (a cancelled job ends at its next await) up to `grace`.
     pub async fn drain(&self, limit: Duration, grace: Duration) {
         self.lock().closed = true;
-        let mut rx = self.subscribe();
-        let running = |jobs: &Jobs| jobs.lock().running.len();
-        let wait = async {
-            while running(self) > 0 {
-                if rx.changed().await.is_err() {
-                    return;
-                }
-            }
-        };
-        if tokio::time::timeout(limit, wait).await.is_ok() {
+        if self.idle_within(limit).await {
             return;
         }
         let left: Vec<u64> = {
@@ -266,15 +257,21 @@ impl Jobs {
             inner.running.keys().copied().collect()
         };
         tracing::warn!(jobs = ?left, waited = ?limit, "jobs still running at shutdown: cancelled");
+        self.idle_within(grace).await;
+    }
+
+    /// Whether no job runs, now or within `limit`.
+    async fn idle_within(&self, limit: Duration) -> bool {
+        // Subscribed before the count is read: no change slips between the two.
         let mut rx = self.subscribe();
-        let _ = tokio::time::timeout(grace, async {
-            while running(self) > 0 {
+        let idle = async {
+            while !self.lock().running.is_empty() {
                 if rx.changed().await.is_err() {
                     return;
                 }
             }
-        })
-        .await;
+        };
+        tokio::time::timeout(limit, idle).await.is_ok()
     }
 
     fn end(&self, id: u64, state: JobState, outcome: String, keep: bool) {

@@ -239,23 +239,20 @@ async fn the_scheduler_cuts_on_the_policy_interval() {
     assert!(listing.contains("crash-consistent multi-VM"), "{listing}");
 }
 
-/// A cut is the group's, not the request's: when the admin client asking for a snapshot is
-/// killed mid-cut, the cut still runs to its end and publishes its point, and the next
-/// snapshot works.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_snapshot_whose_client_is_gone_still_completes() {
-    let dir = tempfile::tempdir().unwrap();
-    let policy = POLICY.replace("prepare = \"1s\"", "prepare = \"5s\"");
-    let c = CoordinatorProc::serving(dir.path(), "g1", &policy);
-    // Prepares slowly (a long pre-copy), then answers like a healthy agent.
-    let mut m = member(&c, "slow").await;
-    let (prepare_tx, mut prepare_rx) = tokio::sync::mpsc::unbounded_channel();
+/// A member "slow" that takes `prepare` to prepare, then acks every phase like a healthy
+/// agent; each cut id it is asked to prepare goes to the returned channel.
+async fn slow_member(
+    c: &CoordinatorProc,
+    prepare: Duration,
+) -> tokio::sync::mpsc::UnboundedReceiver<u64> {
+    let mut m = member(c, "slow").await;
+    let (prepare_tx, prepare_rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         while let Ok(msg) = m.next().await {
             match msg {
                 CoordinatorMessage::Prepare { cut_id, .. } => {
                     let _ = prepare_tx.send(cut_id);
-                    tokio::time::sleep(Duration::from_millis(1500)).await;
+                    tokio::time::sleep(prepare).await;
                     m.ack(cut_id, CutPhase::Prepared).await.unwrap()
                 }
                 CoordinatorMessage::Freeze { cut_id, .. } => {
@@ -268,20 +265,20 @@ async fn a_snapshot_whose_client_is_gone_still_completes() {
             }
         }
     });
-    let mut client = std::process::Command::new(lifeboat_tests::bin("lifeboat"))
-        .args([
-            "snapshot",
-            "--group",
-            "g1",
-            "--coordinator",
-            &c.addr,
-            "--credentials",
-        ])
-        .arg(c.state_dir.join("admin"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    prepare_rx
+}
+
+/// A cut is the group's, not the request's: when the admin client asking for a snapshot is
+/// killed mid-cut, the cut still runs to its end and publishes its point, and the next
+/// snapshot works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_whose_client_is_gone_still_completes() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = POLICY.replace("prepare = \"1s\"", "prepare = \"5s\"");
+    let c = CoordinatorProc::serving(dir.path(), "g1", &policy);
+    // Prepares slowly (a long pre-copy), then answers like a healthy agent.
+    let mut prepare_rx = slow_member(&c, Duration::from_millis(1500)).await;
+    let mut client = snapshot_client(&c);
     // The cut is under way (the member was asked to prepare): the client goes.
     tokio::time::timeout(Duration::from_secs(20), prepare_rx.recv())
         .await
@@ -469,26 +466,7 @@ async fn a_stopping_coordinator_lets_the_running_cut_publish_its_point() {
     let policy = POLICY.replace("prepare = \"1s\"", "prepare = \"10s\"");
     let mut c = CoordinatorProc::serving(dir.path(), "g1", &policy);
     // Prepares for 4 s (a long pre-copy), then answers like a healthy agent.
-    let mut m = member(&c, "slow").await;
-    let (prepare_tx, mut prepare_rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Ok(msg) = m.next().await {
-            match msg {
-                CoordinatorMessage::Prepare { cut_id, .. } => {
-                    let _ = prepare_tx.send(cut_id);
-                    tokio::time::sleep(Duration::from_secs(4)).await;
-                    m.ack(cut_id, CutPhase::Prepared).await.unwrap()
-                }
-                CoordinatorMessage::Freeze { cut_id, .. } => {
-                    m.ack(cut_id, CutPhase::Frozen).await.unwrap()
-                }
-                CoordinatorMessage::Commit { cut_id, .. } => {
-                    m.ack(cut_id, CutPhase::Tagged).await.unwrap()
-                }
-                _ => {}
-            }
-        }
-    });
+    let mut prepare_rx = slow_member(&c, Duration::from_secs(4)).await;
     let client = snapshot_client(&c);
     tokio::time::timeout(Duration::from_secs(20), prepare_rx.recv())
         .await

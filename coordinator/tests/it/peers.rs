@@ -748,12 +748,17 @@ async fn strangers_cannot_fill_the_listener() {
         "the agent's session ended"
     );
     // The stalled strangers were closed by the coordinator, after TLS within its first-request
-    // timeout (5 s, plus scheduling), before TLS at the handshake timeout (5 s).
+    // timeout (5 s, plus scheduling), before TLS at the handshake timeout (5 s). Under wine the
+    // lower bound does not hold: in one CI run the longest pre-TLS stranger was closed after
+    // 4.4 s (wine's socket layer closes or reports them early; its accept loop also lags this
+    // flood by seconds, so late refusals count as holds). There only the upper bound (nothing
+    // is held for ever) is asserted; the Linux run asserts both.
+    let shortest_timeout = if cfg!(windows) { 0 } else { 4_500 };
     for (stall, s) in &seen {
         assert!(s.timed_out.load(SeqCst) > 0, "{stall:?} never timed out");
         let longest = s.longest_ms.load(SeqCst);
         assert!(
-            (4_500..10_000).contains(&longest),
+            (shortest_timeout..10_000).contains(&longest),
             "{stall:?} held for {longest} ms"
         );
     }

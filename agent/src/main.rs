@@ -23,6 +23,9 @@ mod platform;
 mod platform;
 mod progress;
 mod scan;
+#[cfg(windows)]
+#[path = "service_windows.rs"]
+mod service;
 mod session;
 mod state;
 mod sync;
@@ -103,6 +106,12 @@ enum Command {
     /// Preflight: store reachable and writable, coordinator reachable, clock, free space,
     /// disks readable and freezable. Exits 1 if any check fails.
     Check,
+    /// Windows: run as, register or remove the agent's Windows service (on Linux the Debian
+    /// package's systemd unit runs `lifeboat-agent run`).
+    Service {
+        #[command(subcommand)]
+        action: ServiceAction,
+    },
     /// (internal) Thaw MOUNTS after DEADLINE unless told `done` first; started around each
     /// freeze. With no MOUNTS, the first line of stdin names them: the thaw guard unit's form.
     #[command(hide = true)]
@@ -113,16 +122,59 @@ enum Command {
     },
 }
 
-fn main() -> ExitCode {
+#[derive(Debug, Subcommand)]
+enum ServiceAction {
+    /// What the installed service runs: `run`, under the service control manager, which
+    /// starts and stops it. Logs go to `agent.log` in the state directory.
+    Run {
+        #[arg(long, default_value = SERVICE_NAME)]
+        name: String,
+    },
+    /// Register the service (automatic start, restart on failure) to run this executable with
+    /// this config. The MSI package does this itself.
+    Install {
+        #[arg(long, default_value = SERVICE_NAME)]
+        name: String,
+        /// Start only when asked (`sc start`), not at boot.
+        #[arg(long)]
+        manual: bool,
+    },
+    /// Stop the service if it runs, and remove it.
+    Uninstall {
+        #[arg(long, default_value = SERVICE_NAME)]
+        name: String,
+    },
+}
+
+/// The Windows service's name, as the MSI package registers it.
+const SERVICE_NAME: &str = "LifeboatAgent";
+
+/// Logs go to stderr (the journal under systemd), except a Windows service's, which has none.
+fn init_tracing(writer: tracing_subscriber::fmt::writer::BoxMakeWriter, ansi: bool) {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("LIFEBOAT_LOG")
                 .unwrap_or_else(|_| "info".into()),
         )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(writer)
+        .with_ansi(ansi)
         .init();
+}
+
+fn main() -> ExitCode {
     let cli = Cli::parse();
+    let service_run = matches!(
+        cli.command,
+        Command::Service {
+            action: ServiceAction::Run { .. }
+        }
+    );
+    if !service_run {
+        init_tracing(
+            tracing_subscriber::fmt::writer::BoxMakeWriter::new(std::io::stderr),
+            std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        );
+    }
     if let Command::ThawWatchdog {
         deadline_ms,
         mounts,
@@ -138,6 +190,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Command::Service { action } = cli.command {
+        return service_command(action, &cli.config, config);
+    }
     if matches!(cli.command, Command::CheckConfig) {
         // What a config can only get wrong on this machine: a `mount` that is not where the
         // disk's filesystem is mounted (freezing it would hold nothing). Bad config: exit 2.
@@ -171,6 +226,45 @@ fn main() -> ExitCode {
     }
 }
 
+/// `lifeboat-agent service …`: Windows only; elsewhere a usage error (exit 2).
+#[cfg(windows)]
+fn service_command(action: ServiceAction, path: &std::path::Path, config: Config) -> ExitCode {
+    let result = match action {
+        ServiceAction::Run { name } => {
+            // A service has no console: its log is a file next to its state, made at the
+            // first line (run from a console, where the dispatcher refuses at once, nothing is
+            // written).
+            init_tracing(
+                tracing_subscriber::fmt::writer::BoxMakeWriter::new(service::LogFile::new(
+                    config.state_dir.join("agent.log"),
+                )),
+                false,
+            );
+            service::dispatch(&name, config)
+        }
+        ServiceAction::Install { name, manual } => service::install(&name, path, manual),
+        ServiceAction::Uninstall { name } => service::uninstall(&name),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        // Errors of the service's own run are in its log already (`service_main`); this
+        // line is for a console, so that a refused `service run` writes nothing.
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(not(windows))]
+fn service_command(action: ServiceAction, _path: &std::path::Path, _config: Config) -> ExitCode {
+    let _ = action;
+    eprintln!(
+        "error: `lifeboat-agent service` is for Windows; on Linux the Debian package's systemd unit (lifeboat-agent.service) runs `lifeboat-agent run`"
+    );
+    ExitCode::from(2)
+}
+
 async fn run(command: Command, config: Config) -> Result<()> {
     match command {
         Command::CheckConfig => {
@@ -183,6 +277,7 @@ async fn run(command: Command, config: Config) -> Result<()> {
             Ok(())
         }
         Command::ThawWatchdog { .. } => unreachable!("handled before the config is read"),
+        Command::Service { .. } => unreachable!("handled before the runtime starts"),
         Command::Untrack => {
             for d in &config.disks {
                 let key = sync::tracking_key(&config, d);
@@ -246,62 +341,66 @@ async fn run(command: Command, config: Config) -> Result<()> {
             );
             Ok(())
         }
-        Command::Run => {
-            let stop = platform::stop_signal()?;
-            tokio::pin!(stop);
-            let in_group = config.coordinator.is_some()
-                || identity::dir(&config.state_dir).join("agent.pem").exists();
-            let agent = open(config).await?;
-            let interval = agent.config.replication.interval;
-            let watchers = watch::Watchers::start(&agent.config.disks)?;
-            // Ready once the config is valid, leftovers are thawed and the state is reconciled
-            // with the store: what the service manager's start (Type=notify) then vouches for.
-            lifeboat_store::service::ready();
-            lifeboat_store::service::spawn_watchdog();
-            if in_group {
-                let r = member::run(&agent, &watchers, stop).await;
-                lifeboat_store::service::stopping();
-                return r;
+        Command::Run => replicate(config, platform::stop_signal()?).await,
+    }
+}
+
+/// Replicates continuously until `stop` resolves: what `run` and the Windows service do. A
+/// cut holding a freeze (or a shadow copy) ends before the stop is honoured; anything else is
+/// dropped at once, resumable from its checkpoints.
+async fn replicate(config: Config, stop: impl std::future::Future<Output = ()>) -> Result<()> {
+    tokio::pin!(stop);
+    let in_group =
+        config.coordinator.is_some() || identity::dir(&config.state_dir).join("agent.pem").exists();
+    let agent = open(config).await?;
+    let interval = agent.config.replication.interval;
+    let watchers = watch::Watchers::start(&agent.config.disks)?;
+    // Ready once the config is valid, leftovers are thawed and the state is reconciled
+    // with the store: what the service manager's start (Type=notify) then vouches for.
+    lifeboat_store::service::ready();
+    lifeboat_store::service::spawn_watchdog();
+    if in_group {
+        let r = member::run(&agent, &watchers, stop).await;
+        lifeboat_store::service::stopping();
+        return r;
+    }
+    // The first cycle sweeps: what changed while the agent was down is proven by
+    // reading, not assumed from stamps.
+    let mut last_sweep: Option<std::time::Instant> = None;
+    loop {
+        let sweep =
+            last_sweep.is_none_or(|t| t.elapsed() >= agent.config.replication.verify_interval);
+        let (result, then_stop) = match consistency::unless_stopped(
+            cycle(&agent, false, sweep, Some(&watchers)),
+            &mut stop,
+        )
+        .await
+        {
+            consistency::Run::Done(r) => (r, false),
+            consistency::Run::DoneThenStop(r) => (r, true),
+            consistency::Run::Stopped => (Ok(()), true),
+        };
+        if then_stop {
+            if let Err(e) = result {
+                tracing::error!(error = %format!("{e:#}"), "replication cycle failed");
             }
-            // The first cycle sweeps: what changed while the agent was down is proven by
-            // reading, not assumed from stamps.
-            let mut last_sweep: Option<std::time::Instant> = None;
-            loop {
-                let sweep = last_sweep
-                    .is_none_or(|t| t.elapsed() >= agent.config.replication.verify_interval);
-                let (result, then_stop) = match consistency::unless_stopped(
-                    cycle(&agent, false, sweep, Some(&watchers)),
-                    &mut stop,
-                )
-                .await
-                {
-                    consistency::Run::Done(r) => (r, false),
-                    consistency::Run::DoneThenStop(r) => (r, true),
-                    consistency::Run::Stopped => (Ok(()), true),
-                };
-                if then_stop {
-                    if let Err(e) = result {
-                        tracing::error!(error = %format!("{e:#}"), "replication cycle failed");
-                    }
-                    lifeboat_store::service::stopping();
-                    return Ok(());
-                }
-                if sweep && result.is_ok() {
-                    last_sweep = Some(std::time::Instant::now());
-                }
-                if let Err(e) = result {
-                    // A failed cycle is retried at the next tick; nothing it did is trusted
-                    // until reconciled again.
-                    tracing::error!(error = %format!("{e:#}"), "replication cycle failed");
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(interval) => {}
-                    _ = &mut stop => {
-                        tracing::info!("stopping");
-                        lifeboat_store::service::stopping();
-                        return Ok(());
-                    }
-                }
+            lifeboat_store::service::stopping();
+            return Ok(());
+        }
+        if sweep && result.is_ok() {
+            last_sweep = Some(std::time::Instant::now());
+        }
+        if let Err(e) = result {
+            // A failed cycle is retried at the next tick; nothing it did is trusted
+            // until reconciled again.
+            tracing::error!(error = %format!("{e:#}"), "replication cycle failed");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = &mut stop => {
+                tracing::info!("stopping");
+                lifeboat_store::service::stopping();
+                return Ok(());
             }
         }
     }

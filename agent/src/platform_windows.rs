@@ -32,8 +32,8 @@ pub fn open_disk(path: &Path, direct: bool) -> io::Result<File> {
     o.open(path)
 }
 
-/// Returns a future that resolves on Ctrl-C (the service stop path is the Windows service
-/// control handler, not written yet).
+/// Returns a future that resolves on Ctrl-C, for `run` in a console (the service's stop comes
+/// from its control handler; see `service_windows.rs`).
 pub fn stop_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     Ok(async {
         let _ = tokio::signal::ctrl_c().await;

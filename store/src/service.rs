@@ -3,7 +3,8 @@
 //!
 //! Hand-written rather than a dependency: the protocol is one datagram of `KEY=value` lines
 //! to a Unix socket, and outside a `Type=notify` unit (no `NOTIFY_SOCKET`) every call is a
-//! no-op, so the binaries behave the same when run by hand.
+//! no-op, so the binaries behave the same when run by hand. Other service managers (the
+//! Windows one) hear the same moments through [`report_to`].
 
 use std::time::Duration;
 
@@ -19,14 +20,41 @@ pub fn notify(state: &str) {
     }
 }
 
-/// The service is up: `Type=notify` units count as started from here.
-pub fn ready() {
-    notify("READY=1");
+/// A state a service manager other than systemd is told about (the Windows service control
+/// manager, whose reports the agent's service module makes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    Ready,
+    Stopping,
 }
 
-/// The service is shutting down (logged by the service manager as "deactivating").
+type Reporter = Box<dyn Fn(Event) + Send + Sync>;
+static OTHER: std::sync::OnceLock<Reporter> = std::sync::OnceLock::new();
+
+/// Sends [`ready`] and [`stopping`] to `report` too, for the life of the process (set once, by
+/// the code that runs under such a manager; a second call is ignored).
+pub fn report_to(report: impl Fn(Event) + Send + Sync + 'static) {
+    let _ = OTHER.set(Box::new(report));
+}
+
+fn other(event: Event) {
+    if let Some(report) = OTHER.get() {
+        report(event);
+    }
+}
+
+/// The service is up: `Type=notify` units count as started from here (a Windows service is
+/// reported running).
+pub fn ready() {
+    notify("READY=1");
+    other(Event::Ready);
+}
+
+/// The service is shutting down (logged by the service manager as "deactivating"; a Windows
+/// service is reported stop-pending).
 pub fn stopping() {
     notify("STOPPING=1");
+    other(Event::Stopping);
 }
 
 /// The watchdog interval the service manager asked for (`WatchdogSec=`), if it is meant for

@@ -14,4 +14,5 @@ mod check;
 mod errors;
 mod hooks;
 mod property;
+mod service;
 mod status;

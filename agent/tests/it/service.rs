@@ -1,0 +1,194 @@
+//! The agent as a service: on Windows under the service control manager (wine's in CI, the
+//! real one on a VM), installed, started and stopped the way an administrator does it; on
+//! Linux the `service` command is refused (systemd runs `run`; see the package test).
+
+#[cfg(windows)]
+use std::path::Path;
+#[cfg(windows)]
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+
+#[cfg(not(windows))]
+#[test]
+fn the_windows_service_command_is_refused_elsewhere_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let config = write_config(
+        dir.path(),
+        &format!("[[disk]]\nid = \"data\"\nkind = \"directory\"\npath = {data:?}\n"),
+    );
+    for action in ["run", "install", "uninstall"] {
+        let out = agent(&config, &["service", action]);
+        assert_eq!(out.status.code(), Some(2), "{out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("is for Windows"), "{stderr}");
+        assert!(stderr.contains("lifeboat-agent run"), "{stderr}");
+    }
+    assert!(!dir.path().join("state").exists());
+}
+
+/// `sc` with `args`: its output, and whether it succeeded.
+#[cfg(windows)]
+fn sc(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new("sc")
+        .args(args)
+        .output()
+        .expect("run sc");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// The service's state as `sc query` names it (`RUNNING`, `STOPPED`…), and the full answer.
+#[cfg(windows)]
+fn state(name: &str) -> (Option<String>, String) {
+    let (_, out) = sc(&["query", name]);
+    let state = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("STATE"))
+        .and_then(|l| l.split_whitespace().last())
+        .map(str::to_owned);
+    (state, out)
+}
+
+#[cfg(windows)]
+fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The point `status.json` names as the last one published, if any.
+#[cfg(windows)]
+fn last_point(state_dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(state_dir.join("status.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v["last_point"].as_str().map(str::to_owned)
+}
+
+/// Removes the test's service however the test ends, so no later run of the prefix starts it.
+#[cfg(windows)]
+struct Installed<'a> {
+    config: &'a Path,
+    name: &'a str,
+}
+
+#[cfg(windows)]
+impl Drop for Installed<'_> {
+    fn drop(&mut self) {
+        let _ = agent(self.config, &["service", "uninstall", "--name", self.name]);
+    }
+}
+
+/// Installed with `service install`, started with `sc start`: the service reports running,
+/// publishes points that restore to the source's bytes (a file written while it runs is in a
+/// later point), and stops on `sc stop` with exit code 0 and its log saying so; `service
+/// uninstall` removes it. Run from a console, `service run` fails with a clear error and
+/// writes nothing.
+#[cfg(windows)]
+#[test]
+fn the_agent_runs_as_a_windows_service_and_stops_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("first.txt"), random_bytes(100_000, 1)).unwrap();
+    let state_dir = dir.path().join("state");
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"vm = "vm1"
+group = "g"
+state_dir = {state_dir:?}
+
+[store]
+kind = "local"
+path = {store:?}
+
+[replication]
+interval = "10s"
+
+[[disk]]
+id = "data"
+kind = "directory"
+path = {data:?}
+"#,
+            store = dir.path().join("store"),
+        ),
+    )
+    .unwrap();
+
+    // Not under the service manager: refused at once, nothing written.
+    let out = agent(&config, &["service", "run"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("cannot reach the service control manager"),
+        "{stderr}"
+    );
+    assert!(!state_dir.exists(), "service run outside the manager wrote");
+
+    let name = format!("LifeboatTest{}", std::process::id());
+    agent_ok(
+        &config,
+        &["service", "install", "--name", &name, "--manual"],
+    );
+    let _installed = Installed {
+        config: &config,
+        name: &name,
+    };
+    let (_, q) = state(&name);
+    assert!(q.contains("STOPPED"), "{q}");
+
+    let (ok, out) = sc(&["start", &name]);
+    assert!(ok, "sc start: {out}");
+    wait_for("running", Duration::from_secs(60), || {
+        state(&name).0.as_deref() == Some("RUNNING")
+    });
+    wait_for("a first point", Duration::from_secs(60), || {
+        last_point(&state_dir).is_some()
+    });
+    let first = last_point(&state_dir).unwrap();
+    std::fs::write(data.join("second.txt"), random_bytes(50_000, 2)).unwrap();
+    let mut second = String::new();
+    wait_for("a later point", Duration::from_secs(60), || {
+        second = last_point(&state_dir).unwrap();
+        second != first
+    });
+
+    let (ok, out) = sc(&["stop", &name]);
+    assert!(ok, "sc stop: {out}");
+    wait_for("stopped", Duration::from_secs(100), || {
+        state(&name).0.as_deref() == Some("STOPPED")
+    });
+    let (_, q) = state(&name);
+    let exit = |key: &str| {
+        q.lines()
+            .find(|l| l.trim_start().starts_with(key))
+            .and_then(|l| l.split(':').nth(1))
+            .and_then(|v| v.split_whitespace().next())
+            .map(str::to_owned)
+    };
+    assert_eq!(exit("WIN32_EXIT_CODE").as_deref(), Some("0"), "{q}");
+    assert_eq!(exit("SERVICE_EXIT_CODE").as_deref(), Some("0"), "{q}");
+    let log = std::fs::read_to_string(state_dir.join("agent.log")).unwrap();
+    assert!(log.contains("starting as a Windows service"), "{log}");
+    assert!(log.contains("asks the agent to stop"), "{log}");
+    assert!(log.contains("the service stopped"), "{log}");
+    assert!(!log.contains("ERROR"), "{log}");
+
+    // What the service published restores to the source, byte for byte.
+    let out = dir.path().join("restored");
+    restore_id(dir.path(), &second, &out);
+    assert_same_tree(&data, &out.join("data"));
+
+    let removed = agent_ok(&config, &["service", "uninstall", "--name", &name]);
+    assert!(removed.contains("removed service"), "{removed}");
+    let (ok, q) = sc(&["query", &name]);
+    assert!(!ok, "the service is still registered: {q}");
+}

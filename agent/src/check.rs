@@ -305,7 +305,7 @@ fn disk(config: &Config, d: &crate::config::DiskConfig) -> Check {
                     .find(|l| l.starts_with("Uid:"))
                     .is_some_and(|l| l.split_whitespace().nth(1) == Some("0"))
             });
-        let freezes = d.consistency == ConsistencyKind::Fsfreeze || d.mount.is_some();
+        let freezes = d.freezes();
         if freezes && !is_root {
             return fail(
                 "disk",
@@ -332,12 +332,24 @@ fn disk(config: &Config, d: &crate::config::DiskConfig) -> Check {
             );
         }
     }
-    let freezes = match d.consistency {
-        ConsistencyKind::Fsfreeze => true,
-        ConsistencyKind::Hooks => d.mount.is_some(),
-        ConsistencyKind::None => false,
-    };
+    let freezes = d.freezes();
     let mut detail = format!("disk {} ({}) readable", d.id, d.path.display());
+    if d.consistency == ConsistencyKind::Vss {
+        // The service answers (an administrator, the service not disabled); whether a
+        // snapshot of the volume succeeds only a cut tells.
+        let volume = match crate::vss::volume_of(&d.path, d.mount.as_deref()) {
+            Ok(v) => v,
+            Err(e) => return fail("disk", format!("disk {}: {e:#}", d.id)),
+        };
+        if let Err(e) = crate::vss::open() {
+            return fail("disk", format!("disk {}: {e:#}", d.id));
+        }
+        let _ = write!(
+            detail,
+            "; shadow copies of {} by VSS (copy-only, writers included)",
+            volume.display()
+        );
+    }
     if freezes {
         let _ = write!(
             detail,

@@ -93,6 +93,10 @@ pub enum ConsistencyKind {
     Fsfreeze,
     /// Pre/post commands (app quiesce), plus fsfreeze when `mount` is set.
     Hooks,
+    /// Windows: a shadow copy of the disk's volume (`mount`, or the root of `path`) made by
+    /// the Volume Shadow Copy Service, copy-only with its writers (app-consistent when every
+    /// writer succeeds), read by the capture instead of the live volume.
+    Vss,
 }
 
 /// How changes are found while frozen (and, for block devices, between cuts).
@@ -149,6 +153,18 @@ pub struct DiskConfig {
     /// How changes are found (see [`Tracking`]).
     #[serde(default)]
     pub tracking: Tracking,
+}
+
+impl DiskConfig {
+    /// Whether a cut freezes the filesystem holding this disk (FIFREEZE on `mount`, or on
+    /// `path` for a directory).
+    pub fn freezes(&self) -> bool {
+        match self.consistency {
+            ConsistencyKind::Fsfreeze => true,
+            ConsistencyKind::Hooks => self.mount.is_some(),
+            ConsistencyKind::None | ConsistencyKind::Vss => false,
+        }
+    }
 }
 
 fn default_freeze_timeout() -> Duration {
@@ -328,6 +344,12 @@ impl Config {
                     "disk {}: path {} must be absolute",
                     d.id,
                     d.path.display()
+                ));
+            }
+            if d.consistency == ConsistencyKind::Vss && !cfg!(windows) {
+                return Err(format!(
+                    "disk {}: consistency = \"vss\" is Windows' Volume Shadow Copy Service; on Linux use \"fsfreeze\" (with `mount`) or \"hooks\"",
+                    d.id
                 ));
             }
             if d.consistency == ConsistencyKind::Hooks && d.hooks.is_none() {

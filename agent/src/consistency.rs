@@ -406,13 +406,8 @@ impl Drop for Frozen {
 /// For a disk that freezes, checks that its mount is a mount point holding the filesystem on
 /// that disk (see `verify_mount`); `Ok` for disks that do not freeze.
 pub fn verify_freeze_target(d: &crate::config::DiskConfig) -> Result<()> {
-    use crate::config::{ConsistencyKind, DiskKind};
-    let freezes = match d.consistency {
-        ConsistencyKind::Fsfreeze => true,
-        ConsistencyKind::Hooks => d.mount.is_some(),
-        ConsistencyKind::None => false,
-    };
-    if !freezes {
+    use crate::config::DiskKind;
+    if !d.freezes() {
         return Ok(());
     }
     let mount = d.mount.as_deref().unwrap_or(d.path.as_path());

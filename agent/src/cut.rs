@@ -35,13 +35,7 @@ const BARRIER_TIMEOUT: Duration = Duration::from_millis(500);
 /// Whether a directory disk's frozen capture may read only what events named: it is frozen,
 /// and tracking is not turned off.
 fn captures_from_events(d: &DiskConfig) -> bool {
-    d.kind == DiskKind::Directory
-        && d.tracking == Tracking::Auto
-        && match d.consistency {
-            ConsistencyKind::Fsfreeze => true,
-            ConsistencyKind::Hooks => d.mount.is_some(),
-            ConsistencyKind::None => false,
-        }
+    d.kind == DiskKind::Directory && d.tracking == Tracking::Auto && d.freezes()
 }
 
 /// What a cut did, per disk and overall. `point` is set when the agent published one itself.
@@ -112,17 +106,50 @@ pub fn local_freeze_deadline(disks: &[DiskConfig]) -> Duration {
 pub fn freeze_mounts(disks: &[DiskConfig]) -> Vec<PathBuf> {
     let mut set = BTreeSet::new();
     for d in disks {
-        let wants = match d.consistency {
-            ConsistencyKind::Fsfreeze => true,
-            ConsistencyKind::Hooks => d.mount.is_some(),
-            ConsistencyKind::None => false,
-        };
-        if wants {
+        if d.freezes() {
             let m = d.mount.clone().unwrap_or_else(|| d.path.clone());
             set.insert(m);
         }
     }
     set.into_iter().collect()
+}
+
+/// The volumes to shadow (VSS) for the configured disks, deduplicated.
+fn shadow_volumes(disks: &[DiskConfig]) -> Result<Vec<PathBuf>> {
+    let mut set = BTreeSet::new();
+    for d in disks {
+        if d.consistency == ConsistencyKind::Vss {
+            set.insert(crate::vss::volume_of(&d.path, d.mount.as_deref())?);
+        }
+    }
+    Ok(set.into_iter().collect())
+}
+
+/// A cut's shadow copies. Released by the cut; dropped otherwise (an error, a stop), when
+/// the abort and the deletion run on a blocking thread, not on the async worker dropping it.
+#[derive(Debug)]
+struct Shadows(Option<crate::vss::ShadowSet>);
+
+impl Shadows {
+    async fn release(mut self, kept: bool) -> Result<()> {
+        match self.0.take() {
+            Some(set) => tokio::task::spawn_blocking(move || set.release(kept)).await?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Shadows {
+    fn drop(&mut self) {
+        if let Some(set) = self.0.take() {
+            match tokio::runtime::Handle::try_current() {
+                Ok(h) => {
+                    h.spawn_blocking(move || drop(set));
+                }
+                Err(_) => drop(set),
+            }
+        }
+    }
 }
 
 /// A directory's files by inode (from their stamps), to match mappings made through other
@@ -346,7 +373,8 @@ async fn cut_inner(
     // 2. Pre-copy, when a freeze follows: it keeps the frozen capture short. Without a freeze
     // the capture pass alone ships everything.
     let mounts = freeze_mounts(disks);
-    let collect = !mounts.is_empty() || driver.always_collect();
+    let volumes = shadow_volumes(disks)?;
+    let collect = !mounts.is_empty() || !volumes.is_empty() || driver.always_collect();
     let mut precopy = Vec::new();
     let mut precopy_shapes = Vec::new();
     let mut since: Vec<Option<Since>> = Vec::new();
@@ -456,6 +484,22 @@ async fn cut_inner(
             )?),
             None => None,
         };
+        // Shadow copies (VSS): made now, while writers quiesce and VSS holds the volumes;
+        // the capture then reads them, not the live volumes.
+        let shadows = if volumes.is_empty() {
+            Shadows(None)
+        } else {
+            let v = volumes.clone();
+            let set = tokio::task::spawn_blocking(move || {
+                crate::vss::ShadowSet::create(crate::vss::open()?, &v)
+            })
+            .await??;
+            if !set.failed_writers.is_empty() {
+                tracing::warn!(writers = %set.failed_writers.join("; "), "VSS writers failed: the shadow copies are crash-consistent, not app-consistent");
+            }
+            Shadows(Some(set))
+        };
+        let writers_ok = shadows.0.as_ref().is_some_and(|s| s.failed_writers.is_empty());
         let cut_time = SystemTime::now();
         let stop = Instant::now() + budget.capture;
         let mut captured = Vec::new();
@@ -490,7 +534,19 @@ async fn cut_inner(
                     since: None,
                 },
             ));
-            captured.push(agent.ship(d, st, mode, pass_hints).await?);
+            // A shadowed disk is read in its shadow copy.
+            let shadowed;
+            let read = match &shadows.0 {
+                Some(set) if d.consistency == ConsistencyKind::Vss => {
+                    shadowed = DiskConfig {
+                        path: set.shadow_of(&d.path)?,
+                        ..d.clone()
+                    };
+                    &shadowed
+                }
+                _ => d,
+            };
+            captured.push(agent.ship(read, st, mode, pass_hints).await?);
         }
         if let Some(f) = &frozen {
             run_oracle_hook(f.frozen_at()).await?;
@@ -514,8 +570,9 @@ async fn cut_inner(
             None => None,
         };
         tracing::debug!(?capture_took, ?waited, "frozen capture");
+        shadows.release(permitted.is_ok()).await?;
         permitted?;
-        anyhow::Ok((cut_time, window, captured))
+        anyhow::Ok((cut_time, window, captured, writers_ok))
     }
     .await;
 
@@ -531,7 +588,7 @@ async fn cut_inner(
             }
         }
     }
-    let (cut_time, window, captured) = match capture {
+    let (cut_time, window, captured, writers_ok) = match capture {
         Ok(c) => c,
         Err(e) => {
             // Keep the pre-copy: tag it as not frozen (no point references it), so the next
@@ -557,12 +614,17 @@ async fn cut_inner(
     for ((d, st), shipped) in disks.iter().zip(states.iter_mut()).zip(captured) {
         stored += shipped.stored_bytes;
         agent.upload_kept(d, st, shipped.kept).await?;
-        let frozen = window.is_some()
-            && d.consistency != ConsistencyKind::None
-            && (d.consistency == ConsistencyKind::Fsfreeze || d.mount.is_some());
+        let frozen = window.is_some() && d.freezes();
         // Applications were quiesced VM-wide by the pre hooks: every disk whose writes were
-        // also held (or that has the hooks itself) is app-consistent.
-        let label = if quiesced && (frozen || d.hooks.is_some()) {
+        // also held (or that has the hooks itself) is app-consistent. A shadow copy is
+        // app-consistent when every VSS writer succeeded, crash-consistent otherwise.
+        let label = if d.consistency == ConsistencyKind::Vss {
+            if writers_ok {
+                Consistency::App
+            } else {
+                Consistency::Crash
+            }
+        } else if quiesced && (frozen || d.hooks.is_some()) {
             Consistency::App
         } else if frozen {
             Consistency::Crash

@@ -29,6 +29,7 @@ mod service;
 mod session;
 mod state;
 mod sync;
+mod vss;
 mod watch;
 
 use std::path::PathBuf;

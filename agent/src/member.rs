@@ -54,6 +54,7 @@ pub fn register(config: &Config) -> Register {
                     ConsistencyKind::None => Provider::None,
                     ConsistencyKind::Fsfreeze => Provider::Fsfreeze,
                     ConsistencyKind::Hooks => Provider::Hooks,
+                    ConsistencyKind::Vss => Provider::Vss,
                 },
             })
             .collect(),

@@ -339,17 +339,17 @@ impl Config {
             if !ids.insert(&d.id) {
                 return Err(format!("disk id {} is used twice", d.id));
             }
+            if d.consistency == ConsistencyKind::Vss && !cfg!(windows) {
+                return Err(format!(
+                    "disk {}: consistency = \"vss\" is Windows' Volume Shadow Copy Service; on Linux use \"fsfreeze\" (with `mount`) or \"hooks\"",
+                    d.id
+                ));
+            }
             if !d.path.is_absolute() {
                 return Err(format!(
                     "disk {}: path {} must be absolute",
                     d.id,
                     d.path.display()
-                ));
-            }
-            if d.consistency == ConsistencyKind::Vss && !cfg!(windows) {
-                return Err(format!(
-                    "disk {}: consistency = \"vss\" is Windows' Volume Shadow Copy Service; on Linux use \"fsfreeze\" (with `mount`) or \"hooks\"",
-                    d.id
                 ));
             }
             if d.consistency == ConsistencyKind::Hooks && d.hooks.is_none() {
@@ -496,6 +496,21 @@ consistency = "fsfreeze"
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/agent.example.toml");
         let c = parse(&std::fs::read_to_string(path).unwrap()).unwrap();
         assert_eq!(c.disks.len(), 2);
+    }
+
+    /// The Windows installer's example (VSS) is valid there, and refused with the reason here.
+    #[test]
+    fn packaged_windows_example_config_is_valid_on_windows() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../packaging/windows/agent.example.toml");
+        let r = parse(&std::fs::read_to_string(path).unwrap());
+        if cfg!(windows) {
+            let c = r.unwrap();
+            assert_eq!(c.disks[0].consistency, ConsistencyKind::Vss);
+        } else {
+            let e = r.unwrap_err().to_string();
+            assert!(e.contains("Volume Shadow Copy"), "{e}");
+        }
     }
 
     #[test]

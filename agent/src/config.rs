@@ -501,8 +501,8 @@ consistency = "fsfreeze"
     /// The Windows installer's example (VSS) is valid there, and refused with the reason here.
     #[test]
     fn packaged_windows_example_config_is_valid_on_windows() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../packaging/windows/agent.example.toml");
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/windows/agent.example.toml");
         let r = parse(&std::fs::read_to_string(path).unwrap());
         if cfg!(windows) {
             let c = r.unwrap();

@@ -620,7 +620,8 @@ fn bounded_text(mut file: std::fs::File) -> String {
 pub enum Run<T> {
     /// It ran to its end; no stop came.
     Done(T),
-    /// A stop came while it held a filesystem frozen: it ran to its end; stop now.
+    /// A stop came while it held a filesystem frozen (or shadow copies): it ran to its end;
+    /// stop now.
     DoneThenStop(T),
     /// A stop came and the cycle was dropped.
     Stopped,
@@ -629,7 +630,8 @@ pub enum Run<T> {
 /// Runs one replication cycle unless `stop` comes first. A stop ends the cycle at once (its
 /// work is resumable: checkpoints and the cache store's tags are what a restart reads, exactly
 /// as after a SIGKILL), so a service stop never waits out a long copy; but a cut that holds a
-/// filesystem frozen finishes first, so its thaw is the agent's and the point is kept. `stop`
+/// filesystem frozen (or VSS shadow copies) finishes first, so its thaw (their deletion) is the
+/// agent's and the point is kept. `stop`
 /// must not be polled again once this returned anything but `Done`.
 ///
 /// Only for cycles that run no hooks (not-frozen background passes, crash-consistent cuts):
@@ -643,8 +645,8 @@ pub async fn unless_stopped<T>(
     tokio::select! {
         r = &mut cycle => Run::Done(r),
         () = stop.as_mut() => {
-            if crate::progress::held() {
-                tracing::info!("stopping once the cut in progress thaws and ends");
+            if crate::progress::held() || crate::vss::held() {
+                tracing::info!("stopping once the cut in progress thaws (or releases its shadow copies) and ends");
                 Run::DoneThenStop(cycle.await)
             } else {
                 tracing::info!("stopping; the cycle in progress resumes at the next start");

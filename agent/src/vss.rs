@@ -55,6 +55,15 @@ pub trait ShadowApi: Send {
     fn delete_set(&mut self) -> Result<()>;
 }
 
+/// Shadow copy sets alive in this process (made, not yet released or dropped).
+static ALIVE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Whether a cut holds shadow copies now: a stop lets that cut end (and release them) first,
+/// as it does a freeze (`consistency::unless_stopped`).
+pub fn held() -> bool {
+    ALIVE.load(std::sync::atomic::Ordering::SeqCst) > 0
+}
+
 /// Shadow copies of some volumes, readable until released. Dropping it unreleased aborts the
 /// backup and deletes the copies.
 pub struct ShadowSet {
@@ -102,11 +111,14 @@ impl ShadowSet {
             Ok((devices, failed))
         })();
         match made {
-            Ok((devices, failed_writers)) => Ok(ShadowSet {
-                api: Some(api),
-                devices,
-                failed_writers,
-            }),
+            Ok((devices, failed_writers)) => {
+                ALIVE.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                Ok(ShadowSet {
+                    api: Some(api),
+                    devices,
+                    failed_writers,
+                })
+            }
             Err(e) => {
                 abandon(api.as_mut());
                 Err(e)
@@ -135,6 +147,7 @@ impl ShadowSet {
         let mut api = self.api.take().expect("released once");
         let told = if kept { api.complete() } else { api.abort() };
         let deleted = api.delete_set();
+        ALIVE.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
         told.context(if kept {
             "VSS: BackupComplete failed"
         } else {
@@ -148,6 +161,7 @@ impl Drop for ShadowSet {
     fn drop(&mut self) {
         if let Some(mut api) = self.api.take() {
             abandon(api.as_mut());
+            ALIVE.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
         }
     }
 }
@@ -337,9 +351,11 @@ mod tests {
 
     #[test]
     fn a_set_dropped_unreleased_is_aborted_and_deleted() {
-        // What a stop or an abandoned cut does: the set goes out of scope mid-capture.
+        // What an abandoned cut does: the set goes out of scope mid-capture. While it lives, a
+        // stop waits for the cut (`held`).
         let (api, world) = scripted(None);
         let set = ShadowSet::create(api, &volumes()).unwrap();
+        assert!(held());
         drop(set);
         let w = world.lock().unwrap();
         assert!(w.snapshots.is_empty() && !w.in_backup);

@@ -10,7 +10,7 @@ die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 # What scripts/test-windows needs: Debian's Rust toolchain with its std source (the Windows std
 # is built from it), mingw-w64 to link and compile C for Windows, wine to run the tests, and
 # wixl (msitools) to build the MSI from packaging/windows/lifeboat-agent.wxs.
-WINDOWS_DEBS="rustc-web cargo-web rust-web-src gcc-mingw-w64-x86-64 wine64 wixl"
+WINDOWS_DEBS="rustc-web cargo-web rust-web-src gcc-mingw-w64-x86-64 wine64 wixl msitools"
 
 # Whether every Debian package named is installed.
 have_debs() {

@@ -7,6 +7,8 @@
 
 #define COBJMACROS
 #define CINTERFACE
+/* Windows 8: CoIncrementMTAUsage. */
+#define _WIN32_WINNT 0x0602
 #include <stdio.h>
 #include <stdlib.h>
 #include <wchar.h>
@@ -19,15 +21,50 @@ typedef struct lb_vss {
     IVssBackupComponents *backup;
     VSS_ID set;
     int has_set;
-    int com;
 } lb_vss;
+
+/* COM for the life of the process, once: the multithreaded apartment kept alive without a
+ * thread of its own (the agent calls each step from whichever blocking thread runs it, so no
+ * per-thread CoInitializeEx/CoUninitialize pair could bracket the object's life), and the
+ * security VSS requestors use, so that writers in other processes can call back. */
+static INIT_ONCE com_once = INIT_ONCE_STATIC_INIT;
+static HRESULT com_result = S_OK;
+
+static BOOL CALLBACK com_init(PINIT_ONCE once, PVOID param, PVOID *context)
+{
+    CO_MTA_USAGE_COOKIE cookie;
+    HRESULT hr;
+    (void)once;
+    (void)param;
+    (void)context;
+    hr = CoIncrementMTAUsage(&cookie);
+    if (SUCCEEDED(hr)) {
+        hr = CoInitializeSecurity(NULL, -1, NULL, NULL, RPC_C_AUTHN_LEVEL_PKT_PRIVACY,
+                                  RPC_C_IMP_LEVEL_IDENTIFY, NULL, EOAC_DYNAMIC_CLOAKING, NULL);
+        /* Set already (by this process, earlier): what was set stands. */
+        if (hr == RPC_E_TOO_LATE) {
+            hr = S_OK;
+        }
+    }
+    com_result = hr;
+    return TRUE;
+}
+
+/* How long one asynchronous step may take before it is cancelled: a writer that never
+ * answers must not hold the cut (and a stop waiting for it) for ever. VSS bounds its own
+ * phases (writers' freeze 60 s, the flush-and-hold 10 s); this is beyond them. */
+#define STEP_TIMEOUT_MS (180 * 1000)
 
 static HRESULT wait_for(IVssAsync *job)
 {
-    HRESULT hr = IVssAsync_Wait(job, INFINITE);
+    HRESULT hr = IVssAsync_Wait(job, STEP_TIMEOUT_MS);
     HRESULT status = S_OK;
     if (SUCCEEDED(hr)) {
         hr = IVssAsync_QueryStatus(job, &status, NULL);
+    }
+    if (SUCCEEDED(hr) && status == VSS_S_ASYNC_PENDING) {
+        IVssAsync_Cancel(job);
+        hr = HRESULT_FROM_WIN32(ERROR_TIMEOUT);
     }
     IVssAsync_Release(job);
     if (FAILED(hr)) {
@@ -39,22 +76,18 @@ static HRESULT wait_for(IVssAsync *job)
 
 HRESULT lb_vss_open(lb_vss **out)
 {
-    lb_vss *v = (lb_vss *)calloc(1, sizeof *v);
+    lb_vss *v;
     HRESULT hr;
+    InitOnceExecuteOnce(&com_once, com_init, NULL, NULL);
+    if (FAILED(com_result)) {
+        return com_result;
+    }
+    v = (lb_vss *)calloc(1, sizeof *v);
     if (!v) {
         return E_OUTOFMEMORY;
     }
-    hr = CoInitializeEx(NULL, COINIT_MULTITHREADED);
-    if (FAILED(hr) && hr != RPC_E_CHANGED_MODE) {
-        free(v);
-        return hr;
-    }
-    v->com = SUCCEEDED(hr);
     hr = CreateVssBackupComponents(&v->backup);
     if (FAILED(hr)) {
-        if (v->com) {
-            CoUninitialize();
-        }
         free(v);
         return hr;
     }
@@ -97,19 +130,22 @@ HRESULT lb_vss_add_volume(lb_vss *v, const wchar_t *volume, GUID *id)
     return IVssBackupComponents_AddToSnapshotSet(v->backup, (VSS_PWSZ)volume, none, id);
 }
 
-HRESULT lb_vss_snapshot(lb_vss *v)
+HRESULT lb_vss_prepare(lb_vss *v)
 {
     IVssAsync *job = NULL;
     HRESULT hr = IVssBackupComponents_PrepareForBackup(v->backup, &job);
     if (SUCCEEDED(hr)) {
         hr = wait_for(job);
     }
+    return hr;
+}
+
+HRESULT lb_vss_snapshot(lb_vss *v)
+{
+    IVssAsync *job = NULL;
+    HRESULT hr = IVssBackupComponents_DoSnapshotSet(v->backup, &job);
     if (SUCCEEDED(hr)) {
-        job = NULL;
-        hr = IVssBackupComponents_DoSnapshotSet(v->backup, &job);
-        if (SUCCEEDED(hr)) {
-            hr = wait_for(job);
-        }
+        hr = wait_for(job);
     }
     return hr;
 }
@@ -131,7 +167,10 @@ HRESULT lb_vss_device(lb_vss *v, const GUID *id, wchar_t *out, size_t cap)
     return hr;
 }
 
-/* Failed writers as "name: state 0x…, error 0x…" lines in out (cap wide characters). */
+/* Writers that did not come through as "name: state N, error 0x…" lines in out (cap wide
+ * characters); count is how many, whether or not their lines fit. After DoSnapshotSet a writer
+ * that came through is stable or waiting for BackupComplete, with no failure code; anything
+ * else (unknown, still waiting for freeze, thaw or post-snapshot, failed at any step) did not. */
 HRESULT lb_vss_failed_writers(lb_vss *v, wchar_t *out, size_t cap, unsigned *count)
 {
     IVssAsync *job = NULL;
@@ -153,7 +192,8 @@ HRESULT lb_vss_failed_writers(lb_vss *v, wchar_t *out, size_t cap, unsigned *cou
         HRESULT failure = S_OK;
         hr = IVssBackupComponents_GetWriterStatus(v->backup, i, &instance, &writer, &name, &state,
                                                   &failure);
-        if (SUCCEEDED(hr) && (FAILED(failure) || state >= VSS_WS_FAILED_AT_IDENTIFY)) {
+        if (SUCCEEDED(hr) && (FAILED(failure) || (state != VSS_WS_STABLE &&
+                                                  state != VSS_WS_WAITING_FOR_BACKUP_COMPLETE))) {
             int w = _snwprintf(out + used, cap - used, L"%ls: state %d, error 0x%08lx\n",
                                name ? name : L"?", (int)state, (unsigned long)failure);
             if (w > 0 && (size_t)w < cap - used) {
@@ -211,9 +251,6 @@ void lb_vss_close(lb_vss *v)
     }
     if (v->backup) {
         IVssBackupComponents_Release(v->backup);
-    }
-    if (v->com) {
-        CoUninitialize();
     }
     free(v);
 }

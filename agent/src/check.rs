@@ -53,6 +53,8 @@ pub async fn run(config: &Config) -> Vec<Check> {
         out.push(enrolment(config).await);
     }
     out.push(state_space(config));
+    #[cfg(windows)]
+    out.push(state_access(config));
     for d in &config.disks {
         out.push(disk(config, d));
     }
@@ -267,6 +269,36 @@ fn state_space(config: &Config) -> Check {
             format!("{} MiB free, about {} MiB needed", avail >> 20, need >> 20),
         ),
         None => pass("state directory", "writable (free space unknown)"),
+    }
+}
+
+/// Windows: whether the state directory (the agent's key is in it) is for SYSTEM and
+/// Administrators only, as the agent makes it when it starts; reported, not changed.
+#[cfg(windows)]
+fn state_access(config: &Config) -> Check {
+    let dir = &config.state_dir;
+    if crate::platform::under_wine() {
+        return pass(
+            "state access",
+            "not checked: wine keeps no permissions on Unix files",
+        );
+    }
+    match crate::platform::dir_dacl(dir) {
+        Ok(sddl) if sddl == crate::platform::PRIVATE_DIR_SDDL => pass(
+            "state access",
+            format!("{} is for SYSTEM and Administrators only", dir.display()),
+        ),
+        Ok(sddl) => fail(
+            "state access",
+            format!(
+                "{} may be readable by others ({sddl}); the agent restricts it to SYSTEM and Administrators when it starts (`lifeboat-agent sync`, or the service)",
+                dir.display()
+            ),
+        ),
+        Err(e) => fail(
+            "state access",
+            format!("cannot read the permissions of {}: {e}", dir.display()),
+        ),
     }
 }
 

@@ -345,6 +345,24 @@ impl Config {
                     d.id
                 ));
             }
+            if d.consistency == ConsistencyKind::Vss {
+                if d.kind == DiskKind::BlockDevice {
+                    return Err(format!(
+                        "disk {}: consistency = \"vss\" shadows volumes: give a directory or an image file on the volume, not a device",
+                        d.id
+                    ));
+                }
+                if let Some(m) = &d.mount
+                    && !d.path.starts_with(m)
+                {
+                    return Err(format!(
+                        "disk {}: mount {} (the volume to shadow) must hold path {}",
+                        d.id,
+                        m.display(),
+                        d.path.display()
+                    ));
+                }
+            }
             if !d.path.is_absolute() {
                 return Err(format!(
                     "disk {}: path {} must be absolute",

@@ -96,7 +96,7 @@ impl Driver for Local {
 pub fn local_freeze_deadline(disks: &[DiskConfig]) -> Duration {
     disks
         .iter()
-        .filter(|d| d.consistency != ConsistencyKind::None)
+        .filter(|d| !matches!(d.consistency, ConsistencyKind::None | ConsistencyKind::Vss))
         .map(|d| d.freeze_timeout)
         .min()
         .unwrap_or(Duration::from_secs(2))
@@ -125,28 +125,25 @@ fn shadow_volumes(disks: &[DiskConfig]) -> Result<Vec<PathBuf>> {
     Ok(set.into_iter().collect())
 }
 
-/// A cut's shadow copies. Released by the cut; dropped otherwise (an error, a stop), when
-/// the abort and the deletion run on a blocking thread, not on the async worker dropping it.
+/// A value whose drop blocks (a VSS backup's abort and deletion), dropped on a blocking
+/// thread rather than on the async worker that drops it (an error, a stop).
 #[derive(Debug)]
-struct Shadows(Option<crate::vss::ShadowSet>);
+struct OffWorker<T: Send + 'static>(Option<T>);
 
-impl Shadows {
-    async fn release(mut self, kept: bool) -> Result<()> {
-        match self.0.take() {
-            Some(set) => tokio::task::spawn_blocking(move || set.release(kept)).await?,
-            None => Ok(()),
-        }
+impl<T: Send + 'static> OffWorker<T> {
+    fn take(&mut self) -> Option<T> {
+        self.0.take()
     }
 }
 
-impl Drop for Shadows {
+impl<T: Send + 'static> Drop for OffWorker<T> {
     fn drop(&mut self) {
-        if let Some(set) = self.0.take() {
+        if let Some(v) = self.0.take() {
             match tokio::runtime::Handle::try_current() {
                 Ok(h) => {
-                    h.spawn_blocking(move || drop(set));
+                    h.spawn_blocking(move || drop(v));
                 }
-                Err(_) => drop(set),
+                Err(_) => drop(v),
             }
         }
     }
@@ -373,8 +370,10 @@ async fn cut_inner(
     // 2. Pre-copy, when a freeze follows: it keeps the frozen capture short. Without a freeze
     // the capture pass alone ships everything.
     let mounts = freeze_mounts(disks);
+    // Shadowed volumes (VSS) need no pre-copy: the capture reads a shadow copy, which holds
+    // nothing up however long it takes (a group member's capture still answers deadlines).
     let volumes = shadow_volumes(disks)?;
-    let collect = !mounts.is_empty() || !volumes.is_empty() || driver.always_collect();
+    let collect = !mounts.is_empty() || driver.always_collect();
     let mut precopy = Vec::new();
     let mut precopy_shapes = Vec::new();
     let mut since: Vec<Option<Since>> = Vec::new();
@@ -430,7 +429,8 @@ async fn cut_inner(
     let hooks: Vec<_> = disks.iter().filter_map(|d| d.hooks.clone()).collect();
     let mut ran_pre = Vec::new();
     if app {
-        if hooks.is_empty() {
+        // VSS writers quiesce their applications themselves, in the snapshot.
+        if hooks.is_empty() && volumes.is_empty() {
             tracing::warn!(
                 "app-consistent point requested but no disk has hooks; cutting a crash-consistent point"
             );
@@ -475,6 +475,19 @@ async fn cut_inner(
             .iter()
             .filter_map(|m| crate::watch::device(m))
             .collect();
+        // VSS writers prepare now (seconds), before the cut's instant; only the snapshot
+        // itself follows the freeze.
+        let mut prepared = OffWorker(if volumes.is_empty() {
+            None
+        } else {
+            let v = volumes.clone();
+            Some(
+                tokio::task::spawn_blocking(move || {
+                    crate::vss::Prepared::new(crate::vss::open()?, &v)
+                })
+                .await??,
+            )
+        });
         let budget = driver.prepared(quiesced).await?;
         let frozen = match watchdog {
             Some(w) => Some(Frozen::freeze(
@@ -484,23 +497,22 @@ async fn cut_inner(
             )?),
             None => None,
         };
+        // The cut's instant: for shadow copies, before the snapshot (every write acknowledged
+        // before it is in the copies).
+        let cut_time = SystemTime::now();
         // Shadow copies (VSS): made now, while writers quiesce and VSS holds the volumes;
         // the capture then reads them, not the live volumes.
-        let shadows = if volumes.is_empty() {
-            Shadows(None)
-        } else {
-            let v = volumes.clone();
-            let set = tokio::task::spawn_blocking(move || {
-                crate::vss::ShadowSet::create(crate::vss::open()?, &v)
-            })
-            .await??;
-            if !set.failed_writers.is_empty() {
-                tracing::warn!(writers = %set.failed_writers.join("; "), "VSS writers failed: the shadow copies are crash-consistent, not app-consistent");
+        let mut shadows = OffWorker(match prepared.take() {
+            None => None,
+            Some(p) => {
+                let set = tokio::task::spawn_blocking(move || p.snapshot()).await??;
+                if !set.failed_writers.is_empty() {
+                    tracing::warn!(writers = %set.failed_writers.join("; "), "VSS writers failed: the shadow copies are crash-consistent, not app-consistent");
+                }
+                Some(set)
             }
-            Shadows(Some(set))
-        };
+        });
         let writers_ok = shadows.0.as_ref().is_some_and(|s| s.failed_writers.is_empty());
-        let cut_time = SystemTime::now();
         let stop = Instant::now() + budget.capture;
         let mut captured = Vec::new();
         let mut since = since;
@@ -570,7 +582,18 @@ async fn cut_inner(
             None => None,
         };
         tracing::debug!(?capture_took, ?waited, "frozen capture");
-        shadows.release(permitted.is_ok()).await?;
+        if let Some(set) = shadows.take() {
+            // After a Commit the point is the group's: a failure to tell the writers or to
+            // delete the copies is logged, never turned into a failed cut.
+            let kept = permitted.is_ok();
+            match tokio::task::spawn_blocking(move || set.release(kept)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %format!("{e:#}"), "VSS: releasing the shadow copies failed")
+                }
+                Err(e) => tracing::warn!(error = %e, "VSS: releasing the shadow copies failed"),
+            }
+        }
         permitted?;
         anyhow::Ok((cut_time, window, captured, writers_ok))
     }

@@ -184,6 +184,11 @@ fn main() -> ExitCode {
         consistency::run_watchdog(deadline_ms.map(std::time::Duration::from_millis), mounts);
         return ExitCode::SUCCESS;
     }
+    // The service reads its config under the service manager, so that a bad one is reported
+    // there (and in its log), not on a console nobody sees.
+    if let Command::Service { action } = cli.command {
+        return service_command(action, &cli.config);
+    }
     let config = match Config::load(&cli.config) {
         Ok(c) => c,
         Err(e) => {
@@ -191,9 +196,6 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Command::Service { action } = cli.command {
-        return service_command(action, &cli.config, config);
-    }
     if matches!(cli.command, Command::CheckConfig) {
         // What a config can only get wrong on this machine: a `mount` that is not where the
         // disk's filesystem is mounted (freezing it would hold nothing). Bad config: exit 2.
@@ -229,21 +231,25 @@ fn main() -> ExitCode {
 
 /// `lifeboat-agent service …`: Windows only; elsewhere a usage error (exit 2).
 #[cfg(windows)]
-fn service_command(action: ServiceAction, path: &std::path::Path, config: Config) -> ExitCode {
+fn service_command(action: ServiceAction, path: &std::path::Path) -> ExitCode {
     let result = match action {
         ServiceAction::Run { name } => {
-            // A service has no console: its log is a file next to its state, made at the
-            // first line (run from a console, where the dispatcher refuses at once, nothing is
-            // written).
+            // A service has no console: its log is a file (next to its state, or next to its
+            // config when that cannot be read), made at the first line; run from a console,
+            // where the dispatcher refuses at once, nothing is written.
             init_tracing(
-                tracing_subscriber::fmt::writer::BoxMakeWriter::new(service::LogFile::new(
-                    config.state_dir.join("agent.log"),
-                )),
+                tracing_subscriber::fmt::writer::BoxMakeWriter::new(service::LogFile),
                 false,
             );
-            service::dispatch(&name, config)
+            service::dispatch(&name, path)
         }
-        ServiceAction::Install { name, manual } => service::install(&name, path, manual),
+        ServiceAction::Install { name, manual } => match Config::load(path) {
+            Ok(_) => service::install(&name, path, manual),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+        },
         ServiceAction::Uninstall { name } => service::uninstall(&name),
     };
     match result {
@@ -258,7 +264,7 @@ fn service_command(action: ServiceAction, path: &std::path::Path, config: Config
 }
 
 #[cfg(not(windows))]
-fn service_command(action: ServiceAction, _path: &std::path::Path, _config: Config) -> ExitCode {
+fn service_command(action: ServiceAction, _path: &std::path::Path) -> ExitCode {
     let _ = action;
     eprintln!(
         "error: `lifeboat-agent service` is for Windows; on Linux the Debian package's systemd unit (lifeboat-agent.service) runs `lifeboat-agent run`"
@@ -423,6 +429,15 @@ fn lock_state_dir(dir: &std::path::Path) -> Result<()> {
     static LOCK: std::sync::OnceLock<std::fs::File> = std::sync::OnceLock::new();
     std::fs::create_dir_all(dir)
         .map_err(|e| anyhow::anyhow!("cannot create state directory {}: {e}", dir.display()))?;
+    // Windows: the state (the agent's key among it) is for SYSTEM and Administrators only,
+    // whatever the parent (ProgramData lets Users read) would hand down.
+    #[cfg(windows)]
+    platform::make_private_dir(dir).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot restrict state directory {} to SYSTEM and Administrators: {e}",
+            dir.display()
+        )
+    })?;
     let path = dir.join("agent.lock");
     let file = std::fs::OpenOptions::new()
         .create(true)

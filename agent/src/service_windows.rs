@@ -2,11 +2,18 @@
 //! control handler, status reports) around the same replication loop `run` drives, and
 //! registering or removing the service (`lifeboat-agent service install|uninstall`).
 //!
-//! Stop, pre-shutdown and shutdown all become the loop's stop: a cut holding a freeze or a
-//! shadow copy ends first (thawed, the shadow copy released), anything else is dropped at once
-//! and resumes from its checkpoints at the next start. The service reports stop-pending with a
-//! wait hint covering the longest freeze a config allows, and ticks its checkpoint while it
-//! drains, so the manager neither kills it mid-cut nor waits on a hung one for ever.
+//! Stop, pre-shutdown and shutdown all become the loop's stop: a cut holding a freeze or
+//! shadow copies ends first (thawed, the copies released), anything else is dropped at once
+//! and resumes from its checkpoints at the next start. The control handler reports
+//! stop-pending at once, and the checkpoint ticks while the loop drains, so the manager
+//! neither kills the service mid-cut nor waits on a hung one for ever.
+//!
+//! The config is read under the manager: a bad one stops the service with a service-specific
+//! exit code (2) and a line in `agent.log` beside the config; a missing one (a first install)
+//! stops it with exit code 0 and a line saying where the config goes. At every start the
+//! service sets its own recovery (restart 5 s, 5 s and 30 s after failures, including a stop
+//! with an error exit code) and pre-shutdown time, so a service the MSI registered and one
+//! `service install` registered behave alike.
 
 use std::ffi::OsString;
 use std::path::Path;
@@ -33,17 +40,19 @@ const START_HINT: Duration = Duration::from_secs(60);
 const STOP_HINT: Duration = Duration::from_secs(90);
 
 /// What `dispatch` hands the service's main function, which the dispatcher calls on a thread
-/// of its own with only the service's arguments.
-static PENDING: Mutex<Option<(String, Config)>> = Mutex::new(None);
+/// of its own with only the service's arguments: the service's name and its config's path.
+static PENDING: Mutex<Option<(String, std::path::PathBuf)>> = Mutex::new(None);
+/// Where the log goes once known (see [`LogFile`]).
+static LOG_PATH: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
 /// The replication loop's outcome, for the process's exit code.
 static OUTCOME: Mutex<Option<Result<()>>> = Mutex::new(None);
 
 windows_service::define_windows_service!(ffi_service_main, service_main);
 
-/// Runs the agent as the service `name`: returns when the service has stopped. Fails at once
-/// when the process was not started by the service control manager.
-pub fn dispatch(name: &str, config: Config) -> Result<()> {
-    *PENDING.lock().unwrap() = Some((name.to_owned(), config));
+/// Runs the agent as the service `name` with the config at `config`: returns when the service
+/// has stopped. Fails at once when the process was not started by the service control manager.
+pub fn dispatch(name: &str, config: &Path) -> Result<()> {
+    *PENDING.lock().unwrap() = Some((name.to_owned(), config.to_path_buf()));
     service_dispatcher::start(name, ffi_service_main).map_err(|e| {
         anyhow!(
             "cannot reach the service control manager: {e} (this command is what the installed service runs; start it with `sc start {name}`, or run `lifeboat-agent run` in a console)"
@@ -60,7 +69,7 @@ fn service_main(_arguments: Vec<OsString>) {
     let Some((name, config)) = PENDING.lock().unwrap().take() else {
         return;
     };
-    let (outcome, reporter) = run_service(&name, config);
+    let (outcome, reporter) = run_service(&name, &config);
     let exit = match &outcome {
         Ok(()) => {
             tracing::info!("the service stopped");
@@ -68,7 +77,9 @@ fn service_main(_arguments: Vec<OsString>) {
         }
         Err(e) => {
             tracing::error!(error = %format!("{e:#}"), "the service stopped on an error");
-            ServiceExitCode::ServiceSpecific(1)
+            // 2 for a config that cannot be used (as the console's exit code), 1 otherwise.
+            let bad_config = e.downcast_ref::<BadConfig>().is_some();
+            ServiceExitCode::ServiceSpecific(if bad_config { 2 } else { 1 })
         }
     };
     // The outcome is in place before the manager hears "stopped": that returns `dispatch`.
@@ -113,17 +124,36 @@ impl Reporter {
     }
 }
 
+/// A config the service cannot use.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct BadConfig(String);
+
 /// Runs the loop under the manager; the reporter (once registered) is for the final "stopped".
-fn run_service(name: &str, config: Config) -> (Result<()>, Option<std::sync::Arc<Reporter>>) {
+fn run_service(name: &str, path: &Path) -> (Result<()>, Option<std::sync::Arc<Reporter>>) {
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
-    let handler = move |control| match control {
-        ServiceControl::Stop | ServiceControl::Preshutdown | ServiceControl::Shutdown => {
-            tracing::info!(?control, "the service manager asks the agent to stop");
-            let _ = stop_tx.send(true);
-            ServiceControlHandlerResult::NoError
+    // Set once registered; the handler reports stop-pending through it at once.
+    let cell: std::sync::Arc<std::sync::OnceLock<std::sync::Arc<Reporter>>> = Default::default();
+    let stopping = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let handler = {
+        let (cell, stopping) = (cell.clone(), stopping.clone());
+        move |control| match control {
+            ServiceControl::Stop | ServiceControl::Preshutdown | ServiceControl::Shutdown => {
+                tracing::info!(?control, "the service manager asks the agent to stop");
+                stopping.store(true, Ordering::SeqCst);
+                if let Some(r) = cell.get() {
+                    r.set(
+                        ServiceState::StopPending,
+                        ServiceExitCode::Win32(0),
+                        STOP_HINT,
+                    );
+                }
+                let _ = stop_tx.send(true);
+                ServiceControlHandlerResult::NoError
+            }
+            ServiceControl::Interrogate => ServiceControlHandlerResult::NoError,
+            _ => ServiceControlHandlerResult::NotImplemented,
         }
-        ServiceControl::Interrogate => ServiceControlHandlerResult::NoError,
-        _ => ServiceControlHandlerResult::NotImplemented,
     };
     let handle = match service_control_handler::register(name, handler) {
         Ok(h) => h,
@@ -136,16 +166,38 @@ fn run_service(name: &str, config: Config) -> (Result<()>, Option<std::sync::Arc
         handle,
         checkpoint: AtomicU32::new(0),
     });
+    let _ = cell.set(reporter.clone());
     reporter.set(
         ServiceState::StartPending,
         ServiceExitCode::Win32(0),
         START_HINT,
     );
+    // No config yet (the MSI starts the service after a first install): nothing to run, and
+    // not a failure to restart on.
+    if !path.exists() {
+        let _ = LOG_PATH.set(path.parent().unwrap_or(Path::new(".")).join("agent.log"));
+        tracing::info!(
+            config = %path.display(),
+            "no config yet: copy agent.example.toml beside it, edit it, then `sc start {name}`; stopping"
+        );
+        return (Ok(()), Some(reporter));
+    }
+    let config = match Config::load(path) {
+        Ok(c) => {
+            let _ = LOG_PATH.set(c.state_dir.join("agent.log"));
+            c
+        }
+        Err(e) => {
+            let beside = path.parent().unwrap_or(Path::new(".")).join("agent.log");
+            let _ = LOG_PATH.set(beside);
+            return (Err(BadConfig(e.to_string()).into()), Some(reporter));
+        }
+    };
     tracing::info!(service = name, config_vm = %config.vm, "starting as a Windows service");
+    configure_recovery(name);
 
     // Ready and stopping reach the manager from the loop, at the moments systemd hears them.
     let r = reporter.clone();
-    let stopping = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let s = stopping.clone();
     lifeboat_store::service::report_to(move |event| match event {
         lifeboat_store::service::Event::Ready => r.set(
@@ -242,41 +294,10 @@ pub fn install(name: &str, config_path: &Path, manual: bool) -> Result<()> {
     let service = manager
         .create_service(&info, ServiceAccess::CHANGE_CONFIG)
         .with_context(|| format!("cannot create the service {name}"))?;
-    // Refinements: a manager without them (wine's) still runs the service.
-    let refinements = [
-        (
-            "description",
-            service.set_description(
-                "Replicates this machine's disks to Lifeboat recovery points (disaster recovery).",
-            ),
-        ),
-        (
-            "restart on failure",
-            service.update_failure_actions(ServiceFailureActions {
-                reset_period: ServiceFailureResetPeriod::After(Duration::from_secs(86_400)),
-                reboot_msg: None,
-                command: None,
-                actions: Some(
-                    [5, 5, 30]
-                        .into_iter()
-                        .map(|s| ServiceAction {
-                            action_type: ServiceActionType::Restart,
-                            delay: Duration::from_secs(s),
-                        })
-                        .collect(),
-                ),
-            }),
-        ),
-        (
-            "pre-shutdown timeout",
-            service.set_preshutdown_timeout(STOP_HINT),
-        ),
-    ];
-    for (what, r) in refinements {
-        if let Err(e) = r {
-            eprintln!("warning: service {name}: cannot set its {what}: {e}");
-        }
+    if let Err(e) = service.set_description(DESCRIPTION) {
+        eprintln!("warning: service {name}: cannot set its description: {e}");
     }
+    // The recovery settings are the service's own at every start (`configure_recovery`).
     println!(
         "installed service {name}: {} --config {} service run (start it with `sc start {name}`)",
         info.executable_path.display(),
@@ -318,46 +339,73 @@ pub fn uninstall(name: &str) -> Result<()> {
     Ok(())
 }
 
-/// The service's log: `agent.log`, opened for appending (its directory made) at the first
-/// line. A line that cannot be written is dropped: the service runs on without its log.
-#[derive(Debug)]
-pub struct LogFile {
-    path: std::path::PathBuf,
-    file: Mutex<Option<std::fs::File>>,
-}
+const DESCRIPTION: &str =
+    "Replicates this machine's disks to Lifeboat recovery points (disaster recovery).";
 
-impl LogFile {
-    pub fn new(path: std::path::PathBuf) -> Self {
-        LogFile {
-            path,
-            file: Mutex::new(None),
-        }
+/// The service's recovery, set by the running service on itself: restarts after failures
+/// (also after a stop with an error exit code) and time to drain a cut at shutdown. A
+/// manager without these settings (wine's) still runs the service: failures are logged.
+fn configure_recovery(name: &str) {
+    let result = (|| -> windows_service::Result<()> {
+        let manager = ServiceManager::local_computer(None::<&str>, ServiceManagerAccess::CONNECT)?;
+        let service = manager.open_service(name, ServiceAccess::CHANGE_CONFIG)?;
+        service.update_failure_actions(ServiceFailureActions {
+            reset_period: ServiceFailureResetPeriod::After(Duration::from_secs(86_400)),
+            reboot_msg: None,
+            command: None,
+            actions: Some(
+                [5, 5, 30]
+                    .into_iter()
+                    .map(|s| ServiceAction {
+                        action_type: ServiceActionType::Restart,
+                        delay: Duration::from_secs(s),
+                    })
+                    .collect(),
+            ),
+        })?;
+        service.set_failure_actions_on_non_crash_failures(true)?;
+        service.set_preshutdown_timeout(STOP_HINT)
+    })();
+    if let Err(e) = result {
+        tracing::warn!(error = %e, "cannot set the service's restart on failure and pre-shutdown time");
     }
 }
 
+/// The service's log: `agent.log` beside its state (or beside its config when that cannot be
+/// read), opened for appending (its directory made) at the first line once that place is
+/// known; lines before are dropped. A line that cannot be written is dropped too: the service
+/// runs on without its log.
+#[derive(Debug)]
+pub struct LogFile;
+
+static LOG: Mutex<Option<std::fs::File>> = Mutex::new(None);
+
 impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogFile {
-    type Writer = LogLine<'a>;
+    type Writer = LogLine;
     fn make_writer(&'a self) -> Self::Writer {
-        LogLine(self)
+        LogLine
     }
 }
 
 /// One log line's writer.
 #[derive(Debug)]
-pub struct LogLine<'a>(&'a LogFile);
+pub struct LogLine;
 
-impl std::io::Write for LogLine<'_> {
+impl std::io::Write for LogLine {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let mut file = self.0.file.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(path) = LOG_PATH.get() else {
+            return Ok(buf.len());
+        };
+        let mut file = LOG.lock().unwrap_or_else(|e| e.into_inner());
         if file.is_none() {
-            if let Some(dir) = self.0.path.parent() {
+            if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir)?;
             }
             *file = Some(
                 std::fs::OpenOptions::new()
                     .create(true)
                     .append(true)
-                    .open(&self.0.path)?,
+                    .open(path)?,
             );
         }
         file.as_mut().expect("opened above").write(buf)

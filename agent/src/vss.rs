@@ -31,7 +31,8 @@ pub fn open() -> Result<Box<dyn ShadowApi>> {
 }
 
 /// One backup session of the shadow copy service, step by step. Every call blocks (VSS's
-/// asynchronous steps are waited for inside) and runs off the async workers.
+/// asynchronous steps are waited for inside, each under a timeout that cancels it) and runs
+/// off the async workers.
 pub trait ShadowApi: Send {
     /// Copy-only backup state, writers included (no component selection, so every writer
     /// takes part and no application log is truncated), then gathers the writers' metadata.
@@ -40,12 +41,15 @@ pub trait ShadowApi: Send {
     fn start_set(&mut self) -> Result<()>;
     /// Adds a volume (`C:\`) to the set; returns the snapshot's id.
     fn add_volume(&mut self, volume: &Path) -> Result<u128>;
-    /// Writers prepare (PrepareForBackup), then the snapshot is made (DoSnapshotSet): writers
-    /// freeze, the volumes are flushed and held, the copies made, writers thaw.
+    /// Writers prepare (PrepareForBackup): seconds, before the cut's instant.
+    fn prepare(&mut self) -> Result<()>;
+    /// The snapshot (DoSnapshotSet): writers freeze, the volumes are flushed and held (VSS
+    /// holds writes at most 10 s), the copies made, writers thaw.
     fn snapshot(&mut self) -> Result<()>;
-    /// The device a snapshot is read through (`\\?\GLOBALROOT\Device\HarddiskVolumeShadowCopy7`).
+    /// The device a snapshot is read through (`\\?\GLOBALROOT\Device\HarddiskVolumeShadowCopy7\`).
     fn device(&mut self, snapshot: u128) -> Result<PathBuf>;
-    /// Writers that report a failure now (after the snapshot): their names and errors.
+    /// Writers that did not come through the snapshot (any state but stable or waiting for
+    /// completion, or a failure code): their names, states and errors.
     fn failed_writers(&mut self) -> Result<Vec<String>>;
     /// Tells writers the backup is done (BackupComplete).
     fn complete(&mut self) -> Result<()>;
@@ -55,13 +59,43 @@ pub trait ShadowApi: Send {
     fn delete_set(&mut self) -> Result<()>;
 }
 
-/// Shadow copy sets alive in this process (made, not yet released or dropped).
+/// Backups in this process that are being made or hold shadow copies.
 static ALIVE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-/// Whether a cut holds shadow copies now: a stop lets that cut end (and release them) first,
-/// as it does a freeze (`consistency::unless_stopped`).
+/// Whether a cut is making or holds shadow copies now: a stop lets that cut end (and release
+/// them) first, as it does a freeze (`consistency::unless_stopped`).
 pub fn held() -> bool {
     ALIVE.load(std::sync::atomic::Ordering::SeqCst) > 0
+}
+
+/// Counts one backup in [`ALIVE`] for as long as it lives.
+struct Alive;
+
+impl Alive {
+    fn new() -> Alive {
+        ALIVE.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Alive
+    }
+}
+
+impl Drop for Alive {
+    fn drop(&mut self) {
+        ALIVE.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A backup whose writers have prepared, the volumes in its set: what a cut readies before
+/// its instant. [`Prepared::snapshot`] makes the copies; dropping it aborts.
+pub struct Prepared {
+    api: Option<Box<dyn ShadowApi>>,
+    ids: Vec<(PathBuf, u128)>,
+    _alive: Alive,
+}
+
+impl std::fmt::Debug for Prepared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prepared").field("ids", &self.ids).finish()
+    }
 }
 
 /// Shadow copies of some volumes, readable until released. Dropping it unreleased aborts the
@@ -71,6 +105,7 @@ pub struct ShadowSet {
     devices: BTreeMap<PathBuf, PathBuf>,
     /// Writers that failed: the copies are crash-consistent, not app-consistent.
     pub failed_writers: Vec<String>,
+    _alive: Alive,
 }
 
 impl std::fmt::Debug for ShadowSet {
@@ -82,11 +117,12 @@ impl std::fmt::Debug for ShadowSet {
     }
 }
 
-impl ShadowSet {
-    /// Makes shadow copies of `volumes` through `api`. On any failure the backup is aborted
-    /// and whatever was made deleted before the error returns.
-    pub fn create(mut api: Box<dyn ShadowApi>, volumes: &[PathBuf]) -> Result<ShadowSet> {
-        let made = (|| -> Result<(BTreeMap<PathBuf, PathBuf>, Vec<String>)> {
+impl Prepared {
+    /// Begins a backup of `volumes` through `api` and has the writers prepare. On any failure
+    /// the backup is aborted before the error returns.
+    pub fn new(mut api: Box<dyn ShadowApi>, volumes: &[PathBuf]) -> Result<Prepared> {
+        let alive = Alive::new();
+        let made = (|| -> Result<Vec<(PathBuf, u128)>> {
             api.begin().context("VSS: cannot begin a backup")?;
             api.start_set()
                 .context("VSS: cannot start a snapshot set")?;
@@ -97,6 +133,29 @@ impl ShadowSet {
                     .with_context(|| format!("VSS: cannot add volume {}", v.display()))?;
                 ids.push((v.clone(), id));
             }
+            api.prepare()
+                .context("VSS: the writers could not prepare")?;
+            Ok(ids)
+        })();
+        match made {
+            Ok(ids) => Ok(Prepared {
+                api: Some(api),
+                ids,
+                _alive: alive,
+            }),
+            Err(e) => {
+                abandon(api.as_mut());
+                Err(e)
+            }
+        }
+    }
+
+    /// Makes the shadow copies. On any failure the backup is aborted and whatever was made
+    /// deleted before the error returns.
+    pub fn snapshot(mut self) -> Result<ShadowSet> {
+        let mut api = self.api.take().expect("snapshot once");
+        let ids = std::mem::take(&mut self.ids);
+        let made = (|| -> Result<(BTreeMap<PathBuf, PathBuf>, Vec<String>)> {
             api.snapshot().context("VSS: the snapshot failed")?;
             let mut devices = BTreeMap::new();
             for (v, id) in ids {
@@ -110,20 +169,36 @@ impl ShadowSet {
                 .context("VSS: cannot read the writers' status")?;
             Ok((devices, failed))
         })();
+        let alive = Alive::new();
         match made {
-            Ok((devices, failed_writers)) => {
-                ALIVE.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                Ok(ShadowSet {
-                    api: Some(api),
-                    devices,
-                    failed_writers,
-                })
-            }
+            Ok((devices, failed_writers)) => Ok(ShadowSet {
+                api: Some(api),
+                devices,
+                failed_writers,
+                _alive: alive,
+            }),
             Err(e) => {
                 abandon(api.as_mut());
                 Err(e)
             }
         }
+    }
+}
+
+impl Drop for Prepared {
+    fn drop(&mut self) {
+        if let Some(mut api) = self.api.take() {
+            abandon(api.as_mut());
+        }
+        // `_alive` is dropped after this, once the abort is done.
+    }
+}
+
+impl ShadowSet {
+    /// Prepares and snapshots at once.
+    #[cfg(test)]
+    pub fn create(api: Box<dyn ShadowApi>, volumes: &[PathBuf]) -> Result<ShadowSet> {
+        Prepared::new(api, volumes)?.snapshot()
     }
 
     /// Where `path` (on one of the set's volumes) is read in its shadow copy.
@@ -147,7 +222,6 @@ impl ShadowSet {
         let mut api = self.api.take().expect("released once");
         let told = if kept { api.complete() } else { api.abort() };
         let deleted = api.delete_set();
-        ALIVE.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
         told.context(if kept {
             "VSS: BackupComplete failed"
         } else {
@@ -161,7 +235,6 @@ impl Drop for ShadowSet {
     fn drop(&mut self) {
         if let Some(mut api) = self.api.take() {
             abandon(api.as_mut());
-            ALIVE.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
         }
     }
 }
@@ -243,6 +316,9 @@ mod tests {
             self.pending.push(self.next);
             Ok(self.next)
         }
+        fn prepare(&mut self) -> Result<()> {
+            self.step("prepare")
+        }
         fn snapshot(&mut self) -> Result<()> {
             self.step("snapshot")?;
             let made = std::mem::take(&mut self.pending);
@@ -314,6 +390,7 @@ mod tests {
                 "start_set",
                 "add_volume",
                 "add_volume",
+                "prepare",
                 "snapshot",
                 "device",
                 "device",
@@ -331,6 +408,7 @@ mod tests {
             "begin",
             "start_set",
             "add_volume",
+            "prepare",
             "snapshot",
             "device",
             "failed_writers",
@@ -361,6 +439,19 @@ mod tests {
         assert!(w.snapshots.is_empty() && !w.in_backup);
         assert_eq!(&w.calls[w.calls.len() - 2..], ["abort", "delete_set"]);
         assert!(!w.calls.contains(&"complete".to_owned()));
+    }
+
+    #[test]
+    fn a_prepared_backup_counts_as_held_and_a_drop_before_the_snapshot_aborts() {
+        // Prepared before the cut's instant, then the cut is abandoned (a stop, a refusal).
+        let (api, world) = scripted(None);
+        let prepared = Prepared::new(api, &volumes()).unwrap();
+        assert!(held());
+        drop(prepared);
+        let w = world.lock().unwrap();
+        assert!(w.snapshots.is_empty() && !w.in_backup);
+        assert!(!w.calls.contains(&"snapshot".to_owned()));
+        assert_eq!(&w.calls[w.calls.len() - 2..], ["abort", "delete_set"]);
     }
 
     #[test]

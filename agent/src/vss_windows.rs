@@ -15,7 +15,8 @@ use anyhow::{Result, bail};
 
 use crate::vss::ShadowApi;
 
-#[repr(C)]
+/// A GUID's bytes, aligned as the C struct is.
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Default)]
 struct Guid([u8; 16]);
 
@@ -24,6 +25,7 @@ unsafe extern "C" {
     fn lb_vss_begin(v: *mut c_void) -> i32;
     fn lb_vss_start_set(v: *mut c_void) -> i32;
     fn lb_vss_add_volume(v: *mut c_void, volume: *const u16, id: *mut Guid) -> i32;
+    fn lb_vss_prepare(v: *mut c_void) -> i32;
     fn lb_vss_snapshot(v: *mut c_void) -> i32;
     fn lb_vss_device(v: *mut c_void, id: *const Guid, out: *mut u16, cap: usize) -> i32;
     fn lb_vss_failed_writers(v: *mut c_void, out: *mut u16, cap: usize, count: *mut u32) -> i32;
@@ -37,8 +39,9 @@ unsafe extern "C" {
 /// cut's shadow set).
 struct Com(*mut c_void);
 
-// The backup components object is created in the multithreaded apartment, so it may be called
-// from whichever thread holds the set (never from two at once: `&mut self` everywhere).
+// The backup components object lives in the multithreaded apartment, which the shim keeps
+// alive for the process (CoIncrementMTAUsage), so it may be called from whichever blocking
+// thread holds the set (never from two at once: `&mut self` everywhere).
 unsafe impl Send for Com {}
 
 fn check(step: &str, hr: i32) -> Result<()> {
@@ -90,10 +93,11 @@ impl ShadowApi for Com {
         })?;
         Ok(u128::from_le_bytes(id.0))
     }
+    fn prepare(&mut self) -> Result<()> {
+        check("PrepareForBackup", unsafe { lb_vss_prepare(self.0) })
+    }
     fn snapshot(&mut self) -> Result<()> {
-        check("PrepareForBackup / DoSnapshotSet", unsafe {
-            lb_vss_snapshot(self.0)
-        })
+        check("DoSnapshotSet", unsafe { lb_vss_snapshot(self.0) })
     }
     fn device(&mut self, snapshot: u128) -> Result<PathBuf> {
         let id = Guid(snapshot.to_le_bytes());
@@ -111,11 +115,17 @@ impl ShadowApi for Com {
         check("GatherWriterStatus", unsafe {
             lb_vss_failed_writers(self.0, buf.as_mut_ptr(), buf.len(), &mut count)
         })?;
-        Ok(from_wide(&buf)
+        let mut failed: Vec<String> = from_wide(&buf)
             .lines()
             .filter(|l| !l.is_empty())
             .map(str::to_owned)
-            .collect())
+            .collect();
+        // Lines that did not fit the buffer still count: a failure is never dropped.
+        let missing = (count as usize).saturating_sub(failed.len());
+        if missing > 0 {
+            failed.push(format!("{missing} more writer(s) failed"));
+        }
+        Ok(failed)
     }
     fn complete(&mut self) -> Result<()> {
         check("BackupComplete", unsafe { lb_vss_complete(self.0) })

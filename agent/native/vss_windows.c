@@ -58,13 +58,12 @@ static BOOL CALLBACK com_init(PINIT_ONCE once, PVOID param, PVOID *context)
 static HRESULT wait_for(IVssAsync *job)
 {
     HRESULT hr = IVssAsync_Wait(job, STEP_TIMEOUT_MS);
-    HRESULT status = S_OK;
-    if (SUCCEEDED(hr)) {
-        hr = IVssAsync_QueryStatus(job, &status, NULL);
-    }
-    if (SUCCEEDED(hr) && status == VSS_S_ASYNC_PENDING) {
+    HRESULT status = VSS_S_ASYNC_PENDING;
+    HRESULT queried = IVssAsync_QueryStatus(job, &status, NULL);
+    /* Still running (whatever Wait said of its timeout): cancelled, never left behind. */
+    if (FAILED(queried) || status == VSS_S_ASYNC_PENDING) {
         IVssAsync_Cancel(job);
-        hr = HRESULT_FROM_WIN32(ERROR_TIMEOUT);
+        hr = FAILED(hr) ? hr : (FAILED(queried) ? queried : HRESULT_FROM_WIN32(ERROR_TIMEOUT));
     }
     IVssAsync_Release(job);
     if (FAILED(hr)) {

@@ -284,7 +284,7 @@ fn state_access(config: &Config) -> Check {
         );
     }
     match crate::platform::dir_dacl(dir) {
-        Ok(sddl) if sddl == crate::platform::PRIVATE_DIR_SDDL => pass(
+        Ok(sddl) if crate::platform::is_private_dacl(&sddl) => pass(
             "state access",
             format!("{} is for SYSTEM and Administrators only", dir.display()),
         ),

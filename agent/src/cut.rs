@@ -498,8 +498,10 @@ async fn cut_inner(
             None => None,
         };
         // The cut's instant: for shadow copies, before the snapshot (every write acknowledged
-        // before it is in the copies).
+        // before it is in the copies). The capture's time counts from here, the snapshot's
+        // included, as the coordinator's deadline does.
         let cut_time = SystemTime::now();
+        let stop = Instant::now() + budget.capture;
         // Shadow copies (VSS): made now, while writers quiesce and VSS holds the volumes;
         // the capture then reads them, not the live volumes.
         let mut shadows = OffWorker(match prepared.take() {
@@ -513,7 +515,6 @@ async fn cut_inner(
             }
         });
         let writers_ok = shadows.0.as_ref().is_some_and(|s| s.failed_writers.is_empty());
-        let stop = Instant::now() + budget.capture;
         let mut captured = Vec::new();
         let mut since = since;
         since.resize(disks.len(), None);

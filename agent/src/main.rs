@@ -525,6 +525,16 @@ async fn cycle(
 }
 
 fn status(config: &Config) -> Result<()> {
+    // A state directory this user may not read (on Windows it is SYSTEM's and Administrators'
+    // only) would otherwise look like "no point yet".
+    if let Err(e) = std::fs::read_dir(&config.state_dir)
+        && e.kind() == std::io::ErrorKind::PermissionDenied
+    {
+        anyhow::bail!(
+            "cannot read state directory {}: {e} (run as root, or on Windows from an elevated console)",
+            config.state_dir.display()
+        );
+    }
     let live = progress::load(&config.state_dir).unwrap_or_default();
     let now = lifeboat_store::manifest::now_millis();
     let ago = |t: u64| {

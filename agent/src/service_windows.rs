@@ -172,6 +172,16 @@ fn run_service(name: &str, path: &Path) -> (Result<()>, Option<std::sync::Arc<Re
         ServiceExitCode::Win32(0),
         START_HINT,
     );
+    // The config and its directory are made Administrators' before the config is read: the
+    // service runs what it says as SYSTEM.
+    if let Err(e) = crate::platform::protect_config(path) {
+        let _ = LOG_PATH.set(path.parent().unwrap_or(Path::new(".")).join("agent.log"));
+        let e = anyhow!(BadConfig(format!(
+            "cannot make {} Administrators' only: {e}",
+            path.display()
+        )));
+        return (Err(e), Some(reporter));
+    }
     // No config yet (the MSI starts the service after a first install): nothing to run, and
     // not a failure to restart on.
     if !path.exists() {
@@ -200,11 +210,13 @@ fn run_service(name: &str, path: &Path) -> (Result<()>, Option<std::sync::Arc<Re
     let r = reporter.clone();
     let s = stopping.clone();
     lifeboat_store::service::report_to(move |event| match event {
-        lifeboat_store::service::Event::Ready => r.set(
+        // A stop that came while the agent opened is stop-pending already: not "running".
+        lifeboat_store::service::Event::Ready if !s.load(Ordering::SeqCst) => r.set(
             ServiceState::Running,
             ServiceExitCode::Win32(0),
             Duration::ZERO,
         ),
+        lifeboat_store::service::Event::Ready => {}
         lifeboat_store::service::Event::Stopping => {
             s.store(true, Ordering::SeqCst);
             r.set(

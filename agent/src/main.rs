@@ -353,8 +353,8 @@ async fn run(command: Command, config: Config) -> Result<()> {
 }
 
 /// Replicates continuously until `stop` resolves: what `run` and the Windows service do. A
-/// cut holding a freeze (or a shadow copy) ends before the stop is honoured; anything else is
-/// dropped at once, resumable from its checkpoints.
+/// cut holding a freeze (or making shadow copies) ends before the stop is honoured; anything
+/// else is dropped at once, resumable from its checkpoints.
 async fn replicate(config: Config, stop: impl std::future::Future<Output = ()>) -> Result<()> {
     tokio::pin!(stop);
     let in_group =

@@ -2,9 +2,9 @@
 //! control handler, status reports) around the same replication loop `run` drives, and
 //! registering or removing the service (`lifeboat-agent service install|uninstall`).
 //!
-//! Stop, pre-shutdown and shutdown all become the loop's stop: a cut holding a freeze or
-//! shadow copies ends first (thawed, the copies released), anything else is dropped at once
-//! and resumes from its checkpoints at the next start. The control handler reports
+//! Stop, pre-shutdown and shutdown all become the loop's stop: a cut holding a freeze, or
+//! making shadow copies, ends first; anything else (reading copies among it: they are then
+//! released) is dropped at once and resumes from its checkpoints at the next start. The control handler reports
 //! stop-pending at once, and the checkpoint ticks while the loop drains, so the manager
 //! neither kills the service mid-cut nor waits on a hung one for ever.
 //!

@@ -281,7 +281,13 @@ pub fn install(name: &str, config_path: &Path, manual: bool) -> Result<()> {
     .context("cannot open the service control manager (an administrator's console?)")?;
     let info = ServiceInfo {
         name: name.into(),
-        display_name: "Lifeboat agent".into(),
+        // Display names are unique among services like names: a second agent's (tests, a
+        // second config) carries its name.
+        display_name: if name == crate::SERVICE_NAME {
+            "Lifeboat agent".into()
+        } else {
+            format!("Lifeboat agent ({name})").into()
+        },
         service_type: ServiceType::OWN_PROCESS,
         start_type: if manual {
             ServiceStartType::OnDemand

@@ -20,13 +20,21 @@ pub const AGENT: &str = env!("CARGO_BIN_EXE_lifeboat-agent");
 
 /// Runs the agent with a config; returns its output.
 pub fn agent(config: &Path, args: &[&str]) -> Output {
-    Command::new(AGENT)
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .env("LIFEBOAT_LOG", "info")
-        .output()
-        .expect("run lifeboat-agent")
+    let run = || {
+        Command::new(AGENT)
+            .arg("--config")
+            .arg(config)
+            .args(args)
+            .env("LIFEBOAT_LOG", "info")
+            .output()
+    };
+    match run() {
+        // Wine's process creation once failed with ERROR_INTERNAL_ERROR (the new process died
+        // before it began, not the agent's doing): asked again, once.
+        Err(e) if cfg!(windows) && e.raw_os_error() == Some(1359) => run(),
+        other => other,
+    }
+    .expect("run lifeboat-agent")
 }
 
 /// Runs the agent and insists it succeeded.

@@ -116,7 +116,6 @@ impl Drop for Installed<'_> {
 /// writes nothing.
 #[cfg(windows)]
 #[test]
-#[ignore = "wine's service manager in a fresh prefix under CI load: `sc start` got no answer for 60 s (passes alone and in warm prefixes); run it with `--ignored`, or LIFEBOAT_WINE_SERVICES=1 scripts/test-windows"]
 fn the_agent_runs_as_a_windows_service_and_stops_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");

@@ -231,12 +231,27 @@ async fn enrolment(config: &Config) -> Check {
 /// Free space for the state files: two copies (the atomic replace) of each disk's hashes.
 fn state_space(config: &Config) -> Check {
     let dir = &config.state_dir;
+    let made = !dir.exists();
     if let Err(e) = std::fs::create_dir_all(dir) {
         return fail(
             "state directory",
             format!("cannot create {}: {e}", dir.display()),
         );
     }
+    // Windows: a state directory made here is private from the start, as the agent makes it
+    // (ProgramData would hand down Users' read); one that exists is only reported on.
+    #[cfg(windows)]
+    if made && let Err(e) = crate::platform::make_private_dir(dir) {
+        return fail(
+            "state directory",
+            format!(
+                "cannot restrict {} to SYSTEM and Administrators: {e}",
+                dir.display()
+            ),
+        );
+    }
+    #[cfg(not(windows))]
+    let _ = made;
     let probe = dir.join(".write-probe");
     if let Err(e) = std::fs::write(&probe, b"probe").and_then(|_| std::fs::remove_file(&probe)) {
         return fail(

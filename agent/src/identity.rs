@@ -147,6 +147,15 @@ pub async fn enroll(
         );
     }
     std::fs::create_dir_all(&d).with_context(|| format!("cannot create {}", d.display()))?;
+    // Windows: the key goes nowhere Users can read (ProgramData's default), before it is
+    // written; Unix writes it 0600.
+    #[cfg(windows)]
+    crate::platform::make_private_dir(state_dir).with_context(|| {
+        format!(
+            "cannot restrict {} to SYSTEM and Administrators",
+            state_dir.display()
+        )
+    })?;
     write(&d.join("ca.pem"), &r.ca_pem, false)?;
     write(&d.join("agent.key"), &r.key_pem, true)?;
     write(&d.join("coordinator"), coordinator, false)?;

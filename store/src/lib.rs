@@ -45,4 +45,8 @@ pub use name::{DiskId, GroupId, NameError, ObjectName, PointId, VmId};
 /// Writes all of a buffer at an offset without a shared cursor, so several threads can write
 /// one file at once (the agent's block hash files use it as the restore does).
 pub use platform::write_all_at;
+/// A path's DACL in SDDL, and whether this is wine (which keeps none): for the agent's `check`
+/// and a secret file's.
+#[cfg(windows)]
+pub use platform::{dacl_sddl, under_wine};
 pub use secret::Secret;

@@ -40,3 +40,83 @@ pub fn set_mode(_path: &Path, _mode: u32) -> io::Result<()> {
 pub fn symlink(target: &str, link: &Path) -> io::Result<()> {
     std::os::windows::fs::symlink_file(target.replace('/', "\\"), link)
 }
+
+fn wide(p: &std::ffi::OsStr) -> Vec<u16> {
+    use std::os::windows::ffi::OsStrExt;
+    p.encode_wide().chain(Some(0)).collect()
+}
+
+/// `path`'s DACL in SDDL (`D:P(A;OICI;FA;;;SY)…`): what the agent's `check` compares and
+/// what a secret file's check reads.
+#[allow(
+    unsafe_code,
+    reason = "Win32 security calls; every pointer is owned for the call"
+)]
+pub fn dacl_sddl(path: &Path) -> io::Result<String> {
+    use windows_sys::Win32::Foundation::LocalFree;
+    use windows_sys::Win32::Security::Authorization::{
+        ConvertSecurityDescriptorToStringSecurityDescriptorW, GetNamedSecurityInfoW,
+        SDDL_REVISION_1, SE_FILE_OBJECT,
+    };
+    use windows_sys::Win32::Security::{DACL_SECURITY_INFORMATION, PSECURITY_DESCRIPTOR};
+    let name = wide(path.as_os_str());
+    let mut sd: PSECURITY_DESCRIPTOR = std::ptr::null_mut();
+    // SAFETY: `name` is NUL-terminated; `sd` receives a LocalAlloc'd descriptor freed below.
+    let code = unsafe {
+        GetNamedSecurityInfoW(
+            name.as_ptr(),
+            SE_FILE_OBJECT,
+            DACL_SECURITY_INFORMATION,
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            &mut sd,
+        )
+    };
+    if code != 0 {
+        return Err(io::Error::from_raw_os_error(code as i32));
+    }
+    let mut text: *mut u16 = std::ptr::null_mut();
+    let mut len = 0u32;
+    // SAFETY: `sd` is valid; `text` receives a LocalAlloc'd string of `len` characters.
+    let ok = unsafe {
+        ConvertSecurityDescriptorToStringSecurityDescriptorW(
+            sd,
+            SDDL_REVISION_1,
+            DACL_SECURITY_INFORMATION,
+            &mut text,
+            &mut len,
+        )
+    };
+    let r = if ok == 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        // SAFETY: `text` holds `len` UTF-16 units (with the terminating NUL).
+        let units = unsafe { std::slice::from_raw_parts(text, len as usize) };
+        let end = units.iter().position(|&c| c == 0).unwrap_or(units.len());
+        let s = String::from_utf16_lossy(&units[..end]);
+        // SAFETY: from LocalAlloc in the conversion above.
+        unsafe { LocalFree(text as _) };
+        Ok(s)
+    };
+    // SAFETY: from LocalAlloc in GetNamedSecurityInfoW.
+    unsafe { LocalFree(sd as _) };
+    r
+}
+
+/// Whether this process runs under wine (its ntdll exports `wine_get_version`): wine keeps no
+/// DACLs on Unix files, so what a check reads back there says nothing.
+#[allow(
+    unsafe_code,
+    reason = "looks up an export by name; no pointer is dereferenced"
+)]
+pub fn under_wine() -> bool {
+    use windows_sys::Win32::System::LibraryLoader::{GetModuleHandleW, GetProcAddress};
+    let ntdll = wide(std::ffi::OsStr::new("ntdll.dll"));
+    // SAFETY: NUL-terminated names; ntdll is always loaded.
+    unsafe {
+        let module = GetModuleHandleW(ntdll.as_ptr());
+        !module.is_null() && GetProcAddress(module, c"wine_get_version".as_ptr().cast()).is_some()
+    }
+}

@@ -30,7 +30,8 @@ impl fmt::Debug for Secret {
 
 /// In a config, a secret is a string (`key = "..."`), or read when the config is loaded from a
 /// file (`key = { file = "/etc/lifeboat/cache.key" }`, which must be a regular file no one but
-/// its owner may read or write: mode 0600 or 0400) or an environment variable
+/// its owner may read or write: mode 0600 or 0400; on Windows, an access list that lets no
+/// group of ordinary users read it) or an environment variable
 /// (`token = { env = "LIFEBOAT_CACHE_SAS" }`, e.g. from the unit's `EnvironmentFile=`), so
 /// config files can be shared or kept in version control without the secrets. Surrounding
 /// whitespace (a file's final newline) is dropped; an empty secret is an error. Errors name the
@@ -105,6 +106,23 @@ fn from_file(path: &Path) -> Result<Secret, String> {
             ));
         }
     }
+    // Wine keeps no DACLs on Unix files: nothing to read there (the parsing is tested alone).
+    #[cfg(windows)]
+    if !crate::under_wine() {
+        let sddl = crate::dacl_sddl(path).map_err(|e| {
+            format!(
+                "secret file {}: cannot read its access list: {e}",
+                path.display()
+            )
+        })?;
+        if let Some(who) = readable_by_others(&sddl) {
+            return Err(format!(
+                "secret file {} can be read by {who}: let only SYSTEM and Administrators read it (icacls \"{}\" /inheritance:r /grant:r *S-1-5-18:F *S-1-5-32-544:F)",
+                path.display(),
+                path.display()
+            ));
+        }
+    }
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("secret file {}: {e}", path.display()))?;
     let value = text.trim();
@@ -112,6 +130,60 @@ fn from_file(path: &Path) -> Result<Secret, String> {
         return Err(format!("secret file {} is empty", path.display()));
     }
     Ok(Secret(value.to_owned()))
+}
+
+/// Who besides the owner, SYSTEM and Administrators may read a file whose DACL is `sddl`
+/// (as `ConvertSecurityDescriptorToStringSecurityDescriptorW` writes it), if anyone: an allow
+/// entry that applies to the file itself and grants reading data (or generic read or all) to
+/// a group any user is in. No DACL at all lets everyone in. Deny entries are not weighed: a
+/// file meant to be private should not need them.
+#[cfg_attr(not(windows), allow(dead_code))]
+fn readable_by_others(sddl: &str) -> Option<&'static str> {
+    // SDDL aliases and SIDs of groups ordinary users belong to.
+    const OTHERS: &[(&[&str], &str)] = &[
+        (&["WD", "S-1-1-0"], "Everyone"),
+        (&["AU", "S-1-5-11"], "Authenticated Users"),
+        (&["BU", "S-1-5-32-545"], "Users"),
+        (&["BG", "S-1-5-32-546"], "Guests"),
+        (&["IU", "S-1-5-4"], "Interactive users"),
+        (&["NU", "S-1-5-2"], "Network users"),
+        (&["AN", "S-1-5-7"], "Anonymous"),
+        (&["DU"], "Domain Users"),
+    ];
+    let Some(dacl) = sddl.split_once("D:").map(|x| x.1) else {
+        return Some("everyone (the file has no access list)");
+    };
+    // The DACL ends where a SACL ("S:") begins; entries are "(type;flags;rights;;;sid)".
+    let dacl = dacl.split("S:").next().unwrap_or(dacl);
+    if dacl.starts_with("NO_ACCESS_CONTROL") {
+        return Some("everyone (the file has no access list)");
+    }
+    for ace in dacl.split('(').skip(1) {
+        let fields: Vec<&str> = ace.trim_end_matches(')').split(';').collect();
+        let [kind, flags, rights, _, _, sid, ..] = fields.as_slice() else {
+            continue;
+        };
+        // "IO": inherit-only, for children, not this file.
+        if *kind != "A" || flags.as_bytes().chunks(2).any(|c| c == b"IO") {
+            continue;
+        }
+        let reads = match rights
+            .strip_prefix("0x")
+            .or_else(|| rights.strip_prefix("0X"))
+        {
+            // FILE_READ_DATA, GENERIC_ALL, GENERIC_READ.
+            Some(hex) => u32::from_str_radix(hex, 16).map_or(true, |r| r & 0x9000_0001 != 0),
+            // "CC" is 0x1 written as a directory-service right.
+            None => rights
+                .as_bytes()
+                .chunks(2)
+                .any(|c| matches!(c, b"FA" | b"FR" | b"GA" | b"GR" | b"CC" | b"KA" | b"KR")),
+        };
+        if reads && let Some((_, who)) = OTHERS.iter().find(|(names, _)| names.contains(sid)) {
+            return Some(who);
+        }
+    }
+    None
 }
 
 fn from_env(name: &str) -> Result<Secret, String> {
@@ -129,7 +201,45 @@ fn from_env(name: &str) -> Result<Secret, String> {
 
 #[cfg(test)]
 mod tests {
-    use super::Secret;
+    use super::{Secret, readable_by_others};
+
+    /// DACLs as Windows writes them back: what a private secret file has, what it inherits
+    /// from ProgramData or a user's folder, and the odd forms.
+    #[test]
+    fn a_windows_access_list_that_lets_others_read_is_named() {
+        for private in [
+            "D:P(A;;FA;;;SY)(A;;FA;;;BA)",
+            "D:PAI(A;;FA;;;SY)(A;;FA;;;BA)(A;;FA;;;S-1-5-21-1-2-3-1001)",
+            "D:PAI(A;OICIID;FA;;;SY)(A;OICIID;FA;;;BA)",
+            // Users may only traverse or read attributes; an inherit-only entry is for children.
+            "D:P(A;;FA;;;SY)(A;;0x100080;;;BU)(A;OICIIO;GR;;;BU)",
+            // Denied, not allowed.
+            "D:P(A;;FA;;;SY)(D;;FA;;;WD)",
+        ] {
+            assert_eq!(readable_by_others(private), None, "{private}");
+        }
+        for (open, who) in [
+            (
+                "D:AI(A;OICIID;FA;;;SY)(A;OICIID;FA;;;BA)(A;OICIID;0x1200a9;;;BU)",
+                "Users",
+            ),
+            ("D:(A;;FR;;;WD)", "Everyone"),
+            ("D:(A;;GR;;;AU)", "Authenticated Users"),
+            ("D:(A;;0x1;;;S-1-5-32-545)", "Users"),
+            ("D:(A;ID;GA;;;S-1-1-0)", "Everyone"),
+            (
+                "D:(A;;CCDCLCSWRPWPDTLOCRSDRCWDWO;;;IU)",
+                "Interactive users",
+            ),
+            (
+                "D:NO_ACCESS_CONTROL",
+                "everyone (the file has no access list)",
+            ),
+            ("O:BAG:SY", "everyone (the file has no access list)"),
+        ] {
+            assert_eq!(readable_by_others(open), Some(who), "{open}");
+        }
+    }
 
     fn parse(json: &str) -> Result<Secret, String> {
         serde_json::from_str::<Secret>(json).map_err(|e| e.to_string())

@@ -105,7 +105,13 @@ struct Installed<'a> {
 #[cfg(windows)]
 impl Drop for Installed<'_> {
     fn drop(&mut self) {
-        let _ = agent(self.config, &["service", "uninstall", "--name", self.name]);
+        // Not `agent`, which panics when the process cannot start: a panic while a failed
+        // test unwinds would abort the whole binary without the failure's message.
+        let _ = std::process::Command::new(AGENT)
+            .arg("--config")
+            .arg(self.config)
+            .args(["service", "uninstall", "--name", self.name])
+            .output();
     }
 }
 
@@ -113,7 +119,8 @@ impl Drop for Installed<'_> {
 /// publishes points that restore to the source's bytes (a file written while it runs is in a
 /// later point), and stops on `sc stop` with exit code 0 and its log saying so; `service
 /// uninstall` removes it. Run from a console, `service run` fails with a clear error and
-/// writes nothing.
+/// writes nothing. Its waits add up to 250 s, under `scripts/test-windows`' 300 s per test
+/// binary, so a slow failure still says which wait ran out (a passing run takes about 20 s).
 #[cfg(windows)]
 #[test]
 fn the_agent_runs_as_a_windows_service_and_stops_cleanly() {
@@ -166,7 +173,7 @@ path = {data:?}
         config: &config,
         name: &name,
     };
-    wait_for("registered, stopped", Duration::from_secs(30), || {
+    wait_for("registered, stopped", Duration::from_secs(20), || {
         state(&name).0.as_deref() == Some("STOPPED")
     });
 
@@ -174,18 +181,18 @@ path = {data:?}
         &["start", &name],
         &name,
         &["START_PENDING", "RUNNING"],
-        Duration::from_secs(60),
+        Duration::from_secs(40),
     );
-    wait_for("running", Duration::from_secs(60), || {
+    wait_for("running", Duration::from_secs(40), || {
         state(&name).0.as_deref() == Some("RUNNING")
     });
-    wait_for("a first point", Duration::from_secs(60), || {
+    wait_for("a first point", Duration::from_secs(40), || {
         last_point(&state_dir).is_some()
     });
     let first = last_point(&state_dir).unwrap();
     std::fs::write(data.join("second.txt"), random_bytes(50_000, 2)).unwrap();
     let mut second = String::new();
-    wait_for("a later point", Duration::from_secs(60), || {
+    wait_for("a later point", Duration::from_secs(40), || {
         second = last_point(&state_dir).unwrap();
         second != first
     });
@@ -194,9 +201,9 @@ path = {data:?}
         &["stop", &name],
         &name,
         &["STOP_PENDING", "STOPPED"],
-        Duration::from_secs(60),
+        Duration::from_secs(30),
     );
-    wait_for("stopped", Duration::from_secs(100), || {
+    wait_for("stopped", Duration::from_secs(40), || {
         state(&name).0.as_deref() == Some("STOPPED")
     });
     let (_, q) = state(&name);

@@ -14,6 +14,9 @@ mod consistency;
 mod cut;
 mod dirdelta;
 mod identity;
+// The Windows service's log; elsewhere only its tests use it.
+#[cfg_attr(not(windows), allow(dead_code))]
+mod logfile;
 mod member;
 #[cfg(unix)]
 #[path = "platform_unix.rs"]

@@ -391,12 +391,16 @@ fn configure_recovery(name: &str) {
 
 /// The service's log: `agent.log` beside its state (or beside its config when that cannot be
 /// read), opened for appending (its directory made) at the first line once that place is
-/// known; lines before are dropped. A line that cannot be written is dropped too: the service
-/// runs on without its log.
+/// known; lines before are dropped. At 16 MiB it moves to `agent.log.1` and begins again. A
+/// line that cannot be written is dropped too: the service runs on without its log.
 #[derive(Debug)]
 pub struct LogFile;
 
-static LOG: Mutex<Option<std::fs::File>> = Mutex::new(None);
+static LOG: Mutex<Option<crate::logfile::RotatingLog>> = Mutex::new(None);
+
+/// `agent.log`'s size before it moves to `agent.log.1`: the service writes a few lines per
+/// cycle, so this is weeks of them, and the two files stay under 32 MiB.
+const LOG_LIMIT: u64 = 16 << 20;
 
 impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogFile {
     type Writer = LogLine;
@@ -414,19 +418,10 @@ impl std::io::Write for LogLine {
         let Some(path) = LOG_PATH.get() else {
             return Ok(buf.len());
         };
-        let mut file = LOG.lock().unwrap_or_else(|e| e.into_inner());
-        if file.is_none() {
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir)?;
-            }
-            *file = Some(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)?,
-            );
-        }
-        file.as_mut().expect("opened above").write(buf)
+        let mut log = LOG.lock().unwrap_or_else(|e| e.into_inner());
+        log.get_or_insert_with(|| crate::logfile::RotatingLog::new(path, LOG_LIMIT))
+            .write_line(buf)?;
+        Ok(buf.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())

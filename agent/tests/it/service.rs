@@ -233,6 +233,127 @@ path = {data:?}
     assert!(!ok, "the service is still registered: {q}");
 }
 
+/// The disk's phase in `status.json` ("shipping", "idle"…), if the agent wrote it.
+#[cfg(windows)]
+fn disk_phase(state_dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(state_dir.join("status.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v["disks"]["data"]["phase"].as_str().map(str::to_owned)
+}
+
+/// `sc stop` while the service ships a cut (held slow by the bandwidth limit): it stops
+/// cleanly (exit code 0, its log saying so) without finishing that cut and publishes nothing
+/// half-made; started again (without the limit) it resumes and publishes a point that
+/// restores to the source byte for byte. Its waits add up to under 200 s.
+#[cfg(windows)]
+#[test]
+fn a_service_stopped_mid_shipment_publishes_nothing_half_made_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    // Incompressible: about 15 s at 64 KiB/s.
+    std::fs::write(data.join("big.bin"), random_bytes(1 << 20, 7)).unwrap();
+    let state_dir = dir.path().join("state");
+    let config = dir.path().join("agent.toml");
+    let write = |limit: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                r#"vm = "vm1"
+group = "g"
+state_dir = {state_dir:?}
+
+[store]
+kind = "local"
+path = {store:?}
+
+[replication]
+interval = "10s"
+{limit}
+
+[[disk]]
+id = "data"
+kind = "directory"
+path = {data:?}
+"#,
+                store = dir.path().join("store"),
+            ),
+        )
+        .unwrap()
+    };
+    write(r#"bandwidth_limit = "64KiB""#);
+    let name = format!("LifeboatStop{}", std::process::id());
+    agent_ok(
+        &config,
+        &["service", "install", "--name", &name, "--manual"],
+    );
+    let _installed = Installed {
+        config: &config,
+        name: &name,
+    };
+    wait_for("registered, stopped", Duration::from_secs(20), || {
+        state(&name).0.as_deref() == Some("STOPPED")
+    });
+    sc_until(
+        &["start", &name],
+        &name,
+        &["START_PENDING", "RUNNING"],
+        Duration::from_secs(40),
+    );
+    // The limit holds the cut after its segment is stored, before its tag and point.
+    wait_for("shipping under way", Duration::from_secs(40), || {
+        disk_phase(&state_dir).is_some_and(|p| p == "shipping")
+    });
+    sc_until(
+        &["stop", &name],
+        &name,
+        &["STOP_PENDING", "STOPPED"],
+        Duration::from_secs(20),
+    );
+    wait_for("stopped", Duration::from_secs(30), || {
+        state(&name).0.as_deref() == Some("STOPPED")
+    });
+    let (_, q) = state(&name);
+    assert!(
+        q.lines()
+            .any(|l| l.trim_start().starts_with("WIN32_EXIT_CODE") && l.contains(": 0 ")),
+        "{q}"
+    );
+    // The stop did not wait for the shipment: no point, and the disk's last phase the
+    // interrupted one.
+    assert_eq!(
+        last_point(&state_dir),
+        None,
+        "the interrupted cut published"
+    );
+    let points = dir.path().join("store").join("v1").join("g").join("points");
+    assert!(
+        !points.exists() || std::fs::read_dir(&points).unwrap().next().is_none(),
+        "a point was published"
+    );
+    let log = std::fs::read_to_string(state_dir.join("agent.log")).unwrap();
+    assert!(log.contains("asks the agent to stop"), "{log}");
+    assert!(log.contains("the service stopped"), "{log}");
+
+    // Started again without the limit: the cut completes and restores to the source.
+    write("");
+    sc_until(
+        &["start", &name],
+        &name,
+        &["START_PENDING", "RUNNING"],
+        Duration::from_secs(40),
+    );
+    wait_for("a point after the restart", Duration::from_secs(40), || {
+        last_point(&state_dir).is_some()
+    });
+    let point = last_point(&state_dir).unwrap();
+    let out = dir.path().join("restored");
+    restore_id(dir.path(), &point, &out);
+    assert_same_tree(&data, &out.join("data"));
+    let log = std::fs::read_to_string(state_dir.join("agent.log")).unwrap();
+    assert!(!log.contains("ERROR"), "{log}");
+}
+
 /// `consistency = "vss"` names Windows' shadow copy service: on Linux the config is refused
 /// (exit 2) with what to use instead, and nothing is written.
 #[cfg(not(windows))]

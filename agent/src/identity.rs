@@ -139,16 +139,10 @@ pub async fn enroll(
             d.display()
         );
     }
-    let r = lifeboat_proto::enroll::enroll(coordinator, token.expose(), vm.as_str()).await?;
-    if r.group != group.as_str() {
-        bail!(
-            "the coordinator at {coordinator} runs group {}, but this agent's config says group {group}",
-            r.group
-        );
-    }
     std::fs::create_dir_all(&d).with_context(|| format!("cannot create {}", d.display()))?;
     // Windows: the key goes nowhere Users can read (ProgramData's default), before it is
-    // written; Unix writes it 0600.
+    // written; Unix writes it 0600. Before the token is spent, so that a failure here leaves
+    // it usable.
     #[cfg(windows)]
     crate::platform::make_private_dir(state_dir).with_context(|| {
         format!(
@@ -156,6 +150,13 @@ pub async fn enroll(
             state_dir.display()
         )
     })?;
+    let r = lifeboat_proto::enroll::enroll(coordinator, token.expose(), vm.as_str()).await?;
+    if r.group != group.as_str() {
+        bail!(
+            "the coordinator at {coordinator} runs group {}, but this agent's config says group {group}",
+            r.group
+        );
+    }
     write(&d.join("ca.pem"), &r.ca_pem, false)?;
     write(&d.join("agent.key"), &r.key_pem, true)?;
     write(&d.join("coordinator"), coordinator, false)?;

@@ -49,13 +49,16 @@ impl RotatingLog {
         let (_, size) = self.open.as_ref().expect("opened above");
         if *size > 0 && size + line.len() as u64 > self.limit {
             // Closed before the move: Windows moves no open file.
-            self.open = None;
-            std::fs::rename(&self.path, self.previous())?;
+            let (file, size) = self.open.take().expect("opened above");
+            drop(file);
+            // The move can fail (someone reading the file without sharing delete): then the
+            // line still goes in the same file, and the move is tried again at the next line.
+            let moved = std::fs::rename(&self.path, self.previous()).is_ok();
             let file = OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(&self.path)?;
-            self.open = Some((file, 0));
+            self.open = Some((file, if moved { 0 } else { size }));
         }
         let (file, size) = self.open.as_mut().expect("opened above");
         file.write_all(line)?;
@@ -95,6 +98,26 @@ mod tests {
         let room = 100 - now.len();
         again.write_line(&vec![b'x'; room + 1]).unwrap();
         assert_eq!(std::fs::read_to_string(log.previous()).unwrap(), now);
+    }
+
+    #[test]
+    fn a_rotation_that_cannot_move_the_file_keeps_logging_and_moves_it_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.log");
+        let mut log = RotatingLog::new(&path, 10);
+        // A non-empty directory where the previous file goes: the move fails.
+        std::fs::create_dir_all(log.previous().join("busy")).unwrap();
+        for l in ["one\n", "two\n", "three\n"] {
+            log.write_line(l.as_bytes()).unwrap();
+        }
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "one\ntwo\nthree\n");
+        std::fs::remove_dir_all(log.previous()).unwrap();
+        log.write_line(b"four\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "four\n");
+        assert_eq!(
+            std::fs::read_to_string(log.previous()).unwrap(),
+            "one\ntwo\nthree\n"
+        );
     }
 
     #[test]

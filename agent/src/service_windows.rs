@@ -185,7 +185,25 @@ fn run_service(name: &str, path: &Path) -> (Result<()>, Option<std::sync::Arc<Re
     // No config yet (the MSI starts the service after a first install): nothing to run, and
     // not a failure to restart on.
     if !path.exists() {
-        let _ = LOG_PATH.set(path.parent().unwrap_or(Path::new(".")).join("agent.log"));
+        let beside = path.parent().unwrap_or(Path::new("."));
+        let _ = LOG_PATH.set(beside.join("agent.log"));
+        // The example config's state directory, made private now: a secret file written into
+        // it before the first real start inherits SYSTEM's and Administrators' access only,
+        // and is not refused for being readable by Users (ProgramData's default).
+        let state = beside.join("state");
+        match std::fs::create_dir_all(&state)
+            .and_then(|()| crate::platform::make_private_dir(&state))
+        {
+            Ok(()) => tracing::info!(
+                state = %state.display(),
+                "made the state directory for SYSTEM and Administrators only: secret files go there"
+            ),
+            Err(e) => tracing::warn!(
+                state = %state.display(),
+                error = %e,
+                "cannot make the state directory private"
+            ),
+        }
         tracing::info!(
             config = %path.display(),
             "no config yet: copy agent.example.toml beside it, edit it, then `sc start {name}`; stopping"

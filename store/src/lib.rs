@@ -48,5 +48,5 @@ pub use platform::write_all_at;
 /// A path's DACL in SDDL, and whether this is wine (which keeps none): for the agent's `check`
 /// and a secret file's.
 #[cfg(windows)]
-pub use platform::{dacl_sddl, under_wine};
+pub use platform::{dacl_sddl, owner_and_dacl_sddl, under_wine};
 pub use secret::Secret;

@@ -46,19 +46,32 @@ fn wide(p: &std::ffi::OsStr) -> Vec<u16> {
     p.encode_wide().chain(Some(0)).collect()
 }
 
-/// `path`'s DACL in SDDL (`D:P(A;OICI;FA;;;SY)…`): what the agent's `check` compares and
-/// what a secret file's check reads.
+/// `path`'s DACL in SDDL (`D:P(A;OICI;FA;;;SY)…`): what the agent's `check` compares.
+pub fn dacl_sddl(path: &Path) -> io::Result<String> {
+    sddl(
+        path,
+        windows_sys::Win32::Security::DACL_SECURITY_INFORMATION,
+    )
+}
+
+/// `path`'s owner and DACL in SDDL (`O:BAD:P(A;;FA;;;SY)…`): what a secret file's check reads
+/// (the owner may read its own file).
+pub fn owner_and_dacl_sddl(path: &Path) -> io::Result<String> {
+    use windows_sys::Win32::Security::{DACL_SECURITY_INFORMATION, OWNER_SECURITY_INFORMATION};
+    sddl(path, OWNER_SECURITY_INFORMATION | DACL_SECURITY_INFORMATION)
+}
+
 #[allow(
     unsafe_code,
     reason = "Win32 security calls; every pointer is owned for the call"
 )]
-pub fn dacl_sddl(path: &Path) -> io::Result<String> {
+fn sddl(path: &Path, info: u32) -> io::Result<String> {
     use windows_sys::Win32::Foundation::LocalFree;
     use windows_sys::Win32::Security::Authorization::{
         ConvertSecurityDescriptorToStringSecurityDescriptorW, GetNamedSecurityInfoW,
         SDDL_REVISION_1, SE_FILE_OBJECT,
     };
-    use windows_sys::Win32::Security::{DACL_SECURITY_INFORMATION, PSECURITY_DESCRIPTOR};
+    use windows_sys::Win32::Security::PSECURITY_DESCRIPTOR;
     let name = wide(path.as_os_str());
     let mut sd: PSECURITY_DESCRIPTOR = std::ptr::null_mut();
     // SAFETY: `name` is NUL-terminated; `sd` receives a LocalAlloc'd descriptor freed below.
@@ -66,7 +79,7 @@ pub fn dacl_sddl(path: &Path) -> io::Result<String> {
         GetNamedSecurityInfoW(
             name.as_ptr(),
             SE_FILE_OBJECT,
-            DACL_SECURITY_INFORMATION,
+            info,
             std::ptr::null_mut(),
             std::ptr::null_mut(),
             std::ptr::null_mut(),
@@ -84,7 +97,7 @@ pub fn dacl_sddl(path: &Path) -> io::Result<String> {
         ConvertSecurityDescriptorToStringSecurityDescriptorW(
             sd,
             SDDL_REVISION_1,
-            DACL_SECURITY_INFORMATION,
+            info,
             &mut text,
             &mut len,
         )

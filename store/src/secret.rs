@@ -109,7 +109,7 @@ fn from_file(path: &Path) -> Result<Secret, String> {
     // Wine keeps no DACLs on Unix files: nothing to read there (the parsing is tested alone).
     #[cfg(windows)]
     if !crate::under_wine() {
-        let sddl = crate::dacl_sddl(path).map_err(|e| {
+        let sddl = crate::owner_and_dacl_sddl(path).map_err(|e| {
             format!(
                 "secret file {}: cannot read its access list: {e}",
                 path.display()
@@ -117,7 +117,7 @@ fn from_file(path: &Path) -> Result<Secret, String> {
         })?;
         if let Some(who) = readable_by_others(&sddl) {
             return Err(format!(
-                "secret file {} can be read by {who}: let only SYSTEM and Administrators read it (icacls \"{}\" /inheritance:r /grant:r *S-1-5-18:F *S-1-5-32-544:F)",
+                "secret file {} can be read by {who}: let only its owner, SYSTEM and Administrators read it (icacls \"{}\" /inheritance:r /grant:r *S-1-5-18:F *S-1-5-32-544:F)",
                 path.display(),
                 path.display()
             ));
@@ -132,55 +132,99 @@ fn from_file(path: &Path) -> Result<Secret, String> {
     Ok(Secret(value.to_owned()))
 }
 
-/// Who besides the owner, SYSTEM and Administrators may read a file whose DACL is `sddl`
-/// (as `ConvertSecurityDescriptorToStringSecurityDescriptorW` writes it), if anyone: an allow
-/// entry that applies to the file itself and grants reading data (or generic read or all) to
-/// a group any user is in. No DACL at all lets everyone in. Deny entries are not weighed: a
-/// file meant to be private should not need them.
+/// Who besides the file's owner, SYSTEM and Administrators may read a file whose owner and
+/// DACL are `sddl` (as `ConvertSecurityDescriptorToStringSecurityDescriptorW` writes them,
+/// `O:…D:…`), if anyone. An allowlist, like Unix's 0600: any allow entry that applies to the
+/// file itself and grants reading its data (or generic read or all), or changing its access
+/// list or owner (a way to grant oneself reading), to anyone else is named. No DACL at all
+/// lets everyone in. Deny entries are not weighed: a file meant to be private should not
+/// need them, and ignoring them only refuses more.
 #[cfg_attr(not(windows), allow(dead_code))]
-fn readable_by_others(sddl: &str) -> Option<&'static str> {
-    // SDDL aliases and SIDs of groups ordinary users belong to.
-    const OTHERS: &[(&[&str], &str)] = &[
+fn readable_by_others(sddl: &str) -> Option<String> {
+    // Trustees that may: SYSTEM, Administrators, OWNER RIGHTS, TrustedInstaller.
+    const TRUSTED: &[&str] = &[
+        "SY",
+        "S-1-5-18",
+        "BA",
+        "S-1-5-32-544",
+        "OW",
+        "S-1-3-4",
+        "S-1-5-80-956008885-3418522649-1831038044-1853292631-2271478464",
+    ];
+    // Names for the groups a refusal is most likely to be about.
+    const NAMES: &[(&[&str], &str)] = &[
         (&["WD", "S-1-1-0"], "Everyone"),
         (&["AU", "S-1-5-11"], "Authenticated Users"),
         (&["BU", "S-1-5-32-545"], "Users"),
         (&["BG", "S-1-5-32-546"], "Guests"),
+        (&["PU", "S-1-5-32-547"], "Power Users"),
+        (&["RD", "S-1-5-32-555"], "Remote Desktop Users"),
         (&["IU", "S-1-5-4"], "Interactive users"),
         (&["NU", "S-1-5-2"], "Network users"),
         (&["AN", "S-1-5-7"], "Anonymous"),
+        (&["AC", "S-1-15-2-1"], "ALL APPLICATION PACKAGES"),
         (&["DU"], "Domain Users"),
     ];
+    let everyone = || Some("everyone (the file has no access list)".to_owned());
+    // "O:" comes first when present: a two-letter alias or a SID ("S-1-…", digits and dashes).
+    let owner = sddl.strip_prefix("O:").map(|rest| {
+        if rest.starts_with("S-") {
+            let end = rest
+                .char_indices()
+                .skip(1)
+                .find(|(_, c)| !(c.is_ascii_digit() || *c == '-'))
+                .map_or(rest.len(), |(i, _)| i);
+            &rest[..end]
+        } else {
+            rest.get(..2).unwrap_or(rest)
+        }
+    });
     let Some(dacl) = sddl.split_once("D:").map(|x| x.1) else {
-        return Some("everyone (the file has no access list)");
+        return everyone();
     };
-    // The DACL ends where a SACL ("S:") begins; entries are "(type;flags;rights;;;sid)".
+    // The DACL ends where a SACL ("S:") begins; its flags ("P", "AI"…) come before the first
+    // entry, and entries are "(type;flags;rights;object;inherited object;sid)".
     let dacl = dacl.split("S:").next().unwrap_or(dacl);
-    if dacl.starts_with("NO_ACCESS_CONTROL") {
-        return Some("everyone (the file has no access list)");
+    let flags = &dacl[..dacl.find('(').unwrap_or(dacl.len())];
+    if flags.contains("NO_ACCESS_CONTROL") {
+        return everyone();
     }
     for ace in dacl.split('(').skip(1) {
         let fields: Vec<&str> = ace.trim_end_matches(')').split(';').collect();
-        let [kind, flags, rights, _, _, sid, ..] = fields.as_slice() else {
+        let [kind, ace_flags, rights, _, _, sid, ..] = fields.as_slice() else {
             continue;
         };
-        // "IO": inherit-only, for children, not this file.
-        if *kind != "A" || flags.as_bytes().chunks(2).any(|c| c == b"IO") {
+        // Allow entries: plain, object, callback. "IO": inherit-only, for children, not this
+        // file.
+        if !matches!(*kind, "A" | "OA" | "XA" | "ZA")
+            || ace_flags.as_bytes().chunks(2).any(|c| c == b"IO")
+        {
+            continue;
+        }
+        if TRUSTED.contains(sid) || owner == Some(*sid) {
             continue;
         }
         let reads = match rights
             .strip_prefix("0x")
             .or_else(|| rights.strip_prefix("0X"))
         {
-            // FILE_READ_DATA, GENERIC_ALL, GENERIC_READ.
-            Some(hex) => u32::from_str_radix(hex, 16).map_or(true, |r| r & 0x9000_0001 != 0),
-            // "CC" is 0x1 written as a directory-service right.
-            None => rights
-                .as_bytes()
-                .chunks(2)
-                .any(|c| matches!(c, b"FA" | b"FR" | b"GA" | b"GR" | b"CC" | b"KA" | b"KR")),
+            // FILE_READ_DATA, WRITE_DAC, WRITE_OWNER, GENERIC_ALL, GENERIC_READ.
+            Some(hex) => u32::from_str_radix(hex, 16).map_or(true, |r| r & 0x900C_0001 != 0),
+            // "CC" is 0x1 written as a directory-service right; "WD" and "WO" are WRITE_DAC and
+            // WRITE_OWNER.
+            None => rights.as_bytes().chunks(2).any(|c| {
+                matches!(
+                    c,
+                    b"FA" | b"FR" | b"GA" | b"GR" | b"CC" | b"KA" | b"KR" | b"WD" | b"WO"
+                )
+            }),
         };
-        if reads && let Some((_, who)) = OTHERS.iter().find(|(names, _)| names.contains(sid)) {
-            return Some(who);
+        if reads {
+            let name = NAMES
+                .iter()
+                .find(|(names, _)| names.contains(sid))
+                .map_or_else(|| (*sid).to_owned(), |(_, who)| (*who).to_owned());
+            return Some(name);
         }
     }
     None
@@ -209,18 +253,23 @@ mod tests {
     fn a_windows_access_list_that_lets_others_read_is_named() {
         for private in [
             "D:P(A;;FA;;;SY)(A;;FA;;;BA)",
-            "D:PAI(A;;FA;;;SY)(A;;FA;;;BA)(A;;FA;;;S-1-5-21-1-2-3-1001)",
-            "D:PAI(A;OICIID;FA;;;SY)(A;OICIID;FA;;;BA)",
+            "O:BAD:P(A;;FA;;;SY)(A;;FA;;;BA)",
+            // ProgramData's CREATOR OWNER entry, made the creating user's: its owner.
+            "O:S-1-5-21-1-2-3-1001D:PAI(A;;FA;;;SY)(A;;FA;;;BA)(A;;FA;;;S-1-5-21-1-2-3-1001)",
+            "O:S-1-5-21-1-2-3-1001G:S-1-5-21-1-2-3-513D:(A;;FA;;;S-1-5-21-1-2-3-1001)",
+            "D:PAI(A;OICIID;FA;;;SY)(A;OICIID;FA;;;BA)(A;;FA;;;OW)",
             // Users may only traverse or read attributes; an inherit-only entry is for children.
-            "D:P(A;;FA;;;SY)(A;;0x100080;;;BU)(A;OICIIO;GR;;;BU)",
+            "O:BAD:P(A;;FA;;;SY)(A;;0x100080;;;BU)(A;OICIIO;GR;;;BU)",
             // Denied, not allowed.
             "D:P(A;;FA;;;SY)(D;;FA;;;WD)",
+            // No entries: nobody but the owner's right to change it.
+            "O:SYD:P",
         ] {
             assert_eq!(readable_by_others(private), None, "{private}");
         }
         for (open, who) in [
             (
-                "D:AI(A;OICIID;FA;;;SY)(A;OICIID;FA;;;BA)(A;OICIID;0x1200a9;;;BU)",
+                "O:BAD:AI(A;OICIID;FA;;;SY)(A;OICIID;FA;;;BA)(A;OICIID;0x1200a9;;;BU)",
                 "Users",
             ),
             ("D:(A;;FR;;;WD)", "Everyone"),
@@ -231,13 +280,37 @@ mod tests {
                 "D:(A;;CCDCLCSWRPWPDTLOCRSDRCWDWO;;;IU)",
                 "Interactive users",
             ),
+            ("D:P(A;;FA;;;SY)(A;;FR;;;RD)", "Remote Desktop Users"),
+            ("D:P(A;;FA;;;SY)(A;;GR;;;AC)", "ALL APPLICATION PACKAGES"),
+            // Another user than the owner, and a trusted domain's users written as a SID.
+            (
+                "O:S-1-5-21-1-2-3-1001D:P(A;;FA;;;S-1-5-21-1-2-3-1001)(A;;FR;;;S-1-5-21-1-2-3-1002)",
+                "S-1-5-21-1-2-3-1002",
+            ),
+            (
+                "O:BAD:P(A;;FA;;;SY)(A;;FA;;;S-1-5-21-9-8-7-513)",
+                "S-1-5-21-9-8-7-513",
+            ),
+            // Not reading, but able to grant itself reading: WRITE_DAC, WRITE_OWNER.
+            ("D:P(A;;FA;;;SY)(A;;WD;;;BU)", "Users"),
+            ("D:P(A;;FA;;;SY)(A;;0x80000;;;BU)", "Users"),
+            // A callback allow entry.
+            ("D:P(A;;FA;;;SY)(XA;;FR;;;BU;(x))", "Users"),
             (
                 "D:NO_ACCESS_CONTROL",
                 "everyone (the file has no access list)",
             ),
+            (
+                "O:BAD:PNO_ACCESS_CONTROL",
+                "everyone (the file has no access list)",
+            ),
+            (
+                "D:AINO_ACCESS_CONTROL",
+                "everyone (the file has no access list)",
+            ),
             ("O:BAG:SY", "everyone (the file has no access list)"),
         ] {
-            assert_eq!(readable_by_others(open), Some(who), "{open}");
+            assert_eq!(readable_by_others(open).as_deref(), Some(who), "{open}");
         }
     }
 

@@ -179,12 +179,24 @@ fn readable_by_others(sddl: &str) -> Option<String> {
             rest.get(..2).unwrap_or(rest)
         }
     });
+    // An owner always may change the access list: a group owning the file lets every member
+    // grant themselves reading.
+    let name = |sid: &str| {
+        NAMES
+            .iter()
+            .find(|(names, _)| names.contains(&sid))
+            .map(|(_, who)| *who)
+    };
+    if let Some(who) = owner.and_then(name) {
+        return Some(format!("{who} (the file's owner)"));
+    }
     let Some(dacl) = sddl.split_once("D:").map(|x| x.1) else {
         return everyone();
     };
-    // The DACL ends where a SACL ("S:") begins; its flags ("P", "AI"…) come before the first
-    // entry, and entries are "(type;flags;rights;object;inherited object;sid)".
-    let dacl = dacl.split("S:").next().unwrap_or(dacl);
+    // Only the owner and DACL are asked for, so no SACL ("S:") follows. The DACL's flags ("P",
+    // "AI"…) come before the first entry, and entries are
+    // "(type;flags;rights;object;inherited object;sid[;condition])"; a condition's own
+    // parentheses make pieces of no six fields, which are passed over.
     let flags = &dacl[..dacl.find('(').unwrap_or(dacl.len())];
     if flags.contains("NO_ACCESS_CONTROL") {
         return everyone();
@@ -210,21 +222,17 @@ fn readable_by_others(sddl: &str) -> Option<String> {
         {
             // FILE_READ_DATA, WRITE_DAC, WRITE_OWNER, GENERIC_ALL, GENERIC_READ.
             Some(hex) => u32::from_str_radix(hex, 16).map_or(true, |r| r & 0x900C_0001 != 0),
-            // "CC" is 0x1 written as a directory-service right; "WD" and "WO" are WRITE_DAC and
-            // WRITE_OWNER.
+            // "CC" is 0x1 written as a directory-service right, and KEY_EXECUTE ("KX") holds
+            // it as KEY_READ does; "WD" and "WO" are WRITE_DAC and WRITE_OWNER.
             None => rights.as_bytes().chunks(2).any(|c| {
                 matches!(
                     c,
-                    b"FA" | b"FR" | b"GA" | b"GR" | b"CC" | b"KA" | b"KR" | b"WD" | b"WO"
+                    b"FA" | b"FR" | b"GA" | b"GR" | b"CC" | b"KA" | b"KR" | b"KX" | b"WD" | b"WO"
                 )
             }),
         };
         if reads {
-            let name = NAMES
-                .iter()
-                .find(|(names, _)| names.contains(sid))
-                .map_or_else(|| (*sid).to_owned(), |(_, who)| (*who).to_owned());
-            return Some(name);
+            return Some(name(sid).map_or_else(|| (*sid).to_owned(), str::to_owned));
         }
     }
     None
@@ -294,8 +302,18 @@ mod tests {
             // Not reading, but able to grant itself reading: WRITE_DAC, WRITE_OWNER.
             ("D:P(A;;FA;;;SY)(A;;WD;;;BU)", "Users"),
             ("D:P(A;;FA;;;SY)(A;;0x80000;;;BU)", "Users"),
-            // A callback allow entry.
+            // A callback allow entry, with a condition, and an entry after it.
             ("D:P(A;;FA;;;SY)(XA;;FR;;;BU;(x))", "Users"),
+            (
+                "D:P(A;;FA;;;SY)(XA;;FR;;;SY;(WIN://SYSAPPID Contains \"S:x\"))(A;;KX;;;WD)",
+                "Everyone",
+            ),
+            // A group owning the file may change its access list.
+            (
+                "O:BUD:P(A;;FA;;;SY)(A;;FR;;;BU)",
+                "Users (the file's owner)",
+            ),
+            ("O:WDD:(A;;FA;;;WD)", "Everyone (the file's owner)"),
             (
                 "D:NO_ACCESS_CONTROL",
                 "everyone (the file has no access list)",

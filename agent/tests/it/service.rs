@@ -127,6 +127,71 @@ impl Drop for Installed<'_> {
     }
 }
 
+/// A service test's config: `write_config`'s with the directory disk `data` at `data`,
+/// cycles every 10 s and `extra` replication settings. Written again by each call.
+#[cfg(windows)]
+fn service_config(dir: &Path, data: &Path, extra: &str) -> std::path::PathBuf {
+    let config = write_config(
+        dir,
+        &format!("[[disk]]\nid = \"data\"\nkind = \"directory\"\npath = {data:?}\n"),
+    );
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "[replication]",
+        &format!("[replication]\ninterval = \"10s\"\n{extra}"),
+    );
+    std::fs::write(&config, text).unwrap();
+    config
+}
+
+/// Registers the agent as service `name` (manual start) and starts it with `sc start`; the
+/// guard removes it however the test ends. Waits up to 65 s.
+#[cfg(windows)]
+fn install_and_start<'a>(config: &'a Path, name: &'a str) -> Installed<'a> {
+    agent_ok(config, &["service", "install", "--name", name, "--manual"]);
+    let installed = Installed { config, name };
+    wait_for("registered, stopped", Duration::from_secs(20), || {
+        state(name).0.as_deref() == Some("STOPPED")
+    });
+    start(name);
+    installed
+}
+
+/// `sc start` until the manager says starting or running (up to 45 s).
+#[cfg(windows)]
+fn start(name: &str) {
+    sc_until(
+        &["start", name],
+        name,
+        &["START_PENDING", "RUNNING"],
+        Duration::from_secs(40),
+    );
+}
+
+/// `sc stop` until stopped (up to 75 s); the service must report exit code 0, its own and
+/// Windows'.
+#[cfg(windows)]
+fn stop_cleanly(name: &str) {
+    sc_until(
+        &["stop", name],
+        name,
+        &["STOP_PENDING", "STOPPED"],
+        Duration::from_secs(30),
+    );
+    wait_for("stopped", Duration::from_secs(40), || {
+        state(name).0.as_deref() == Some("STOPPED")
+    });
+    let (_, q) = state(name);
+    let exit = |key: &str| {
+        q.lines()
+            .find(|l| l.trim_start().starts_with(key))
+            .and_then(|l| l.split(':').nth(1))
+            .and_then(|v| v.split_whitespace().next())
+            .map(str::to_owned)
+    };
+    assert_eq!(exit("WIN32_EXIT_CODE").as_deref(), Some("0"), "{q}");
+    assert_eq!(exit("SERVICE_EXIT_CODE").as_deref(), Some("0"), "{q}");
+}
+
 /// Installed with `service install`, started with `sc start`: the service reports running,
 /// publishes points that restore to the source's bytes (a file written while it runs is in a
 /// later point), and stops on `sc stop` with exit code 0 and its log saying so; `service
@@ -142,30 +207,7 @@ fn the_agent_runs_as_a_windows_service_and_stops_cleanly() {
     std::fs::create_dir_all(&data).unwrap();
     std::fs::write(data.join("first.txt"), random_bytes(100_000, 1)).unwrap();
     let state_dir = dir.path().join("state");
-    let config = dir.path().join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"vm = "vm1"
-group = "g"
-state_dir = {state_dir:?}
-
-[store]
-kind = "local"
-path = {store:?}
-
-[replication]
-interval = "10s"
-
-[[disk]]
-id = "data"
-kind = "directory"
-path = {data:?}
-"#,
-            store = dir.path().join("store"),
-        ),
-    )
-    .unwrap();
+    let config = service_config(dir.path(), &data, "");
 
     // Not under the service manager: refused at once, nothing written.
     let out = agent(&config, &["service", "run"]);
@@ -178,24 +220,7 @@ path = {data:?}
     assert!(!state_dir.exists(), "service run outside the manager wrote");
 
     let name = format!("LifeboatTest{}", std::process::id());
-    agent_ok(
-        &config,
-        &["service", "install", "--name", &name, "--manual"],
-    );
-    let _installed = Installed {
-        config: &config,
-        name: &name,
-    };
-    wait_for("registered, stopped", Duration::from_secs(20), || {
-        state(&name).0.as_deref() == Some("STOPPED")
-    });
-
-    sc_until(
-        &["start", &name],
-        &name,
-        &["START_PENDING", "RUNNING"],
-        Duration::from_secs(40),
-    );
+    let _installed = install_and_start(&config, &name);
     wait_for("running", Duration::from_secs(40), || {
         state(&name).0.as_deref() == Some("RUNNING")
     });
@@ -210,25 +235,7 @@ path = {data:?}
         second != first
     });
 
-    sc_until(
-        &["stop", &name],
-        &name,
-        &["STOP_PENDING", "STOPPED"],
-        Duration::from_secs(30),
-    );
-    wait_for("stopped", Duration::from_secs(40), || {
-        state(&name).0.as_deref() == Some("STOPPED")
-    });
-    let (_, q) = state(&name);
-    let exit = |key: &str| {
-        q.lines()
-            .find(|l| l.trim_start().starts_with(key))
-            .and_then(|l| l.split(':').nth(1))
-            .and_then(|v| v.split_whitespace().next())
-            .map(str::to_owned)
-    };
-    assert_eq!(exit("WIN32_EXIT_CODE").as_deref(), Some("0"), "{q}");
-    assert_eq!(exit("SERVICE_EXIT_CODE").as_deref(), Some("0"), "{q}");
+    stop_cleanly(&name);
     let log = std::fs::read_to_string(state_dir.join("agent.log")).unwrap();
     assert!(log.contains("starting as a Windows service"), "{log}");
     assert!(log.contains("asks the agent to stop"), "{log}");
@@ -272,7 +279,7 @@ fn disk_phase(state_dir: &Path) -> Option<String> {
 /// cleanly (exit code 0, its log saying so) without finishing that cut and publishes nothing
 /// half-made; started again (without the limit) it resumes and publishes a point that
 /// restores to the source byte for byte. `scripts/test-windows` runs it alone under its own
-/// timeout (300 s), which its waits (about 250 s) fit.
+/// timeout (300 s), which its waits (about 265 s) fit.
 #[cfg(windows)]
 #[test]
 fn a_service_stopped_mid_shipment_publishes_nothing_half_made_and_resumes() {
@@ -282,52 +289,9 @@ fn a_service_stopped_mid_shipment_publishes_nothing_half_made_and_resumes() {
     // Incompressible: about 15 s at 64 KiB/s.
     std::fs::write(data.join("big.bin"), random_bytes(1 << 20, 7)).unwrap();
     let state_dir = dir.path().join("state");
-    let config = dir.path().join("agent.toml");
-    let write = |limit: &str| {
-        std::fs::write(
-            &config,
-            format!(
-                r#"vm = "vm1"
-group = "g"
-state_dir = {state_dir:?}
-
-[store]
-kind = "local"
-path = {store:?}
-
-[replication]
-interval = "10s"
-{limit}
-
-[[disk]]
-id = "data"
-kind = "directory"
-path = {data:?}
-"#,
-                store = dir.path().join("store"),
-            ),
-        )
-        .unwrap()
-    };
-    write(r#"bandwidth_limit = "64KiB""#);
+    let config = service_config(dir.path(), &data, r#"bandwidth_limit = "64KiB""#);
     let name = format!("LifeboatStop{}", std::process::id());
-    agent_ok(
-        &config,
-        &["service", "install", "--name", &name, "--manual"],
-    );
-    let _installed = Installed {
-        config: &config,
-        name: &name,
-    };
-    wait_for("registered, stopped", Duration::from_secs(20), || {
-        state(&name).0.as_deref() == Some("STOPPED")
-    });
-    sc_until(
-        &["start", &name],
-        &name,
-        &["START_PENDING", "RUNNING"],
-        Duration::from_secs(40),
-    );
+    let _installed = install_and_start(&config, &name);
     // The limit holds the cut after its segment is stored, before its tag and point: the
     // stop comes with the segment in the store and nothing that publishes it.
     let segments = dir.path().join("store/v1/g/vms/vm1/disks/data/seg");
@@ -344,21 +308,7 @@ path = {data:?}
         Some("shipping"),
         "the cut is not held where the test stops it"
     );
-    sc_until(
-        &["stop", &name],
-        &name,
-        &["STOP_PENDING", "STOPPED"],
-        Duration::from_secs(20),
-    );
-    wait_for("stopped", Duration::from_secs(30), || {
-        state(&name).0.as_deref() == Some("STOPPED")
-    });
-    let (_, q) = state(&name);
-    assert!(
-        q.lines()
-            .any(|l| l.trim_start().starts_with("WIN32_EXIT_CODE") && l.contains(": 0 ")),
-        "{q}"
-    );
+    stop_cleanly(&name);
     // The stop did not wait for the shipment: its segment is there, unpublished (no tag, no
     // point), and the log says the cycle resumes.
     assert!(stored() > 0);
@@ -385,13 +335,8 @@ path = {data:?}
     assert!(log.contains("the service stopped"), "{log}");
 
     // Started again without the limit: the cut completes and restores to the source.
-    write("");
-    sc_until(
-        &["start", &name],
-        &name,
-        &["START_PENDING", "RUNNING"],
-        Duration::from_secs(40),
-    );
+    service_config(dir.path(), &data, "");
+    start(&name);
     wait_for("a point after the restart", Duration::from_secs(40), || {
         last_point(&state_dir).is_some()
     });
